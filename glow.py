@@ -1,0 +1,439 @@
+"""Glow (with RealNVP's pieces) on an image folder or MNIST — "RealNVP 与 Glow · 流模型的传承与升华".
+
+The article's Keras script in Keras 3: images x/255·2 − 1 (+ U(0,1)/256 inside the model while
+training) go through `level` levels of  squeeze → depth × [Actnorm → permute → split → coupling →
+concat]; at the end of every level but the last half of the channels leave as z_i through the
+conditional prior CondActnorm (eq. 03–05); the last level ends in a learned Actnorm; the z's are
+flattened and concatenated. Loss 0.5·Σz² + 0.5·D·log 2π (compiled) plus every layer's −log|det|
+(add_loss): −log q(x) in nats per image. The decoder replays the same list of steps backwards,
+each layer's `.inverse()`.
+
+    python glow.py                       # MNIST zero-padded to 32×32 (the article's net: slow on CPU)
+    python glow.py --data ~/celeba/img_align_celeba
+    python glow.py --sample-only --weights glow.weights.h5
+"""
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers  # noqa: E402
+
+from flow_layers import (Actnorm, AffineCouple, Concat, CondActnorm, InvDense, Permute,  # noqa: E402
+                         Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
+from flow_utils import (BitsPerDim, KeepBest, UserError, bits_per_dim, image_grid,  # noqa: E402
+                        load_mnist, save_png)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
+HELD_OUT = 0.05        # share of an image folder kept for test bits/dim
+GRID = 9               # the article's 9×9 sample grid
+RECONSTRUCT = 8        # held-out images shown by --reconstruct
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def list_images(folder):
+    """Every file under `folder` (recursively) with an image extension, sorted."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--data {folder}: no such folder")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+    return found
+
+
+def _decode(path):
+    """RGB uint8 (h, w, 3) of any supported format; gray and RGBA converted, first GIF frame."""
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+def decodable(paths):
+    """(good, bad): one parallel tf.data pass that decodes every file and drops the ones that fail
+    (`ignore_errors`); the survivors are counted by index. It costs one decode per file, in parallel
+    (CelebA's 200k JPEGs: ~1 ms each per core), and in exchange training never meets a bad file and
+    the warning can name them."""
+    if not paths:
+        return [], []
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+    ds = ds.map(lambda i, p: (i, tf.shape(_decode(p))[0]), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors().map(lambda i, _: i).batch(4096)
+    ok = set(np.concatenate([b.numpy() for b in ds]).tolist()) if len(paths) else set()
+    return [p for i, p in enumerate(paths) if i in ok], [p for i, p in enumerate(paths) if i not in ok]
+
+
+def load_folder(folder, seed=0):
+    """(train_paths, test_paths) of the decodable images under `folder`; warns once about the rest."""
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"--data {folder}: no image files ({', '.join(IMAGE_EXTS)}) found")
+    good, bad = decodable(paths)
+    if bad:
+        first = ", ".join(os.path.relpath(p, folder) for p in bad[:5])
+        print(f"warning: skipping {len(bad)} of {len(paths)} files that cannot be decoded: {first}"
+              + (", ..." if len(bad) > 5 else ""), file=sys.stderr, flush=True)
+    if not good:
+        raise UserError(f"--data {folder}: none of the {len(paths)} image files could be decoded")
+    if len(good) < 2:
+        raise UserError(f"--data {folder}: only one decodable image; need at least 2 (some are held out)")
+    good = [good[i] for i in np.random.RandomState(seed).permutation(len(good))]
+    n_test = max(1, round(HELD_OUT * len(good)))
+    return good[n_test:], good[:n_test]
+
+
+def folder_pixels(paths, img_size):
+    """Dataset of integer pixels k (img_size, img_size, 3) as float: centre-cropped square, resized."""
+    def load(path):
+        img = _decode(path)
+        h, w = tf.shape(img)[0], tf.shape(img)[1]
+        s = tf.minimum(h, w)
+        img = tf.image.crop_to_bounding_box(img, (h - s) // 2, (w - s) // 2, s, s)
+        img = tf.image.resize(tf.cast(img, tf.float32), (img_size, img_size), antialias=True)
+        return tf.clip_by_value(tf.round(img), 0, 255)
+
+    return tf.data.Dataset.from_tensor_slices(paths), load
+
+
+def mnist_pixels(path=None):
+    """MNIST (train, test) as uint8 (n, 32, 32, 1): flow_utils' loader, zero-padded to 32×32."""
+    if path and not path.endswith(".npz"):
+        raise UserError(f"--data {path}: expected a folder of images or an mnist.npz file")
+    x_train, x_test = load_mnist(path)
+    pad = ((0, 0), (2, 2), (2, 2), (0, 0))
+    return np.pad(x_train[..., None], pad), np.pad(x_test[..., None], pad)
+
+
+def train_x(k):
+    """The article's training input k/255·2 − 1 (the model adds U(0,1)/256 while training)."""
+    return tf.cast(k, tf.float32) / 255 * 2 - 1
+
+
+def test_x(k):
+    """Test input over the whole bin: −1 + (k + u)·2/256 with fresh u ~ U(0,1) (DESIGN §3)."""
+    k = tf.cast(k, tf.float32)
+    return -1 + (k + tf.random.uniform(tf.shape(k))) * BIN
+
+
+def _dummy_target(x):
+    return x, tf.zeros(tf.shape(x)[:1])  # the loss reads only y_pred (z)
+
+
+def datasets(args):
+    """(train, test, channels): tf.data pipelines of (x, dummy y); train repeats forever."""
+    AUTO = tf.data.AUTOTUNE
+    if args.data and os.path.isdir(args.data):
+        train_paths, test_paths = load_folder(args.data, args.seed)
+        files, load = folder_pixels(train_paths, args.img_size)
+        train = (files.shuffle(len(train_paths), seed=args.seed, reshuffle_each_iteration=True).repeat()
+                 .map(load, num_parallel_calls=AUTO))
+        test_files, _ = folder_pixels(test_paths, args.img_size)
+        test = test_files.map(load, num_parallel_calls=AUTO).cache()
+        print(f"{len(train_paths)} training images, {len(test_paths)} held out, from {args.data}")
+        channels = 3
+    else:
+        k_train, k_test = mnist_pixels(args.data)
+        train = (tf.data.Dataset.from_tensor_slices(k_train)
+                 .shuffle(len(k_train), seed=args.seed, reshuffle_each_iteration=True).repeat())
+        test = tf.data.Dataset.from_tensor_slices(k_test)
+        channels = 1
+    train = (train.batch(args.batch_size, drop_remainder=True).map(train_x, num_parallel_calls=AUTO)
+             .map(_dummy_target).prefetch(AUTO))
+    test = test.batch(args.batch_size).map(test_x, num_parallel_calls=AUTO).map(_dummy_target).prefetch(AUTO)
+    return train, test, channels
+
+
+# --- model ------------------------------------------------------------------------------------
+
+def coupling_net(channels, hidden, name, log_scale=False):
+    """The article's f: Conv3×3(hidden)–ReLU–Conv1×1(hidden)–ReLU–Conv3×3, last layer zero-initialised
+    so the step starts as the identity. As a log-scale net it ends in tanh: |log s| ≤ 1 per step, so
+    one step cannot blow a scale up (log s = 0 at init all the same)."""
+    x_in = keras.Input((None, None, channels))
+    h = layers.Conv2D(hidden, 3, padding="same", activation="relu")(x_in)
+    h = layers.Conv2D(hidden, 1, padding="same", activation="relu")(h)
+    h = layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros")(h)
+    if log_scale:
+        h = layers.Activation("tanh")(h)
+    return keras.Model(x_in, h, name=name)
+
+
+def build_steps(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive"):
+    """The one list of flow steps, in encoder order, built once: (kind, layer) pairs where kind is
+    "step" (x -> layer(x); x may be a [x1, x2] pair between split and concat), "exit" (a level's
+    split half leaving through its conditional prior) or "output" (concatenation of every z)."""
+    steps = []
+    c = channels
+    for i in range(level):
+        steps.append(("step", Squeeze(name=f"squeeze_{i}")))
+        c *= 4
+        for j in range(depth):
+            tag = f"{i}_{j}"
+            mix = InvDense(name=f"invdense_{tag}") if permute == "conv" else Permute(permute, name=f"permute_{tag}")
+            log_s = coupling_net(c // 2, hidden, f"log_scale_{tag}", log_scale=True) if coupling == "affine" else None
+            steps += [("step", Actnorm(name=f"actnorm_{tag}")),
+                      ("step", mix),
+                      ("step", Split(name=f"split_{tag}")),
+                      ("step", AffineCouple(coupling_net(c // 2, hidden, f"shift_{tag}"), log_s,
+                                            name=f"couple_{tag}")),
+                      ("step", Concat(name=f"concat_{tag}"))]
+        if i < level - 1:
+            steps.append(("exit", (Split(name=f"exit_split_{i}"), CondActnorm(name=f"cond_actnorm_{i}"),
+                                   Reshape(name=f"exit_reshape_{i}"))))
+            c //= 2
+    steps += [("step", Actnorm(name="final_actnorm")), ("step", Reshape(name="final_reshape")),
+              ("output", Concat(name="final_concat"))]
+    return steps
+
+
+def encode(x, steps):
+    """x -> z through the steps; each exit keeps x1 in the flow and sends z_i = prior([x2, x1]) out."""
+    outs = []
+    for kind, layer in steps:
+        if kind == "exit":
+            split, prior, flat = layer
+            x1, x2 = split(x)
+            outs.append(flat(prior([x2, x1])))
+            x = x1
+        elif kind == "output":
+            x = layer(outs + [x])
+        else:
+            x = layer(x)
+    return x
+
+
+def decode(z, steps):
+    """z -> x: the same steps reversed, each layer's inverse (the article's decoder)."""
+    for kind, layer in reversed(steps):
+        if kind == "output":
+            *outs, x = layer.inverse()(z)           # back into every level's z_i
+        elif kind == "exit":
+            split, prior, flat = layer
+            x2 = prior.inverse()([flat.inverse()(outs.pop()), x])
+            x = split.inverse()([x, x2])
+        else:
+            x = layer.inverse()(x)
+    return x
+
+
+def prior_nll(y_true, y_pred):
+    """−log N(z; 0, I) per image: 0.5·Σz² + 0.5·D·log 2π (y_true is a dummy)."""
+    d = y_pred.shape[-1]
+    return 0.5 * keras.ops.sum(keras.ops.square(y_pred), axis=-1) + 0.5 * d * math.log(2 * math.pi)
+
+
+def build_glow(img_size, channels, level=3, depth=10, hidden=512, permute="random", coupling="additive",
+               lr=1e-4):
+    """(encoder, decoder): the compiled encoder x -> z and the decoder z -> x on the same variables."""
+    check_size(img_size, level)
+    steps = build_steps(channels, level, depth, hidden, permute, coupling)
+    x_in = keras.Input((img_size, img_size, channels))
+    encoder = keras.Model(x_in, encode(UniformNoise(1 / 256, name="noise")(x_in), steps), name="encoder")
+    z_in = keras.Input(encoder.output.shape[1:])
+    decoder = keras.Model(z_in, decode(z_in, steps), name="decoder")
+    encoder.compile(optimizer=keras.optimizers.Adam(lr), loss=prior_nll)
+    return encoder, decoder
+
+
+def check_size(img_size, level):
+    if img_size < 2 ** level or img_size % 2 ** level:
+        raise UserError(f"--img-size {img_size} must be a multiple of 2^level = {2 ** level} "
+                        f"(each of the {level} levels halves it)")
+
+
+def architecture(args, channels):
+    return (f"--img-size {args.img_size} --level {args.level} --depth {args.depth} --hidden {args.hidden} "
+            f"--permute {args.permute} --coupling {args.coupling}, {channels} channel(s)")
+
+
+def saved_architecture(path):
+    """The flags a .weights.h5 file of this script was trained with, read from its layout (Keras names
+    the variables after the layer classes): {} when the file is not one of ours."""
+    import h5py
+
+    found = {}
+    try:
+        with h5py.File(path, "r") as f:
+            names = []
+            f.visititems(lambda name, obj: names.append((name, obj.shape)) if hasattr(obj, "shape") else None)
+    except Exception:
+        return found
+    couples = {n.split("/")[1] for n, _ in names if n.startswith("layers/affine_couple")}
+    conds = {n.split("/")[1] for n, _ in names if n.startswith("layers/cond_actnorm")}
+    kernels = [shape for n, shape in names if n.endswith("shift_model/layers/conv2d/vars/0")]
+    if not couples or not kernels:
+        return found
+    found["level"] = len(conds) + 1
+    found["depth"] = len(couples) // found["level"]
+    found["hidden"] = kernels[0][-1]
+    found["channels"] = min(k[2] for k in kernels) // 2
+    found["coupling"] = "affine" if any("log_scale_model" in n for n, _ in names) else "additive"
+    found["permute"] = "conv" if any(n.startswith("layers/inv_dense") for n, _ in names) else "reverse|random"
+    return found
+
+
+def load_weights(encoder, path, args, channels):
+    """Loads --weights into the encoder; a file of another architecture is a UserError naming the
+    flags that differ (as far as the file's layout tells)."""
+    try:
+        encoder.load_weights(path)
+        return
+    except Exception as e:  # Keras raises ValueError/KeyError/OSError variants for foreign files
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    saved = saved_architecture(path)
+    if not saved:
+        raise UserError(f"--weights {path} is not a weights file of glow.py ({why})")
+    ours = {"level": args.level, "depth": args.depth, "hidden": args.hidden, "channels": channels,
+            "coupling": args.coupling, "permute": args.permute}
+
+    def flag(k, v):
+        return ({1: "MNIST", 3: "RGB images"}.get(v, f"{v} channels") if k == "channels" else f"--{k} {v}")
+
+    diff = [f"{flag(k, saved[k])} (this run: {flag(k, ours[k])})" for k in saved
+            if str(ours[k]) not in str(saved[k]).split("|")]
+    raise UserError(f"--weights {path} was trained with another architecture: "
+                    f"{', '.join(diff) or why}; pass the same flags")
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+def sample_grid(decoder, std, seed=0, n=GRID):
+    """n×n samples at temperature `std`, decoded in one batched call, as a uint8 picture."""
+    z = np.random.RandomState(seed).randn(n * n, decoder.input.shape[-1]).astype("float32") * std
+    x = keras.ops.convert_to_numpy(decoder(z, training=False))
+    return image_grid(x, n, low=-1, high=1)
+
+
+class Samples(keras.callbacks.Callback):
+    """After each epoch: a 9×9 grid at --std to out/glow_epoch_NNN.png."""
+
+    def __init__(self, decoder, out, std, seed):
+        super().__init__()
+        self.decoder, self.out, self.std, self.seed = decoder, out, std, seed
+
+    def on_epoch_end(self, epoch, logs=None):
+        save_png(os.path.join(self.out, f"glow_epoch_{epoch + 1:03d}.png"),
+                 sample_grid(self.decoder, self.std, self.seed))
+
+
+def reconstruct(encoder, decoder, test, n=RECONSTRUCT):
+    """n held-out images (top row) over decoder(encoder(x)) (bottom row) as one picture, and the
+    largest absolute error: every split z is kept in the z vector, so the round trip is exact."""
+    x = next(iter(test.unbatch().batch(n)))[0].numpy()
+    x_rec = keras.ops.convert_to_numpy(decoder(encoder(x, training=False), training=False))
+    pic = np.concatenate([np.concatenate(list(row), axis=1) for row in (x, x_rec)], axis=0)
+    return image_grid(pic[None], 1, low=-1, high=1), float(np.max(np.abs(x - x_rec)))
+
+
+# --- script -----------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Glow (RealNVP/Glow article) on an image folder or MNIST.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", help="folder of images, searched recursively (png, jpg/jpeg, bmp, gif, webp), "
+                                  "e.g. CelebA's img_align_celeba; or an mnist.npz file. "
+                                  "Default: MNIST zero-padded to 32×32")
+    p.add_argument("--img-size", type=int, default=None, help="image side after centre crop and resize "
+                                                              "(default 64; 32 for MNIST)")
+    p.add_argument("--level", type=int, default=3, help="levels L of the multi-scale architecture")
+    p.add_argument("--depth", type=int, default=10, help="flow steps K per level")
+    p.add_argument("--hidden", type=int, default=512, help="channels of the coupling networks")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps-per-epoch", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=100,
+                   help="epochs of --steps-per-epoch steps (the article ran 1000 and watched the samples)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--permute", choices=("reverse", "random", "conv"), default="random",
+                   help="channel mixing per step: reversal, the article's random shuffle, or Glow's 1×1 conv")
+    p.add_argument("--coupling", choices=("additive", "affine"), default="additive",
+                   help="additive (the article's) or affine coupling (log s through tanh)")
+    p.add_argument("--std", type=float, default=0.9, help="standard deviation (temperature) of sampled z")
+    p.add_argument("--weights", default="glow.weights.h5",
+                   help="best weights are saved here while training; read by --sample-only/--reconstruct")
+    p.add_argument("--sample-only", action="store_true",
+                   help="no training: load --weights and write OUT/glow_samples.png")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="no training: load --weights, encode held-out images and decode them back; "
+                        "originals over reconstructions in OUT/glow_reconstruct.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and sampled z")
+    p.add_argument("--out", default="samples", help="folder for the PNG grids")
+    args = p.parse_args(argv)
+    for name in ("level", "depth", "hidden", "batch_size", "steps_per_epoch", "epochs"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if not (args.std >= 0 and math.isfinite(args.std)):
+        raise UserError(f"--std must be a non-negative number, got {args.std}")
+    folder = bool(args.data) and not args.data.endswith(".npz")
+    if args.img_size is None:
+        args.img_size = 64 if folder else 32
+    elif not folder and args.img_size != 32:
+        raise UserError(f"--img-size {args.img_size}: MNIST is padded to 32×32; use --img-size 32 "
+                        f"or an image folder with --data")
+    check_size(args.img_size, args.level)
+    return args
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
+    use_only = args.sample_only or args.reconstruct
+    if use_only and not os.path.isfile(args.weights):
+        raise UserError(f"--weights {args.weights}: no such file (train first, or name the file)")
+    folder = bool(args.data) and os.path.isdir(args.data)
+    if args.data and not folder and not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such folder or file")
+    if args.sample_only and not args.reconstruct:
+        train = test = None
+        channels = 3 if folder else 1
+    else:
+        train, test, channels = datasets(args)
+    encoder, decoder = build_glow(args.img_size, channels, args.level, args.depth, args.hidden,
+                                  args.permute, args.coupling, args.lr)
+    dims = args.img_size ** 2 * channels
+    if use_only:
+        load_weights(encoder, args.weights, args, channels)
+        if args.sample_only:
+            path = os.path.join(args.out, "glow_samples.png")
+            save_png(path, sample_grid(decoder, args.std, args.seed))
+            print(f"wrote {path}")
+        if args.reconstruct:
+            pic, err = reconstruct(encoder, decoder, test)
+            path = os.path.join(args.out, "glow_reconstruct.png")
+            save_png(path, pic)
+            print(f"wrote {path} (held-out images over their reconstructions; max abs error {err:.2e})")
+        return 0
+
+    print(f"Glow: {architecture(args, channels)}, {encoder.count_params():,} parameters, D = {dims}")
+    n = initialize_actnorms(encoder, next(iter(train))[0])
+    print(f"initialised {n} Actnorm layers from the first batch")
+    encoder.fit(train, steps_per_epoch=args.steps_per_epoch, epochs=args.epochs, validation_data=test,
+                callbacks=[BitsPerDim(dims, BIN, key="val_loss"),
+                           KeepBest(args.weights, monitor="loss", after_epoch=10),
+                           Samples(decoder, args.out, args.std, args.seed)], shuffle=False, verbose=2)
+    if os.path.isfile(args.weights):
+        encoder.load_weights(args.weights)
+    save_png(os.path.join(args.out, "glow_samples.png"), sample_grid(decoder, args.std, args.seed))
+    nll = encoder.evaluate(test, verbose=0, return_dict=True)["loss"]
+    print(f"best weights in {args.weights}, samples in {os.path.join(args.out, 'glow_samples.png')}")
+    print(f"test bits/dim: {bits_per_dim(nll, dims, BIN):.3f}")
+    return 0
+
+
+def main(argv=None):
+    try:
+        return run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
