@@ -203,6 +203,15 @@ def test_sample_only_with_weights_of_another_architecture(tmp_path, capsys, flag
     assert not (tmp_path / "out").exists()
 
 
+def test_sample_only_with_a_file_that_is_not_weights(tmp_path, capsys):
+    weights = tmp_path / "junk.weights.h5"
+    weights.write_text("not hdf5\n")
+    assert nice.main(["--sample-only", "--weights", str(weights), *SMALL, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --weights {weights}: cannot load"), err
+    assert not (tmp_path / "out").exists()
+
+
 def _bad_data(tmp_path, kind):
     path = tmp_path / f"{kind}.npz"
     if kind == "missing":
