@@ -256,15 +256,15 @@ class AffineCouple(FlowLayer):
 
 
 class Scale(FlowLayer):
-    """z = exp(s) ⊗ h, NICE's scale layer (eq. 15), log-det Σ s. The original initialises s with
-    glorot_normal on a (1, D) kernel; so do we."""
+    """z = exp(s) ⊗ h, NICE's scale layer (eq. 15), log-det Σ s (× H·W on images). The original
+    initialises s with glorot_normal on a (1, D) kernel; so do we."""
 
     def build(self, input_shape):
         self.log_scale = self.add_weight(shape=(1, input_shape[-1]), initializer="glorot_normal",
                                          name="log_scale")
 
     def call(self, x):
-        self.add_loss(-ops.sum(self.log_scale))
+        self.add_loss(-_pixels(x) * ops.sum(self.log_scale))
         return x * ops.exp(self.log_scale)
 
     def reverse(self, z):

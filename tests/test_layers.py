@@ -1,0 +1,600 @@
+"""Per-layer properties of flow_layers.py (DESIGN §2–§4, §7).
+
+Every invertible layer is described once by a `Case`: how to build it, an input, and how to wrap it
+into a square map x -> z of one tensor (so that multi-input/multi-output layers such as Split,
+AffineCouple and CondActnorm get a Jacobian with a determinant). The generic tests then check, per case:
+round trip (float32 and float64), inverse().inverse(), variable sharing, the reported log-det against
+autodiff + slogdet, the layer's own log-det formula, batch-mean losses, get_config and save/load.
+The layer-specific tests below them check layouts, Actnorm init, UniformNoise and the §7 trap.
+"""
+import dataclasses
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+import flow_layers as fl
+
+B = 3  # batch size of every test input
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+@pytest.fixture
+def float64():
+    # set_floatx alone is not enough: once any layer exists, Keras caches the global dtype policy.
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
+
+
+def np_(x):
+    return ops.convert_to_numpy(x)
+
+
+def reported_logdet(obj):
+    """log|det J| per image the layer/model reports: minus the sum of the losses of its last call."""
+    return -sum(float(np_(l)) for l in obj.losses)
+
+
+def halves(x, first=None):
+    d = x.shape[-1]
+    first = d // 2 if first is None else first
+    return x[..., :first], x[..., first:]
+
+
+def cat(parts):
+    return ops.concatenate(list(parts), axis=-1)
+
+
+def perturb(layer, scale, seed=0):
+    """Add N(0, scale²) noise to every trainable weight, so zero-initialised parts stop being zero."""
+    rng = np.random.RandomState(seed)
+    for w in layer.trainable_weights:
+        w.assign(np_(w) + scale * rng.normal(size=w.shape))
+
+
+def mlp(d_in, d_out, last_activation=None):
+    """A coupling network ending in a zero-initialised layer (DESIGN §3: each step starts as identity)."""
+    return keras.Sequential([keras.Input((d_in,)), keras.layers.Dense(8, activation="tanh"),
+                             keras.layers.Dense(d_out, activation=last_activation,
+                                                kernel_initializer="zeros")])
+
+
+def identity_split(L, x):
+    return cat(L(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclasses.dataclass
+class Case:
+    make: Callable  # seed -> unbuilt layer
+    shape: tuple  # per-example input shape
+    apply: Callable = lambda L, x: L(x)  # square map x -> z through layer L
+    unapply: Callable = lambda Li, z: Li(z)  # z -> x through Li = L.inverse()
+    formula: Optional[Callable] = None  # (layer, x) -> expected per-image log-det (batch mean)
+    stateful: bool = True  # has weights whose reload must restore the map
+    configurable: bool = True  # has a get_config that rebuilds it
+
+
+def zero(layer, x):
+    return 0.0
+
+
+def affine_formula(layer, x):
+    x1, _ = halves(x)
+    return float(np.mean(np.sum(np_(layer.log_scale_model(x1)), axis=-1)))
+
+
+def scale_formula(layer, x):
+    return fl._pixels(x) * float(np.sum(np_(layer.log_scale)))
+
+
+def actnorm_formula(layer, x):
+    h_w = int(np.prod(x.shape[1:-1]))
+    return h_w * float(np.sum(np_(layer.log_scale)))
+
+
+def invdense_formula(layer, x):
+    h_w = int(np.prod(x.shape[1:-1]))
+    by_u = h_w * float(np.sum(np_(layer.log_s)))
+    sign, by_kernel = np.linalg.slogdet(np_(layer.kernel()))
+    assert sign != 0
+    np.testing.assert_allclose(by_u, h_w * by_kernel, rtol=1e-5, atol=1e-6)
+    return by_u
+
+
+def cond_formula(layer, x):
+    _, x1 = halves(x)
+    log_sigma = np_(layer.conv(x1))[..., layer.channels:]
+    return -float(np.mean(np.sum(log_sigma, axis=(1, 2, 3))))
+
+
+def couple_apply(L, x):
+    return cat(L(list(halves(x))))
+
+
+def couple_unapply(Li, z):
+    return cat(Li(list(halves(z))))
+
+
+def concat_unapply(Li, z):
+    parts = Li(z)
+    assert [p.shape[-1] for p in parts] == [3, 5]  # the sizes Concat was built with
+    return cat(parts)
+
+
+def cond_apply(L, x):
+    x2, x1 = halves(x)
+    return cat([L([x2, x1]), x1])
+
+
+def cond_unapply(Li, z):
+    z2, x1 = halves(z)
+    return cat([Li([z2, x1]), x1])
+
+
+CASES = {
+    "permute_reverse": Case(lambda s: fl.Permute("reverse"), (8,), formula=zero, stateful=False),
+    "permute_random": Case(lambda s: fl.Permute("random", seed=s), (8,), formula=zero),
+    "split_halves": Case(lambda s: fl.Split(), (8,), apply=identity_split,
+                         unapply=lambda Li, z: Li(list(halves(z))), formula=zero, stateful=False),
+    "split_interleave": Case(lambda s: fl.Split(interleave=True), (8,), apply=identity_split,
+                             unapply=lambda Li, z: Li(list(halves(z))), formula=zero, stateful=False),
+    # unequal sizes: the inverse must split back into the sizes seen when built
+    "concat_halves": Case(lambda s: fl.Concat(), (8,), apply=lambda L, x: L(list(halves(x, 3))),
+                          unapply=concat_unapply, formula=zero, stateful=False),
+    "concat_interleave": Case(lambda s: fl.Concat(interleave=True), (8,),
+                              apply=lambda L, x: L(list(halves(x))),
+                              unapply=lambda Li, z: cat(Li(z)), formula=zero, stateful=False),
+    "additive": Case(lambda s: fl.AffineCouple(mlp(4, 4)), (8,), apply=couple_apply,
+                     unapply=couple_unapply, formula=zero),
+    "subtract": Case(lambda s: fl.AffineCouple(mlp(4, 4, "relu"), subtract=True), (8,),
+                     apply=couple_apply, unapply=couple_unapply, formula=zero),
+    "affine": Case(lambda s: fl.AffineCouple(mlp(4, 4), mlp(4, 4)), (8,), apply=couple_apply,
+                   unapply=couple_unapply, formula=affine_formula),
+    "scale": Case(lambda s: fl.Scale(), (8,), formula=scale_formula),
+    "scale_image": Case(lambda s: fl.Scale(), (2, 2, 3), formula=scale_formula),
+    "squeeze": Case(lambda s: fl.Squeeze(), (4, 2, 2), formula=zero, stateful=False),
+    "unsqueeze": Case(lambda s: fl.UnSqueeze(), (2, 1, 8), formula=zero, stateful=False,
+                      configurable=False),
+    "actnorm": Case(lambda s: fl.Actnorm(), (8,), formula=actnorm_formula),
+    "actnorm_image": Case(lambda s: fl.Actnorm(), (2, 2, 3), formula=actnorm_formula),
+    "invdense": Case(lambda s: fl.InvDense(seed=s), (6,), formula=invdense_formula),
+    "invdense_image": Case(lambda s: fl.InvDense(seed=s), (2, 2, 4), formula=invdense_formula),
+    "condactnorm": Case(lambda s: fl.CondActnorm(), (2, 2, 4), apply=cond_apply,
+                        unapply=cond_unapply, formula=cond_formula),
+    "reshape": Case(lambda s: fl.Reshape(), (2, 2, 3), formula=zero, stateful=False),
+}
+NAMES = list(CASES)
+WITH_LOGDET = ["affine", "scale", "scale_image", "actnorm", "actnorm_image", "invdense",
+               "invdense_image", "condactnorm"]
+
+
+def data(shape, seed=0):
+    return np.random.RandomState(seed).normal(size=(B, *shape)).astype(keras.config.floatx())
+
+
+def built(name, seed=0, scale=0.3):
+    """(case, layer, x): the layer built on x and its trainable weights perturbed (seeded)."""
+    case = CASES[name]
+    layer = case.make(seed)
+    x = data(case.shape)
+    case.apply(layer, x)
+    perturb(layer, scale, seed)
+    return case, layer, x
+
+
+def model_of(case, layer):
+    inp = keras.Input(case.shape)
+    return keras.Model(inp, case.apply(layer, inp))
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic properties, every invertible layer
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_float32(name):
+    case, layer, x = built(name, scale=0.1)
+    z = np_(case.apply(layer, x))
+    x_back = np_(case.unapply(layer.inverse(), z))
+    assert x_back.dtype == np.float32
+    np.testing.assert_allclose(x_back, x, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_float64(name, float64):
+    case, layer, x = built(name, scale=0.3)
+    assert x.dtype == np.float64
+    z = np_(case.apply(layer, x))
+    x_back = np_(case.unapply(layer.inverse(), z))
+    assert x_back.dtype == np.float64
+    np.testing.assert_allclose(x_back, x, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inverse_of_inverse_is_the_forward_map(name):
+    case, layer, x = built(name)
+    twice = layer.inverse().inverse()
+    np.testing.assert_array_equal(np_(case.apply(twice, x)), np_(case.apply(layer, x)))
+    if not isinstance(layer, fl.Inverse):
+        assert twice is layer
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].stateful])
+def test_inverse_shares_the_forward_variables(name):
+    case, layer, x = built(name)
+    inv = layer.inverse()  # created before the change: must read the variables, not copy them
+    z = np_(case.apply(layer, x))
+    before = np_(case.unapply(inv, z))
+    for w in layer.weights:  # every weight that defines the map, trainable or not
+        if w.dtype.startswith("int"):  # a permutation: rotate it
+            w.assign(np.roll(np_(w), 1))
+        elif w.trainable:
+            w.assign(np_(w) + 0.2 * np.random.RandomState(1).normal(size=w.shape))
+    after = np_(case.unapply(inv, z))
+    assert np.max(np.abs(after - before)) > 1e-3
+    # and the inverse still inverts the changed forward layer
+    np.testing.assert_allclose(np_(case.unapply(inv, np_(case.apply(layer, x)))), x, atol=1e-5)
+
+
+def autodiff_logdet(fn, x):
+    """Batch mean of log|det ∂fn/∂x| from tf.GradientTape.batch_jacobian + np.linalg.slogdet."""
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        z = ops.reshape(fn(x), (x.shape[0], -1))
+    jac = np_(tape.batch_jacobian(z, x))
+    d = int(np.prod(x.shape[1:]))
+    assert jac.size == x.shape[0] * d * d, "the map must be square"
+    sign, logdet = np.linalg.slogdet(jac.reshape(x.shape[0], d, d))
+    assert np.all(sign != 0)
+    return float(np.mean(logdet))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reported_logdet_equals_autodiff_jacobian(name, float64):
+    case, layer, x = built(name, scale=0.3)
+    expected = autodiff_logdet(lambda t: case.apply(layer, t), x)
+    case.apply(layer, x)
+    assert reported_logdet(layer) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    if name in WITH_LOGDET:  # the perturbation made the check meaningful
+        assert abs(expected) > 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logdet_formula(name):
+    """DESIGN §3: coupling 0 / Σ log s; scale, ActNorm H·W·Σ log-scale; 1×1 conv H·W·Σ log|diag U|
+    (= H·W·slogdet(W)); permutation, split, concat, squeeze, reshape 0; CondActnorm −Σ log σ."""
+    case, layer, x = built(name)
+    case.apply(layer, x)
+    assert reported_logdet(layer) == pytest.approx(case.formula(layer, x), rel=1e-5, abs=1e-5)
+    if case.formula is zero:
+        assert layer.losses == [] or all(float(np_(l)) == 0 for l in layer.losses)
+
+
+@pytest.mark.parametrize("name", WITH_LOGDET)
+def test_losses_are_batch_means(name):
+    case, layer, x = built(name)
+    case.apply(layer, x)
+    once = reported_logdet(layer)
+    case.apply(layer, np.concatenate([x, x, x]))
+    assert reported_logdet(layer) == pytest.approx(once, rel=1e-5)
+    assert len(layer.losses) >= 1
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].configurable])
+def test_get_config_round_trip(name):
+    case, layer, x = built(name)
+    clone = layer.__class__.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    case.apply(clone, x)  # builds
+    assert len(clone.weights) == len(layer.weights)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(np_(case.apply(clone, x)), np_(case.apply(layer, x)), atol=1e-6)
+    np.testing.assert_allclose(np_(case.unapply(clone.inverse(), np_(case.apply(layer, x)))), x,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].stateful])
+def test_save_load_weights_restores_the_same_flow(name, tmp_path):
+    case, layer, x = built(name, seed=0)
+    model = model_of(case, layer)
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+
+    _, fresh_layer, _ = built(name, seed=1)  # different seed: other permutation, P, signs, weights
+    fresh = model_of(case, fresh_layer)
+    assert np.max(np.abs(np_(fresh(x)) - np_(model(x)))) > 1e-3
+    fresh.load_weights(path)
+    np.testing.assert_array_equal(np_(fresh(x)), np_(model(x)))
+    for a, b in zip(fresh_layer.weights, layer.weights):
+        np.testing.assert_array_equal(np_(a), np_(b))
+    np.testing.assert_allclose(np_(case.unapply(fresh_layer.inverse(), np_(model(x)))), x, atol=1e-5)
+
+
+def test_model_config_round_trip_with_coupling():
+    """A functional model of Split -> AffineCouple -> Concat is re-created from its config + weights."""
+    inp = keras.Input((8,))
+    couple = fl.AffineCouple(mlp(4, 4), mlp(4, 4))
+    z = fl.Concat()(couple(fl.Split()(inp)))
+    model = keras.Model(inp, z)
+    perturb(model, 0.3)
+    objs = {c.__name__: c for c in (fl.Split, fl.Concat, fl.AffineCouple)}
+    again = keras.Model.from_config(model.get_config(), custom_objects=objs)
+    again.set_weights(model.get_weights())
+    x = data((8,))
+    np.testing.assert_allclose(np_(again(x)), np_(model(x)), atol=1e-6)
+    assert reported_logdet(again) == pytest.approx(reported_logdet(model), rel=1e-5)
+    assert reported_logdet(model) != 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer-specific properties
+
+
+def test_permute_reverse_and_random():
+    x = data((8,))
+    np.testing.assert_array_equal(np_(fl.Permute("reverse")(x)), x[:, ::-1])
+
+    a, b, c = fl.Permute("random", seed=3), fl.Permute("random", seed=3), fl.Permute("random", seed=4)
+    za = np_(a(x))
+    idxs = np_(a.idxs)
+    assert sorted(idxs.tolist()) == list(range(8))
+    np.testing.assert_array_equal(za, x[:, idxs])
+    np.testing.assert_array_equal(np_(b(x)), za)  # same seed, same permutation
+    assert not np.array_equal(np_(c(x)), za)
+    assert a.idxs.trainable is False
+    with pytest.raises(ValueError, match="mode"):
+        fl.Permute("shuffle")
+
+
+def test_split_and_concat_layouts():
+    x = data((8,))
+    first, second = (np_(p) for p in fl.Split()(x))
+    np.testing.assert_array_equal(first, x[:, :4])
+    np.testing.assert_array_equal(second, x[:, 4:])
+    even, odd = (np_(p) for p in fl.Split(interleave=True)(x))
+    np.testing.assert_array_equal(even, x[:, 0::2])
+    np.testing.assert_array_equal(odd, x[:, 1::2])
+    np.testing.assert_array_equal(np_(fl.Concat(interleave=True)([even, odd])), x)
+
+    # odd length: halves of sizes d//2 and d - d//2; the inverse concatenates them back
+    x7 = data((7,))
+    split = fl.Split()
+    parts = split(x7)
+    assert [p.shape[-1] for p in parts] == [3, 4]
+    np.testing.assert_array_equal(np_(split.inverse()(parts)), x7)
+
+    # Concat's inverse splits into the sizes it was built with, on images too
+    img = data((2, 2, 5))
+    concat = fl.Concat()
+    joined = concat([img[..., :1], img[..., 1:]])
+    back = concat.inverse()(joined)
+    assert [p.shape[-1] for p in back] == [1, 4]
+    np.testing.assert_array_equal(np_(back[1]), img[..., 1:])
+
+
+def test_coupling_equations():
+    """NICE eq. 07 (h2 = x2 + m(x1)), eq. 09 as the encoder with subtract=True, RealNVP eq. 01."""
+    x = data((8,))
+    x1, x2 = halves(x)
+    for kwargs, sign in [({}, 1.0), ({"subtract": True}, -1.0)]:
+        m = mlp(4, 4, "relu")
+        couple = fl.AffineCouple(m, **kwargs)
+        couple([x1, x2])
+        perturb(m, 0.5)
+        h1, h2 = (np_(t) for t in couple([x1, x2]))
+        np.testing.assert_array_equal(h1, x1)
+        m_x1 = np_(m(x1))
+        assert np.all(m_x1 >= 0) and np.max(m_x1) > 0
+        np.testing.assert_allclose(h2, x2 + sign * m_x1, atol=1e-6)
+        assert couple.losses == []
+
+    t, log_s = mlp(4, 4), mlp(4, 4)
+    couple = fl.AffineCouple(t, log_s)
+    h1, h2 = couple([x1, x2])
+    np.testing.assert_array_equal(np_(h2), x2)  # zero-initialised last layers: identity at init
+    assert reported_logdet(couple) == 0
+    perturb(couple, 0.3)
+    _, h2 = couple([x1, x2])
+    np.testing.assert_allclose(np_(h2), x2 * np.exp(np_(log_s(x1))) + np_(t(x1)), atol=1e-6)
+
+
+def test_squeeze_pixel_layout():
+    x = np.arange(2 * 4 * 6 * 3, dtype="float32").reshape(2, 4, 6, 3)
+    z = np_(fl.Squeeze()(x))
+    assert z.shape == (2, 2, 3, 12)
+    for i in range(2):
+        for j in range(3):
+            patch = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2, :]  # (b, di, dj, c)
+            # the 2×2 patch becomes the 4c channels of one position, channel-major: c·4 + 2·di + dj
+            np.testing.assert_array_equal(z[:, i, j], patch.transpose(0, 3, 1, 2).reshape(2, 12))
+    # single channel: the four pixels in reading order
+    one = np.arange(16, dtype="float32").reshape(1, 4, 4, 1)
+    np.testing.assert_array_equal(np_(fl.Squeeze()(one))[0, 0, 1], [2, 3, 6, 7])
+
+    np.testing.assert_array_equal(np_(fl.UnSqueeze()(z)), x)
+    np.testing.assert_array_equal(np_(fl.Squeeze().inverse()(z)), x)
+    np.testing.assert_array_equal(np_(fl.UnSqueeze().inverse()(x)), z)
+
+
+def test_reshape_flattens_and_restores():
+    x = data((2, 3, 4))
+    r = fl.Reshape()
+    z = np_(r(x))
+    np.testing.assert_array_equal(z, x.reshape(B, 24))
+    back = np_(r.inverse()(z))
+    assert back.shape == x.shape
+    np.testing.assert_array_equal(back, x)
+
+
+def test_invdense_kernel_is_the_lu_of_an_orthogonal_matrix():
+    layer = fl.InvDense(seed=0)
+    x = data((2, 2, 5))
+    z = np_(layer(x))
+    w = np_(layer.kernel())
+    np.testing.assert_allclose(w @ w.T, np.eye(5), atol=1e-5)  # rotation at init
+    np.testing.assert_allclose(z, x @ w, atol=1e-5)
+    p = np_(layer.p)
+    np.testing.assert_array_equal(np.sort(p, axis=0)[-1], np.ones(5))
+    assert set(np.unique(p)) <= {0.0, 1.0} and p.sum() == 5
+    assert set(np.unique(np_(layer.sign_s))) <= {-1.0, 1.0}
+    trainable = {w.name for w in layer.trainable_weights}
+    assert trainable == {"l", "u", "log_s"}
+    # training only moves l, u, log_s; the log-det follows log_s
+    perturb(layer, 0.1)
+    layer(x)
+    assert reported_logdet(layer) == pytest.approx(4 * float(np.sum(np_(layer.log_s))), rel=1e-5)
+
+
+def test_condactnorm_starts_as_identity_and_uses_x1():
+    layer = fl.CondActnorm()
+    x = data((2, 2, 4))
+    x2, x1 = halves(x)
+    np.testing.assert_array_equal(np_(layer([x2, x1])), x2)
+    assert reported_logdet(layer) == 0
+    perturb(layer, 0.3)
+    h = np_(layer.conv(x1))
+    mean, log_sigma = h[..., :2], h[..., 2:]
+    np.testing.assert_allclose(np_(layer([x2, x1])), (x2 - mean) * np.exp(-log_sigma), atol=1e-5)
+    z_other = np_(layer([x2, x1 + 1.0]))  # the prior is conditioned on x1
+    assert np.max(np.abs(z_other - np_(layer([x2, x1])))) > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Actnorm data-dependent init
+
+
+def actnorm_model():
+    inp = keras.Input((2, 2, 3))
+    a1 = fl.Actnorm()(inp)
+    a2 = fl.Actnorm()(fl.InvDense(seed=0)(a1))
+    return keras.Model(inp, [a1, a2])
+
+
+def test_initialize_actnorms_normalises_each_channel(tmp_path):
+    x = np.random.RandomState(0).normal(loc=3.0, scale=5.0, size=(16, 2, 2, 3)).astype("float32")
+    model = actnorm_model()
+    assert fl.initialize_actnorms(model, x) == 2
+    for out in model(x):
+        out = np_(out)
+        np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0, atol=1e-4)
+        np.testing.assert_allclose(out.std(axis=(0, 1, 2)), 1, atol=1e-3)
+    actnorms = [l for l in model.layers if isinstance(l, fl.Actnorm)]
+    assert all(float(np_(l.initialized)) == 1 for l in actnorms)
+
+    # done once: a second call (even on other data) changes nothing
+    weights = model.get_weights()
+    outputs = [np_(o) for o in model(x)]
+    assert fl.initialize_actnorms(model, x * 2 + 1) == 0
+    for a, b in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(model(x), outputs):
+        np.testing.assert_array_equal(np_(a), b)
+
+    # and not re-done after loading weights into a fresh model
+    path = str(tmp_path / "a.weights.h5")
+    model.save_weights(path)
+    fresh = actnorm_model()
+    fresh.load_weights(path)
+    assert fl.initialize_actnorms(fresh, x * 2 + 1) == 0
+    for a, b in zip(fresh(x), outputs):
+        np.testing.assert_array_equal(np_(a), b)
+    # whereas a fresh model without loaded weights would be initialised
+    assert fl.initialize_actnorms(actnorm_model(), x) == 2
+
+
+def test_initialize_actnorms_finds_nested_models():
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, fl.Actnorm()(inner_in))
+    inp = keras.Input((4,))
+    model = keras.Model(inp, fl.Scale()(inner(inp)))
+    x = np.random.RandomState(1).normal(loc=-2.0, scale=0.5, size=(32, 4)).astype("float32")
+    assert fl.initialize_actnorms(model, x) == 1
+    out = np_(inner(x))
+    np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_allclose(out.std(axis=0), 1, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# UniformNoise
+
+
+@pytest.mark.parametrize("scale", [-0.01, 1 / 256])
+def test_uniform_noise(scale):
+    x = data((6, 5))
+    noise = fl.UniformNoise(scale)
+    np.testing.assert_array_equal(np_(noise(x)), x)
+    np.testing.assert_array_equal(np_(noise(x, training=False)), x)
+    diff = np_(noise(x, training=True)) - x
+    lo, hi = min(scale, 0.0), max(scale, 0.0)
+    tol = 1e-6
+    assert np.all(diff >= lo - tol) and np.all(diff <= hi + tol)
+    assert np.std(diff) > abs(scale) / 10  # really random, spread over the bin
+    assert np.mean(diff) == pytest.approx(scale / 2, abs=abs(scale) / 5)
+
+    inp = keras.Input((6, 5))
+    model = keras.Model(inp, fl.UniformNoise(scale)(inp))
+    np.testing.assert_array_equal(np_(model(x)), x)
+    assert np.max(np.abs(np_(model(x, training=True)) - x)) > 0
+    assert fl.UniformNoise.from_config(noise.get_config()).scale == scale
+
+
+# --------------------------------------------------------------------------------------------------
+# DESIGN §7: a model holding layers and their inverses keeps the forward log-dets
+
+
+def test_model_with_layers_and_their_inverses_reports_forward_logdets():
+    inp = keras.Input((8,))
+    split, concat = fl.Split(), fl.Concat()
+    couple = fl.AffineCouple(mlp(4, 4), mlp(4, 4))
+    scale = fl.Scale()
+    z = scale(concat(couple(split(inp))))
+    x_back = split.inverse()(couple.inverse()(concat.inverse()(scale.inverse()(z))))
+    model = keras.Model(inp, [z, x_back])
+    perturb(model, 0.3)
+    x = data((8,))
+
+    _, back = model(x)
+    np.testing.assert_allclose(np_(back), x, atol=1e-5)
+    assert len(model.losses) == 2
+    x1, _ = halves(x)
+    expected = float(np.mean(np.sum(np_(couple.log_scale_model(x1)), axis=-1)))
+    expected += float(np.sum(np_(scale.log_scale)))
+    assert abs(expected) > 0.05
+    assert reported_logdet(model) == pytest.approx(expected, rel=1e-5)
+
+    # the same in a stateless call (the path JAX's fit takes, where a tracked forward layer inside
+    # an Inverse would have its losses cleared when the inverse runs)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    (_, back), _, losses = model.stateless_call(trainable, non_trainable, x, return_losses=True)
+    np.testing.assert_allclose(np_(back), x, atol=1e-5)
+    assert len(losses) == 2
+    assert -sum(float(np_(l)) for l in losses) == pytest.approx(expected, rel=1e-5)
+
+    # running an inverse on its own afterwards leaves the forward layers' losses alone
+    couple.inverse()(couple([x1, halves(x)[1]]))
+    assert reported_logdet(couple) == pytest.approx(expected - float(np.sum(np_(scale.log_scale))),
+                                                    rel=1e-5)
+
+    # the same losses reach the compiled loss in evaluate (back ≈ x, so the MSE term is ~0)
+    model.compile(loss=[None, "mse"])
+    result = model.evaluate(x, [x, x], verbose=0, return_dict=True)
+    assert result["loss"] == pytest.approx(-expected, rel=1e-4, abs=1e-5)
