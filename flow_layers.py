@@ -51,6 +51,7 @@ class Inverse(keras.layers.Layer):
     def __init__(self, flow, **kwargs):
         super().__init__(**kwargs)
         object.__setattr__(self, "flow", flow)
+        self.built = True  # its state is the forward layer's: nothing to build
 
     def call(self, inputs):
         return self.flow.reverse(inputs)
@@ -305,11 +306,8 @@ class Actnorm(FlowLayer):
 
 
 def flow_layers_of(model):
-    """Every layer inside a model, nested models included, in call order of construction."""
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from flow_layers_of(layer)
+    """Every layer inside a model, nested ones included (sub-models, a coupling's networks)."""
+    return model._flatten_layers(include_self=False, recursive=True)
 
 
 def initialize_actnorms(model, x):
