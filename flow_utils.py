@@ -1,7 +1,9 @@
 """What nice.py and glow.py share besides layers: MNIST loading, dequantized data, bits/dim,
 image grids, atomic writes and the best-weights/collapse callback (DESIGN §1, §3, §5)."""
+import json
 import math
 import os
+import signal
 import tempfile
 import zipfile
 
@@ -131,28 +133,145 @@ def image_grid(images, n, low=0.0, high=1.0):
 class KeepBest(keras.callbacks.Callback):
     """Keeps the best weights by `monitor` (written atomically) and, as the Glow article's script does,
     treats a loss that turns positive after `after_epoch` as a collapse: reload the best weights and
-    set the learning rate to `low_lr`. A loss that is not finite is a collapse too (`nan > 0` is False).
+    set the learning rate to `low_lr`. A loss that is not finite is a collapse at any time (the
+    original's `loss > 0` never fires on NaN): checked after every batch too, so training never goes
+    on from garbage; the reload also restores the optimizer's moments, which a NaN gradient poisons
+    (Keras' .weights.h5 holds the optimizer state). After `max_collapses` non-finite losses training
+    stops and `gave_up` is set; the best weights stay on disk.
     """
 
-    def __init__(self, path, monitor="loss", after_epoch=10, low_lr=1e-5, verbose=1):
+    def __init__(self, path, monitor="loss", after_epoch=10, low_lr=1e-5, max_collapses=5, verbose=1):
         super().__init__()
         self.path, self.monitor, self.after_epoch = path, monitor, after_epoch
-        self.low_lr, self.verbose = low_lr, verbose
+        self.low_lr, self.max_collapses, self.verbose = low_lr, max_collapses, verbose
         self.best = math.inf
         self.collapses = 0
+        self.gave_up = False
+        self._start = None
+        self._tainted = False  # a batch of this epoch collapsed: its logs describe a partial epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._tainted = False
+
+    def on_train_begin(self, logs=None):
+        self._start = None if os.path.exists(self.path) else self.model.get_weights()
+
+    def _say(self, text):
+        if self.verbose:
+            print(text, flush=True)
+
+    def _collapse(self, where, value):
+        self.collapses += 1
+        if os.path.exists(self.path):
+            self.model.load_weights(self.path)
+            source = self.path
+        else:  # nothing saved yet: back to the weights training started from
+            self.model.set_weights(self._start)
+            source = "the initial weights"
+        self.model.optimizer.learning_rate.assign(self.low_lr)
+        self._say(f"\n{where}: {self.monitor} = {value} looks like a collapse; reloaded {source}, "
+                  f"learning rate set to {self.low_lr}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        value = float((logs or {}).get("loss", 0.0))
+        if math.isfinite(value):
+            return
+        self._collapse(f"batch {batch + 1}", value)
+        self._tainted = True
+        for metric in self.model.metrics:  # the epoch's running mean would stay NaN
+            metric.reset_state()
+        if self.collapses >= self.max_collapses:
+            self.gave_up = True
+            self.model.stop_training = True
+            self._say(f"stopping: the loss was not finite {self.collapses} times; "
+                      f"the best weights stay in {self.path}")
 
     def on_epoch_end(self, epoch, logs=None):
         value = float((logs or {}).get(self.monitor, math.nan))
+        if self._tainted:  # not a fair figure to compare; the reload already happened
+            return
         if math.isfinite(value) and value < self.best:
             self.best = value
             save_weights_atomic(self.model, self.path)
-            if self.verbose:
-                print(f"\nepoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved {self.path}")
-        elif epoch + 1 > self.after_epoch and (not math.isfinite(value) or value > 0):
-            self.collapses += 1
-            if os.path.exists(self.path):
-                self.model.load_weights(self.path)
-            self.model.optimizer.learning_rate.assign(self.low_lr)
-            if self.verbose:
-                print(f"\nepoch {epoch + 1}: {self.monitor} = {value} looks like a collapse; "
-                      f"reloaded {self.path}, learning rate set to {self.low_lr}")
+            self._say(f"\nepoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved {self.path}")
+        elif not math.isfinite(value) or (epoch + 1 > self.after_epoch and value > 0):
+            self._collapse(f"epoch {epoch + 1}", value)
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Ctrl-C (SIGINT) during `fit` stops training after the current step instead of killing it, so
+    the script can still write its samples from the best weights (and exit with 130). A second
+    Ctrl-C interrupts at once, as usual."""
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\ninterrupted: stopping after this step (Ctrl-C again to quit at once)", flush=True)
+
+    def on_train_begin(self, logs=None):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.interrupted:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if not self.interrupted and self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Backup(keras.callbacks.Callback):
+    """What `--resume` needs, in `folder`, after every completed epoch: the weights with the optimizer
+    state and learning rate (a Keras .weights.h5 holds all three) as epoch-NNNN.weights.h5, then
+    state.json naming that file with the epoch count and KeepBest's record. Each file is written
+    atomically and state.json last, so a kill at any instant leaves a consistent pair; Keras'
+    BackupAndRestore writes its files in place. An epoch cut short by Ctrl-C is not recorded.
+    """
+
+    STATE = "state.json"
+
+    def __init__(self, folder, keep_best=None, interrupt=None):
+        super().__init__()
+        self.folder, self.keep_best, self.interrupt = folder, keep_best, interrupt
+
+    @classmethod
+    def read_state(cls, folder):
+        """The saved state dict, or None when `folder` holds no backup."""
+        path = os.path.join(folder, cls.STATE)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.interrupt is not None and self.interrupt.interrupted:
+            return
+        name = f"epoch-{epoch + 1:04d}.weights.h5"
+        save_weights_atomic(self.model, os.path.join(self.folder, name))
+        state = {"epoch": epoch + 1, "weights": name}
+        if self.keep_best is not None:
+            state.update(best=self.keep_best.best, collapses=self.keep_best.collapses)
+        _atomic(os.path.join(self.folder, self.STATE),
+                lambda tmp: open(tmp, "w").write(json.dumps(state, indent=1)))
+        for old in os.listdir(self.folder):
+            if old.startswith("epoch-") and old.endswith(".weights.h5") and old != name:
+                os.remove(os.path.join(self.folder, old))
+
+    def restore(self):
+        """Loads the last completed epoch's weights, optimizer state and best record; returns the
+        number of epochs already done (fit's initial_epoch), 0 when there is nothing to resume."""
+        state = self.read_state(self.folder)
+        if state is None:
+            return 0
+        if not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(os.path.join(self.folder, state["weights"]))
+        if self.keep_best is not None:
+            self.keep_best.best = state.get("best", math.inf)
+            self.keep_best.collapses = state.get("collapses", 0)
+        return int(state["epoch"])

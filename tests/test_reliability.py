@@ -1,0 +1,137 @@
+"""flow_utils' training guards on a small real model: NaN batches, Ctrl-C, backups for --resume."""
+import math
+import os
+import signal
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import flow_utils as fu
+
+
+def _model(lr=1e-2):
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((4,))
+    m = keras.Model(inp, keras.layers.Dense(4)(keras.layers.Dense(8, activation="relu")(inp)))
+    m.compile(optimizer=keras.optimizers.Adam(lr), loss="mse")
+    return m
+
+
+def _data(n_batches=6, poison=()):
+    x = np.random.RandomState(0).randn(n_batches * 8, 4).astype("float32")
+    for b in poison:
+        x[b * 8] = np.nan  # one poisoned example makes the whole batch's loss NaN
+    return tf.data.Dataset.from_tensor_slices((x, x)).batch(8)
+
+
+def _finite(model):
+    return all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+def test_nan_batch_reloads_best_weights_and_lowers_the_rate(tmp_path):
+    m = _model()
+    best = fu.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=100, low_lr=1e-4, verbose=0)
+    m.fit(_data(), epochs=1, verbose=0, callbacks=[best])
+    assert best.collapses == 0 and os.path.exists(best.path)
+    hist = m.fit(_data(poison=[3]), epochs=2, verbose=0, callbacks=[best])
+    assert best.collapses == 2  # the poisoned batch, once per epoch
+    assert _finite(m)  # training went on from the reloaded weights, not from NaN
+    assert float(m.optimizer.learning_rate) == pytest.approx(1e-4)
+    assert all(math.isfinite(v) for v in hist.history["loss"])
+    assert not best.gave_up
+
+
+def test_nan_before_any_best_goes_back_to_the_initial_weights(tmp_path):
+    m = _model()
+    start = m.get_weights()
+    best = fu.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    m.fit(_data(n_batches=1, poison=[0]), epochs=1, verbose=0, callbacks=[best])
+    assert best.collapses == 1 and not os.path.exists(best.path)
+    for a, b in zip(m.get_weights(), start):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_repeated_nan_gives_up_and_keeps_the_best_file(tmp_path):
+    m = _model()
+    best = fu.KeepBest(str(tmp_path / "b.weights.h5"), max_collapses=3, verbose=0)
+    m.fit(_data(), epochs=1, verbose=0, callbacks=[best])
+    saved = open(best.path, "rb").read()
+    m.fit(_data(n_batches=10, poison=range(10)), epochs=5, verbose=0, callbacks=[best])
+    assert best.gave_up and best.collapses == 3
+    assert m.optimizer.iterations.numpy() < 6 + 10  # stopped inside the first poisoned epoch
+    assert open(best.path, "rb").read() == saved
+
+
+def test_collapse_rule_positive_loss_only_after_the_given_epoch(tmp_path):
+    m = _model()
+    best = fu.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=10, low_lr=1e-5, verbose=0)
+    best.set_model(m)
+    best.on_train_begin()
+    best.on_epoch_end(0, {"loss": -5.0})
+    best.on_epoch_end(4, {"loss": 3.0})  # positive, but before epoch 10: not a collapse
+    assert best.collapses == 0
+    w = [v.copy() for v in m.get_weights()]
+    m.layers[1].kernel.assign(m.layers[1].kernel + 1.0)
+    best.on_epoch_end(11, {"loss": 3.0})
+    assert best.collapses == 1 and float(m.optimizer.learning_rate) == pytest.approx(1e-5)
+    np.testing.assert_array_equal(m.get_weights()[0], w[0])
+    best.on_epoch_end(2, {"loss": float("nan")})  # NaN collapses at any epoch
+    assert best.collapses == 2
+
+
+class _CtrlC(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_stops_after_the_step_and_the_epoch_is_not_backed_up(tmp_path):
+    m = _model()
+    stop = fu.Interrupt()
+    backup = fu.Backup(str(tmp_path / "backup"), interrupt=stop)
+    m.fit(_data(), epochs=1, verbose=0, callbacks=[backup])  # one complete epoch: 6 steps
+    before = signal.getsignal(signal.SIGINT)
+    m.fit(_data(), epochs=3, verbose=0, callbacks=[_CtrlC(), stop, backup])
+    assert stop.interrupted
+    assert int(m.optimizer.iterations.numpy()) == 6 + 3  # stopped right after the third step
+    assert fu.Backup.read_state(backup.folder)["epoch"] == 1  # the cut epoch is not recorded
+    assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C acts as usual
+
+
+def test_backup_restores_weights_optimizer_epoch_and_best(tmp_path):
+    folder = str(tmp_path / "backup")
+    m = _model()
+    best = fu.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    m.fit(_data(), epochs=3, verbose=0, callbacks=[best, fu.Backup(folder, keep_best=best)])
+    assert sorted(os.listdir(folder)) == ["epoch-0003.weights.h5", "state.json"]
+
+    fresh = _model(lr=5.0)  # other initial weights and rate: restore must replace all of them
+    best2 = fu.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    backup2 = fu.Backup(folder, keep_best=best2)
+    backup2.set_model(fresh)
+    assert backup2.restore() == 3
+    for a, b in zip(fresh.get_weights(), m.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(fresh.optimizer.iterations.numpy()) == 18
+    assert float(fresh.optimizer.learning_rate) == pytest.approx(1e-2)
+    for a, b in zip(fresh.optimizer.variables, m.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert best2.best == best.best and math.isfinite(best2.best)
+
+
+def test_backup_state_points_at_a_complete_file_when_a_write_is_torn(tmp_path):
+    folder = str(tmp_path / "backup")
+    m = _model()
+    m.fit(_data(), epochs=1, verbose=0, callbacks=[fu.Backup(folder)])
+
+    def killed(tmp):
+        open(tmp, "w").write("{half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fu._atomic(os.path.join(folder, fu.Backup.STATE), killed)
+    state = fu.Backup.read_state(folder)
+    assert state["epoch"] == 1 and os.path.isfile(os.path.join(folder, state["weights"]))
+    assert fu.Backup(str(tmp_path / "nothing")).read_state(str(tmp_path / "nothing")) is None
