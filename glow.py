@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def decodable(paths):
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
     ds = ds.map(lambda i, p: (i, tf.shape(_decode(p))[0]), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors().map(lambda i, _: i).batch(4096)
-    ok = set(np.concatenate([b.numpy() for b in ds]).tolist()) if len(paths) else set()
+    ok = {int(i) for batch in ds for i in batch.numpy()}
     return [p for i, p in enumerate(paths) if i in ok], [p for i, p in enumerate(paths) if i not in ok]
 
 
@@ -187,8 +188,9 @@ def build_steps(channels, level=3, depth=10, hidden=512, permute="random", coupl
             steps.append(("exit", (Split(name=f"exit_split_{i}"), CondActnorm(name=f"cond_actnorm_{i}"),
                                    Reshape(name=f"exit_reshape_{i}"))))
             c //= 2
-    steps += [("step", Actnorm(name="final_actnorm")), ("step", Reshape(name="final_reshape")),
-              ("output", Concat(name="final_concat"))]
+    steps += [("step", Actnorm(name="final_actnorm")), ("step", Reshape(name="final_reshape"))]
+    if level > 1:  # with one level there is nothing to concatenate
+        steps.append(("output", Concat(name="final_concat")))
     return steps
 
 
@@ -210,9 +212,10 @@ def encode(x, steps):
 
 def decode(z, steps):
     """z -> x: the same steps reversed, each layer's inverse (the article's decoder)."""
+    x = z
     for kind, layer in reversed(steps):
         if kind == "output":
-            *outs, x = layer.inverse()(z)           # back into every level's z_i
+            *outs, x = layer.inverse()(x)           # back into every level's z_i
         elif kind == "exit":
             split, prior, flat = layer
             x2 = prior.inverse()([flat.inverse()(outs.pop()), x])
@@ -281,11 +284,19 @@ def saved_architecture(path):
 def load_weights(encoder, path, args, channels):
     """Loads --weights into the encoder; a file of another architecture is a UserError naming the
     flags that differ (as far as the file's layout tells)."""
-    try:
-        encoder.load_weights(path)
-        return
-    except Exception as e:  # Keras raises ValueError/KeyError/OSError variants for foreign files
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            encoder.load_weights(path)
+            # Keras only warns when it skips layers of a file that does not fit: a mismatch too
+            # (the optimizer's state is skipped on every fresh model: that one is expected)
+            skipped = [w for w in caught if issubclass(w.category, UserWarning) and "saving" in w.filename
+                       and "optimizer" not in str(w.message)]
+            if not skipped:
+                return
+            why = str(skipped[0].message).strip().splitlines()[0][:160]
+        except Exception as e:  # Keras raises ValueError/KeyError/OSError variants for foreign files
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
     saved = saved_architecture(path)
     if not saved:
         raise UserError(f"--weights {path} is not a weights file of glow.py ({why})")

