@@ -28,7 +28,7 @@ from keras import layers  # noqa: E402
 
 from flow_layers import (Actnorm, AffineCouple, Concat, CondActnorm, InvDense, Permute,  # noqa: E402
                          Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
-from flow_utils import (BitsPerDim, KeepBest, UserError, bits_per_dim, image_grid,  # noqa: E402
+from flow_utils import (BitsPerDim, Interrupt, KeepBest, UserError, bits_per_dim, image_grid,  # noqa: E402
                         load_mnist, save_png)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -425,17 +425,19 @@ def run(argv=None):
     print(f"Glow: {architecture(args, channels)}, {encoder.count_params():,} parameters, D = {dims}")
     n = initialize_actnorms(encoder, next(iter(train))[0])
     print(f"initialised {n} Actnorm layers from the first batch")
+    interrupt = Interrupt()  # Ctrl-C: stop after the step, still write samples from the best weights
     encoder.fit(train, steps_per_epoch=args.steps_per_epoch, epochs=args.epochs, validation_data=test,
                 callbacks=[BitsPerDim(dims, BIN, key="val_loss"),
                            KeepBest(args.weights, monitor="loss", after_epoch=10),
-                           Samples(decoder, args.out, args.std, args.seed)], shuffle=False, verbose=2)
+                           Samples(decoder, args.out, args.std, args.seed), interrupt],
+                shuffle=False, verbose=2)
     if os.path.isfile(args.weights):
         encoder.load_weights(args.weights)
     save_png(os.path.join(args.out, "glow_samples.png"), sample_grid(decoder, args.std, args.seed))
     nll = encoder.evaluate(test, verbose=0, return_dict=True)["loss"]
     print(f"best weights in {args.weights}, samples in {os.path.join(args.out, 'glow_samples.png')}")
     print(f"test bits/dim: {bits_per_dim(nll, dims, BIN):.3f}")
-    return 0
+    return 130 if interrupt.interrupted else 0
 
 
 def main(argv=None):
