@@ -382,6 +382,8 @@ def parse_args(argv=None):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
     if not (args.std >= 0 and math.isfinite(args.std)):
         raise UserError(f"--std must be a non-negative number, got {args.std}")
+    if not args.weights.endswith(".weights.h5"):
+        raise UserError(f"--weights {args.weights}: the name must end in .weights.h5 (Keras' weights format)")
     folder = bool(args.data) and not args.data.endswith(".npz")
     if args.img_size is None:
         args.img_size = 64 if folder else 32
