@@ -164,7 +164,7 @@ def make_folder(root):
             "photo.jpg": rgb(16, 16), "photo2.JPEG": rgb(8, 8),
             "wide.png": wide,
             "nested/deeper/inner.bmp": rgb(8, 8), "nested/anim.gif": rgb(8, 8),
-            "nested/a.png": rgb(8, 8)}
+            "nested/a.png": rgb(8, 8), "nested/pic.webp": rgb(8, 8)}
     for name, img in good.items():
         imageio.imwrite(root / name, img)
     png = (root / "nested" / "a.png").read_bytes()
@@ -179,13 +179,13 @@ def test_loader_loads_the_good_images_and_warns_about_the_bad(tmp_path, capsys):
     good = make_folder(tmp_path)
     train, test = glow.load_folder(str(tmp_path))
     err = capsys.readouterr().err
-    assert "skipping 3 of 11 files" in err
+    assert "skipping 3 of 12 files" in err
     for bad in ("truncated.png", "empty.jpg", "notes.png"):
         assert bad in err
     assert err.count("\n") == 1  # one warning
     loaded = sorted(os.path.relpath(p, tmp_path) for p in train + test)
     assert loaded == good
-    assert len(test) == 1 and len(train) == 7
+    assert len(test) == 1 and len(train) == 8
 
     files, load = glow.folder_pixels([str(tmp_path / n) for n in good], 8)
     pixels = {n: p.numpy() for n, p in zip(good, files.map(load))}
@@ -258,6 +258,23 @@ def test_img_size_not_divisible_exits_2_before_any_model(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "model.h5"], "--weights model.h5: the name must end in .weights.h5"),
+    (["--sample-only", "--weights", "none.weights.h5"], "--weights none.weights.h5: no such file"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--depth", "0"], "--depth must be at least 1"),
+    (["--std", "-1"], "--std must be a non-negative number"),
+    (["--data", "nowhere"], "--data nowhere: no such folder or file"),
+    (["--img-size", "64"], "--img-size 64: MNIST is padded to 32×32"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert glow.main(args + ["--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message) and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
+
+
 def test_script_end_to_end_then_sample_reconstruct_and_wrong_architecture(tmp_path, capsys, monkeypatch):
     make_folder(tmp_path / "imgs")
     for i in range(4):  # a few more good images
@@ -267,7 +284,7 @@ def test_script_end_to_end_then_sample_reconstruct_and_wrong_architecture(tmp_pa
     r = run_script(*tiny, "--batch-size", "4", "--steps-per-epoch", "2", "--epochs", "2",
                    "--out", "out", "--weights", "out/g.weights.h5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "skipping 3 of 15 files" in r.stderr
+    assert "skipping 3 of 16 files" in r.stderr
     for name in ("glow_epoch_001.png", "glow_epoch_002.png", "glow_samples.png"):
         assert imageio.imread(tmp_path / "out" / name).shape == (72, 72, 3)
     assert (tmp_path / "out" / "g.weights.h5").stat().st_size > 0
