@@ -278,7 +278,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, cap
 def test_script_end_to_end_then_sample_reconstruct_and_wrong_architecture(tmp_path, capsys, monkeypatch):
     make_folder(tmp_path / "imgs")
     for i in range(4):  # a few more good images
-        imageio.imwrite(tmp_path / "imgs" / f"more{i}.png", np.random.RandomState(i).randint(0, 256, (8, 8, 3)).astype(np.uint8))
+        img = np.random.RandomState(i).randint(0, 256, (8, 8, 3)).astype(np.uint8)
+        imageio.imwrite(tmp_path / "imgs" / f"more{i}.png", img)
     tiny = ["--data", "imgs", "--img-size", "8", "--level", "2", "--depth", "1", "--hidden", "8",
             "--permute", "conv", "--coupling", "affine"]
     r = run_script(*tiny, "--batch-size", "4", "--steps-per-epoch", "2", "--epochs", "2",
