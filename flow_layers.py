@@ -118,6 +118,8 @@ def _split(x, sizes, interleave):
     if interleave:
         pairs = ops.reshape(x, (-1, *x.shape[1:-1], x.shape[-1] // 2, 2))
         return [pairs[..., 0], pairs[..., 1]]
+    if len(sizes) == 1:
+        return [x]
     return ops.split(x, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
 

@@ -598,3 +598,13 @@ def test_model_with_layers_and_their_inverses_reports_forward_logdets():
     model.compile(loss=[None, "mse"])
     result = model.evaluate(x, [x, x], verbose=0, return_dict=True)
     assert result["loss"] == pytest.approx(-expected, rel=1e-4, abs=1e-5)
+
+
+def test_concat_of_a_single_part_round_trips():
+    x = np.random.RandomState(0).randn(2, 6).astype("float32")
+    inp = keras.Input((6,))
+    concat = fl.Concat()
+    out = concat([inp])
+    np.testing.assert_array_equal(keras.Model(inp, out)(x), x)
+    (back,) = concat.inverse()(x)
+    np.testing.assert_array_equal(back, x)

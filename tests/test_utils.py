@@ -130,3 +130,6 @@ def test_save_png_roundtrip(tmp_path):
     fu.save_png(path, img)
     assert np.array_equal(imageio.imread(path), img)
     assert os.listdir(tmp_path) == ["g.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
