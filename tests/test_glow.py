@@ -44,11 +44,6 @@ def nll(encoder, x):
     return float(np.mean(glow.prior_nll(None, z)) + sum(float(l) for l in encoder.losses))
 
 
-@pytest.fixture
-def float64():
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx("float32")
 
 
 @pytest.mark.parametrize("permute, coupling", VARIANTS)

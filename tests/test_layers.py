@@ -26,17 +26,6 @@ def _seed():
     keras.utils.set_random_seed(0)
 
 
-@pytest.fixture
-def float64():
-    # set_floatx alone is not enough: once any layer exists, Keras caches the global dtype policy.
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(floatx)
-        keras.config.set_dtype_policy(policy)
 
 
 def np_(x):

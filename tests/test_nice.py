@@ -38,17 +38,6 @@ def npz(tmp_path, digits):
     return str(path)
 
 
-@pytest.fixture
-def float64():
-    # Keras caches its global dtype policy from floatx on first use: set and restore both
-    old_floatx, old_policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        yield
-    finally:
-        keras.config.set_floatx(old_floatx)
-        keras.config.set_dtype_policy(old_policy)
 
 
 def perturb(model, scale=0.05, seed=0):
