@@ -170,6 +170,43 @@ class Concat(FlowLayer):
         return {**super().get_config(), "interleave": self.interleave}
 
 
+class CheckerSplit(FlowLayer):
+    """(h, w, c) -> [x1, x2]: RealNVP's spatial checkerboard mask (Dinh et al. 2016, §3.4; the article's
+    "棋盘式 mask"): x1 = the squares with (row + column) % 2 == parity, x2 = the others, each packed
+    to (h, w/2, c) by taking one square of every horizontal pair. Log-det 0; the inverse puts the
+    squares back. Shapes are read at run time, so the layer also works inside a size-agnostic
+    convolutional network (RealNVP's conditioner sees b ⊙ x on the full grid: `glow.coupling_net`).
+    """
+
+    def __init__(self, parity=0, **kwargs):
+        super().__init__(**kwargs)
+        if parity not in (0, 1):
+            raise ValueError(f"CheckerSplit parity must be 0 or 1, not {parity!r}")
+        self.parity = parity
+
+    def _swap(self, x):
+        """True on the rows where x1 is the second square of each pair, broadcast against (B, h, w/2, c)."""
+        h = ops.shape(x)[1]
+        return ops.reshape(ops.arange(h) % 2 != self.parity, (1, -1, 1, 1))
+
+    def call(self, x):
+        h, w, c = ops.shape(x)[1:]
+        pairs = ops.reshape(x, (-1, h, w // 2, 2, c))
+        first, second = pairs[..., 0, :], pairs[..., 1, :]
+        swap = self._swap(x)
+        return [ops.where(swap, second, first), ops.where(swap, first, second)]
+
+    def reverse(self, parts):
+        x1, x2 = parts
+        h, half, c = ops.shape(x1)[1:]
+        swap = self._swap(x1)
+        pairs = ops.stack([ops.where(swap, x2, x1), ops.where(swap, x1, x2)], axis=-2)
+        return ops.reshape(pairs, (-1, h, 2 * half, c))
+
+    def get_config(self):
+        return {**super().get_config(), "parity": self.parity}
+
+
 class Reshape(FlowLayer):
     """Flatten each example to a vector (the Glow script's Reshape); the inverse restores the shape
     seen when built. Log-det 0."""

@@ -26,7 +26,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
-from flow_layers import (Actnorm, AffineCouple, Concat, CondActnorm, InvDense, Permute,  # noqa: E402
+from flow_layers import (Actnorm, AffineCouple, CheckerSplit, Concat, CondActnorm, InvDense, Permute,  # noqa: E402
                          Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
 from flow_utils import (BitsPerDim, Interrupt, KeepBest, UserError, bits_per_dim, image_grid,  # noqa: E402
                         load_mnist, save_png)
@@ -152,23 +152,33 @@ def datasets(args):
 
 # --- model ------------------------------------------------------------------------------------
 
-def coupling_net(channels, hidden, name, log_scale=False):
+def coupling_net(channels, hidden, name, log_scale=False, checker=None):
     """The article's f: Conv3×3(hidden)–ReLU–Conv1×1(hidden)–ReLU–Conv3×3, last layer zero-initialised
     so the step starts as the identity. As a log-scale net it ends in tanh: |log s| ≤ 1 per step, so
-    one step cannot blow a scale up (log s = 0 at init all the same)."""
+    one step cannot blow a scale up (log s = 0 at init all the same).
+
+    With `checker` (the step's CheckerSplit) the net is RealNVP's masked convolution: x1's squares go
+    back on the full grid with zeros on x2's (b ⊙ x), and the output is read on x2's squares."""
     x_in = keras.Input((None, None, channels))
-    h = layers.Conv2D(hidden, 3, padding="same", activation="relu")(x_in)
+    h = x_in if checker is None else checker.inverse()([x_in, keras.ops.zeros_like(x_in)])
+    h = layers.Conv2D(hidden, 3, padding="same", activation="relu")(h)
     h = layers.Conv2D(hidden, 1, padding="same", activation="relu")(h)
     h = layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros")(h)
+    if checker is not None:
+        h = checker(h)[1]
     if log_scale:
         h = layers.Activation("tanh")(h)
     return keras.Model(x_in, h, name=name)
 
 
-def build_steps(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive"):
+def build_steps(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive",
+                mask="channel"):
     """The one list of flow steps, in encoder order, built once: (kind, layer) pairs where kind is
     "step" (x -> layer(x); x may be a [x1, x2] pair between split and concat), "exit" (a level's
-    split half leaving through its conditional prior) or "output" (concatenation of every z)."""
+    split half leaving through its conditional prior) or "output" (concatenation of every z).
+    `mask`: how each coupling splits its input — "channel" (halves of the channels, Glow's),
+    "checkerboard" (RealNVP's spatial checkerboard, parity alternating from step to step) or
+    "alternate" (checkerboard and channel steps in turn, as RealNVP alternates them)."""
     steps = []
     c = channels
     for i in range(level):
@@ -177,13 +187,18 @@ def build_steps(channels, level=3, depth=10, hidden=512, permute="random", coupl
         for j in range(depth):
             tag = f"{i}_{j}"
             mix = InvDense(name=f"invdense_{tag}") if permute == "conv" else Permute(permute, name=f"permute_{tag}")
-            log_s = coupling_net(c // 2, hidden, f"log_scale_{tag}", log_scale=True) if coupling == "affine" else None
+            if mask == "checkerboard" or (mask == "alternate" and j % 2 == 0):  # c channels, half the squares
+                checker = CheckerSplit(parity=(j if mask == "checkerboard" else j // 2) % 2, name=f"checker_{tag}")
+                split, concat, half = checker, checker.inverse(), c
+            else:
+                checker, split, concat, half = None, Split(name=f"split_{tag}"), Concat(name=f"concat_{tag}"), c // 2
+            log_s = coupling_net(half, hidden, f"log_scale_{tag}", True, checker) if coupling == "affine" else None
             steps += [("step", Actnorm(name=f"actnorm_{tag}")),
                       ("step", mix),
-                      ("step", Split(name=f"split_{tag}")),
-                      ("step", AffineCouple(coupling_net(c // 2, hidden, f"shift_{tag}"), log_s,
+                      ("step", split),
+                      ("step", AffineCouple(coupling_net(half, hidden, f"shift_{tag}", checker=checker), log_s,
                                             name=f"couple_{tag}")),
-                      ("step", Concat(name=f"concat_{tag}"))]
+                      ("step", concat)]
         if i < level - 1:
             steps.append(("exit", (Split(name=f"exit_split_{i}"), CondActnorm(name=f"cond_actnorm_{i}"),
                                    Reshape(name=f"exit_reshape_{i}"))))
@@ -232,10 +247,10 @@ def prior_nll(y_true, y_pred):
 
 
 def build_glow(img_size, channels, level=3, depth=10, hidden=512, permute="random", coupling="additive",
-               lr=1e-4):
+               lr=1e-4, mask="channel"):
     """(encoder, decoder): the compiled encoder x -> z and the decoder z -> x on the same variables."""
-    check_size(img_size, level)
-    steps = build_steps(channels, level, depth, hidden, permute, coupling)
+    check_size(img_size, level, mask)
+    steps = build_steps(channels, level, depth, hidden, permute, coupling, mask)
     x_in = keras.Input((img_size, img_size, channels))
     encoder = keras.Model(x_in, encode(UniformNoise(1 / 256, name="noise")(x_in), steps), name="encoder")
     z_in = keras.Input(encoder.output.shape[1:])
@@ -244,15 +259,18 @@ def build_glow(img_size, channels, level=3, depth=10, hidden=512, permute="rando
     return encoder, decoder
 
 
-def check_size(img_size, level):
+def check_size(img_size, level, mask="channel"):
     if img_size < 2 ** level or img_size % 2 ** level:
         raise UserError(f"--img-size {img_size} must be a multiple of 2^level = {2 ** level} "
                         f"(each of the {level} levels halves it)")
+    if mask != "channel" and (img_size // 2 ** level) % 2:
+        raise UserError(f"--img-size {img_size} with --mask {mask}: the checkerboard pairs squares, so the "
+                        f"last level's side {img_size // 2 ** level} must be even (a multiple of {2 ** (level + 1)})")
 
 
 def architecture(args, channels):
     return (f"--img-size {args.img_size} --level {args.level} --depth {args.depth} --hidden {args.hidden} "
-            f"--permute {args.permute} --coupling {args.coupling}, {channels} channel(s)")
+            f"--permute {args.permute} --coupling {args.coupling} --mask {args.mask}, {channels} channel(s)")
 
 
 def saved_architecture(path):
@@ -263,19 +281,24 @@ def saved_architecture(path):
     found = {}
     try:
         with h5py.File(path, "r") as f:
-            names = []
+            names, groups = [], []
             f.visititems(lambda name, obj: names.append((name, obj.shape)) if hasattr(obj, "shape") else None)
+            f.visit(groups.append)
     except Exception:
         return found
     couples = {n.split("/")[1] for n, _ in names if n.startswith("layers/affine_couple")}
     conds = {n.split("/")[1] for n, _ in names if n.startswith("layers/cond_actnorm")}
-    kernels = [shape for n, shape in names if n.endswith("shift_model/layers/conv2d/vars/0")]
+    kernels = {n.split("/")[1]: shape for n, shape in names if n.endswith("shift_model/layers/conv2d/vars/0")}
     if not couples or not kernels:
         return found
+    # a checkerboard step's nets start with CheckerSplit's inverse and see all c channels, not c/2
+    checker = {n.split("/")[1] for n in groups if n.endswith("shift_model/layers/inverse")}
     found["level"] = len(conds) + 1
     found["depth"] = len(couples) // found["level"]
-    found["hidden"] = kernels[0][-1]
-    found["channels"] = min(k[2] for k in kernels) // 2
+    found["hidden"] = next(iter(kernels.values()))[-1]
+    found["channels"] = min(k[2] // (4 if n in checker else 2) for n, k in kernels.items())
+    found["mask"] = ("channel" if not checker else "checkerboard" if len(checker) == len(kernels)
+                     else "alternate")
     found["coupling"] = "affine" if any("log_scale_model" in n for n, _ in names) else "additive"
     found["permute"] = "conv" if any(n.startswith("layers/inv_dense") for n, _ in names) else "reverse|random"
     return found
@@ -301,7 +324,7 @@ def load_weights(encoder, path, args, channels):
     if not saved:
         raise UserError(f"--weights {path} is not a weights file of glow.py ({why})")
     ours = {"level": args.level, "depth": args.depth, "hidden": args.hidden, "channels": channels,
-            "coupling": args.coupling, "permute": args.permute}
+            "coupling": args.coupling, "permute": args.permute, "mask": args.mask}
 
     def flag(k, v):
         return ({1: "MNIST", 3: "RGB images"}.get(v, f"{v} channels") if k == "channels" else f"--{k} {v}")
@@ -364,6 +387,9 @@ def parse_args(argv=None):
                    help="channel mixing per step: reversal, the article's random shuffle, or Glow's 1×1 conv")
     p.add_argument("--coupling", choices=("additive", "affine"), default="additive",
                    help="additive (the article's) or affine coupling (log s through tanh)")
+    p.add_argument("--mask", choices=("channel", "checkerboard", "alternate"), default="channel",
+                   help="how each coupling splits its input: halves of the channels (Glow's), RealNVP's spatial "
+                        "checkerboard, or the two in turn (RealNVP's alternation)")
     p.add_argument("--std", type=float, default=0.9, help="standard deviation (temperature) of sampled z")
     p.add_argument("--weights", default="glow.weights.h5",
                    help="best weights are saved here while training; read by --sample-only/--reconstruct")
@@ -390,7 +416,7 @@ def parse_args(argv=None):
     elif not folder and args.img_size != 32:
         raise UserError(f"--img-size {args.img_size}: MNIST is padded to 32×32; use --img-size 32 "
                         f"or an image folder with --data")
-    check_size(args.img_size, args.level)
+    check_size(args.img_size, args.level, args.mask)
     return args
 
 
@@ -409,7 +435,7 @@ def run(argv=None):
     else:
         train, test, channels = datasets(args)
     encoder, decoder = build_glow(args.img_size, channels, args.level, args.depth, args.hidden,
-                                  args.permute, args.coupling, args.lr)
+                                  args.permute, args.coupling, args.lr, args.mask)
     dims = args.img_size ** 2 * channels
     if use_only:
         load_weights(encoder, args.weights, args, channels)

@@ -168,6 +168,11 @@ CASES = {
     "condactnorm": Case(lambda s: fl.CondActnorm(), (2, 2, 4), apply=cond_apply,
                         unapply=cond_unapply, formula=cond_formula),
     "reshape": Case(lambda s: fl.Reshape(), (2, 2, 3), formula=zero, stateful=False),
+    # RealNVP's checkerboard: halves concatenated on the channels make the map square; odd height too
+    "checker_split_0": Case(lambda s: fl.CheckerSplit(0), (4, 4, 2), apply=identity_split,
+                            unapply=lambda Li, z: Li(list(halves(z))), formula=zero, stateful=False),
+    "checker_split_1": Case(lambda s: fl.CheckerSplit(1), (3, 2, 1), apply=identity_split,
+                            unapply=lambda Li, z: Li(list(halves(z))), formula=zero, stateful=False),
 }
 NAMES = list(CASES)
 WITH_LOGDET = ["affine", "scale", "scale_image", "actnorm", "actnorm_image", "invdense",
@@ -403,6 +408,19 @@ def test_coupling_equations():
     perturb(couple, 0.3)
     _, h2 = couple([x1, x2])
     np.testing.assert_allclose(np_(h2), x2 * np.exp(np_(log_s(x1))) + np_(t(x1)), atol=1e-6)
+
+
+def test_checker_split_layout():
+    """x1 holds the squares with (row + column) % 2 == parity, x2 the others, row by row."""
+    x = np.arange(16, dtype="float32").reshape(1, 4, 4, 1)
+    colour = (np.add.outer(np.arange(4), np.arange(4)) % 2).reshape(1, 4, 4, 1)
+    for parity in (0, 1):
+        x1, x2 = (np_(t) for t in fl.CheckerSplit(parity)(x))
+        assert x1.shape == x2.shape == (1, 4, 2, 1)
+        np.testing.assert_array_equal(x1.ravel(), x[colour == parity])
+        np.testing.assert_array_equal(x2.ravel(), x[colour != parity])
+    with pytest.raises(ValueError, match="parity"):
+        fl.CheckerSplit(2)
 
 
 def test_squeeze_pixel_layout():
