@@ -3,7 +3,8 @@
 Contract (see DESIGN.md §2): `call` is the encoder direction x -> z and adds the batch mean of the
 negative log-determinant with `add_loss`; `reverse` computes z -> x; `inverse()` returns a layer that
 runs `reverse` on the same variables, and `inverse().inverse()` is the layer itself.
-Only `keras.ops` is used, so every layer runs on any Keras backend.
+Only `keras.ops` is used (save `_uniform`'s replica index, on TensorFlow only), so every layer
+runs on any Keras backend.
 """
 import math
 
@@ -31,8 +32,36 @@ def _per_image_sum(x):
     return ops.sum(x, axis=tuple(range(1, len(x.shape))))
 
 
+def _flow_dtype(kwargs):
+    """Flow layers compute in their variables' dtype: float32 under a mixed policy ("mixed_bfloat16",
+    "mixed_float16"), floatx otherwise. So the data path x -> z, every log-det, the prior and the
+    inverse stay in float32, and only the coupling networks (where the FLOPs are) run in 16 bits; a
+    coupling inverts exactly all the same, since its reverse recomputes m(x1) from the same x1."""
+    kwargs.setdefault("dtype", keras.config.dtype_policy().variable_dtype)
+    return kwargs
+
+
+def _uniform(shape, dtype, generator):
+    """U(0,1) from a SeedGenerator; on TensorFlow each replica of a tf.distribute strategy folds its
+    index into the seed, else every replica would draw the same numbers for its share of the batch.
+    Replica 0 (and no strategy) draws exactly what keras.random.uniform would."""
+    if keras.backend.backend() != "tensorflow":
+        return keras.random.uniform(shape, dtype=dtype, seed=generator)
+    import tensorflow as tf  # the one tf.* use in the layers: Keras has no replica id of its own
+
+    seed = generator.next()
+    context = tf.distribute.get_replica_context()
+    if context is not None:
+        seed = seed + tf.cast(tf.stack([context.replica_id_in_sync_group, 0]), seed.dtype)
+    seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), "int32")  # as Keras' TF backend does
+    return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
+
+
 class FlowLayer(keras.layers.Layer):
     """Base of every invertible layer: `reverse` is the inverse map, `inverse()` a layer running it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**_flow_dtype(kwargs))
 
     def reverse(self, inputs):
         raise NotImplementedError
@@ -49,7 +78,7 @@ class Inverse(keras.layers.Layer):
     """
 
     def __init__(self, flow, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**_flow_dtype(kwargs))
         object.__setattr__(self, "flow", flow)
         self.built = True  # its state is the forward layer's: nothing to build
 
@@ -64,17 +93,18 @@ class UniformNoise(keras.layers.Layer):
     """x + scale·U(0,1) while training, identity otherwise (the articles' input noise).
 
     NICE uses scale = -0.01 (x/255 − 0.01·U), Glow scale = 1/256. Not a flow step: the decoder
-    replay skips it.
+    replay skips it. Float32 under a mixed policy: in bfloat16 a noise of 1/256 on values near 1
+    would round away. Under a distribution strategy each replica draws its own noise (`_uniform`).
     """
 
     def __init__(self, scale, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**_flow_dtype(kwargs))
         self.scale = float(scale)
         self.seed = keras.random.SeedGenerator()
 
     def call(self, x, training=None):
         if training:
-            return x + self.scale * keras.random.uniform(ops.shape(x), dtype=x.dtype, seed=self.seed)
+            return x + self.scale * _uniform(ops.shape(x), x.dtype, self.seed)
         return x
 
     def get_config(self):
@@ -263,14 +293,14 @@ class AffineCouple(FlowLayer):
         self.subtract = subtract
 
     def _shift(self, x1):
-        t = self.shift_model(x1)
+        t = ops.cast(self.shift_model(x1), x1.dtype)  # a network in 16 bits under mixed precision
         return -t if self.subtract else t
 
     def call(self, inputs):
         x1, x2 = inputs
         h2 = x2
         if self.log_scale_model is not None:
-            log_s = self.log_scale_model(x1)
+            log_s = ops.cast(self.log_scale_model(x1), x2.dtype)
             self.add_loss(-ops.mean(_per_image_sum(log_s)))
             h2 = h2 * ops.exp(log_s)
         return [x1, h2 + self._shift(x1)]
@@ -279,7 +309,7 @@ class AffineCouple(FlowLayer):
         h1, h2 = inputs
         x2 = h2 - self._shift(h1)
         if self.log_scale_model is not None:
-            x2 = x2 * ops.exp(-self.log_scale_model(h1))
+            x2 = x2 * ops.exp(-ops.cast(self.log_scale_model(h1), h2.dtype))
         return [h1, x2]
 
     def get_config(self):
@@ -380,7 +410,7 @@ class CondActnorm(FlowLayer):
     def build(self, input_shapes):
         x2_shape, x1_shape = input_shapes
         self.channels = x2_shape[-1]
-        self.conv = keras.layers.Conv2D(2 * self.channels, 3, padding="same",
+        self.conv = keras.layers.Conv2D(2 * self.channels, 3, padding="same", dtype=self.dtype_policy,
                                         kernel_initializer="zeros", name="mean_log_scale")
         self.conv.build(x1_shape)
 
