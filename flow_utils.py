@@ -1,9 +1,11 @@
 """What nice.py and glow.py share besides layers: MNIST loading, dequantized data, bits/dim,
 image grids, atomic writes and the best-weights/collapse callback (DESIGN §1, §3, §5)."""
+import argparse
 import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import zipfile
 
@@ -13,6 +15,32 @@ import numpy as np
 
 class UserError(Exception):
     """A mistake in the user's input: the scripts print it as one line and exit with code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line `error: ...` on stderr with exit code 2, like UserError."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def check_writable(folder, flag):
+    """UserError unless files can be created in `folder` (created later when missing): tried with a
+    temporary file, removed at once, in the folder or else its nearest existing parent, so a bad
+    --out or --weights is reported before any training, and nothing is left behind."""
+    path = os.path.abspath(folder or ".")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag}: cannot write in {folder}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -278,3 +306,69 @@ class Backup(keras.callbacks.Callback):
             self.keep_best.best = state.get("best", math.inf)
             self.keep_best.collapses = state.get("collapses", 0)
         return int(state["epoch"])
+
+
+# --- runs: --resume -------------------------------------------------------------------------------
+
+RUN_ARGS = "args.json"
+
+
+def run_folder(weights):
+    """A training run's backups for --resume live beside its best weights:
+    nice.weights.h5 -> nice.run/ (Backup's state.json and last epoch-NNNN.weights.h5, and args.json)."""
+    return weights[: -len(".weights.h5")] + ".run"
+
+
+def check_run(weights, resume, epochs, arch):
+    """Before anything is written, what a training run may do with what is on disk; returns the
+    run's folder. Without `resume` an earlier run (best weights or backups) is never overwritten;
+    with it there must be a completed epoch to resume, trained with the same `arch` ({flag: value},
+    the flags that shape the model) and fewer than `epochs` epochs (the total, as fit counts)."""
+    folder = run_folder(weights)
+    state = Backup.read_state(folder)
+    if not resume:
+        if state is not None:
+            raise UserError(f"an earlier run is in {folder}/ (best weights: {weights}): continue it with "
+                            f"--resume, or start afresh with another --weights (or delete both)")
+        if os.path.exists(weights):
+            raise UserError(f"--weights {weights} already exists (an earlier run's best weights) and "
+                            f"training would overwrite it; there is no {folder}/ to --resume from: "
+                            f"start afresh with another --weights, or delete it")
+        return folder
+    if state is None:
+        raise UserError(f"--resume: nothing to resume, no completed epoch in {folder}/ (the run of "
+                        f"--weights {weights}); start without --resume"
+                        + (f" after deleting {weights}, or with another --weights"
+                           if os.path.exists(weights) else ""))
+    saved = {}
+    if os.path.isfile(os.path.join(folder, RUN_ARGS)):
+        with open(os.path.join(folder, RUN_ARGS)) as f:
+            saved = json.load(f)
+    def say(k, v):  # a flag and its value, or a plain description ("RGB images")
+        return f"{k} {v}" if k.startswith("--") else str(v)
+
+    diff = [f"{say(k, saved[k])} (this run: {say(k, v)})" for k, v in arch.items()
+            if k in saved and str(saved[k]) != str(v)]
+    if diff:
+        raise UserError(f"--resume: the run in {folder}/ was trained with {', '.join(diff)}; "
+                        f"pass the same flags")
+    if state["epoch"] >= epochs:
+        raise UserError(f"--resume: the run in {folder}/ has completed {state['epoch']} epochs already "
+                        f"(--epochs {epochs} is the total); pass a larger --epochs to train it further")
+    return folder
+
+
+def open_run(model, weights, resume, keep_best, interrupt, arch):
+    """(Backup callback, epochs already done) for a run checked by check_run. Resuming loads the last
+    completed epoch's weights, optimizer state, learning rate and best record; a fresh run records
+    `arch` in the run's folder so that --resume can name a flag that differs."""
+    folder = run_folder(weights)
+    backup = Backup(folder, keep_best=keep_best, interrupt=interrupt)
+    backup.set_model(model)
+    if not resume:
+        _atomic(os.path.join(folder, RUN_ARGS), lambda tmp: open(tmp, "w").write(json.dumps(arch, indent=1)))
+        return backup, 0
+    done = backup.restore()
+    if not os.path.exists(weights):  # best file deleted: the record would never be beaten to rewrite it
+        keep_best.best = math.inf
+    return backup, done

@@ -28,8 +28,9 @@ from keras import layers  # noqa: E402
 
 from flow_layers import (Actnorm, AffineCouple, CheckerSplit, Concat, CondActnorm, InvDense, Permute,  # noqa: E402
                          Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
-from flow_utils import (BitsPerDim, Interrupt, KeepBest, UserError, bits_per_dim, image_grid,  # noqa: E402
-                        load_mnist, save_png)
+from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError,  # noqa: E402
+                        bits_per_dim, check_run, check_writable, image_grid, load_mnist, open_run,
+                        run_folder, save_png)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
@@ -126,11 +127,18 @@ def _dummy_target(x):
     return x, tf.zeros(tf.shape(x)[:1])  # the loss reads only y_pred (z)
 
 
+def check_batch(args, n):
+    """Training only: a batch larger than the data would fill itself with copies (the stream repeats)."""
+    if not (args.sample_only or args.reconstruct) and args.batch_size > n:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training images")
+
+
 def datasets(args):
     """(train, test, channels): tf.data pipelines of (x, dummy y); train repeats forever."""
     AUTO = tf.data.AUTOTUNE
     if args.data and os.path.isdir(args.data):
         train_paths, test_paths = load_folder(args.data, args.seed)
+        check_batch(args, len(train_paths))
         files, load = folder_pixels(train_paths, args.img_size)
         train = (files.shuffle(len(train_paths), seed=args.seed, reshuffle_each_iteration=True).repeat()
                  .map(load, num_parallel_calls=AUTO))
@@ -140,6 +148,7 @@ def datasets(args):
         channels = 3
     else:
         k_train, k_test = mnist_pixels(args.data)
+        check_batch(args, len(k_train))
         train = (tf.data.Dataset.from_tensor_slices(k_train)
                  .shuffle(len(k_train), seed=args.seed, reshuffle_each_iteration=True).repeat())
         test = tf.data.Dataset.from_tensor_slices(k_test)
@@ -368,8 +377,8 @@ def reconstruct(encoder, decoder, test, n=RECONSTRUCT):
 # --- script -----------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Glow (RealNVP/Glow article) on an image folder or MNIST.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Glow (RealNVP/Glow article) on an image folder or MNIST.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="folder of images, searched recursively (png, jpg/jpeg, bmp, gif, webp), "
                                   "e.g. CelebA's img_align_celeba; or an mnist.npz file. "
                                   "Default: MNIST zero-padded to 32×32")
@@ -400,8 +409,14 @@ def parse_args(argv=None):
                         "originals over reconstructions in OUT/glow_reconstruct.png")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and sampled z")
     p.add_argument("--out", default="samples", help="folder for the PNG grids")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run of --weights from its last completed epoch (backups in "
+                        "NAME.run/ beside NAME.weights.h5); --epochs is the total")
+    p.add_argument("--max-collapses", type=int, default=5, metavar="N",
+                   help="stop (exit code 3) after N non-finite losses, each answered by reloading "
+                        "the best weights at a low learning rate")
     args = p.parse_args(argv)
-    for name in ("level", "depth", "hidden", "batch_size", "steps_per_epoch", "epochs"):
+    for name in ("level", "depth", "hidden", "batch_size", "steps_per_epoch", "epochs", "max_collapses"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -410,6 +425,8 @@ def parse_args(argv=None):
         raise UserError(f"--std must be a non-negative number, got {args.std}")
     if not args.weights.endswith(".weights.h5"):
         raise UserError(f"--weights {args.weights}: the name must end in .weights.h5 (Keras' weights format)")
+    if args.resume and (args.sample_only or args.reconstruct):
+        raise UserError("--resume continues training; it does not go with --sample-only or --reconstruct")
     folder = bool(args.data) and not args.data.endswith(".npz")
     if args.img_size is None:
         args.img_size = 64 if folder else 32
@@ -429,6 +446,13 @@ def run(argv=None):
     folder = bool(args.data) and os.path.isdir(args.data)
     if args.data and not folder and not os.path.isfile(args.data):
         raise UserError(f"--data {args.data}: no such folder or file")
+    check_writable(args.out, f"--out {args.out}")
+    arch = {"--img-size": args.img_size, "--level": args.level, "--depth": args.depth, "--hidden": args.hidden,
+            "--permute": args.permute, "--coupling": args.coupling, "--mask": args.mask,
+            "data": "RGB images" if folder else "MNIST"}
+    if not use_only:  # before the data are read (CelebA: minutes) and before anything is written
+        check_run(args.weights, args.resume, args.epochs, arch)
+        check_writable(os.path.dirname(args.weights), f"--weights {args.weights}")
     if args.sample_only and not args.reconstruct:
         train = test = None
         channels = 3 if folder else 1
@@ -451,26 +475,44 @@ def run(argv=None):
         return 0
 
     print(f"Glow: {architecture(args, channels)}, {encoder.count_params():,} parameters, D = {dims}")
+    best = KeepBest(args.weights, monitor="loss", after_epoch=10, max_collapses=args.max_collapses)
+    interrupt = Interrupt()  # Ctrl-C: stop after the step, still write samples from the best weights
+    backup, done = open_run(encoder, args.weights, args.resume, best, interrupt, arch)
+    if args.resume:  # the Actnorms' `initialized` flag came back with the weights: no second init
+        print(f"resuming {run_folder(args.weights)}/ after epoch {done} of {args.epochs} (learning rate "
+              f"{float(encoder.optimizer.learning_rate.numpy()):.3g}, best loss {best.best:.1f})")
     n = initialize_actnorms(encoder, next(iter(train))[0])
     print(f"initialised {n} Actnorm layers from the first batch")
-    interrupt = Interrupt()  # Ctrl-C: stop after the step, still write samples from the best weights
-    encoder.fit(train, steps_per_epoch=args.steps_per_epoch, epochs=args.epochs, validation_data=test,
-                callbacks=[BitsPerDim(dims, BIN, key="val_loss"),
-                           KeepBest(args.weights, monitor="loss", after_epoch=10),
-                           Samples(decoder, args.out, args.std, args.seed), interrupt],
+    encoder.fit(train, steps_per_epoch=args.steps_per_epoch, epochs=args.epochs, initial_epoch=done,
+                validation_data=test,
+                callbacks=[BitsPerDim(dims, BIN, key="val_loss"), best,
+                           Samples(decoder, args.out, args.std, args.seed), backup, interrupt],
                 shuffle=False, verbose=2)
+    if best.gave_up:
+        print(f"error: training stopped after {best.collapses} non-finite batch losses "
+              f"(--max-collapses {args.max_collapses}); the best weights stay in {args.weights}",
+              file=sys.stderr, flush=True)
+        return 3
     if os.path.isfile(args.weights):
         encoder.load_weights(args.weights)
     save_png(os.path.join(args.out, "glow_samples.png"), sample_grid(decoder, args.std, args.seed))
+    if interrupt.interrupted:  # no test pass: the user asked to stop
+        state = Backup.read_state(run_folder(args.weights)) or {}
+        print(f"interrupted: best weights in {args.weights}, samples in "
+              f"{os.path.join(args.out, 'glow_samples.png')}; continue with --resume (last completed "
+              f"epoch: {state.get('epoch', 0)})", flush=True)
+        return 130
     nll = encoder.evaluate(test, verbose=0, return_dict=True)["loss"]
     print(f"best weights in {args.weights}, samples in {os.path.join(args.out, 'glow_samples.png')}")
     print(f"test bits/dim: {bits_per_dim(nll, dims, BIN):.3f}")
-    return 130 if interrupt.interrupted else 0
+    return 0
 
 
 def main(argv=None):
     try:
         return run(argv)
+    except SystemExit as e:  # --help, or a flag argparse rejects (one line, code 2)
+        return e.code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

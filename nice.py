@@ -19,8 +19,9 @@ import keras
 import numpy as np
 
 from flow_layers import AffineCouple, Concat, Permute, Scale, Split, UniformNoise
-from flow_utils import (BitsPerDim, KeepBest, UserError, bits_per_dim, dequantize, image_grid,
-                        load_mnist, save_png)
+from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError, bits_per_dim,
+                        check_run, check_writable, dequantize, image_grid, load_mnist, open_run,
+                        run_folder, save_png)
 
 DIM = 28 * 28
 BIN = 1 / 256  # evaluation bins: x = (k + u)/256, u ~ U(0,1) (DESIGN §3)
@@ -170,10 +171,7 @@ def load_nice_weights(encoder, path, args):
 
 # --- command line -----------------------------------------------------------------------------
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+Parser = ArgumentParser  # errors: one line, exit code 2
 
 
 def _positive(kind):
@@ -225,6 +223,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None,
                    help="random seed (numpy, TensorFlow, Keras) for a reproducible run and grid")
     p.add_argument("--out", default="samples", help="folder for nice_samples.png")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run of --weights from its last completed epoch (backups in "
+                        "NAME.run/ beside NAME.weights.h5); --epochs is the total")
+    p.add_argument("--max-collapses", type=_positive(int), default=5, metavar="N",
+                   help="stop (exit code 3) after N non-finite losses, each answered by reloading "
+                        "the best weights at a low learning rate")
     args = p.parse_args(argv)
     if not args.weights.endswith(".weights.h5"):
         p.error(f"--weights {args.weights}: the file name must end in .weights.h5 (Keras 3)")
@@ -234,6 +238,10 @@ def parse_args(argv=None):
         p.error(f"--weights {args.weights}: is a folder")
     if args.sample_only and not os.path.isfile(args.weights):
         p.error(f"--weights {args.weights}: no such file (train first, without --sample-only)")
+    if args.sample_only and args.resume:
+        p.error("--resume continues training; it does not go with --sample-only")
+    if args.data and os.path.isdir(args.data):
+        p.error(f"--data {args.data}: is a folder; nice.py reads a file in keras' mnist.npz layout")
     return args
 
 
@@ -266,15 +274,22 @@ def write_grid(decoder, args):
 def run(args):
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)
+    check_writable(args.out, f"--out {args.out}")
     if args.sample_only:
         encoder, decoder, _ = build_nice(DIM, args.hidden, args.hidden_layers, args.couplings)
         load_nice_weights(encoder, args.weights, args)
         write_grid(decoder, args)
         return 0
 
-    k_train, k_test = load_mnist(args.data)  # validated before anything is written
+    # every check before anything is written: the run on disk, the folders, the data
+    arch = {"--hidden": args.hidden, "--hidden-layers": args.hidden_layers, "--couplings": args.couplings}
+    check_run(args.weights, args.resume, args.epochs, arch)
+    check_writable(os.path.dirname(args.weights), f"--weights {args.weights}")
+    k_train, k_test = load_mnist(args.data)
     if args.limit:
         k_train = k_train[: args.limit]
+    if args.batch_size > len(k_train):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(k_train)} training images")
     print(f"{len(k_train)} training images, {len(k_test)} test images", flush=True)
     encoder, decoder, _ = build_nice(DIM, args.hidden, args.hidden_layers, args.couplings)
     compile_nice(encoder, args.lr)
@@ -282,17 +297,37 @@ def run(args):
 
     x_train = train_inputs(k_train)
     report = EpochReport()
-    best = KeepBest(args.weights, monitor="val_loss")
-    encoder.fit(x_train, x_train, batch_size=args.batch_size, epochs=args.epochs, verbose=0,
-                validation_data=dequantized_dataset(k_test, args.batch_size),
-                callbacks=[BitsPerDim(DIM, BIN), report, best])
+    best = KeepBest(args.weights, monitor="val_loss", max_collapses=args.max_collapses)
+    interrupt = Interrupt()  # Ctrl-C: stop after the step, write the grid from the best weights, exit 130
+    backup, done = open_run(encoder, args.weights, args.resume, best, interrupt, arch)
+    if args.resume:
+        print(f"resuming {run_folder(args.weights)}/ after epoch {done} of {args.epochs} "
+              f"(learning rate {float(encoder.optimizer.learning_rate.numpy()):.3g}, best test NLL "
+              f"{best.best:.1f})", flush=True)
+    encoder.fit(x_train, x_train, batch_size=args.batch_size, epochs=args.epochs, initial_epoch=done,
+                verbose=0, validation_data=dequantized_dataset(k_test, args.batch_size),
+                callbacks=[BitsPerDim(DIM, BIN), report, best, backup, interrupt])
+    if best.gave_up:
+        print(f"error: training stopped after {best.collapses} non-finite batch losses "
+              f"(--max-collapses {args.max_collapses}); the best weights stay in {args.weights}",
+              file=sys.stderr, flush=True)
+        return 3
     secs = report.seconds
-    later = secs[1:] or secs
-    print(f"seconds per epoch: {np.mean(later):.1f} (mean of epochs 2-{len(secs)}; "
-          f"epoch 1 with tracing: {secs[0]:.1f})", flush=True)
+    if len(secs) > 1:
+        print(f"seconds per epoch: {np.mean(secs[1:]):.1f} (mean of epochs {done + 2}-{done + len(secs)}; "
+              f"epoch {done + 1} with tracing: {secs[0]:.1f})", flush=True)
 
-    encoder.load_weights(args.weights)  # the best epoch by test NLL, as the article's checkpoint
+    if os.path.isfile(args.weights):  # the best epoch by test NLL, as the article's checkpoint
+        encoder.load_weights(args.weights)
     write_grid(decoder, args)
+    if interrupt.interrupted:
+        state = Backup.read_state(run_folder(args.weights)) or {}
+        print(f"interrupted: best weights in {args.weights}; continue with --resume (last completed "
+              f"epoch: {state.get('epoch', 0)})"
+              if os.path.isfile(args.weights) else
+              "interrupted before any epoch ended: no weights kept, the grid is from the current ones",
+              flush=True)
+        return 130
 
     const = 0.5 * DIM * math.log(2 * math.pi)
     article = evaluate_nll(encoder, (x_train - 0.01 * np.random.uniform(size=x_train.shape))
