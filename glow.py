@@ -28,6 +28,7 @@ from keras import layers  # noqa: E402
 
 from flow_layers import (Actnorm, AffineCouple, CheckerSplit, Concat, CondActnorm, InvDense, Permute,  # noqa: E402
                          Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
+from flow_utils import interpolation_codes, parse_temperatures, row_grid, temperature_codes  # noqa: E402
 from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError,  # noqa: E402
                         bits_per_dim, check_run, check_writable, image_grid, load_mnist, open_run,
                         run_folder, save_png)
@@ -374,6 +375,27 @@ def reconstruct(encoder, decoder, test, n=RECONSTRUCT):
     return image_grid(pic[None], 1, low=-1, high=1), float(np.max(np.abs(x - x_rec)))
 
 
+def temperature_rows(decoder, temperatures, seed=0, n=GRID):
+    """(temperatures, n, h, w, c) in [−1, 1]: decoder(T·ε_j) with the same ε_j in every row, so a column
+    is one z direction at rising temperature; T = 0 gives decoder(0), the mode of the prior."""
+    z = temperature_codes(temperatures, n, decoder.input.shape[-1], seed)
+    x = keras.ops.convert_to_numpy(decoder(z.reshape(-1, z.shape[-1]), training=False))
+    return x.reshape(len(temperatures), n, *x.shape[1:])
+
+
+def interpolation_rows(encoder, decoder, test, pairs, steps=GRID):
+    """(images, rows): 2·pairs held-out images and, per pair, the straight line between their codes
+    (row 2i) over the great circle (row 2i + 1), `steps` decoded codes each. The code is every level's
+    z concatenated (the encoder's output), so the end columns decode back to the images themselves."""
+    x = next(iter(test.unbatch().batch(2 * pairs)))[0].numpy()
+    if len(x) < 2 * pairs:
+        raise UserError(f"--interpolate {pairs}: needs {2 * pairs} held-out images, there are {len(x)}")
+    z = keras.ops.convert_to_numpy(encoder(x, training=False))
+    codes = np.concatenate([interpolation_codes(z[i], z[i + 1], steps) for i in range(0, len(z), 2)])
+    rows = keras.ops.convert_to_numpy(decoder(codes.reshape(-1, z.shape[-1]), training=False))
+    return x, rows.reshape(len(codes), steps, *x.shape[1:])
+
+
 # --- script -----------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -407,6 +429,12 @@ def parse_args(argv=None):
     p.add_argument("--reconstruct", action="store_true",
                    help="no training: load --weights, encode held-out images and decode them back; "
                         "originals over reconstructions in OUT/glow_reconstruct.png")
+    p.add_argument("--temperatures", metavar="T1,T2,...",
+                   help="no training: load --weights, write OUT/glow_temperatures.png, one row of 9 samples per "
+                        "standard deviation of z (0 is decoder(0), the mode), the same z direction per column")
+    p.add_argument("--interpolate", type=int, default=0, metavar="N",
+                   help="no training: load --weights, encode N pairs of held-out images, write "
+                        "OUT/glow_interpolate.png: per pair the straight line between the codes over the great circle")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and sampled z")
     p.add_argument("--out", default="samples", help="folder for the PNG grids")
     p.add_argument("--resume", action="store_true",
@@ -423,6 +451,10 @@ def parse_args(argv=None):
         raise UserError(f"--lr must be a positive number, got {args.lr}")
     if not (args.std >= 0 and math.isfinite(args.std)):
         raise UserError(f"--std must be a non-negative number, got {args.std}")
+    if args.temperatures is not None:
+        args.temperatures = parse_temperatures(args.temperatures)
+    if args.interpolate < 0:
+        raise UserError(f"--interpolate must be at least 1 pair, got {args.interpolate}")
     if not args.weights.endswith(".weights.h5"):
         raise UserError(f"--weights {args.weights}: the name must end in .weights.h5 (Keras' weights format)")
     if args.resume and (args.sample_only or args.reconstruct):
@@ -440,7 +472,7 @@ def parse_args(argv=None):
 def run(argv=None):
     args = parse_args(argv)
     keras.utils.set_random_seed(args.seed)
-    use_only = args.sample_only or args.reconstruct
+    use_only = args.sample_only or args.reconstruct or bool(args.temperatures) or args.interpolate > 0
     if use_only and not os.path.isfile(args.weights):
         raise UserError(f"--weights {args.weights}: no such file (train first, or name the file)")
     folder = bool(args.data) and os.path.isdir(args.data)
@@ -453,7 +485,7 @@ def run(argv=None):
     if not use_only:  # before the data are read (CelebA: minutes) and before anything is written
         check_run(args.weights, args.resume, args.epochs, arch)
         check_writable(os.path.dirname(args.weights), f"--weights {args.weights}")
-    if args.sample_only and not args.reconstruct:
+    if use_only and not (args.reconstruct or args.interpolate):
         train = test = None
         channels = 3 if folder else 1
     else:
@@ -472,6 +504,15 @@ def run(argv=None):
             path = os.path.join(args.out, "glow_reconstruct.png")
             save_png(path, pic)
             print(f"wrote {path} (held-out images over their reconstructions; max abs error {err:.2e})")
+        pictures = {}
+        if args.temperatures:
+            pictures["glow_temperatures.png"] = temperature_rows(decoder, args.temperatures, args.seed)
+        if args.interpolate:
+            pictures["glow_interpolate.png"] = interpolation_rows(encoder, decoder, test, args.interpolate)[1]
+        for name, rows in pictures.items():
+            path = os.path.join(args.out, name)
+            save_png(path, row_grid(rows, low=-1, high=1))
+            print(f"wrote {path}")
         return 0
 
     print(f"Glow: {architecture(args, channels)}, {encoder.count_params():,} parameters, D = {dims}")

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from flow_layers import AffineCouple, Concat, Permute, Scale, Split, UniformNoise
+from flow_utils import interpolation_codes, parse_temperatures, row_grid, temperature_codes
 from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError, bits_per_dim,
                         check_run, check_writable, dequantize, image_grid, load_mnist, open_run,
                         run_folder, save_png)
@@ -89,6 +90,97 @@ def sample(decoder, n=GRID, std=0.75, rng=np.random):
     z = (rng.standard_normal((n * n, decoder.input_shape[-1])) * std).astype(keras.config.floatx())
     x = keras.ops.convert_to_numpy(decoder(z, training=False))
     return np.clip(x, 0, 1).reshape(n * n, 28, 28)
+
+
+# --- the articles' experiments ---------------------------------------------------------------------
+
+COLUMNS = 10      # z directions per temperature row; codes per interpolation row
+WALK_DIMS, WALK_STEPS, WALK_SPAN = 8, 9, 3.0   # --walk: rows, columns, z_i moved by ±3 (the prior's ±3σ)
+
+
+def decode_images(decoder, z):
+    """Codes (..., D) -> images (..., 28, 28) clipped to [0, 1], decoded in one batched call."""
+    z = np.asarray(z, keras.config.floatx())
+    x = keras.ops.convert_to_numpy(decoder(z.reshape(-1, z.shape[-1]), training=False))
+    return np.clip(x, 0, 1).reshape(*z.shape[:-1], 28, 28)
+
+
+def encode_images(encoder, k):
+    """Integer pixels (n, 28, 28) -> codes (n, D), noise off: the exact inverse of the decoder."""
+    return keras.ops.convert_to_numpy(encoder(train_inputs(k), training=False))
+
+
+def temperature_rows(decoder, temperatures, seed=0):
+    """(temperatures, COLUMNS, 28, 28): decoder(T·ε_j), the same ε_j in each row; T = 0 gives decoder(0)."""
+    return decode_images(decoder, temperature_codes(temperatures, COLUMNS, decoder.input_shape[-1], seed))
+
+
+def interpolation_rows(encoder, decoder, k):
+    """(len(k), COLUMNS, 28, 28): for each pair of images k[2i], k[2i+1], the straight line between their
+    codes over the great circle (flow_utils.slerp); the end columns decode back to the two images."""
+    z = encode_images(encoder, k)
+    paths = [interpolation_codes(z[i], z[i + 1], COLUMNS) for i in range(0, len(z) - 1, 2)]
+    return decode_images(decoder, np.concatenate(paths))
+
+
+def unit_step_effects(decoder, z0, batch=256):
+    """‖decoder(z0 + e_i) − decoder(z0)‖₂ (unclipped pixels) for every latent dimension i: how far one
+    unit of z_i moves the image. Measures the importance the scale layer's s_i stands for."""
+    d = len(z0)
+    x0 = keras.ops.convert_to_numpy(decoder(z0[None], training=False))
+    moved = [keras.ops.convert_to_numpy(decoder(z0[None] + np.eye(d, dtype=z0.dtype)[i:i + batch], training=False))
+             for i in range(0, d, batch)]
+    return np.linalg.norm(np.concatenate(moved) - x0, axis=1)
+
+
+def walk_rows(encoder, decoder, scale, k_image):
+    """Single-dimension walks (article, "特征解耦"): rows are the WALK_DIMS most important latent
+    dimensions — the smallest log-scale s_i of the scale layer z = exp(s) ⊗ h, i.e. the largest prior
+    spread 1/exp(s_i) of h_i (article eq. 17: exp(s_i) = 1/σ_i) — columns the image's code with z_i
+    moved by δ ∈ [−WALK_SPAN, WALK_SPAN] (δ = 0 in the middle column: the image itself).
+    Returns (rows, dims, s of those dims, unit-step effect of every dimension, log-scales)."""
+    s = keras.ops.convert_to_numpy(scale.log_scale)[0]
+    dims = np.argsort(s)[:WALK_DIMS]
+    z0 = encode_images(encoder, k_image[None])[0]
+    z = np.repeat(z0[None, None], WALK_DIMS, axis=0).repeat(WALK_STEPS, axis=1)
+    z[np.arange(WALK_DIMS), :, dims] += np.linspace(-WALK_SPAN, WALK_SPAN, WALK_STEPS)
+    return decode_images(decoder, z), dims, s[dims], unit_step_effects(decoder, z0), s
+
+
+def rank_correlation(a, b):
+    """Spearman's ρ: the correlation of the ranks (no ties in continuous data)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def experiments(args):
+    """--temperatures / --interpolate / --walk: no training; load --weights, write one PNG per mode."""
+    encoder, decoder, flow = build_nice(DIM, args.hidden, args.hidden_layers, args.couplings)
+    load_nice_weights(encoder, args.weights, args)
+    pictures = {}
+    if args.temperatures:
+        pictures["nice_temperatures.png"] = temperature_rows(decoder, args.temperatures, args.seed or 0)
+    if args.interpolate or args.walk:
+        _, k_test = load_mnist(args.data)
+        if 2 * args.interpolate > len(k_test):
+            raise UserError(f"--interpolate {args.interpolate}: needs {2 * args.interpolate} test images, "
+                            f"there are {len(k_test)}")
+    if args.interpolate:
+        pictures["nice_interpolate.png"] = interpolation_rows(encoder, decoder, k_test[:2 * args.interpolate])
+    if args.walk:
+        rows, dims, s_dims, effect, s = walk_rows(encoder, decoder, flow[-1], k_test[0])
+        order = np.argsort(s)
+        print(f"walk: dimensions {dims.tolist()} (smallest s: {', '.join(f'{v:.2f}' for v in s_dims)}); one unit of "
+              f"z_i moves the image by {np.median(effect[order[:WALK_DIMS]]):.3f} (median of these) vs "
+              f"{np.median(effect[order[-WALK_DIMS:]]):.3g} for the {WALK_DIMS} largest s and "
+              f"{np.median(effect):.3g} over all {len(s)}; Spearman ρ(s, effect) = "
+              f"{rank_correlation(s, effect):.2f}", flush=True)
+        pictures["nice_walk.png"] = rows
+    for name, rows in pictures.items():
+        path = os.path.join(args.out, name)
+        save_png(path, row_grid(rows))
+        print(f"wrote {path}", flush=True)
+    return 0
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -223,6 +315,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None,
                    help="random seed (numpy, TensorFlow, Keras) for a reproducible run and grid")
     p.add_argument("--out", default="samples", help="folder for nice_samples.png")
+    p.add_argument("--temperatures", metavar="T1,T2,...", default=None,
+                   help="no training: load --weights, write OUT/nice_temperatures.png, one row per "
+                        "standard deviation of z (0 is decoder(0), the mode), the same z direction per column")
+    p.add_argument("--interpolate", type=_positive(int), default=0, metavar="N",
+                   help="no training: load --weights, encode N pairs of test images, write "
+                        "OUT/nice_interpolate.png: per pair the straight line between the codes over the great circle")
+    p.add_argument("--walk", action="store_true",
+                   help="no training: load --weights, move the 8 most important latent dimensions (smallest "
+                        "scale s_i) one at a time around a test image's code, write OUT/nice_walk.png")
     p.add_argument("--resume", action="store_true",
                    help="continue the run of --weights from its last completed epoch (backups in "
                         "NAME.run/ beside NAME.weights.h5); --epochs is the total")
@@ -238,6 +339,14 @@ def parse_args(argv=None):
         p.error(f"--weights {args.weights}: is a folder")
     if args.sample_only and not os.path.isfile(args.weights):
         p.error(f"--weights {args.weights}: no such file (train first, without --sample-only)")
+    if args.temperatures is not None:
+        try:
+            args.temperatures = parse_temperatures(args.temperatures)
+        except UserError as e:
+            p.error(str(e))
+    if (args.temperatures or args.interpolate or args.walk) and not os.path.isfile(args.weights):
+        p.error(f"--weights {args.weights}: no such file (train first; --temperatures, --interpolate and "
+                f"--walk use trained weights)")
     if args.sample_only and args.resume:
         p.error("--resume continues training; it does not go with --sample-only")
     if args.data and os.path.isdir(args.data):
@@ -275,6 +384,8 @@ def run(args):
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)
     check_writable(args.out, f"--out {args.out}")
+    if args.temperatures or args.interpolate or args.walk:
+        return experiments(args)
     if args.sample_only:
         encoder, decoder, _ = build_nice(DIM, args.hidden, args.hidden_layers, args.couplings)
         load_nice_weights(encoder, args.weights, args)

