@@ -29,6 +29,7 @@ from keras import layers  # noqa: E402
 from flow_layers import (Actnorm, AffineCouple, CheckerSplit, Concat, CondActnorm, InvDense, Permute,  # noqa: E402
                          Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
 from flow_utils import interpolation_codes, parse_temperatures, row_grid, temperature_codes  # noqa: E402
+from flow_utils import add_scale_out_args, is_chief, make_strategy, set_mixed_precision, worker_path  # noqa: E402
 from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError,  # noqa: E402
                         bits_per_dim, check_run, check_writable, image_grid, load_mnist, open_run,
                         run_folder, save_png)
@@ -443,6 +444,7 @@ def parse_args(argv=None):
     p.add_argument("--max-collapses", type=int, default=5, metavar="N",
                    help="stop (exit code 3) after N non-finite losses, each answered by reloading "
                         "the best weights at a low learning rate")
+    add_scale_out_args(p)
     args = p.parse_args(argv)
     for name in ("level", "depth", "hidden", "batch_size", "steps_per_epoch", "epochs", "max_collapses"):
         if getattr(args, name) < 1:
@@ -471,6 +473,8 @@ def parse_args(argv=None):
 
 def run(argv=None):
     args = parse_args(argv)
+    strategy = make_strategy(args.distribute, args.devices)  # first: before any TensorFlow work
+    set_mixed_precision(args.mixed_precision)
     keras.utils.set_random_seed(args.seed)
     use_only = args.sample_only or args.reconstruct or bool(args.temperatures) or args.interpolate > 0
     if use_only and not os.path.isfile(args.weights):
@@ -484,14 +488,18 @@ def run(argv=None):
             "data": "RGB images" if folder else "MNIST"}
     if not use_only:  # before the data are read (CelebA: minutes) and before anything is written
         check_run(args.weights, args.resume, args.epochs, arch)
+        if args.resume and args.distribute == "multiworker":
+            raise UserError("--resume with --distribute multiworker is not supported: only the chief "
+                            "keeps backups, the other workers would start again from epoch 0")
         check_writable(os.path.dirname(args.weights), f"--weights {args.weights}")
     if use_only and not (args.reconstruct or args.interpolate):
         train = test = None
         channels = 3 if folder else 1
     else:
         train, test, channels = datasets(args)
-    encoder, decoder = build_glow(args.img_size, channels, args.level, args.depth, args.hidden,
-                                  args.permute, args.coupling, args.lr, args.mask)
+    with strategy.scope():  # variables mirrored on every replica, the optimizer's too
+        encoder, decoder = build_glow(args.img_size, channels, args.level, args.depth, args.hidden,
+                                      args.permute, args.coupling, args.lr, args.mask)
     dims = args.img_size ** 2 * channels
     if use_only:
         load_weights(encoder, args.weights, args, channels)
@@ -516,27 +524,32 @@ def run(argv=None):
         return 0
 
     print(f"Glow: {architecture(args, channels)}, {encoder.count_params():,} parameters, D = {dims}")
-    best = KeepBest(args.weights, monitor="loss", after_epoch=10, max_collapses=args.max_collapses)
+    weights = worker_path(args.weights, strategy)  # the chief writes args.weights, other workers a temp copy
+    best = KeepBest(weights, monitor="loss", after_epoch=10, max_collapses=args.max_collapses)
     interrupt = Interrupt()  # Ctrl-C: stop after the step, still write samples from the best weights
-    backup, done = open_run(encoder, args.weights, args.resume, best, interrupt, arch)
+    with strategy.scope():  # a resumed run builds the optimizer's variables
+        backup, done = open_run(encoder, weights, args.resume, best, interrupt, arch)
     if args.resume:  # the Actnorms' `initialized` flag came back with the weights: no second init
         print(f"resuming {run_folder(args.weights)}/ after epoch {done} of {args.epochs} (learning rate "
               f"{float(encoder.optimizer.learning_rate.numpy()):.3g}, best loss {best.best:.1f})")
-    n = initialize_actnorms(encoder, next(iter(train))[0])
+    with strategy.scope():  # one eager pass over the global batch: every replica gets its statistics
+        n = initialize_actnorms(encoder, next(iter(train))[0])
     print(f"initialised {n} Actnorm layers from the first batch")
     encoder.fit(train, steps_per_epoch=args.steps_per_epoch, epochs=args.epochs, initial_epoch=done,
                 validation_data=test,
                 callbacks=[BitsPerDim(dims, BIN, key="val_loss"), best,
-                           Samples(decoder, args.out, args.std, args.seed), backup, interrupt],
+                           *([Samples(decoder, args.out, args.std, args.seed)] if is_chief(strategy) else []),
+                           backup, interrupt],
                 shuffle=False, verbose=2)
     if best.gave_up:
         print(f"error: training stopped after {best.collapses} non-finite batch losses "
               f"(--max-collapses {args.max_collapses}); the best weights stay in {args.weights}",
               file=sys.stderr, flush=True)
         return 3
-    if os.path.isfile(args.weights):
-        encoder.load_weights(args.weights)
-    save_png(os.path.join(args.out, "glow_samples.png"), sample_grid(decoder, args.std, args.seed))
+    if os.path.isfile(weights):
+        encoder.load_weights(weights)
+    if is_chief(strategy):
+        save_png(os.path.join(args.out, "glow_samples.png"), sample_grid(decoder, args.std, args.seed))
     if interrupt.interrupted:  # no test pass: the user asked to stop
         state = Backup.read_state(run_folder(args.weights)) or {}
         print(f"interrupted: best weights in {args.weights}, samples in "

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from flow_layers import AffineCouple, Concat, Permute, Scale, Split, UniformNoise
+from flow_utils import add_scale_out_args, is_chief, make_strategy, set_mixed_precision, worker_path
 from flow_utils import interpolation_codes, parse_temperatures, row_grid, temperature_codes
 from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError, bits_per_dim,
                         check_run, check_writable, dequantize, image_grid, load_mnist, open_run,
@@ -343,6 +344,7 @@ def parse_args(argv=None):
     p.add_argument("--max-collapses", type=_positive(int), default=5, metavar="N",
                    help="stop (exit code 3) after N non-finite losses, each answered by reloading "
                         "the best weights at a low learning rate")
+    add_scale_out_args(p)
     args = p.parse_args(argv)
     if not args.weights.endswith(".weights.h5"):
         p.error(f"--weights {args.weights}: the file name must end in .weights.h5 (Keras 3)")
@@ -394,6 +396,8 @@ def write_grid(decoder, args):
 
 
 def run(args):
+    strategy = make_strategy(args.distribute, args.devices)  # first: before any TensorFlow work
+    set_mixed_precision(args.mixed_precision)
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)
     check_writable(args.out, f"--out {args.out}")
@@ -408,6 +412,9 @@ def run(args):
     # every check before anything is written: the run on disk, the folders, the data
     arch = {"--hidden": args.hidden, "--hidden-layers": args.hidden_layers, "--couplings": args.couplings}
     check_run(args.weights, args.resume, args.epochs, arch)
+    if args.resume and args.distribute == "multiworker":
+        raise UserError("--resume with --distribute multiworker is not supported: only the chief keeps "
+                        "backups, the other workers would start again from epoch 0")
     check_writable(os.path.dirname(args.weights), f"--weights {args.weights}")
     k_train, k_test = load_mnist(args.data)
     if args.limit:
@@ -415,15 +422,18 @@ def run(args):
     if args.batch_size > len(k_train):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(k_train)} training images")
     print(f"{len(k_train)} training images, {len(k_test)} test images", flush=True)
-    encoder, decoder, _ = build_nice(DIM, args.hidden, args.hidden_layers, args.couplings)
-    compile_nice(encoder, args.lr)
+    with strategy.scope():  # variables mirrored on every replica, the optimizer's too
+        encoder, decoder, _ = build_nice(DIM, args.hidden, args.hidden_layers, args.couplings)
+        compile_nice(encoder, args.lr)
     print(f"{encoder.count_params():,} parameters", flush=True)
 
     x_train = train_inputs(k_train)
     report = EpochReport()
-    best = KeepBest(args.weights, monitor="val_loss", max_collapses=args.max_collapses)
+    weights = worker_path(args.weights, strategy)  # the chief writes args.weights, other workers a temp copy
+    best = KeepBest(weights, monitor="val_loss", max_collapses=args.max_collapses)
     interrupt = Interrupt()  # Ctrl-C: stop after the step, write the grid from the best weights, exit 130
-    backup, done = open_run(encoder, args.weights, args.resume, best, interrupt, arch)
+    with strategy.scope():  # a resumed run builds the optimizer's variables
+        backup, done = open_run(encoder, weights, args.resume, best, interrupt, arch)
     if args.resume:
         print(f"resuming {run_folder(args.weights)}/ after epoch {done} of {args.epochs} "
               f"(learning rate {float(encoder.optimizer.learning_rate.numpy()):.3g}, best test NLL "
@@ -441,9 +451,10 @@ def run(args):
         print(f"seconds per epoch: {np.mean(secs[1:]):.1f} (mean of epochs {done + 2}-{done + len(secs)}; "
               f"epoch {done + 1} with tracing: {secs[0]:.1f})", flush=True)
 
-    if os.path.isfile(args.weights):  # the best epoch by test NLL, as the article's checkpoint
-        encoder.load_weights(args.weights)
-    write_grid(decoder, args)
+    if os.path.isfile(weights):  # the best epoch by test NLL, as the article's checkpoint
+        encoder.load_weights(weights)
+    if is_chief(strategy):
+        write_grid(decoder, args)
     if interrupt.interrupted:
         state = Backup.read_state(run_folder(args.weights)) or {}
         print(f"interrupted: best weights in {args.weights}; continue with --resume (last completed "
