@@ -275,7 +275,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     repeats = args.repeats or cfg["repeats"]
-    variants = VARIANTS[:1] if args.no_variants else VARIANTS
+    # --quick: the default path and the baseline only (each variant costs a trace, and XLA a compile)
+    variants = VARIANTS[:1] if args.no_variants else VARIANTS[:2] if args.quick else VARIANTS
     start = time.perf_counter()
     r = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
          "command": " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)]),
