@@ -554,3 +554,19 @@ def worker_path(path, strategy):
         _worker_folder = tempfile.mkdtemp(prefix=f"flow-worker-{strategy.cluster_resolver.task_id}-")
         atexit.register(shutil.rmtree, _worker_folder, ignore_errors=True)
     return os.path.join(_worker_folder, os.path.basename(os.path.normpath(path)))
+
+
+def script_main(body):
+    """Runs a script's body() and returns its exit code: argparse's exit (--help, a rejected flag),
+    UserError as one line `error: ...` and code 2, Ctrl-C outside fit (loading, building) or a second
+    one as code 130 — every write is atomic, so nothing is torn."""
+    try:
+        return body()
+    except SystemExit as e:
+        return e.code
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -32,7 +32,7 @@ from flow_utils import interpolation_codes, parse_temperatures, row_grid, temper
 from flow_utils import add_scale_out_args, is_chief, make_strategy, set_mixed_precision, worker_path  # noqa: E402
 from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError,  # noqa: E402
                         bits_per_dim, check_run, check_writable, image_grid, load_mnist, open_run,
-                        run_folder, save_png)
+                        run_folder, save_png, script_main)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
@@ -563,16 +563,7 @@ def run(argv=None):
 
 
 def main(argv=None):
-    try:
-        return run(argv)
-    except SystemExit as e:  # --help, or a flag argparse rejects (one line, code 2)
-        return e.code
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C outside fit (loading, building), or a second one: every write is atomic
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return script_main(lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from flow_utils import add_scale_out_args, is_chief, make_strategy, set_mixed_pr
 from flow_utils import interpolation_codes, parse_temperatures, row_grid, temperature_codes
 from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError, bits_per_dim,
                         check_run, check_writable, dequantize, image_grid, load_mnist, open_run,
-                        run_folder, save_png)
+                        run_folder, save_png, script_main)
 
 DIM = 28 * 28
 BIN = 1 / 256  # evaluation bins: x = (k + u)/256, u ~ U(0,1) (DESIGN §3)
@@ -476,18 +476,7 @@ def run(args):
 
 
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:
-        return e.code
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C outside fit (loading, building), or a second one: every write is atomic
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return script_main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":
