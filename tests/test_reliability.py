@@ -33,9 +33,9 @@ def _finite(model):
 def test_nan_batch_reloads_best_weights_and_lowers_the_rate(tmp_path):
     m = _model()
     best = fu.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=100, low_lr=1e-4, verbose=0)
-    m.fit(_data(), epochs=1, verbose=0, callbacks=[best])
+    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     assert best.collapses == 0 and os.path.exists(best.path)
-    hist = m.fit(_data(poison=[3]), epochs=2, verbose=0, callbacks=[best])
+    hist = m.fit(_data(poison=[3]), epochs=2, verbose=0, shuffle=False, callbacks=[best])
     assert best.collapses == 2  # the poisoned batch, once per epoch
     assert _finite(m)  # training went on from the reloaded weights, not from NaN
     assert float(m.optimizer.learning_rate) == pytest.approx(1e-4)
@@ -47,7 +47,7 @@ def test_nan_before_any_best_goes_back_to_the_initial_weights(tmp_path):
     m = _model()
     start = m.get_weights()
     best = fu.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
-    m.fit(_data(n_batches=1, poison=[0]), epochs=1, verbose=0, callbacks=[best])
+    m.fit(_data(n_batches=1, poison=[0]), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     assert best.collapses == 1 and not os.path.exists(best.path)
     for a, b in zip(m.get_weights(), start):
         np.testing.assert_array_equal(a, b)
@@ -56,9 +56,9 @@ def test_nan_before_any_best_goes_back_to_the_initial_weights(tmp_path):
 def test_repeated_nan_gives_up_and_keeps_the_best_file(tmp_path):
     m = _model()
     best = fu.KeepBest(str(tmp_path / "b.weights.h5"), max_collapses=3, verbose=0)
-    m.fit(_data(), epochs=1, verbose=0, callbacks=[best])
+    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     saved = open(best.path, "rb").read()
-    m.fit(_data(n_batches=10, poison=range(10)), epochs=5, verbose=0, callbacks=[best])
+    m.fit(_data(n_batches=10, poison=range(10)), epochs=5, verbose=0, shuffle=False, callbacks=[best])
     assert best.gave_up and best.collapses == 3
     assert m.optimizer.iterations.numpy() < 6 + 10  # stopped inside the first poisoned epoch
     assert open(best.path, "rb").read() == saved
@@ -91,9 +91,9 @@ def test_ctrl_c_stops_after_the_step_and_the_epoch_is_not_backed_up(tmp_path):
     m = _model()
     stop = fu.Interrupt()
     backup = fu.Backup(str(tmp_path / "backup"), interrupt=stop)
-    m.fit(_data(), epochs=1, verbose=0, callbacks=[backup])  # one complete epoch: 6 steps
+    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[backup])  # one complete epoch: 6 steps
     before = signal.getsignal(signal.SIGINT)
-    m.fit(_data(), epochs=3, verbose=0, callbacks=[_CtrlC(), stop, backup])
+    m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[_CtrlC(), stop, backup])
     assert stop.interrupted
     assert int(m.optimizer.iterations.numpy()) == 6 + 3  # stopped right after the third step
     assert fu.Backup.read_state(backup.folder)["epoch"] == 1  # the cut epoch is not recorded
@@ -104,7 +104,7 @@ def test_backup_restores_weights_optimizer_epoch_and_best(tmp_path):
     folder = str(tmp_path / "backup")
     m = _model()
     best = fu.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
-    m.fit(_data(), epochs=3, verbose=0, callbacks=[best, fu.Backup(folder, keep_best=best)])
+    m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[best, fu.Backup(folder, keep_best=best)])
     assert sorted(os.listdir(folder)) == ["epoch-0003.weights.h5", "state.json"]
 
     fresh = _model(lr=5.0)  # other initial weights and rate: restore must replace all of them
@@ -124,7 +124,7 @@ def test_backup_restores_weights_optimizer_epoch_and_best(tmp_path):
 def test_backup_state_points_at_a_complete_file_when_a_write_is_torn(tmp_path):
     folder = str(tmp_path / "backup")
     m = _model()
-    m.fit(_data(), epochs=1, verbose=0, callbacks=[fu.Backup(folder)])
+    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[fu.Backup(folder)])
 
     def killed(tmp):
         open(tmp, "w").write("{half")
