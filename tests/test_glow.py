@@ -15,6 +15,7 @@ import tensorflow as tf
 import glow
 from flow_layers import Actnorm, initialize_actnorms
 from flow_utils import KeepBest, UserError
+from helpers import perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = [(p, c) for p in ("reverse", "random", "conv") for c in ("additive", "affine")]
@@ -30,12 +31,6 @@ def digits(n, size=16):
     return x[..., None].astype("float32")
 
 
-def perturb(model, scale=0.05, seed=0):
-    """Nudge every trainable weight, so the zero-initialised convs (couplings, CondActnorm) do
-    something and the Jacobian check means something."""
-    rng = np.random.RandomState(seed)
-    for w in model.trainable_weights:
-        w.assign(w.numpy() + scale * rng.randn(*w.shape).astype(w.dtype))
 
 
 def nll(encoder, x):

