@@ -32,7 +32,7 @@ from flow_utils import interpolation_codes, parse_temperatures, row_grid, temper
 from flow_utils import add_scale_out_args, is_chief, make_strategy, set_mixed_precision, worker_path  # noqa: E402
 from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError,  # noqa: E402
                         bits_per_dim, check_run, check_writable, image_grid, load_mnist, open_run,
-                        run_folder, save_png, script_main)
+                        prior_nll, run_folder, save_png, script_main)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
@@ -249,12 +249,6 @@ def decode(z, steps):
         else:
             x = layer.inverse()(x)
     return x
-
-
-def prior_nll(y_true, y_pred):
-    """−log N(z; 0, I) per image: 0.5·Σz² + 0.5·D·log 2π (y_true is a dummy)."""
-    d = y_pred.shape[-1]
-    return 0.5 * keras.ops.sum(keras.ops.square(y_pred), axis=-1) + 0.5 * d * math.log(2 * math.pi)
 
 
 def build_glow(img_size, channels, level=3, depth=10, hidden=512, permute="random", coupling="additive",

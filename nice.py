@@ -23,7 +23,7 @@ from flow_utils import add_scale_out_args, is_chief, make_strategy, set_mixed_pr
 from flow_utils import interpolation_codes, parse_temperatures, row_grid, temperature_codes
 from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError, bits_per_dim,
                         check_run, check_writable, dequantize, image_grid, load_mnist, open_run,
-                        run_folder, save_png, script_main)
+                        prior_nll, run_folder, save_png, script_main)
 
 DIM = 28 * 28
 BIN = 1 / 256  # evaluation bins: x = (k + u)/256, u ~ U(0,1) (DESIGN §3)
@@ -74,12 +74,6 @@ def build_nice(dim=DIM, hidden=1000, hidden_layers=5, couplings=4, permute="reve
         x = layer.inverse()(x)
     decoder = keras.Model(z_in, x, name="nice_decoder")
     return encoder, decoder, flow
-
-
-def prior_nll(y_true, z):
-    """−log N(z; 0, I) per image: 0.5‖z‖² + 0.5·D·log 2π (the log-dets come from add_loss)."""
-    d = z.shape[-1]
-    return 0.5 * keras.ops.sum(z * z, axis=-1) + 0.5 * d * math.log(2 * math.pi)
 
 
 def default_jit_compile():
