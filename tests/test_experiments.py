@@ -12,23 +12,15 @@ import glow
 import nice
 from flow_layers import initialize_actnorms
 from flow_utils import UserError, interpolation_codes, parse_temperatures, slerp, temperature_codes
-from helpers import mnist_digits, perturb
+from helpers import mnist_npz, perturb
 
 NICE_SMALL = ["--hidden", "16", "--hidden-layers", "1", "--couplings", "2"]
 GLOW_SMALL = ["--level", "2", "--depth", "1", "--hidden", "8"]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return mnist_digits()
-
-
 @pytest.fixture
 def npz(tmp_path, digits):
-    path = tmp_path / "mnist.npz"
-    np.savez(path, x_train=digits[:64], y_train=np.zeros(64, np.uint8),
-             x_test=digits[64:96], y_test=np.zeros(32, np.uint8))
-    return str(path)
+    return mnist_npz(tmp_path / "mnist.npz", digits, 64, 32)
 
 
 

@@ -17,23 +17,15 @@ import tensorflow as tf
 import nice
 from flow_layers import Permute, Scale
 from flow_utils import bits_per_dim, dequantize
-from helpers import mnist_digits, perturb
+from helpers import mnist_npz, perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--hidden", "16", "--hidden-layers", "1", "--couplings", "2"]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return mnist_digits()
-
-
 @pytest.fixture
 def npz(tmp_path, digits):
-    path = tmp_path / "mnist.npz"
-    np.savez(path, x_train=digits[:200], y_train=np.zeros(200, np.uint8),
-             x_test=digits[200:300], y_test=np.zeros(100, np.uint8))
-    return str(path)
+    return mnist_npz(tmp_path / "mnist.npz", digits, 200, 100)
 
 
 
