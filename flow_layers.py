@@ -475,3 +475,216 @@ class InvDense(FlowLayer):
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
+
+
+# --- TarFlow (Zhai et al. 2024, "Normalizing Flows are Capable Generative Models"; the series'
+# "TarFlow: 流模型满血归来?"): patches as tokens, causal-Transformer affine autoregressive blocks ---
+
+class Patchify(FlowLayer):
+    """(h, w, c) -> (T, p²c): the image cut into non-overlapping p×p patches, row by row, each patch
+    flattened (TarFlow's tokens; MNIST with p = 4: 49 tokens of 16). Log-det 0; the inverse puts
+    the patches back."""
+
+    def __init__(self, patch=4, **kwargs):
+        super().__init__(**kwargs)
+        self.patch = int(patch)
+
+    def build(self, input_shape):
+        h, w, c = input_shape[1:]
+        if h % self.patch or w % self.patch:
+            raise ValueError(f"patch {self.patch} does not divide the image size {h}×{w}")
+        self.grid = (h // self.patch, w // self.patch, c)
+
+    def call(self, x):
+        (gh, gw, c), p = self.grid, self.patch
+        x = ops.reshape(x, (-1, gh, p, gw, p, c))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        return ops.reshape(x, (-1, gh * gw, p * p * c))
+
+    def reverse(self, z):
+        (gh, gw, c), p = self.grid, self.patch
+        z = ops.reshape(z, (-1, gh, gw, p, p, c))
+        z = ops.transpose(z, (0, 1, 3, 2, 4, 5))
+        return ops.reshape(z, (-1, gh * p, gw * p, c))
+
+    def get_config(self):
+        return {**super().get_config(), "patch": self.patch}
+
+
+class Flip(FlowLayer):
+    """Reverses the token order (axis 1): TarFlow's permutation, so that consecutive blocks are
+    autoregressive in opposite directions. Log-det 0; its own inverse."""
+
+    def call(self, x):
+        return ops.flip(x, axis=1)
+
+    def reverse(self, z):
+        return ops.flip(z, axis=1)
+
+
+class TarBlock(FlowLayer):
+    """One TarFlow block on tokens x (T, D): z_t = (x_t − μ_t) ⊗ exp(−a_t), (a_t, μ_t) = f(x_<t)
+    (Zhai et al. 2024, eq. 3–4), log-det −Σ_t Σ a_t.
+
+    f is a causal Transformer: Dense(width) + a learned positional embedding (+ a class embedding
+    when `classes` > 0), `layers` pre-norm layers of causal self-attention and an MLP (4·width,
+    GELU), a final LayerNorm and a zero-initialised Dense(2D) giving (a, μ) per token; its outputs
+    are shifted right by one token with zeros for the first, so token t's parameters see only x_<t
+    and the block starts as the identity.
+
+    `reverse` is the sequential inverse x_t = z_t ⊗ exp(a_t) + μ_t, token by token (T − 1 passes).
+    With `use_cache` (default) each pass runs only the new token through f and keeps every layer's
+    keys and values (a key-value cache); without it each pass runs f over the whole sequence.
+    Class-conditional: inputs [x, y] with integer labels y; while training a label is replaced by the
+    "no class" index `classes` with probability `label_drop`; `reverse` with `guidance` w ≠ 0 uses
+    (1 + w)·f(x, y) − w·f(x, no class) (classifier-free guidance). `use_cache` and `guidance` are
+    plain attributes read when `reverse` runs: set them before an eager call of the decoder.
+    Attention is written with keras.ops (not keras' MultiHeadAttention) for the cache.
+    """
+
+    def __init__(self, width=128, layers=4, heads=4, classes=0, label_drop=0.1, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if width % heads:
+            raise ValueError(f"TarBlock width {width} is not a multiple of heads {heads}")
+        self.width, self.depth, self.heads = int(width), int(layers), int(heads)
+        self.classes, self.label_drop, self.seed = int(classes), float(label_drop), seed
+        self.use_cache, self.guidance = True, 0.0
+        self.label_seed = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        x_shape = input_shape[0] if self.classes else input_shape
+        self.tokens, self.dims = x_shape[1], x_shape[2]
+        width, policy = self.width, self.dtype_policy
+
+        def dense(units, name, **kw):
+            layer = keras.layers.Dense(units, dtype=policy, name=name, **kw)
+            layer.build((None, None, width if name != "proj_in" else self.dims))
+            return layer
+
+        def norm(name):
+            layer = keras.layers.LayerNormalization(epsilon=1e-6, dtype=policy, name=name)
+            layer.build((None, None, width))
+            return layer
+
+        small = keras.initializers.RandomNormal(stddev=0.01, seed=self.seed)
+        self.proj_in = dense(width, "proj_in")
+        self.position = self.add_weight(shape=(self.tokens, width), initializer=small, name="position")
+        if self.classes:  # row `classes` is "no class" (label dropout, guidance)
+            self.class_embedding = self.add_weight(shape=(self.classes + 1, width), initializer=small,
+                                                   name="class_embedding")
+        self.attention_norms, self.qkv, self.attention_out = [], [], []
+        self.mlp_norms, self.mlp_in, self.mlp_out = [], [], []
+        for i in range(self.depth):
+            self.attention_norms.append(norm(f"attention_norm_{i}"))
+            self.qkv.append(dense(3 * width, f"qkv_{i}"))
+            self.attention_out.append(dense(width, f"attention_out_{i}"))
+            self.mlp_norms.append(norm(f"mlp_norm_{i}"))
+            self.mlp_in.append(dense(4 * width, f"mlp_in_{i}", activation="gelu"))
+            mlp_out = keras.layers.Dense(width, dtype=policy, name=f"mlp_out_{i}")
+            mlp_out.build((None, None, 4 * width))
+            self.mlp_out.append(mlp_out)
+        self.out_norm = norm("out_norm")
+        self.proj_out = dense(2 * self.dims, "proj_out", kernel_initializer="zeros")
+
+    # f: the causal Transformer ------------------------------------------------------------------
+
+    def _embed(self, x, y, start):
+        """Dense(width) of tokens x (B, t, D) at positions start.. + position (+ class) embedding."""
+        h = self.proj_in(x) + self.position[start:start + x.shape[1]]
+        if self.classes:
+            h = h + ops.take(self.class_embedding, y, axis=0)[:, None, :]
+        return h
+
+    def _heads(self, h):
+        """(B, t, width) -> (B, heads, t, width/heads)."""
+        h = ops.reshape(h, (-1, h.shape[1], self.heads, self.width // self.heads))
+        return ops.transpose(h, (0, 2, 1, 3))
+
+    def _transformer_layer(self, i, h, cache=None):
+        """One pre-norm layer on h (B, t, width). cache None: the whole sequence with a causal mask;
+        else a dict holding the keys and values of the earlier positions, to which h's are appended."""
+        q, k, v = ops.split(self.qkv[i](self.attention_norms[i](h)), 3, axis=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if cache is not None:
+            if "k" in cache:
+                k = ops.concatenate([cache["k"], k], axis=2)
+                v = ops.concatenate([cache["v"], v], axis=2)
+            cache["k"], cache["v"] = k, v
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.width // self.heads)
+        if cache is None:  # a cached step is one new query that may see every key so far
+            t = h.shape[1]
+            causal = ops.cast(ops.tril(ops.ones((t, t))), "bool")
+            scores = ops.where(causal, scores, ops.cast(-1e9, scores.dtype))
+        weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))  # softmax; also over one key
+        out = ops.matmul(weights / ops.sum(weights, axis=-1, keepdims=True), v)
+        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (-1, h.shape[1], self.width))
+        h = h + self.attention_out[i](out)
+        return h + self.mlp_out[i](self.mlp_in[i](self.mlp_norms[i](h)))
+
+    def _outputs(self, h):
+        """(a, μ), each (B, t, D), from the Transformer's hidden states."""
+        return ops.split(self.proj_out(self.out_norm(h)), 2, axis=-1)
+
+    def params(self, x, y=None):
+        """(a, μ) of every token of x (B, T, D): f over the whole sequence, shifted right by one."""
+        h = self._embed(x, y, 0)
+        for i in range(self.depth):
+            h = self._transformer_layer(i, h)
+        p = self.proj_out(self.out_norm(h))
+        p = ops.concatenate([ops.zeros_like(p[:, :1]), p[:, :-1]], axis=1)
+        return ops.split(p, 2, axis=-1)
+
+    # the flow ------------------------------------------------------------------------------------
+
+    def _unpack(self, inputs):
+        if self.classes:
+            x, y = inputs
+            return x, ops.cast(y, "int32")
+        return inputs, None
+
+    def call(self, inputs, training=None):
+        x, y = self._unpack(inputs)
+        if self.classes and training and self.label_drop > 0:
+            drop = keras.random.uniform(ops.shape(y), seed=self.label_seed) < self.label_drop
+            y = ops.where(drop, self.classes, y)
+        a, mu = self.params(x, y)
+        self.add_loss(ops.mean(_per_image_sum(a)))
+        return (x - mu) * ops.exp(-a)
+
+    def _guided(self, y):
+        """Labels for one pass of f: y, or [y, no class] stacked on the batch when guidance is on."""
+        if not self.classes or not self.guidance:
+            return y
+        return ops.concatenate([y, ops.full_like(y, self.classes)], axis=0)
+
+    def _mix(self, p):
+        """Classifier-free guidance on per-token parameters of a doubled batch: (1 + w)·cond − w·uncond."""
+        if not self.classes or not self.guidance:
+            return p
+        cond, uncond = ops.split(p, 2, axis=0)
+        return cond + self.guidance * (cond - uncond)
+
+    def reverse(self, inputs):
+        z, y = self._unpack(inputs)
+        y = self._guided(y)
+        double = (lambda t: ops.concatenate([t, t], axis=0)) if y is not None and self.guidance else (lambda t: t)
+        xs = [z[:, 0]]  # token 0 has a = μ = 0
+        caches = [{} for _ in range(self.depth)]
+        for t in range(1, self.tokens):
+            if self.use_cache:  # only the newest token x_{t−1} goes through f
+                h = self._embed(double(xs[-1][:, None]), y, t - 1)
+                for i in range(self.depth):
+                    h = self._transformer_layer(i, h, caches[i])
+                a, mu = self._outputs(h)
+                a, mu = self._mix(a[:, 0]), self._mix(mu[:, 0])
+            else:  # the whole sequence again, unknown tokens zero (they do not reach token t)
+                known = ops.stack(xs, axis=1)
+                x = ops.concatenate([known, ops.zeros_like(z[:, t:])], axis=1)
+                a, mu = self.params(double(x), y)
+                a, mu = self._mix(a[:, t]), self._mix(mu[:, t])
+            xs.append(z[:, t] * ops.exp(a) + mu)
+        return ops.stack(xs, axis=1)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "layers": self.depth, "heads": self.heads,
+                "classes": self.classes, "label_drop": self.label_drop, "seed": self.seed}
