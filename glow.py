@@ -6,33 +6,28 @@ concat]; at the end of every level but the last half of the channels leave as z_
 conditional prior CondActnorm (eq. 03–05); the last level ends in a learned Actnorm; the z's are
 flattened and concatenated. Loss 0.5·Σz² + 0.5·D·log 2π (compiled) plus every layer's −log|det|
 (add_loss): −log q(x) in nats per image. The decoder replays the same list of steps backwards,
-each layer's `.inverse()`.
+each layer's `.inverse()`. Read top to bottom: data, model, training, sampling, the article's
+experiments, the command line.
 
     python glow.py                       # MNIST zero-padded to 32×32 (the article's net: slow on CPU)
     python glow.py --data ~/celeba/img_align_celeba
-    python glow.py --sample-only --weights glow.weights.h5
+    python glow.py --sample-only --weights glow.weights.h5   # the architecture is recorded in the file
 """
-import argparse
-import math
 import os
 import sys
-import warnings
 
+import flow_train as ft  # first: it sets TensorFlow's log level before keras imports TensorFlow
+import keras
 import numpy as np
+import tensorflow as tf
+from keras import layers
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from keras import layers  # noqa: E402
-
-from flow_layers import (Actnorm, AffineCouple, CheckerSplit, Concat, CondActnorm, InvDense, Permute,  # noqa: E402
+from flow_layers import (Actnorm, AffineCouple, CheckerSplit, Concat, CondActnorm, InvDense, Permute,
                          Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
-from flow_utils import interpolation_codes, parse_temperatures, row_grid, temperature_codes  # noqa: E402
-from flow_utils import add_scale_out_args, is_chief, make_strategy, set_mixed_precision, worker_path  # noqa: E402
-from flow_utils import (ArgumentParser, Backup, BitsPerDim, Interrupt, KeepBest, UserError,  # noqa: E402
-                        bits_per_dim, check_run, check_writable, image_grid, load_mnist, open_run,
-                        prior_nll, run_folder, save_png, script_main)
+from flow_train import non_negative, positive
+from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantized, image_grid,
+                        interpolation_codes, load_mnist, parse_temperatures, prior_nll, row_grid, sample,
+                        save_png, temperature_codes)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
@@ -41,7 +36,7 @@ GRID = 9               # the article's 9×9 sample grid
 RECONSTRUCT = 8        # held-out images shown by --reconstruct
 
 
-# --- data -------------------------------------------------------------------------------------
+# --- data ---------------------------------------------------------------------------------------
 
 def list_images(folder):
     """Every file under `folder` (recursively) with an image extension, sorted."""
@@ -116,27 +111,18 @@ def mnist_pixels(path=None):
 
 def train_x(k):
     """The article's training input k/255·2 − 1 (the model adds U(0,1)/256 while training)."""
-    return tf.cast(k, tf.float32) / 255 * 2 - 1
-
-
-def test_x(k):
-    """Test input over the whole bin: −1 + (k + u)·2/256 with fresh u ~ U(0,1) (DESIGN §3)."""
-    k = tf.cast(k, tf.float32)
-    return -1 + (k + tf.random.uniform(tf.shape(k))) * BIN
-
-
-def _dummy_target(x):
-    return x, tf.zeros(tf.shape(x)[:1])  # the loss reads only y_pred (z)
+    return tf.cast(k, tf.float32) / 255 * 2 - 1, tf.zeros(tf.shape(k)[:1])  # the loss reads only z
 
 
 def check_batch(args, n):
     """Training only: a batch larger than the data would fill itself with copies (the stream repeats)."""
-    if not (args.sample_only or args.reconstruct) and args.batch_size > n:
+    if not args.loads_weights and args.batch_size > n:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training images")
 
 
 def datasets(args):
-    """(train, test, channels): tf.data pipelines of (x, dummy y); train repeats forever."""
+    """(train, test, channels): tf.data pipelines of (x, dummy y); train repeats forever, the test
+    images are dequantized over the whole bin with fresh noise each pass (DESIGN §3)."""
     AUTO = tf.data.AUTOTUNE
     if args.data and os.path.isdir(args.data):
         train_paths, test_paths = load_folder(args.data, args.seed)
@@ -155,13 +141,12 @@ def datasets(args):
                  .shuffle(len(k_train), seed=args.seed, reshuffle_each_iteration=True).repeat())
         test = tf.data.Dataset.from_tensor_slices(k_test)
         channels = 1
-    train = (train.batch(args.batch_size, drop_remainder=True).map(train_x, num_parallel_calls=AUTO)
-             .map(_dummy_target).prefetch(AUTO))
-    test = test.batch(args.batch_size).map(test_x, num_parallel_calls=AUTO).map(_dummy_target).prefetch(AUTO)
+    train = train.batch(args.batch_size, drop_remainder=True).map(train_x, num_parallel_calls=AUTO).prefetch(AUTO)
+    test = dequantized(test.batch(args.batch_size), -1, BIN).prefetch(AUTO)
     return train, test, channels
 
 
-# --- model ------------------------------------------------------------------------------------
+# --- the model ----------------------------------------------------------------------------------
 
 def coupling_net(channels, hidden, name, log_scale=False, checker=None):
     """The article's f: Conv3×3(hidden)–ReLU–Conv1×1(hidden)–ReLU–Conv3×3, last layer zero-initialised
@@ -252,16 +237,14 @@ def decode(z, steps):
 
 
 def build_glow(img_size, channels, level=3, depth=10, hidden=512, permute="random", coupling="additive",
-               lr=1e-4, mask="channel"):
-    """(encoder, decoder): the compiled encoder x -> z and the decoder z -> x on the same variables."""
+               mask="channel"):
+    """(encoder, decoder): the encoder x -> z and the decoder z -> x on the same variables."""
     check_size(img_size, level, mask)
     steps = build_steps(channels, level, depth, hidden, permute, coupling, mask)
     x_in = keras.Input((img_size, img_size, channels))
     encoder = keras.Model(x_in, encode(UniformNoise(1 / 256, name="noise")(x_in), steps), name="encoder")
     z_in = keras.Input(encoder.output.shape[1:])
-    decoder = keras.Model(z_in, decode(z_in, steps), name="decoder")
-    encoder.compile(optimizer=keras.optimizers.Adam(lr), loss=prior_nll)
-    return encoder, decoder
+    return encoder, keras.Model(z_in, decode(z_in, steps), name="decoder")
 
 
 def check_size(img_size, level, mask="channel"):
@@ -273,80 +256,58 @@ def check_size(img_size, level, mask="channel"):
                         f"last level's side {img_size // 2 ** level} must be even (a multiple of {2 ** (level + 1)})")
 
 
-def architecture(args, channels):
-    return (f"--img-size {args.img_size} --level {args.level} --depth {args.depth} --hidden {args.hidden} "
-            f"--permute {args.permute} --coupling {args.coupling} --mask {args.mask}, {channels} channel(s)")
+# --- training -----------------------------------------------------------------------------------
+
+def compile_glow(encoder, lr=1e-4):
+    """The article's Adam(1e-4) on the prior term (the layers add −log|det|)."""
+    encoder.compile(optimizer=keras.optimizers.Adam(lr), loss=prior_nll)
 
 
-def saved_architecture(path):
-    """The flags a .weights.h5 file of this script was trained with, read from its layout (Keras names
-    the variables after the layer classes): {} when the file is not one of ours."""
-    import h5py
+def train(args, strategy):
+    """The article's training: the best weights by training loss, its collapse rule after epoch 10,
+    a 9×9 grid after every epoch; the Actnorms initialised from the first batch."""
+    ft.check_training(args)  # before the data are read (CelebA: minutes)
+    train_data, test, channels = datasets(args)
+    with strategy.scope():  # variables mirrored on every replica, the optimizer's too
+        encoder, decoder = build_glow(**args.config)
+        compile_glow(encoder, args.lr)
+    dims = args.img_size ** 2 * channels
+    print(f"Glow: {describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}")
 
-    found = {}
-    try:
-        with h5py.File(path, "r") as f:
-            names, groups = [], []
-            f.visititems(lambda name, obj: names.append((name, obj.shape)) if hasattr(obj, "shape") else None)
-            f.visit(groups.append)
-    except Exception:
-        return found
-    couples = {n.split("/")[1] for n, _ in names if n.startswith("layers/affine_couple")}
-    conds = {n.split("/")[1] for n, _ in names if n.startswith("layers/cond_actnorm")}
-    kernels = {n.split("/")[1]: shape for n, shape in names if n.endswith("shift_model/layers/conv2d/vars/0")}
-    if not couples or not kernels:
-        return found
-    # a checkerboard step's nets start with CheckerSplit's inverse and see all c channels, not c/2
-    checker = {n.split("/")[1] for n in groups if n.endswith("shift_model/layers/inverse")}
-    found["level"] = len(conds) + 1
-    found["depth"] = len(couples) // found["level"]
-    found["hidden"] = next(iter(kernels.values()))[-1]
-    found["channels"] = min(k[2] // (4 if n in checker else 2) for n, k in kernels.items())
-    found["mask"] = ("channel" if not checker else "checkerboard" if len(checker) == len(kernels)
-                     else "alternate")
-    found["coupling"] = "affine" if any("log_scale_model" in n for n, _ in names) else "additive"
-    found["permute"] = "conv" if any(n.startswith("layers/inv_dense") for n, _ in names) else "reverse|random"
-    return found
+    def init_actnorms():  # after a resume, the Actnorms' `initialized` flag came back: no second init
+        with strategy.scope():  # one eager pass over the global batch: every replica gets its statistics
+            print(f"initialised {initialize_actnorms(encoder, next(iter(train_data))[0])} Actnorm layers "
+                  f"from the first batch")
+
+    code = ft.train(encoder, train_data, test, args=args, strategy=strategy, monitor="loss",
+                    callbacks=[BitsPerDim(dims, BIN, key="val_loss")],
+                    chief_callbacks=[Samples(decoder, args.out, args.std, args.seed)],
+                    before_fit=init_actnorms, finish=lambda: write_grid(decoder, args),
+                    steps_per_epoch=args.steps_per_epoch, shuffle=False, verbose=2)
+    if code:
+        return code
+    nll = encoder.evaluate(test, verbose=0, return_dict=True)["loss"]
+    print(f"best weights in {args.weights}, samples in {os.path.join(args.out, 'glow_samples.png')}")
+    print(f"test bits/dim: {bits_per_dim(nll, dims, BIN):.3f}")
+    return 0
 
 
-def load_weights(encoder, path, args, channels):
-    """Loads --weights into the encoder; a file of another architecture is a UserError naming the
-    flags that differ (as far as the file's layout tells)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            encoder.load_weights(path)
-            # Keras only warns when it skips layers of a file that does not fit: a mismatch too
-            # (the optimizer's state is skipped on every fresh model: that one is expected)
-            skipped = [w for w in caught if issubclass(w.category, UserWarning) and "saving" in w.filename
-                       and "optimizer" not in str(w.message)]
-            if not skipped:
-                return
-            why = str(skipped[0].message).strip().splitlines()[0][:160]
-        except Exception as e:  # Keras raises ValueError/KeyError/OSError variants for foreign files
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-    saved = saved_architecture(path)
-    if not saved:
-        raise UserError(f"--weights {path} is not a weights file of glow.py ({why})")
-    ours = {"level": args.level, "depth": args.depth, "hidden": args.hidden, "channels": channels,
-            "coupling": args.coupling, "permute": args.permute, "mask": args.mask}
-
-    def flag(k, v):
-        return ({1: "MNIST", 3: "RGB images"}.get(v, f"{v} channels") if k == "channels" else f"--{k} {v}")
-
-    diff = [f"{flag(k, saved[k])} (this run: {flag(k, ours[k])})" for k in saved
-            if str(ours[k]) not in str(saved[k]).split("|")]
-    raise UserError(f"--weights {path} was trained with another architecture: "
-                    f"{', '.join(diff) or why}; pass the same flags")
+def describe(config):
+    return (", ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k != "channels")
+            + f", {config['channels']} channel(s)")
 
 
-# --- sampling ---------------------------------------------------------------------------------
+# --- sampling -----------------------------------------------------------------------------------
 
 def sample_grid(decoder, std, seed=0, n=GRID):
-    """n×n samples at temperature `std`, decoded in one batched call, as a uint8 picture."""
-    z = np.random.RandomState(seed).randn(n * n, decoder.input.shape[-1]).astype("float32") * std
-    x = keras.ops.convert_to_numpy(decoder(z, training=False))
-    return image_grid(x, n, low=-1, high=1)
+    """n×n samples at temperature `std` as a uint8 picture (the article's `sample`)."""
+    return image_grid(sample(decoder, n * n, std, seed), n, low=-1, high=1)
+
+
+def write_grid(decoder, args):
+    path = os.path.join(args.out, "glow_samples.png")
+    save_png(path, sample_grid(decoder, args.std, args.seed))
+    print(f"wrote {path}")
 
 
 class Samples(keras.callbacks.Callback):
@@ -361,6 +322,8 @@ class Samples(keras.callbacks.Callback):
                  sample_grid(self.decoder, self.std, self.seed))
 
 
+# --- the article's experiments ------------------------------------------------------------------
+
 def reconstruct(encoder, decoder, test, n=RECONSTRUCT):
     """n held-out images (top row) over decoder(encoder(x)) (bottom row) as one picture, and the
     largest absolute error: every split z is kept in the z vector, so the round trip is exact."""
@@ -373,9 +336,7 @@ def reconstruct(encoder, decoder, test, n=RECONSTRUCT):
 def temperature_rows(decoder, temperatures, seed=0, n=GRID):
     """(temperatures, n, h, w, c) in [−1, 1]: decoder(T·ε_j) with the same ε_j in every row, so a column
     is one z direction at rising temperature; T = 0 gives decoder(0), the mode of the prior."""
-    z = temperature_codes(temperatures, n, decoder.input.shape[-1], seed)
-    x = keras.ops.convert_to_numpy(decoder(z.reshape(-1, z.shape[-1]), training=False))
-    return x.reshape(len(temperatures), n, *x.shape[1:])
+    return decode_codes(decoder, temperature_codes(temperatures, n, decoder.input.shape[-1], seed))
 
 
 def interpolation_rows(encoder, decoder, test, pairs, steps=GRID):
@@ -386,178 +347,99 @@ def interpolation_rows(encoder, decoder, test, pairs, steps=GRID):
     if len(x) < 2 * pairs:
         raise UserError(f"--interpolate {pairs}: needs {2 * pairs} held-out images, there are {len(x)}")
     z = keras.ops.convert_to_numpy(encoder(x, training=False))
-    codes = np.concatenate([interpolation_codes(z[i], z[i + 1], steps) for i in range(0, len(z), 2)])
-    rows = keras.ops.convert_to_numpy(decoder(codes.reshape(-1, z.shape[-1]), training=False))
-    return x, rows.reshape(len(codes), steps, *x.shape[1:])
+    return x, decode_codes(decoder, np.concatenate([interpolation_codes(z[i], z[i + 1], steps)
+                                              for i in range(0, len(z), 2)]))
 
 
-# --- script -----------------------------------------------------------------------------------
+def experiments(args):
+    """--sample-only / --reconstruct / --temperatures / --interpolate: load --weights, write PNGs."""
+    test = None
+    if args.reconstruct or args.interpolate:
+        _, test, channels = datasets(args)
+        if channels != args.config["channels"]:
+            raise UserError(f"--weights {args.weights} holds a model of {args.config['channels']} channel(s); "
+                            f"--data {args.data or 'MNIST'} has {channels}")
+    encoder, decoder = build_glow(**args.config)
+    ft.load_weights(encoder, args)
+    if args.sample_only:
+        write_grid(decoder, args)
+    if args.reconstruct:
+        pic, err = reconstruct(encoder, decoder, test)
+        path = os.path.join(args.out, "glow_reconstruct.png")
+        save_png(path, pic)
+        print(f"wrote {path} (held-out images over their reconstructions; max abs error {err:.2e})")
+    pictures = {}
+    if args.temperatures:
+        pictures["glow_temperatures.png"] = temperature_rows(decoder, args.temperatures, args.seed)
+    if args.interpolate:
+        pictures["glow_interpolate.png"] = interpolation_rows(encoder, decoder, test, args.interpolate)[1]
+    for name, rows in pictures.items():
+        path = os.path.join(args.out, name)
+        save_png(path, row_grid(rows, low=-1, high=1))
+        print(f"wrote {path}")
+    return 0
+
+
+# --- command line -------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Glow (RealNVP/Glow article) on an image folder or MNIST.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ft.ArgumentParser(description="Glow (RealNVP/Glow article) on an image folder or MNIST.")
+    ft.shape_arg(p, "--img-size", None, type=positive(int),
+                 help="image side after centre crop and resize (64 for a folder; MNIST is 32)")
+    ft.shape_arg(p, "--level", 3, type=positive(int), help="levels L of the multi-scale architecture")
+    ft.shape_arg(p, "--depth", 10, type=positive(int), help="flow steps K per level")
+    ft.shape_arg(p, "--hidden", 512, type=positive(int), help="channels of the coupling networks")
+    ft.shape_arg(p, "--permute", "random", choices=("reverse", "random", "conv"),
+                 help="channel mixing per step: reversal, the article's random shuffle, or Glow's 1×1 conv")
+    ft.shape_arg(p, "--coupling", "additive", choices=("additive", "affine"),
+                 help="additive (the article's) or affine coupling (log s through tanh)")
+    ft.shape_arg(p, "--mask", "channel", choices=("channel", "checkerboard", "alternate"),
+                 help="how each coupling splits its input: halves of the channels (Glow's), RealNVP's spatial "
+                      "checkerboard, or the two in turn (RealNVP's alternation)")
     p.add_argument("--data", help="folder of images, searched recursively (png, jpg/jpeg, bmp, gif, webp), "
                                   "e.g. CelebA's img_align_celeba; or an mnist.npz file. "
                                   "Default: MNIST zero-padded to 32×32")
-    p.add_argument("--img-size", type=int, default=None, help="image side after centre crop and resize "
-                                                              "(default 64; 32 for MNIST)")
-    p.add_argument("--level", type=int, default=3, help="levels L of the multi-scale architecture")
-    p.add_argument("--depth", type=int, default=10, help="flow steps K per level")
-    p.add_argument("--hidden", type=int, default=512, help="channels of the coupling networks")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps-per-epoch", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=100,
-                   help="epochs of --steps-per-epoch steps (the article ran 1000 and watched the samples)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--permute", choices=("reverse", "random", "conv"), default="random",
-                   help="channel mixing per step: reversal, the article's random shuffle, or Glow's 1×1 conv")
-    p.add_argument("--coupling", choices=("additive", "affine"), default="additive",
-                   help="additive (the article's) or affine coupling (log s through tanh)")
-    p.add_argument("--mask", choices=("channel", "checkerboard", "alternate"), default="channel",
-                   help="how each coupling splits its input: halves of the channels (Glow's), RealNVP's spatial "
-                        "checkerboard, or the two in turn (RealNVP's alternation)")
-    p.add_argument("--std", type=float, default=0.9, help="standard deviation (temperature) of sampled z")
-    p.add_argument("--weights", default="glow.weights.h5",
-                   help="best weights are saved here while training; read by --sample-only/--reconstruct")
-    p.add_argument("--sample-only", action="store_true",
-                   help="no training: load --weights and write OUT/glow_samples.png")
+    p.add_argument("--steps-per-epoch", type=positive(int), default=1000)
+    p.add_argument("--std", type=non_negative, default=0.9, help="standard deviation (temperature) of sampled z")
     p.add_argument("--reconstruct", action="store_true",
-                   help="no training: load --weights, encode held-out images and decode them back; "
+                   help="no training: encode held-out images and decode them back; "
                         "originals over reconstructions in OUT/glow_reconstruct.png")
     p.add_argument("--temperatures", metavar="T1,T2,...",
-                   help="no training: load --weights, write OUT/glow_temperatures.png, one row of 9 samples per "
-                        "standard deviation of z (0 is decoder(0), the mode), the same z direction per column")
-    p.add_argument("--interpolate", type=int, default=0, metavar="N",
-                   help="no training: load --weights, encode N pairs of held-out images, write "
-                        "OUT/glow_interpolate.png: per pair the straight line between the codes over the great circle")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and sampled z")
-    p.add_argument("--out", default="samples", help="folder for the PNG grids")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run of --weights from its last completed epoch (backups in "
-                        "NAME.run/ beside NAME.weights.h5); --epochs is the total")
-    p.add_argument("--max-collapses", type=int, default=5, metavar="N",
-                   help="stop (exit code 3) after N non-finite losses, each answered by reloading "
-                        "the best weights at a low learning rate")
-    add_scale_out_args(p)
-    args = p.parse_args(argv)
-    for name in ("level", "depth", "hidden", "batch_size", "steps_per_epoch", "epochs", "max_collapses"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UserError(f"--lr must be a positive number, got {args.lr}")
-    if not (args.std >= 0 and math.isfinite(args.std)):
-        raise UserError(f"--std must be a non-negative number, got {args.std}")
+                   help="no training: write OUT/glow_temperatures.png, one row of 9 samples per standard "
+                        "deviation of z (0 is decoder(0), the mode), the same z direction per column")
+    p.add_argument("--interpolate", type=positive(int), default=0, metavar="N",
+                   help="no training: encode N pairs of held-out images, write OUT/glow_interpolate.png: "
+                        "per pair the straight line between the codes over the great circle")
+    ft.add_run_args(p, weights="glow.weights.h5", epochs=100, batch_size=64, lr=1e-4, seed=0)
+    args = ft.parse(p, argv, model="glow", uses_weights=("reconstruct", "temperatures", "interpolate"))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)
-    if args.interpolate < 0:
-        raise UserError(f"--interpolate must be at least 1 pair, got {args.interpolate}")
-    if not args.weights.endswith(".weights.h5"):
-        raise UserError(f"--weights {args.weights}: the name must end in .weights.h5 (Keras' weights format)")
-    if args.resume and (args.sample_only or args.reconstruct):
-        raise UserError("--resume continues training; it does not go with --sample-only or --reconstruct")
-    folder = bool(args.data) and not args.data.endswith(".npz")
+    folder = bool(args.data) and os.path.isdir(args.data)
+    if args.data and not folder and not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such folder or file")
+    reads_data = not args.loads_weights or args.reconstruct or args.interpolate
     if args.img_size is None:
-        args.img_size = 64 if folder else 32
-    elif not folder and args.img_size != 32:
+        args.img_size = args.config["img_size"] = 64 if folder else 32
+    elif reads_data and not folder and args.img_size != 32:
         raise UserError(f"--img-size {args.img_size}: MNIST is padded to 32×32; use --img-size 32 "
                         f"or an image folder with --data")
+    if args.loads_weights:
+        args.config.setdefault("channels", 3 if folder else 1)  # a record knows better
+    else:
+        args.config["channels"] = 3 if folder else 1
     check_size(args.img_size, args.level, args.mask)
     return args
 
 
-def run(argv=None):
-    args = parse_args(argv)
-    strategy = make_strategy(args.distribute, args.devices)  # first: before any TensorFlow work
-    set_mixed_precision(args.mixed_precision)
-    keras.utils.set_random_seed(args.seed)
-    use_only = args.sample_only or args.reconstruct or bool(args.temperatures) or args.interpolate > 0
-    if use_only and not os.path.isfile(args.weights):
-        raise UserError(f"--weights {args.weights}: no such file (train first, or name the file)")
-    folder = bool(args.data) and os.path.isdir(args.data)
-    if args.data and not folder and not os.path.isfile(args.data):
-        raise UserError(f"--data {args.data}: no such folder or file")
-    check_writable(args.out, f"--out {args.out}")
-    arch = {"--img-size": args.img_size, "--level": args.level, "--depth": args.depth, "--hidden": args.hidden,
-            "--permute": args.permute, "--coupling": args.coupling, "--mask": args.mask,
-            "data": "RGB images" if folder else "MNIST"}
-    if not use_only:  # before the data are read (CelebA: minutes) and before anything is written
-        check_run(args.weights, args.resume, args.epochs, arch)
-        if args.resume and args.distribute == "multiworker":
-            raise UserError("--resume with --distribute multiworker is not supported: only the chief "
-                            "keeps backups, the other workers would start again from epoch 0")
-        check_writable(os.path.dirname(args.weights), f"--weights {args.weights}")
-    if use_only and not (args.reconstruct or args.interpolate):
-        train = test = None
-        channels = 3 if folder else 1
-    else:
-        train, test, channels = datasets(args)
-    with strategy.scope():  # variables mirrored on every replica, the optimizer's too
-        encoder, decoder = build_glow(args.img_size, channels, args.level, args.depth, args.hidden,
-                                      args.permute, args.coupling, args.lr, args.mask)
-    dims = args.img_size ** 2 * channels
-    if use_only:
-        load_weights(encoder, args.weights, args, channels)
-        if args.sample_only:
-            path = os.path.join(args.out, "glow_samples.png")
-            save_png(path, sample_grid(decoder, args.std, args.seed))
-            print(f"wrote {path}")
-        if args.reconstruct:
-            pic, err = reconstruct(encoder, decoder, test)
-            path = os.path.join(args.out, "glow_reconstruct.png")
-            save_png(path, pic)
-            print(f"wrote {path} (held-out images over their reconstructions; max abs error {err:.2e})")
-        pictures = {}
-        if args.temperatures:
-            pictures["glow_temperatures.png"] = temperature_rows(decoder, args.temperatures, args.seed)
-        if args.interpolate:
-            pictures["glow_interpolate.png"] = interpolation_rows(encoder, decoder, test, args.interpolate)[1]
-        for name, rows in pictures.items():
-            path = os.path.join(args.out, name)
-            save_png(path, row_grid(rows, low=-1, high=1))
-            print(f"wrote {path}")
-        return 0
-
-    print(f"Glow: {architecture(args, channels)}, {encoder.count_params():,} parameters, D = {dims}")
-    weights = worker_path(args.weights, strategy)  # the chief writes args.weights, other workers a temp copy
-    best = KeepBest(weights, monitor="loss", after_epoch=10, max_collapses=args.max_collapses)
-    interrupt = Interrupt()  # Ctrl-C: stop after the step, still write samples from the best weights
-    with strategy.scope():  # a resumed run builds the optimizer's variables
-        backup, done = open_run(encoder, weights, args.resume, best, interrupt, arch)
-    if args.resume:  # the Actnorms' `initialized` flag came back with the weights: no second init
-        print(f"resuming {run_folder(args.weights)}/ after epoch {done} of {args.epochs} (learning rate "
-              f"{float(encoder.optimizer.learning_rate.numpy()):.3g}, best loss {best.best:.1f})")
-    with strategy.scope():  # one eager pass over the global batch: every replica gets its statistics
-        n = initialize_actnorms(encoder, next(iter(train))[0])
-    print(f"initialised {n} Actnorm layers from the first batch")
-    encoder.fit(train, steps_per_epoch=args.steps_per_epoch, epochs=args.epochs, initial_epoch=done,
-                validation_data=test,
-                callbacks=[BitsPerDim(dims, BIN, key="val_loss"), best,
-                           *([Samples(decoder, args.out, args.std, args.seed)] if is_chief(strategy) else []),
-                           backup, interrupt],
-                shuffle=False, verbose=2)
-    if best.gave_up:
-        print(f"error: training stopped after {best.collapses} non-finite batch losses "
-              f"(--max-collapses {args.max_collapses}); the best weights stay in {args.weights}",
-              file=sys.stderr, flush=True)
-        return 3
-    if os.path.isfile(weights):
-        encoder.load_weights(weights)
-    if is_chief(strategy):
-        save_png(os.path.join(args.out, "glow_samples.png"), sample_grid(decoder, args.std, args.seed))
-    if interrupt.interrupted:  # no test pass: the user asked to stop
-        state = Backup.read_state(run_folder(args.weights)) or {}
-        print(f"interrupted: best weights in {args.weights}, samples in "
-              f"{os.path.join(args.out, 'glow_samples.png')}; continue with --resume (last completed "
-              f"epoch: {state.get('epoch', 0)})", flush=True)
-        return 130
-    nll = encoder.evaluate(test, verbose=0, return_dict=True)["loss"]
-    print(f"best weights in {args.weights}, samples in {os.path.join(args.out, 'glow_samples.png')}")
-    print(f"test bits/dim: {bits_per_dim(nll, dims, BIN):.3f}")
-    return 0
+def run(args):
+    strategy = ft.start(args)
+    if args.loads_weights:
+        return experiments(args)
+    return train(args, strategy)
 
 
 def main(argv=None):
-    return script_main(lambda: run(argv))
+    return ft.script_main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

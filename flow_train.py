@@ -1,0 +1,601 @@
+"""What a long training run needs around `fit`, once for every script (DESIGN §1): the shared
+command line and its checks, the architecture record kept inside the weights file, the best weights
+and the collapse rule, Ctrl-C, per-epoch backups and --resume, the distribution strategy and
+chief-only writes. A script calls `parse`, `start`, `check_training` and `train`; everything here is
+the same for NICE, Glow and the models after them. Arrows point one way: scripts -> flow_train ->
+flow_utils.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import warnings
+
+# flow_utils first: it sets TensorFlow's log level before keras imports TensorFlow
+from flow_utils import UserError, _atomic, read_config, save_weights_atomic  # isort: skip
+
+import keras  # noqa: E402
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line `error: ...` on stderr with exit code 2, like UserError."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def check_writable(folder, flag):
+    """UserError unless files can be created in `folder` (created later when missing): tried with a
+    temporary file, removed at once, in the folder or else its nearest existing parent, so a bad
+    --out or --weights is reported before any training, and nothing is left behind."""
+    path = os.path.abspath(folder or ".")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag}: cannot write in {folder}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
+
+
+# --- the command line every script shares ---------------------------------------------------------
+
+def positive(kind):
+    """argparse type: a number of `kind` (int or float) > 0."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def non_negative(text):
+    """argparse type: a float ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
+    return value
+
+
+def shape_arg(parser, flag, default, **kwargs):
+    """A flag that shapes the model. Its value is recorded inside the weights file, so after training
+    it is optional: `parse` takes it from the record, and an explicit value that contradicts the
+    record is an error. Without a record it falls back to `default`."""
+    action = parser.add_argument(flag, default=None, **kwargs)
+    action.help = f"{action.help or ''} (default: {default}; read from --weights' record when not given)"
+    if not hasattr(parser, "shape_defaults"):
+        parser.shape_defaults = {}
+    parser.shape_defaults[action.dest] = default
+
+
+def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None):
+    """The flags of a training run, the same in every script: --epochs --batch-size --lr --weights
+    --resume --max-collapses --seed --out --sample-only, and the scale-out flags."""
+    p = parser
+    p.add_argument("--epochs", type=positive(int), default=epochs, help="training epochs (the total with --resume)")
+    p.add_argument("--batch-size", type=positive(int), default=batch_size, help="images per batch (global)")
+    p.add_argument("--lr", type=positive(float), default=lr, help="learning rate")
+    p.add_argument("--weights", default=weights,
+                   help="the best weights are kept here, with the architecture record; read back by "
+                        "every mode that does not train. Must end in .weights.h5")
+    p.add_argument("--sample-only", action="store_true", help="no training: load --weights, write the sample grid")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run of --weights from its last completed epoch (backups in "
+                        "NAME.run/ beside NAME.weights.h5); --epochs is the total")
+    p.add_argument("--max-collapses", type=positive(int), default=5, metavar="N",
+                   help="stop (exit code 3) after N non-finite losses, each answered by reloading "
+                        "the best weights at a low learning rate")
+    p.add_argument("--seed", type=int, default=seed, help="random seed (numpy, TensorFlow, Keras)")
+    p.add_argument("--out", default="samples", help="folder for the pictures")
+    add_scale_out_args(p)
+
+
+def _say(dest, value):
+    return f"--{dest.replace('_', '-')} {value}"
+
+
+def parse(parser, argv=None, *, model, uses_weights=()):
+    """Parses and checks the shared flags, then resolves the model's shape into `args.config`
+    ({dest: value} of every shape flag, plus what the record holds besides): an explicit flag, else
+    the record in --weights (modes that load weights: --sample-only and the `uses_weights` dests)
+    or in the run folder (--resume), else the flag's default. An explicit flag that contradicts the
+    record is a one-line error naming each difference. Sets args.model, args.loads_weights."""
+    args = parser.parse_args(argv)
+    args.model = model
+    args.shape_flags = list(getattr(parser, "shape_defaults", {}))
+    modes = ["sample_only", *uses_weights]
+    args.loads_weights = any(getattr(args, m) for m in modes)
+    named = ", ".join("--" + m.replace("_", "-") for m in modes)
+    if not args.weights.endswith(".weights.h5"):
+        parser.error(f"--weights {args.weights}: the file name must end in .weights.h5 (Keras 3)")
+    if os.path.isdir(args.weights):
+        parser.error(f"--weights {args.weights}: is a folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: exists and is not a folder")
+    if args.resume and args.loads_weights:
+        parser.error(f"--resume continues training; it does not go with {named}")
+    if args.loads_weights and not os.path.isfile(args.weights):
+        parser.error(f"--weights {args.weights}: no such file (train first; {named} use trained weights)")
+    if args.loads_weights:
+        record, source, hint = read_config(args.weights), f"--weights {args.weights}", \
+            "leave the flags out (they are read from the file) or pass the same values"
+    elif args.resume:
+        record, source, hint = run_record(args.weights), f"--resume: the run in {run_folder(args.weights)}/", \
+            "pass the same flags"
+    else:
+        record = None
+    if record is not None and record.get("model", model) != model:
+        raise UserError(f"{source} holds a {record['model']} model, not a {model} one")
+    given = {d: getattr(args, d) for d in args.shape_flags}
+    if record is not None:
+        diff = [f"{_say(d, record[d])} (this run: {_say(d, v)})" for d, v in given.items()
+                if v is not None and d in record and record[d] != v]
+        if diff:
+            raise UserError(f"{source} was trained with {', '.join(diff)}; {hint}")
+    args.config = {k: v for k, v in (record or {}).items() if k != "model"}
+    for d, v in given.items():
+        if v is None:
+            v = args.config.get(d, parser.shape_defaults[d])
+        setattr(args, d, v)
+        args.config[d] = v
+    return args
+
+
+def start(args):
+    """The start of every run: the strategy (before any other TensorFlow work), the precision
+    policy, the seed, and a writable --out. Returns the strategy."""
+    strategy = make_strategy(args.distribute, args.devices)
+    set_mixed_precision(args.mixed_precision)
+    if args.seed is not None:
+        keras.utils.set_random_seed(args.seed)
+    check_writable(args.out, f"--out {args.out}")
+    return strategy
+
+
+def check_training(args):
+    """Before the data are read and anything is written: what this run may do with what is on
+    disk (an earlier run is never overwritten; --resume needs one with the same architecture,
+    derived entries of args.config included) and whether --weights' folder is writable."""
+    check_run(args.weights, args.resume, args.epochs)
+    if args.resume:
+        record = run_record(args.weights) or {}
+        diff = [f"{k} {record[k]} (this run: {k} {v})" for k, v in args.config.items()
+                if k not in args.shape_flags and k in record and record[k] != v]
+        if diff:
+            raise UserError(f"--resume: the run in {run_folder(args.weights)}/ was trained with "
+                            f"{', '.join(diff)}; pass the same data")
+        if args.distribute == "multiworker":
+            raise UserError("--resume with --distribute multiworker is not supported: only the chief keeps "
+                            "backups, the other workers would start again from epoch 0")
+    check_writable(os.path.dirname(args.weights), f"--weights {args.weights}")
+
+
+def load_weights(model, args):
+    """--weights into `model`, built from args.config; a file that does not fit is one line."""
+    try:
+        with warnings.catch_warnings():  # Keras warns per object before raising; we say it in one line
+            warnings.simplefilter("ignore")
+            model.load_weights(args.weights)
+        return
+    except Exception as e:  # noqa: BLE001 - any failure is reported as one line below
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    if read_config(args.weights) is None:
+        flags = ", ".join("--" + d.replace("_", "-") for d in args.shape_flags)
+        raise UserError(f"--weights {args.weights}: cannot load it into this {args.model} model ({why}); the "
+                        f"file holds no architecture record (an older run, or not {args.model}'s): give the "
+                        f"flags it was trained with ({flags})")
+    raise UserError(f"--weights {args.weights}: cannot load it into this {args.model} model ({why})")
+
+
+# --- training ---------------------------------------------------------------------------------
+
+class KeepBest(keras.callbacks.Callback):
+    """Keeps the best weights by `monitor` (written atomically) and, as the Glow article's script does,
+    treats a loss that turns positive after `after_epoch` as a collapse: reload the best weights and
+    set the learning rate to `low_lr`. A loss that is not finite is a collapse at any time (the
+    original's `loss > 0` never fires on NaN): checked after every batch too, so training never goes
+    on from garbage; the reload also restores the optimizer's moments, which a NaN gradient poisons
+    (Keras' .weights.h5 holds the optimizer state). After `max_collapses` non-finite losses training
+    stops and `gave_up` is set; the best weights stay on disk.
+    """
+
+    def __init__(self, path, monitor="loss", after_epoch=10, low_lr=1e-5, max_collapses=5, verbose=1,
+                 config=None):
+        super().__init__()
+        self.path, self.monitor, self.after_epoch, self.config = path, monitor, after_epoch, config
+        self.low_lr, self.max_collapses, self.verbose = low_lr, max_collapses, verbose
+        self.best = math.inf
+        self.collapses = 0
+        self.gave_up = False
+        self._start = None
+        self._tainted = False  # a batch of this epoch collapsed: its logs describe a partial epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._tainted = False
+
+    def on_train_begin(self, logs=None):
+        self._start = None if os.path.exists(self.path) else self.model.get_weights()
+
+    def _say(self, text):
+        if self.verbose:
+            print(text, flush=True)
+
+    def _collapse(self, where, value):
+        self.collapses += 1
+        if os.path.exists(self.path):
+            self.model.load_weights(self.path)
+            source = self.path
+        else:  # nothing saved yet: back to the weights training started from
+            self.model.set_weights(self._start)
+            source = "the initial weights"
+        self.model.optimizer.learning_rate.assign(self.low_lr)
+        self._say(f"\n{where}: {self.monitor} = {value} looks like a collapse; reloaded {source}, "
+                  f"learning rate set to {self.low_lr}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        value = float((logs or {}).get("loss", 0.0))
+        if math.isfinite(value):
+            return
+        self._collapse(f"batch {batch + 1}", value)
+        self._tainted = True
+        for metric in self.model.metrics:  # the epoch's running mean would stay NaN
+            metric.reset_state()
+        if self.collapses >= self.max_collapses:
+            self.gave_up = True
+            self.model.stop_training = True
+            self._say(f"stopping: the loss was not finite {self.collapses} times; "
+                      f"the best weights stay in {self.path}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float((logs or {}).get(self.monitor, math.nan))
+        if self._tainted:  # not a fair figure to compare; the reload already happened
+            return
+        if math.isfinite(value) and value < self.best:
+            self.best = value
+            save_weights_atomic(self.model, self.path, self.config)
+            self._say(f"\nepoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved {self.path}")
+        elif not math.isfinite(value) or (epoch + 1 > self.after_epoch and value > 0):
+            self._collapse(f"epoch {epoch + 1}", value)
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Ctrl-C (SIGINT) during `fit` stops training after the current step instead of killing it, so
+    the script can still write its samples from the best weights (and exit with 130). A second
+    Ctrl-C interrupts at once, as usual."""
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\ninterrupted: stopping after this step (Ctrl-C again to quit at once)", flush=True)
+
+    def on_train_begin(self, logs=None):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.interrupted:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if not self.interrupted and self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Backup(keras.callbacks.Callback):
+    """What `--resume` needs, in `folder`, after every completed epoch: the weights with the optimizer
+    state and learning rate (a Keras .weights.h5 holds all three) as epoch-NNNN.weights.h5, then
+    state.json naming that file with the epoch count and KeepBest's record. Each file is written
+    atomically and state.json last, so a kill at any instant leaves a consistent pair; Keras'
+    BackupAndRestore writes its files in place. An epoch cut short by Ctrl-C is not recorded.
+    """
+
+    STATE = "state.json"
+
+    def __init__(self, folder, keep_best=None, interrupt=None, config=None):
+        super().__init__()
+        self.folder, self.keep_best, self.interrupt, self.config = folder, keep_best, interrupt, config
+
+    @classmethod
+    def read_state(cls, folder):
+        """The saved state dict, or None when `folder` holds no backup."""
+        path = os.path.join(folder, cls.STATE)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.interrupt is not None and self.interrupt.interrupted:
+            return
+        name = f"epoch-{epoch + 1:04d}.weights.h5"
+        save_weights_atomic(self.model, os.path.join(self.folder, name), self.config)
+        state = {"epoch": epoch + 1, "weights": name}
+        if self.keep_best is not None:
+            state.update(best=self.keep_best.best, collapses=self.keep_best.collapses)
+        _atomic(os.path.join(self.folder, self.STATE),
+                lambda tmp: open(tmp, "w").write(json.dumps(state, indent=1)))
+        for old in os.listdir(self.folder):
+            if old.startswith("epoch-") and old.endswith(".weights.h5") and old != name:
+                os.remove(os.path.join(self.folder, old))
+
+    def restore(self):
+        """Loads the last completed epoch's weights, optimizer state and best record; returns the
+        number of epochs already done (fit's initial_epoch), 0 when there is nothing to resume."""
+        state = self.read_state(self.folder)
+        if state is None:
+            return 0
+        if not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(os.path.join(self.folder, state["weights"]))
+        if self.keep_best is not None:
+            self.keep_best.best = state.get("best", math.inf)
+            self.keep_best.collapses = state.get("collapses", 0)
+        return int(state["epoch"])
+
+
+# --- runs: --resume -------------------------------------------------------------------------------
+
+def run_folder(weights):
+    """A training run's backups for --resume live beside its best weights:
+    nice.weights.h5 -> nice.run/ (Backup's state.json and the last epoch-NNNN.weights.h5)."""
+    return weights[: -len(".weights.h5")] + ".run"
+
+
+def run_record(weights):
+    """The architecture record of the run of `weights`: from its last backup, else None."""
+    folder = run_folder(weights)
+    state = Backup.read_state(folder)
+    return read_config(os.path.join(folder, state["weights"])) if state else None
+
+
+def check_run(weights, resume, epochs):
+    """Before anything is written, what a training run may do with what is on disk; returns the
+    run's folder. Without `resume` an earlier run (best weights or backups) is never overwritten;
+    with it there must be a completed epoch to resume and fewer than `epochs` epochs done (the
+    total, as fit counts). The architecture was checked against the record by `parse`."""
+    folder = run_folder(weights)
+    state = Backup.read_state(folder)
+    if not resume:
+        if state is not None:
+            raise UserError(f"an earlier run is in {folder}/ (best weights: {weights}): continue it with "
+                            f"--resume, or start afresh with another --weights (or delete both)")
+        if os.path.exists(weights):
+            raise UserError(f"--weights {weights} already exists (an earlier run's best weights) and "
+                            f"training would overwrite it; there is no {folder}/ to --resume from: "
+                            f"start afresh with another --weights, or delete it")
+        return folder
+    if state is None:
+        raise UserError(f"--resume: nothing to resume, no completed epoch in {folder}/ (the run of "
+                        f"--weights {weights}); start without --resume"
+                        + (f" after deleting {weights}, or with another --weights"
+                           if os.path.exists(weights) else ""))
+    if state["epoch"] >= epochs:
+        raise UserError(f"--resume: the run in {folder}/ has completed {state['epoch']} epochs already "
+                        f"(--epochs {epochs} is the total); pass a larger --epochs to train it further")
+    return folder
+
+
+def open_run(model, weights, resume, keep_best, interrupt, config):
+    """(Backup callback, epochs already done) for a run checked by check_run. Resuming loads the last
+    completed epoch's weights, optimizer state, learning rate and best record."""
+    backup = Backup(run_folder(weights), keep_best=keep_best, interrupt=interrupt, config=config)
+    backup.set_model(model)
+    if not resume:
+        return backup, 0
+    done = backup.restore()
+    if not os.path.exists(weights):  # best file deleted: the record would never be beaten to rewrite it
+        keep_best.best = math.inf
+    return backup, done
+
+
+# --- scaling out: tf.distribute and mixed precision (issue 7) ---------------------------------
+
+DISTRIBUTE = ("none", "mirrored", "multiworker")
+PRECISIONS = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def add_scale_out_args(parser):
+    """--distribute, --devices and --mixed-precision, the same in both scripts."""
+    parser.add_argument("--distribute", choices=DISTRIBUTE, default="none",
+                        help="data-parallel training: mirrored = all local GPUs (or --devices), "
+                             "multiworker = every host named in the TF_CONFIG environment variable; "
+                             "--batch-size is the global batch, split over the replicas")
+    parser.add_argument("--devices", default=None, metavar="LIST",
+                        help="with --distribute mirrored: comma-separated devices, e.g. GPU:0,GPU:1 "
+                             "(default: every local GPU, else the CPU)")
+    parser.add_argument("--mixed-precision", nargs="?", const="bfloat16", default=None,
+                        choices=tuple(PRECISIONS),
+                        help="coupling networks compute in 16 bits (bfloat16 if no value: CPUs, TPUs, "
+                             "Ampere+ GPUs; float16 for older GPUs, with dynamic loss scaling); "
+                             "variables, the flow's data path, log-dets and the loss stay float32")
+
+
+_strategies = {}  # one per (name, devices) and process: two in one process clash in their collectives
+
+
+def make_strategy(name="none", devices=None):
+    """The tf.distribute strategy for --distribute, the one place both scripts get it from. Call it
+    before any other TensorFlow work: MultiWorkerMirroredStrategy must be created at program start.
+
+    none: TensorFlow's default strategy (one device); mirrored: MirroredStrategy over `devices`
+    (a list or "GPU:0,GPU:1"; default every local GPU, else the CPU); multiworker:
+    MultiWorkerMirroredStrategy, the cluster and this process's role read from TF_CONFIG. Build,
+    compile and initialise the model inside `strategy.scope()`; fit's batch is the global batch.
+    """
+    if name not in DISTRIBUTE:
+        raise UserError(f"--distribute {name}: expected one of {', '.join(DISTRIBUTE)}")
+    if devices and name != "mirrored":
+        raise UserError("--devices goes with --distribute mirrored")
+    if name != "none" and keras.backend.backend() != "tensorflow":
+        raise UserError(f"--distribute {name} needs the TensorFlow backend (KERAS_BACKEND="
+                        f"{keras.backend.backend()}); on JAX see keras.distribution.DataParallel")
+    import tensorflow as tf
+
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if isinstance(devices, str):
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    key = (name, tuple(devices or ()))
+    if key not in _strategies:
+        _strategies[key] = _new_strategy(tf, name, devices)
+    return _strategies[key]
+
+
+def _new_strategy(tf, name, devices):
+    if name == "mirrored":
+        if devices:
+            known = {d.name.split("device:")[-1].upper() for d in tf.config.list_logical_devices()}
+            unknown = [d for d in devices if d.split("device:")[-1].lstrip("/").upper() not in known]
+            if unknown:
+                raise UserError(f"--devices: no such device {', '.join(unknown)} "
+                                f"(this machine has {', '.join(sorted(known))})")
+        return tf.distribute.MirroredStrategy(devices or None)
+    config = os.environ.get("TF_CONFIG")
+    if not config:
+        raise UserError("--distribute multiworker: set TF_CONFIG, e.g. "
+                        "'{\"cluster\": {\"worker\": [\"host1:12345\", \"host2:12345\"]}, "
+                        "\"task\": {\"type\": \"worker\", \"index\": 0}}' (index 1 on the second host)")
+    try:
+        json.loads(config)
+    except ValueError:
+        raise UserError(f"TF_CONFIG is not JSON: {config[:80]!r}") from None
+
+    class MultiWorker(tf.distribute.MultiWorkerMirroredStrategy):
+        """Works around the two reductions by which Keras 3.15's fit fails on more than one worker
+        (keras-team/keras#20585): it reduces the first (x, y) batch as one tuple, which this strategy
+        rejects ('Attempt to convert a value (PerReplica...)') where MirroredStrategy reduces element
+        by element; and it reduces each step's scalar logs with axis=0 ('Invalid reduction dimension
+        0 for input with 0 dimensions'), where the mean across replicas is meant."""
+
+        def reduce(self, reduce_op, value, axis):
+            if isinstance(value, (tuple, list)):
+                return type(value)(self.reduce(reduce_op, v, axis) for v in value)
+            if axis is not None and all(t.shape.rank == 0 for t in self.experimental_local_results(value)):
+                axis = None
+            return super().reduce(reduce_op, value, axis)
+
+    return MultiWorker()
+
+
+def set_mixed_precision(name=None):
+    """Keras' global dtype policy: "mixed_bfloat16"/"mixed_float16" for name bfloat16/float16, the
+    default float32 for None. Set it before building a model. Flow layers keep float32 (flow_layers
+    `_flow_dtype`); compile wraps the optimizer in a LossScaleOptimizer under mixed_float16."""
+    if name is not None and name not in PRECISIONS:
+        raise UserError(f"--mixed-precision {name}: expected one of {', '.join(PRECISIONS)}")
+    keras.mixed_precision.set_global_policy(PRECISIONS[name] if name else keras.config.floatx())
+
+
+def is_chief(strategy):
+    """True unless this process is a worker other than the chief of a multi-worker strategy (the
+    chief: task type "chief", else worker 0, as TensorFlow decides)."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    resolver = strategy.cluster_resolver
+    if resolver.task_type in (None, "chief"):
+        return True
+    return (resolver.task_type == "worker" and resolver.task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict())
+
+
+_worker_folder = None
+
+
+def worker_path(path, strategy):
+    """Where this process writes `path` (a file or a folder): `path` itself on the chief; on the other
+    workers the same name in a private temporary folder, removed at exit (the Keras/TensorFlow
+    convention). Every worker still saves and reloads its own copy (KeepBest reloads on all of them,
+    in step), and only the chief's reaches the user's path."""
+    global _worker_folder
+    if is_chief(strategy):
+        return path
+    if _worker_folder is None:
+        import atexit
+        import shutil
+
+        _worker_folder = tempfile.mkdtemp(prefix=f"flow-worker-{strategy.cluster_resolver.task_id}-")
+        atexit.register(shutil.rmtree, _worker_folder, ignore_errors=True)
+    return os.path.join(_worker_folder, os.path.basename(os.path.normpath(path)))
+
+
+def script_main(body):
+    """Runs a script's body() and returns its exit code: argparse's exit (--help, a rejected flag),
+    UserError as one line `error: ...` and code 2, Ctrl-C outside fit (loading, building) or a second
+    one as code 130 — every write is atomic, so nothing is torn."""
+    try:
+        return body()
+    except SystemExit as e:
+        return e.code
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def train(encoder, train_data, val_data=None, *, args, strategy, monitor="val_loss", after_epoch=10,
+          callbacks=(), chief_callbacks=(), before_fit=None, finish=None, **fit_kwargs):
+    """`encoder.fit` with what a long run needs around it; returns the exit code: 0, 3 when the
+    loss stayed non-finite (--max-collapses), 130 after Ctrl-C. The best weights by `monitor` go
+    to --weights with the architecture record (KeepBest, which also applies the collapse rule after
+    `after_epoch`); every epoch is backed up for --resume; only the chief writes the user's files.
+    `before_fit()` runs after a resume restored the weights (Glow's Actnorm init); `finish()` runs
+    on the chief after the best weights are reloaded, interrupted or not (the sample grid).
+    `callbacks` come first (they may add to the logs KeepBest reads); the rest goes to fit."""
+    record = {"model": args.model, **args.config}
+    weights = worker_path(args.weights, strategy)  # the chief writes args.weights, other workers a temp copy
+    best = KeepBest(weights, monitor=monitor, after_epoch=after_epoch, max_collapses=args.max_collapses,
+                    config=record)
+    interrupt = Interrupt()  # Ctrl-C: stop after the step, still finish() from the best weights, exit 130
+    with strategy.scope():  # a resumed run builds the optimizer's variables
+        backup, done = open_run(encoder, weights, args.resume, best, interrupt, record)
+    if args.resume:
+        print(f"resuming {run_folder(args.weights)}/ after epoch {done} of {args.epochs} (learning rate "
+              f"{float(keras.ops.convert_to_numpy(encoder.optimizer.learning_rate)):.3g}, best {monitor} "
+              f"{best.best:.1f})", flush=True)
+    if before_fit is not None:
+        before_fit()
+    chief = is_chief(strategy)
+    encoder.fit(train_data, validation_data=val_data, epochs=args.epochs, initial_epoch=done,
+                callbacks=[*callbacks, *(chief_callbacks if chief else ()), best, backup, interrupt],
+                **fit_kwargs)
+    if best.gave_up:
+        print(f"error: training stopped after {best.collapses} non-finite batch losses "
+              f"(--max-collapses {args.max_collapses}); the best weights stay in {args.weights}",
+              file=sys.stderr, flush=True)
+        return 3
+    if os.path.isfile(weights):  # the best epoch, as the articles' checkpoints
+        encoder.load_weights(weights)
+    if finish is not None and chief:
+        finish()
+    if interrupt.interrupted:
+        state = Backup.read_state(run_folder(args.weights)) or {}
+        print(f"interrupted: best weights in {args.weights}; continue with --resume (last completed "
+              f"epoch: {state.get('epoch', 0)})" if os.path.isfile(args.weights) else
+              "interrupted before any epoch ended: no weights kept, the pictures are from the current ones",
+              flush=True)
+        return 130
+    return 0
