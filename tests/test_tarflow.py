@@ -1,0 +1,227 @@
+"""TarFlow (tarflow.py and its layers Patchify, Flip, TarBlock): the properties the paper states, on
+tiny shapes: log-det against the brute-force Jacobian, exact inverse (cached and not), causality,
+the alternating token order, the denoising score, save/load, training, the script's last line and
+its bad-input errors."""
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import mnist_npz, perturb
+
+import flow_layers as fl
+import tarflow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(img_size=28, channels=1, patch=7, width=8, blocks=2, layers=1, heads=2)  # 16 tokens of 49
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(0)
+
+
+def np_(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def block(classes=0, tokens=4, dims=3, seed=0):
+    """A built, perturbed TarBlock (its zero-initialised output layer made non-zero) and an input."""
+    layer = fl.TarBlock(width=8, layers=2, heads=2, classes=classes)
+    x = np.random.RandomState(seed).standard_normal((2, tokens, dims)).astype(keras.config.floatx())
+    y = np.array([1, 2], np.int32)
+    layer([x, y] if classes else x)
+    perturb(layer, 0.3, seed)
+    return layer, x, y
+
+
+@pytest.mark.parametrize("classes", [0, 3])
+def test_block_logdet_equals_the_brute_force_jacobian(classes, float64):
+    layer, x, y = block(classes)
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        z = layer([x, y] if classes else x)
+    jac = tape.batch_jacobian(z, x).numpy().reshape(2, 12, 12)
+    reported = -float(np_(layer.losses[-1]))  # batch mean of log|det|
+    assert np.allclose(np.mean([np.linalg.slogdet(j)[1] for j in jac]), reported, atol=1e-8)
+    assert abs(reported) > 0.1  # the check is not 0 = 0
+
+
+def test_block_starts_as_the_identity():
+    layer = fl.TarBlock(width=8, layers=1, heads=2)
+    x = np.random.standard_normal((2, 5, 3)).astype("float32")
+    assert np.array_equal(np_(layer(x)), x) and float(np_(layer.losses[-1])) == 0
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("classes", [0, 3])
+def test_block_inverse_shares_variables_and_inverts(cache, classes):
+    layer, x, y = block(classes, tokens=6)
+    inverse = layer.inverse()
+    layer.use_cache = cache
+    z = layer([x, y] if classes else x)
+    assert np.max(np.abs(np_(inverse([z, y] if classes else z)) - x)) < 1e-5
+    assert inverse.inverse() is layer and not inverse.trainable_weights  # reads the forward variables
+
+
+def test_causality_in_the_blocks_order():
+    layer, x, _ = block(tokens=6)
+    z = np_(layer(x))
+    for t in range(6):
+        x2 = x.copy()
+        x2[:, t] += 1.0
+        z2 = np_(layer(x2))
+        assert np.array_equal(z2[:, :t], z[:, :t]), t  # nothing before t moves
+        assert np.all(np.abs(z2[:, t] - z[:, t]) > 1e-3), t  # z_t does
+        if t < 5:
+            assert np.max(np.abs(z2[:, t + 1:] - z[:, t + 1:])) > 1e-4  # and later tokens see x_t
+
+
+def test_guidance_mixes_conditional_and_unconditional_parameters():
+    layer, x, y = block(classes=3, tokens=4)
+    z = layer([x, y])
+    none = np.full_like(y, 3)
+    layer.guidance = 0.0
+    x_cond = np_(layer.reverse([z, y]))
+    x_none = np_(layer.reverse([z, none]))
+    layer.guidance = 1.5
+    x_guided = np_(layer.reverse([z, y]))
+    assert np.allclose(x_cond, x, atol=1e-5)
+    assert np.max(np.abs(x_guided - x_cond)) > 1e-3 and np.max(np.abs(x_none - x_cond)) > 1e-3
+    layer.use_cache = False  # the same mixture without the cache
+    assert np.allclose(np_(layer.reverse([z, y])), x_guided, atol=1e-5)
+    # token 1 is (1 + w)·cond − w·uncond of affine maps of the same z_1
+    a_c, mu_c = (np_(p)[:, 1] for p in layer.params(x_cond, y))
+    a_u, mu_u = (np_(p)[:, 1] for p in layer.params(x_cond, none))
+    a, mu = 2.5 * a_c - 1.5 * a_u, 2.5 * mu_c - 1.5 * mu_u
+    assert np.allclose(x_guided[:, 1], np_(z)[:, 1] * np.exp(a) + mu, atol=1e-5)
+
+
+def test_patchify_layout_and_flip():
+    img = np.arange(2 * 4 * 6 * 3, dtype="float32").reshape(2, 4, 6, 3)
+    p = fl.Patchify(2)
+    tokens = np_(p(img))
+    assert tokens.shape == (2, 6, 12)
+    assert np.array_equal(tokens[1, 4], img[1, 2:4, 2:4].reshape(-1))  # row 1, column 1 of the 2×3 patches
+    assert np.array_equal(np_(p.inverse()(tokens)), img) and not p.losses
+    f = fl.Flip()
+    assert np.array_equal(np_(f(tokens)), tokens[:, ::-1]) and np.array_equal(np_(f.inverse()(f(tokens))), tokens)
+
+
+def test_block_order_alternates_identity_reversed():
+    encoder, decoder, flow = tarflow.build_tarflow(**{**TINY, "blocks": 3})
+    kinds = [type(l).__name__ for l in flow]
+    assert kinds == ["Patchify", "TarBlock", "Flip", "TarBlock", "Flip", "TarBlock", "Reshape"]
+    perturb(encoder, 0.1)
+    x = np.random.uniform(-1, 1, (2, 28, 28, 1)).astype("float32")
+    h = flow[0](x)
+    seen = []
+    for layer in flow[1:-1]:
+        if isinstance(layer, fl.TarBlock):
+            seen.append(np_(h))
+        h = layer(h)
+    tokens = np_(flow[0](x))
+    assert np.array_equal(seen[0], tokens)  # block 0 sees image order
+    b0 = np_(flow[1](seen[0]))
+    assert np.array_equal(seen[1], b0[:, ::-1])  # block 1 the reverse of block 0's output
+    assert np.array_equal(seen[2], np_(flow[3](seen[1]))[:, ::-1])  # block 2 image order again
+    assert np.allclose(np_(encoder(x)), np_(h).reshape(2, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_model_round_trip(conditional):
+    encoder, decoder, _ = tarflow.build_tarflow(**TINY, conditional=conditional)
+    perturb(encoder, 0.05)
+    x = np.random.uniform(-1, 1, (3, 28, 28, 1)).astype("float32")
+    y = np.array([0, 4, 9], np.int32)
+    z = np_(encoder([x, y] if conditional else x))
+    for cache in (True, False):
+        for b in tarflow.tar_blocks(decoder):
+            b.use_cache = cache
+        x_rec = np_(decoder([z, y] if conditional else z))
+        assert np.max(np.abs(x_rec - x)) <= 1e-4
+    assert np.max(np.abs(z - x.reshape(3, -1))) > 1e-2  # perturbed: not the identity
+
+
+def test_score_equals_finite_differences(float64):
+    encoder, _, _ = tarflow.build_tarflow(**{**TINY, "patch": 14, "blocks": 2})
+    perturb(encoder, 0.05)
+    x = np.random.RandomState(1).uniform(-1, 1, (1, 28, 28, 1))
+    g = tarflow.score(encoder, x)
+    h = 1e-5
+    for idx in [(0, 0, 0, 0), (0, 13, 20, 0), (0, 27, 27, 0), (0, 14, 3, 0)]:
+        e = np.zeros_like(x)
+        e[idx] = h
+        fd = (float(tarflow.log_density(encoder, x + e)) - float(tarflow.log_density(encoder, x - e))) / (2 * h)
+        assert np.isclose(g[idx], fd, rtol=1e-5, atol=1e-7), (idx, g[idx], fd)
+    assert np.max(np.abs(g)) > 1e-2
+
+
+def tiny_args(tmp_path, *more):
+    return tarflow.parse_args(["--patch", "7", "--width", "8", "--blocks", "2", "--layers", "1", "--heads", "2",
+                               "--weights", str(tmp_path / "t.weights.h5"), "--out", str(tmp_path), *more])
+
+
+def test_save_load_gives_identical_samples(tmp_path):
+    args = tiny_args(tmp_path)
+    encoder, decoder, _ = tarflow.build_tarflow(**args.config)
+    perturb(encoder, 0.05)
+    encoder.save_weights(args.weights)
+    z, labels = tarflow.grid_inputs(args, n=3)
+    before = tarflow.sample(encoder, decoder, args, z, labels)
+    keras.utils.set_random_seed(5)
+    encoder2, decoder2, _ = tarflow.build_tarflow(**args.config)
+    encoder2.load_weights(args.weights)
+    after = tarflow.sample(encoder2, decoder2, args, *tarflow.grid_inputs(args, n=3))
+    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+    assert np.max(np.abs(before[1] - before[0])) > 1e-4  # denoising did something
+
+
+def test_short_training_lowers_the_loss(tmp_path, digits):
+    args = tiny_args(tmp_path, "--batch-size", "32")
+    encoder, _, _ = tarflow.build_tarflow(**args.config)
+    tarflow.compile_tarflow(encoder, 2e-3)
+    k, y = digits[:320, ..., None], np.zeros(320, np.int32)
+    data = tarflow.dataset(k, y, args, shuffle=False)
+    before = encoder.evaluate(data, verbose=0)
+    encoder.fit(tarflow.dataset(k, y, args, shuffle=True), epochs=3, verbose=0)
+    after = encoder.evaluate(data, verbose=0)
+    assert after < before - 50, (before, after)
+
+
+def test_tiny_run_prints_its_last_line(tmp_path, digits):
+    data = mnist_npz(tmp_path / "m.npz", digits, 128, 64)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tarflow.py"), "--data", data, "--epochs", "1",
+                          "--patch", "7", "--width", "8", "--blocks", "1", "--layers", "1", "--heads", "2",
+                          "--noise", "uniform", "--batch-size", "32", "--weights", str(tmp_path / "t.weights.h5"),
+                          "--out", str(tmp_path / "pics")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("test bits/dim: ") and 0 < float(last.split()[-1]) < 20, last
+    assert os.path.isfile(tmp_path / "pics" / "tarflow_samples.png")
+    assert os.path.isfile(tmp_path / "pics" / "tarflow_epoch_001.png")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--patch", "5"], "--patch 5 does not divide the image size 28"),
+    (["--width", "30", "--heads", "4"], "--heads 4 does not divide --width 30"),
+    (["--guidance", "2"], "--guidance needs a --conditional"),
+    (["--noise", "laplace"], "--noise"),
+    (["--sigma", "-1"], "--sigma"),
+    (["--data", "no/such.npz"], "no such folder or file"),
+    (["--sample-only"], "no such file"),
+    (["--conditional", "--data", "FOLDER"], "--conditional needs class labels"),
+])
+def test_bad_inputs_one_line_exit_2(tmp_path, capsys, flags, words):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    flags = [str(folder) if f == "FOLDER" else f for f in flags]
+    out = tmp_path / "out"
+    code = tarflow.main([*flags, "--epochs", "1", "--weights", str(tmp_path / "w.weights.h5"), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not out.exists() and not (tmp_path / "w.weights.h5").exists()
