@@ -532,9 +532,10 @@ class TarBlock(FlowLayer):
     are shifted right by one token with zeros for the first, so token t's parameters see only x_<t
     and the block starts as the identity.
 
-    `reverse` is the sequential inverse x_t = z_t ⊗ exp(a_t) + μ_t, token by token (T − 1 passes).
-    With `use_cache` (default) each pass runs only the new token through f and keeps every layer's
-    keys and values (a key-value cache); without it each pass runs f over the whole sequence.
+    `reverse` is the sequential inverse x_t = z_t ⊗ exp(a_t) + μ_t, token by token (T − 1 passes,
+    one `ops.fori_loop`, so a compiled decoder traces one pass, not T). With `use_cache` (default)
+    each pass runs only the newest token through f and keeps every layer's keys and values in
+    fixed-size buffers (a key-value cache); without it each pass runs f over the whole sequence.
     Class-conditional: inputs [x, y] with integer labels y; while training a label is replaced by the
     "no class" index `classes` with probability `label_drop`; `reverse` with `guidance` w ≠ 0 uses
     (1 + w)·f(x, y) − w·f(x, no class) (classifier-free guidance). `use_cache` and `guidance` are
@@ -589,8 +590,13 @@ class TarBlock(FlowLayer):
     # f: the causal Transformer ------------------------------------------------------------------
 
     def _embed(self, x, y, start):
-        """Dense(width) of tokens x (B, t, D) at positions start.. + position (+ class) embedding."""
-        h = self.proj_in(x) + self.position[start:start + x.shape[1]]
+        """Dense(width) of tokens x (B, t, D) at positions start.. + position (+ class) embedding;
+        `start` may be a tensor when t = 1 (the cached loop)."""
+        if x.shape[1] == 1:
+            position = ops.take(self.position, start, axis=0)[None, None, :]
+        else:
+            position = self.position[start:start + x.shape[1]]
+        h = self.proj_in(x) + position
         if self.classes:
             h = h + ops.take(self.class_embedding, y, axis=0)[:, None, :]
         return h
@@ -601,21 +607,24 @@ class TarBlock(FlowLayer):
         return ops.transpose(h, (0, 2, 1, 3))
 
     def _transformer_layer(self, i, h, cache=None):
-        """One pre-norm layer on h (B, t, width). cache None: the whole sequence with a causal mask;
-        else a dict holding the keys and values of the earlier positions, to which h's are appended."""
+        """One pre-norm layer on h (B, t, width). cache None: the whole sequence with a causal mask.
+        Else h is the one token at position `cache["t"]` and cache holds fixed-size key and value
+        buffers (B, heads, T, width/heads): its key and value are written at that position and it
+        attends to the positions up to it (a fixed shape, so the loop over t compiles once)."""
         q, k, v = ops.split(self.qkv[i](self.attention_norms[i](h)), 3, axis=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        if cache is not None:
-            if "k" in cache:
-                k = ops.concatenate([cache["k"], k], axis=2)
-                v = ops.concatenate([cache["v"], v], axis=2)
-            cache["k"], cache["v"] = k, v
-        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.width // self.heads)
-        if cache is None:  # a cached step is one new query that may see every key so far
+        scores_mask = None
+        if cache is None:
             t = h.shape[1]
-            causal = ops.cast(ops.tril(ops.ones((t, t))), "bool")
-            scores = ops.where(causal, scores, ops.cast(-1e9, scores.dtype))
-        weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))  # softmax; also over one key
+            scores_mask = ops.cast(ops.tril(ops.ones((t, t))), "bool")
+        else:
+            here = ops.one_hot(cache["t"], self.tokens, dtype=k.dtype)[None, None, :, None]
+            k = cache[f"k{i}"] = cache[f"k{i}"] + here * k  # the buffer is zero at and after t
+            v = cache[f"v{i}"] = cache[f"v{i}"] + here * v
+            scores_mask = (ops.arange(self.tokens) <= cache["t"])[None, :]
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.width // self.heads)
+        scores = ops.where(scores_mask, scores, ops.cast(-1e9, scores.dtype))
+        weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))  # softmax
         out = ops.matmul(weights / ops.sum(weights, axis=-1, keepdims=True), v)
         out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (-1, h.shape[1], self.width))
         h = h + self.attention_out[i](out)
@@ -667,23 +676,32 @@ class TarBlock(FlowLayer):
     def reverse(self, inputs):
         z, y = self._unpack(inputs)
         y = self._guided(y)
-        double = (lambda t: ops.concatenate([t, t], axis=0)) if y is not None and self.guidance else (lambda t: t)
-        xs = [z[:, 0]]  # token 0 has a = μ = 0
-        caches = [{} for _ in range(self.depth)]
-        for t in range(1, self.tokens):
-            if self.use_cache:  # only the newest token x_{t−1} goes through f
-                h = self._embed(double(xs[-1][:, None]), y, t - 1)
+        guided = y is not None and bool(self.guidance)
+        double = (lambda t: ops.concatenate([t, t], axis=0)) if guided else (lambda t: t)
+
+        def put(x, t, x_t):  # x with token t set (it was zero): no slicing, so any backend compiles it
+            return x + ops.one_hot(t, self.tokens, dtype=x.dtype)[None, :, None] * x_t[:, None]
+
+        def step(t, state):  # x_t = z_t·exp(a_t) + μ_t, (a_t, μ_t) from x_<t
+            x, cache = state
+            if not cache:  # f over the whole sequence; the tokens not known yet are zero
+                a, mu = (ops.take(p, t, axis=1) for p in self.params(double(x), y))
+            else:  # only the newest token x_{t−1} goes through f, against the cached keys and values
+                cache = {**cache, "t": t - 1}
+                h = self._embed(double(ops.take(x, t - 1, axis=1)[:, None]), y, t - 1)
                 for i in range(self.depth):
-                    h = self._transformer_layer(i, h, caches[i])
-                a, mu = self._outputs(h)
-                a, mu = self._mix(a[:, 0]), self._mix(mu[:, 0])
-            else:  # the whole sequence again, unknown tokens zero (they do not reach token t)
-                known = ops.stack(xs, axis=1)
-                x = ops.concatenate([known, ops.zeros_like(z[:, t:])], axis=1)
-                a, mu = self.params(double(x), y)
-                a, mu = self._mix(a[:, t]), self._mix(mu[:, t])
-            xs.append(z[:, t] * ops.exp(a) + mu)
-        return ops.stack(xs, axis=1)
+                    h = self._transformer_layer(i, h, cache)
+                del cache["t"]
+                a, mu = (p[:, 0] for p in self._outputs(h))
+            return put(x, t, ops.take(z, t, axis=1) * ops.exp(self._mix(a)) + self._mix(mu)), cache
+
+        x = put(ops.zeros_like(z), 0, z[:, 0])  # token 0 has a = μ = 0
+        cache = {}  # stays empty without the cache
+        if self.use_cache:
+            rows = ops.shape(z)[0] * (2 if guided else 1)
+            empty = ops.zeros((rows, self.heads, self.tokens, self.width // self.heads), dtype=z.dtype)
+            cache = {f"{kv}{i}": empty for i in range(self.depth) for kv in "kv"}
+        return ops.fori_loop(1, self.tokens, step, (x, cache))[0]
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "layers": self.depth, "heads": self.heads,
