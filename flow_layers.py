@@ -621,7 +621,7 @@ class TarBlock(FlowLayer):
             here = ops.one_hot(cache["t"], self.tokens, dtype=k.dtype)[None, None, :, None]
             k = cache[f"k{i}"] = cache[f"k{i}"] + here * k  # the buffer is zero at and after t
             v = cache[f"v{i}"] = cache[f"v{i}"] + here * v
-            scores_mask = (ops.arange(self.tokens) <= cache["t"])[None, :]
+            scores_mask = (ops.arange(self.tokens, dtype="int32") <= ops.cast(cache["t"], "int32"))[None, :]
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.width // self.heads)
         scores = ops.where(scores_mask, scores, ops.cast(-1e9, scores.dtype))
         weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))  # softmax
