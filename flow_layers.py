@@ -524,7 +524,7 @@ class Flip(FlowLayer):
 
 class TarBlock(FlowLayer):
     """One TarFlow block on tokens x (T, D): z_t = (x_t − μ_t) ⊗ exp(−a_t), (a_t, μ_t) = f(x_<t)
-    (Zhai et al. 2024, eq. 3–4), log-det −Σ_t Σ a_t.
+    (Zhai et al. 2024, the TarFlow block), log-det −Σ_t Σ a_t.
 
     f is a causal Transformer: Dense(width) + a learned positional embedding (+ a class embedding
     when `classes` > 0), `layers` pre-norm layers of causal self-attention and an MLP (4·width,
@@ -539,7 +539,8 @@ class TarBlock(FlowLayer):
     Class-conditional: inputs [x, y] with integer labels y; while training a label is replaced by the
     "no class" index `classes` with probability `label_drop`; `reverse` with `guidance` w ≠ 0 uses
     (1 + w)·f(x, y) − w·f(x, no class) (classifier-free guidance). `use_cache` and `guidance` are
-    plain attributes read when `reverse` runs: set them before an eager call of the decoder.
+    plain attributes read when `reverse` runs (a compiled decoder reads them when it traces, so
+    tarflow.decode keeps one compiled decoder per setting).
     Attention is written with keras.ops (not keras' MultiHeadAttention) for the cache.
     """
 

@@ -8,7 +8,8 @@ in reversed order (Flip before and after). Loss per image 0.5‖z‖² + 0.5·D�
 blocks add Σa with `add_loss`, the compiled loss is the prior term. The decoder replays the layers'
 inverses in reverse order: each TarBlock inverts token by token, with a key-value cache.
 Training adds Gaussian noise σ·ε (the paper's choice); sampling then denoises with one score step
-x ← x + σ²·∇ₓ log p(x), the score taken by autodiff through the encoder (the paper's §2.4).
+x ← x + σ²·∇ₓ log p(x), the score taken by autodiff through the encoder (the paper's score-based
+denoising).
 With --noise uniform the model is trained on (k + u)·2/256 − 1 like Glow, and has a bits/dim.
 
     python tarflow.py                                   # MNIST, Gaussian noise σ = 0.1
@@ -16,6 +17,7 @@ With --noise uniform the model is trained on (k + u)·2/256 − 1 like Glow, and
     python tarflow.py --conditional --guidance 1        # class-conditional, rows of digits 0..9
     python tarflow.py --sample-only                     # load tarflow.weights.h5, write the grids
 """
+import argparse
 import os
 import sys
 import time
@@ -352,7 +354,7 @@ def parse_args(argv=None):
     ft.shape_arg(p, "--sigma", 0.1, type=non_negative, help="σ of the Gaussian noise on [−1, 1]")
     ft.shape_arg(p, "--conditional", False, action="store_true",
                  help="class-conditional (MNIST labels), 10%% label dropout for guidance")
-    p.add_argument("--denoise", action=__import__("argparse").BooleanOptionalAction, default=True,
+    p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                    help="one score step x + σ²·∇log p(x) after sampling (Gaussian-noise models)")
     p.add_argument("--guidance", type=float, default=0.0, metavar="W",
                    help="classifier-free guidance weight of a --conditional model: (1 + W)·cond − W·uncond")
