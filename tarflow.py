@@ -202,7 +202,7 @@ def tar_blocks(model):
 def log_density(encoder, x, y=None):
     """log p(x) per image in nats, summed over the batch: −0.5‖z‖² − 0.5·D·log 2π − Σa. The blocks'
     add_loss gives batch means, so the sum over images is B × their sum."""
-    z = encoder([x, y] if y is not None else x, training=False)
+    z = encoder([x, keras.ops.convert_to_tensor(y)] if y is not None else x, training=False)
     return -keras.ops.sum(prior_nll(None, z)) - z.shape[0] * sum(encoder.losses)
 
 

@@ -166,8 +166,9 @@ def tiny_args(tmp_path, *more):
                                "--weights", str(tmp_path / "t.weights.h5"), "--out", str(tmp_path), *more])
 
 
-def test_save_load_gives_identical_samples(tmp_path):
-    args = tiny_args(tmp_path)
+@pytest.mark.parametrize("flags", [[], ["--conditional", "--guidance", "1"]])
+def test_save_load_gives_identical_samples(tmp_path, flags):
+    args = tiny_args(tmp_path, *flags)
     encoder, decoder, _ = tarflow.build_tarflow(**args.config)
     perturb(encoder, 0.05)
     encoder.save_weights(args.weights)
