@@ -295,8 +295,8 @@ def temperature_rows(encoder, decoder, args, columns=GRID):
 
 
 def sampling_speed(decoder, args, n):
-    """{use_cache: (images per second, seconds to trace)} of the compiled decoder on n samples, and
-    the largest difference between the two ways' images."""
+    """{use_cache: (images per second, seconds of the first call, which traces and runs)} of the
+    compiled decoder on n samples, and the largest difference between the two ways' images."""
     z = temperature_codes([args.std], n, args.dims, 0)[0]
     inputs = [z, (np.arange(n) % CLASSES).astype(np.int32)] if args.conditional else z
     rates, outs = {}, {}
@@ -304,12 +304,11 @@ def sampling_speed(decoder, args, n):
         for block in tar_blocks(decoder):
             block.use_cache = cache
         start = time.perf_counter()
-        decode(decoder, inputs)  # traces
-        traced = time.perf_counter() - start
+        decode(decoder, inputs)  # traces, then runs
+        first = time.perf_counter() - start
         start = time.perf_counter()
         outs[cache] = decode(decoder, inputs)
-        run = time.perf_counter() - start
-        rates[cache] = (n / run, traced - run)  # the first call traced and ran
+        rates[cache] = (n / (time.perf_counter() - start), first)
     for block in tar_blocks(decoder):
         block.use_cache = True
     return rates, float(np.max(np.abs(outs[True] - outs[False])))
@@ -324,8 +323,8 @@ def experiments(args):
         rates, diff = sampling_speed(decoder, args, args.speed)
         (cached, trace_c), (plain, trace_p) = rates[True], rates[False]
         print(f"sampling {args.speed} images ({describe(args.config)}), compiled: {cached:.2f} img/s with the "
-              f"key-value cache, {plain:.2f} img/s without (×{cached / plain:.1f}); tracing {trace_c:.1f} s and "
-              f"{trace_p:.1f} s; largest difference between the two {diff:.1e}")
+              f"key-value cache, {plain:.2f} img/s without (×{cached / plain:.1f}); first calls (tracing) "
+              f"{trace_c:.1f} s and {trace_p:.1f} s; largest difference between the two {diff:.1e}")
         return 0
     ft.load_weights(encoder, args)
     if args.sample_only:
