@@ -538,6 +538,16 @@ def worker_path(path, strategy):
     return os.path.join(_worker_folder, os.path.basename(os.path.normpath(path)))
 
 
+def run_script(parse_args, train, experiments, argv=None):
+    """A script's main: parse, `start`, then experiments(args) when the flags load weights, else
+    train(args, strategy); returns the exit code (see script_main)."""
+    def body():
+        args = parse_args(argv)
+        strategy = start(args)
+        return experiments(args) if args.loads_weights else train(args, strategy)
+    return script_main(body)
+
+
 def script_main(body):
     """Runs a script's body() and returns its exit code: argparse's exit (--help, a rejected flag),
     UserError as one line `error: ...` and code 2, Ctrl-C outside fit (loading, building) or a second

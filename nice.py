@@ -298,15 +298,8 @@ def parse_args(argv=None):
     return args
 
 
-def run(args):
-    strategy = ft.start(args)
-    if args.loads_weights:
-        return experiments(args)
-    return train(args, strategy)
-
-
 def main(argv=None):
-    return ft.script_main(lambda: run(parse_args(argv)))
+    return ft.run_script(parse_args, train, experiments, argv)
 
 
 if __name__ == "__main__":
