@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import warnings
 
 # flow_utils first: it sets TensorFlow's log level before keras imports TensorFlow
@@ -566,6 +567,40 @@ def script_main(body):
 
 # --- the run ------------------------------------------------------------------------------------
 
+def log_path(weights):
+    """Each epoch's figures, one CSV row per epoch, beside the weights: nice.weights.h5 -> nice.csv."""
+    return weights[: -len(".weights.h5")] + ".csv"
+
+
+class Progress(keras.callbacks.Callback):
+    """Adds the run's wall-clock `minutes` (continued across --resume) and optimizer `steps` to each
+    epoch's logs, so the CSV log gives the likelihood against time and against steps."""
+
+    def __init__(self, minutes=0.0):
+        super().__init__()
+        self.offset = minutes
+
+    @staticmethod
+    def minutes_so_far(path):
+        """The last `minutes` in an earlier run's CSV log, 0 without one."""
+        import csv
+
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            return float(rows[-1]["minutes"]) if rows else 0.0
+        except (OSError, KeyError, ValueError):
+            return 0.0
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["minutes"] = self.offset + (time.perf_counter() - self.start) / 60
+            logs["steps"] = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+
 def train(encoder, train_data, val_data=None, *, args, strategy, monitor="val_loss", after_epoch=10,
           callbacks=(), chief_callbacks=(), before_fit=None, finish=None, **fit_kwargs):
     """`encoder.fit` with what a long run needs around it; returns the exit code: 0, 3 when the
@@ -589,8 +624,12 @@ def train(encoder, train_data, val_data=None, *, args, strategy, monitor="val_lo
     if before_fit is not None:
         before_fit()
     chief = is_chief(strategy)
+    log = worker_path(log_path(args.weights), strategy)
+    os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)  # CSVLogger opens it at once
+    progress = Progress(Progress.minutes_so_far(log) if args.resume else 0.0)
     encoder.fit(train_data, validation_data=val_data, epochs=args.epochs, initial_epoch=done,
-                callbacks=[*callbacks, *(chief_callbacks if chief else ()), best, backup, interrupt],
+                callbacks=[*callbacks, *(chief_callbacks if chief else ()), progress,
+                           keras.callbacks.CSVLogger(log, append=args.resume), best, backup, interrupt],
                 **fit_kwargs)
     if best.gave_up:
         print(f"error: training stopped after {best.collapses} non-finite batch losses "
