@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-import flow_train as ft  # first: it sets TensorFlow's log level before keras imports TensorFlow
+import flow_train as ft  # first: TensorFlow loads there, its start-up notices off stderr
 import glow
 import keras
 import numpy as np

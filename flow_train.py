@@ -1,8 +1,9 @@
 """What a long training run needs around `fit`, once for every script (DESIGN §1): the shared
 command line and its checks, the architecture record kept inside the weights file, the best weights
 and the collapse rule, Ctrl-C, per-epoch backups and --resume, the distribution strategy and
-chief-only writes. A script calls `parse`, `start`, `check_training` and `train`; everything here is
-the same for NICE, Glow and the models after them. Arrows point one way: scripts -> flow_train ->
+chief-only writes, the epoch log. A script declares its flags (`shape_arg`, `add_run_args`), then
+`parse`, and hands `run_script` its train(args, strategy) and experiments(args); train calls
+`check_training` and `train`. Everything here is the same for every model of the series. Arrows point one way: scripts -> flow_train ->
 flow_utils.
 """
 import argparse
@@ -15,10 +16,11 @@ import tempfile
 import time
 import warnings
 
-# flow_utils first: it sets TensorFlow's log level before keras imports TensorFlow
+# flow_utils first: TensorFlow loads there with its start-up notices kept off stderr
 from flow_utils import UserError, _atomic, read_config, save_weights_atomic  # isort: skip
 
 import keras  # noqa: E402
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line `error: ...` on stderr with exit code 2, like UserError."""

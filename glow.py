@@ -16,7 +16,7 @@ experiments, the command line.
 import os
 import sys
 
-import flow_train as ft  # first: it sets TensorFlow's log level before keras imports TensorFlow
+import flow_train as ft  # first: TensorFlow loads there, its start-up notices off stderr
 import keras
 import numpy as np
 import tensorflow as tf
