@@ -245,7 +245,7 @@ def train(args, strategy):
                     callbacks=[BitsPerDim(fvae.dims, BIN, key="loss"), BitsPerDim(fvae.dims, BIN, key="val_loss")],
                     chief_callbacks=[Samples(fvae.sampler, args.out, args.seed)],
                     before_fit=init_actnorms, finish=lambda: write_samples(fvae.sampler, args, "fvae_samples"),
-                    steps_per_epoch=steps, verbose=2)
+                    steps_per_epoch=steps, shuffle=False, verbose=2)
     if code:
         return code
     report(fvae, test, args)
