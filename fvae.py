@@ -318,6 +318,7 @@ def interpolation_rows(fvae, x, steps=GRID):
 def experiments(args):
     """--sample-only / --reconstruct / --interpolate / --iw: load --weights, write PNGs and figures."""
     fvae = build_fvae(**args.config)
+    compile_fvae(fvae)  # evaluate() of the --iw report needs the compiled loss
     ft.load_weights(fvae.model, args)
     test = None
     if args.reconstruct or args.interpolate or args.iw:

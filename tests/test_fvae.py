@@ -156,7 +156,8 @@ def test_tiny_run_on_mnist_then_the_experiments(digits, tmp_path):
         assert imageio.imread(tmp_path / "pics" / f"fvae_epoch_001_T{t}.png").shape == (9 * 32, 9 * 32)
     # the experiments read the architecture from the weights' record: no shape flags
     assert fvae.main(["--data", data, "--weights", str(tmp_path / "f.weights.h5"), "--out", str(tmp_path / "x"),
-                      "--reconstruct", "--interpolate", "1", "--sample-only", "--std", "0.5"]) == 0
+                      "--reconstruct", "--interpolate", "1", "--sample-only", "--std", "0.5", "--iw", "2",
+                      "--iw-images", "4"]) == 0
     assert imageio.imread(tmp_path / "x" / "fvae_reconstruct.png").shape == (2 * 32, 8 * 32)
     assert imageio.imread(tmp_path / "x" / "fvae_interpolate.png").shape == (2 * 32, 9 * 32)
     assert os.path.isfile(tmp_path / "x" / "fvae_samples_T0.5.png")
