@@ -11,22 +11,23 @@ x = G(z).
 The loss, from the ELBO  −log p(x) ≤ E_q(z|x)[ −log p(x|z) − log p(z) + log q(z|x) ], one u per image:
     −log p(x|z) = 0.5·‖r‖² + 0.5·D·log 2π + Σ log σ_x,          r = (x − G(z)) / σ_x
     −log p(z)   = 0.5·‖ε‖² + 0.5·d·log 2π − log|det ∂F/∂z|,     ε = F(z)
-    +log q(z|x) = −0.5·‖u‖² − 0.5·d·log 2π − Σ log σ              (z = E(x) + σ⊙u: log N(u) − log|det ∂z/∂u|)
+    +log q(z|x) = −0.5·‖u‖² − 0.5·d·log 2π − Σ log σ              (log N(u) − log|det ∂z/∂u|, z = E(x) + σ⊙u)
 (D pixels, d latent dimensions.) The two 0.5·d·log 2π cancel; what is left is the issue's
     reconstruction NLL + 0.5‖F(z)‖² − log|det ∂F/∂z| − 0.5‖u‖² − Σ log σ.
 Read as a flow: (x, z) -> (r, ε) is invertible with a triangular Jacobian, so the first two lines are
 −log N([ε, r]; 0, I) − log|det| of that flow. The model's output is therefore [ε, r] with the compiled
 loss flow_utils.prior_nll (DESIGN §2), and the layers add the rest with add_loss: the flow's steps
 −log|det ∂F/∂z|, NICE's Scale on the residual (its log-scale is −log σ_x) Σ log σ_x, NICE's Scale on
-u (log-scale log σ) −Σ log σ, and flow_layers.NormalNLL(sign=−1) on u the term −0.5‖u‖² − 0.5·d·log 2π.
+u (log-scale log σ) −Σ log σ, and flow_layers.NormalNLL(sign=−1) on u the term
+−0.5‖u‖² − 0.5·d·log 2π.
 So `fit` minimises exactly this Monte-Carlo −ELBO in nats per image, and the reported test figure is
 the ELBO bound in bits/dim on (k + u)-dequantized images (DESIGN §3), an upper bound on the NLL.
 `--iw K` adds the importance-weighted bound −log (1/K)·Σ_k p(x, z_k)/q(z_k|x) (Burda et al. 2015),
 tighter, with the same per-image terms.
 
-    python fvae.py --limit 5000 --epochs 3          # a quick try on MNIST (a few minutes on a CPU)
+    python fvae.py --limit 2000 --epochs 2          # a quick try on MNIST (~2.5 min on 2 busy CPU cores)
     python fvae.py --data ~/celeba/img_align_celeba --img-size 64
-    python fvae.py --reconstruct --interpolate 2 --iw 64
+    python fvae.py --sample-only --reconstruct --interpolate 2 --iw 64   # on fvae.weights.h5
 """
 import math
 import os
@@ -379,7 +380,7 @@ def parse_args(argv=None):
         raise UserError(f"--data {args.data}: no such folder or file")
     if args.data and not folder and not args.data.endswith(".npz"):
         raise UserError(f"--data {args.data}: expected a folder of images or an mnist.npz file")
-    reads_data = not args.loads_weights or args.reconstruct or args.interpolate
+    reads_data = not args.loads_weights or args.reconstruct or args.interpolate or args.iw
     if args.img_size is None:
         args.img_size = args.config["img_size"] = 64 if folder else 32
     elif reads_data and not folder and args.img_size != 32:

@@ -168,7 +168,8 @@ def test_tiny_run_on_an_image_folder(tmp_path, capsys):
     for i in range(12):
         imageio.imwrite(tmp_path / f"im{i}.png", rng.randint(0, 256, (20, 24, 3)).astype(np.uint8))
     code = fvae.main(["--data", str(tmp_path), "--img-size", "16", *FAST, "--epochs", "1",
-                      "--batch-size", "4", "--out", str(tmp_path / "pics"), "--weights", str(tmp_path / "f.weights.h5")])
+                      "--batch-size", "4", "--out", str(tmp_path / "pics"),
+                      "--weights", str(tmp_path / "f.weights.h5")])
     assert code == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("test bits/dim (ELBO bound): ")
     assert imageio.imread(tmp_path / "pics" / "fvae_samples_T1.png").shape == (9 * 16, 9 * 16, 3)
