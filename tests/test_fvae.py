@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fvae
-from flow_layers import initialize_actnorms
+from flow_layers import NormalNLL, initialize_actnorms
 from flow_utils import sample
 from helpers import jacobian_log_det, mnist_npz, perturb, reported_log_det
 
@@ -36,6 +36,15 @@ def tiny_fvae(x, seed=0, **kw):
     initialize_actnorms(f.model, [x, u])
     perturb(f.model, seed=seed)
     return f
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_normal_nll_passes_x_and_adds_the_gaussian_term(sign):
+    x = np.random.RandomState(0).standard_normal((3, 2, 2, 5)).astype("float32")
+    layer = NormalNLL.from_config(NormalNLL(sign=sign).get_config())
+    np.testing.assert_array_equal(layer(x), x)
+    want = sign * np.mean(0.5 * np.sum(x.reshape(3, -1) ** 2, 1) + 0.5 * 20 * math.log(2 * math.pi))
+    np.testing.assert_allclose(float(layer.losses[0]), want, rtol=1e-6)
 
 
 def test_flow_log_det_equals_brute_force_jacobian(digits, float64):
