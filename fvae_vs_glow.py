@@ -16,16 +16,16 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-COMMON = ["--lr", "1e-3", "--batch-size", "64", "--steps-per-epoch", "50", "--epochs", "1000"]
+COMMON = ["--lr", "1e-3", "--batch-size", "64", "--epochs", "1000"]
 RUNS = {  # name: (script, flags): Glow's flow on x, f-VAE's smaller flow on z
     "glow": ("glow.py", ["--level", "2", "--depth", "4", "--hidden", "64"]),
     "fvae": ("fvae.py", ["--level", "2", "--depth", "2", "--hidden", "64"]),
 }
 
 
-def run(name, folder, minutes):
+def run(name, folder, minutes, more=()):
     script, flags = RUNS[name]
-    cmd = [sys.executable, os.path.join(ROOT, script), *flags, *COMMON,
+    cmd = [sys.executable, os.path.join(ROOT, script), *flags, *COMMON, *more,
            "--weights", os.path.join(folder, f"{name}.weights.h5"), "--out", os.path.join(folder, f"{name}_pics")]
     print(" ".join(cmd[1:]), flush=True)
     with open(os.path.join(folder, f"{name}.log"), "w") as log:
@@ -38,7 +38,11 @@ def run(name, folder, minutes):
 
 
 def read_log(folder, name):
-    with open(os.path.join(folder, f"{name}.csv"), newline="") as f:
+    """[(minutes, test bits/dim, steps)] per finished epoch of a run ([] when none finished)."""
+    path = os.path.join(folder, f"{name}.csv")
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
         return [(float(r["minutes"]), float(r["val_bpd"]), int(float(r["steps"]))) for r in csv.DictReader(f)]
 
 
@@ -79,15 +83,19 @@ def main(argv=None):
     p.add_argument("--runs", default="runs", help="folder for the weights, logs and pictures of the runs")
     p.add_argument("--out", default="samples", help="folder for fvae_vs_glow.png")
     p.add_argument("--plot-only", action="store_true", help="no training: table and plot from --runs")
+    p.add_argument("--data", help="passed to both scripts (default: their MNIST)")
+    p.add_argument("--steps-per-epoch", type=int, default=50, help="steps between two test figures")
     args = p.parse_args(argv)
+    more = ["--steps-per-epoch", str(args.steps_per_epoch)] + (["--data", args.data] if args.data else [])
     os.makedirs(args.runs, exist_ok=True)
     if not args.plot_only:
         for name in RUNS:
             start = time.time()
-            run(name, args.runs, args.minutes)
+            run(name, args.runs, args.minutes, more)
             print(f"{name}: {(time.time() - start) / 60:.1f} min", flush=True)
     logs = {name: read_log(args.runs, name) for name in RUNS}
-    print(table(logs, [1, 2, 3, 4, 5]))
+    last = max([rows[-1][0] for rows in logs.values() if rows] or [1])
+    print(table(logs, range(1, max(1, round(last)) + 1)))
     os.makedirs(args.out, exist_ok=True)
     plot(logs, os.path.join(args.out, "fvae_vs_glow.png"))
     print(f"wrote {os.path.join(args.out, 'fvae_vs_glow.png')}")
