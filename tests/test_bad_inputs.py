@@ -4,24 +4,27 @@ data files that must survive). In-process and before any model is built, so each
 import json
 import os
 
+import h5py
 import numpy as np
 import pytest
 
 import glow
 import nice
+from flow_utils import CONFIG_ATTR
 
 NICE_ARCH = ["--hidden", "8", "--hidden-layers", "1", "--couplings", "2"]
 GLOW_ARCH = ["--level", "1", "--depth", "1", "--hidden", "4"]
 
 
-def _run(root, name, arch, epochs=2):
-    """An earlier run as training leaves it: best weights, and NAME.run/ with its state and flags."""
+def _run(root, name, record, epochs=2):
+    """An earlier run as training leaves it: best weights and NAME.run/ with its state and last
+    backup, each weights file with its architecture record (HDF5 files holding only the record)."""
     os.makedirs(root / f"{name}.run")
-    (root / f"{name}.weights.h5").write_bytes(b"best weights of an earlier run")
-    (root / f"{name}.run" / f"epoch-{epochs:04d}.weights.h5").write_bytes(b"backup")
+    for path in (root / f"{name}.weights.h5", root / f"{name}.run" / f"epoch-{epochs:04d}.weights.h5"):
+        with h5py.File(path, "w") as f:
+            f.attrs[CONFIG_ATTR] = json.dumps(record)
     (root / f"{name}.run" / "state.json").write_text(json.dumps(
         {"epoch": epochs, "weights": f"epoch-{epochs:04d}.weights.h5", "best": 700.0, "collapses": 0}))
-    (root / f"{name}.run" / "args.json").write_text(json.dumps(arch))
 
 
 @pytest.fixture
@@ -38,9 +41,9 @@ def folder(tmp_path, monkeypatch):
     (tmp_path / "empty" / "sub" / "notes.txt").write_text("no images here\n")
     os.makedirs(tmp_path / "out")
     (tmp_path / "out" / "old.png").write_bytes(b"an earlier grid")
-    _run(tmp_path, "nprev", {"--hidden": 8, "--hidden-layers": 1, "--couplings": 2})
-    _run(tmp_path, "gprev", {"--img-size": 32, "--level": 1, "--depth": 1, "--hidden": 4, "--permute": "random",
-                             "--coupling": "additive", "--mask": "channel", "data": "MNIST"})
+    _run(tmp_path, "nprev", {"model": "nice", "hidden": 8, "hidden_layers": 1, "couplings": 2})
+    _run(tmp_path, "gprev", {"model": "glow", "img_size": 32, "level": 1, "depth": 1, "hidden": 4,
+                             "permute": "random", "coupling": "additive", "mask": "channel", "channels": 1})
     (tmp_path / "lone.weights.h5").write_bytes(b"weights without a run folder")
     monkeypatch.chdir(tmp_path)
     return snapshot(tmp_path)
@@ -83,6 +86,8 @@ NICE_CASES = [
      "error: --resume: the run in nprev.run/ has completed 2 epochs already (--epochs 2 is the total)"),
     (["--weights", "nprev.weights.h5", "--resume", "--sample-only"], "--resume continues training"),
     (["--weights", "lone.weights.h5", "--sample-only"], "error: --weights lone.weights.h5: cannot load it"),
+    (["--weights", "nprev.weights.h5", "--walk", "--couplings", "4"],
+     "error: --weights nprev.weights.h5 was trained with --couplings 2 (this run: --couplings 4)"),
 ]
 
 GLOW_CASES = [
@@ -95,13 +100,13 @@ GLOW_CASES = [
     (["--data", "dtype.npz"], "x_train must be uint8 images of shape (n, 28, 28)"),
     (["--data", "shape.npz"], "x_train must be uint8 images of shape (n, 28, 28)"),
     (["--data", "empty", "--img-size", "20", "--level", "3"], "error: --img-size 20 must be a multiple of 2^level = 8"),
-    (["--level", "0"], "error: --level must be at least 1, got 0"),
-    (["--depth", "0"], "error: --depth must be at least 1, got 0"),
-    (["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
-    (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
-    (["--depth", "x"], "error: argument --depth: invalid int value: 'x'"),
-    (["--std", "-1"], "error: --std must be a non-negative number, got -1.0"),
-    (["--max-collapses", "0"], "error: --max-collapses must be at least 1, got 0"),
+    (["--level", "0"], "error: argument --level: must be positive, got 0"),
+    (["--depth", "0"], "error: argument --depth: must be positive, got 0"),
+    (["--epochs", "0"], "error: argument --epochs: must be positive, got 0"),
+    (["--batch-size", "0"], "error: argument --batch-size: must be positive, got 0"),
+    (["--depth", "x"], "error: argument --depth: 'x' is not an integer"),
+    (["--std", "-1"], "error: argument --std: must be ≥ 0, got -1"),
+    (["--max-collapses", "0"], "error: argument --max-collapses: must be positive, got 0"),
     (["--batch-size", "64"], "error: --batch-size 64 is larger than the 20 training images"),
     (["--out", "afile/sub"], "error: --out afile/sub: cannot write in afile/sub: "),
     (["--weights", "afile/g.weights.h5"], "error: --weights afile/g.weights.h5: cannot write in afile"),
@@ -115,7 +120,12 @@ GLOW_CASES = [
     (["--weights", "gprev.weights.h5", "--resume", "--epochs", "1"],
      "error: --resume: the run in gprev.run/ has completed 2 epochs already (--epochs 1 is the total)"),
     (["--weights", "gprev.weights.h5", "--resume", "--reconstruct"], "--resume continues training"),
-    (["--weights", "lone.weights.h5", "--sample-only"], "error: --weights lone.weights.h5 is not a weights file"),
+    (["--weights", "lone.weights.h5", "--sample-only"],
+     "error: --weights lone.weights.h5: cannot load it into this glow model"),
+    (["--weights", "gprev.weights.h5", "--sample-only", "--hidden", "16"],
+     "error: --weights gprev.weights.h5 was trained with --hidden 4 (this run: --hidden 16); leave the flags out"),
+    (["--weights", "nprev.weights.h5", "--temperatures", "0,1"],
+     "error: --weights nprev.weights.h5 holds a nice model, not a glow one"),
 ]
 
 

@@ -19,6 +19,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # minutes: see pytest.ini
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH, EPOCHS, N, LR = 16, 2, 64, 1e-3  # 4 steps per epoch
 LOSS_TOL, WEIGHT_TOL = 1e-6, 1e-6  # relative, absolute: float32 sums in another order (seen: 7e-8, 6e-8)
@@ -149,7 +151,7 @@ def _noise_per_replica(strategy):
 def compare(out, *script_args):
     """2 logical CPUs: the tiny models on one device and mirrored on both, then glow.py itself."""
     _split_cpu(2)
-    from flow_utils import make_strategy
+    from flow_train import make_strategy
 
     single = train_tiny(make_strategy("none"))
     mirrored_strategy = make_strategy("mirrored", "CPU:0,CPU:1")
@@ -173,7 +175,7 @@ def _script(name, args, distribute):
 
 def worker(out, *script_args):
     """One worker of a MultiWorkerMirroredStrategy cluster (TF_CONFIG): the tiny models, then glow.py."""
-    from flow_utils import is_chief, make_strategy
+    from flow_train import is_chief, make_strategy
 
     strategy = make_strategy("multiworker")
     assert strategy.num_replicas_in_sync == 2
@@ -322,6 +324,7 @@ def _tiny(name):
         x = nice.train_inputs(np.random.RandomState(0).randint(0, 256, (16, 28, 28)))
         return model, decoder, x, nice.prior_nll
     model, decoder = glow.build_glow(8, 1, level=2, depth=2, hidden=16, permute="conv", coupling="affine")
+    glow.compile_glow(model)
     x = np.random.RandomState(0).uniform(-1, 1, (16, 8, 8, 1)).astype("float32")
     return model, decoder, x, glow.prior_nll
 
@@ -334,7 +337,7 @@ def _nll(model, x, prior):
 @pytest.fixture
 def restore_policy():
     yield
-    from flow_utils import set_mixed_precision
+    from flow_train import set_mixed_precision
 
     set_mixed_precision(None)
 
@@ -345,7 +348,7 @@ def test_mixed_precision_is_close_to_float32_at_init(name, precision, restore_po
     import keras
 
     from flow_layers import FlowLayer, initialize_actnorms
-    from flow_utils import set_mixed_precision
+    from flow_train import set_mixed_precision
 
     ref, _, x, prior = _tiny(name)
     initialize_actnorms(ref, x)

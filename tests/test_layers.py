@@ -13,10 +13,10 @@ from typing import Callable, Optional
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from keras import ops
 
 import flow_layers as fl
+from helpers import jacobian_log_det, perturb
 
 B = 3  # batch size of every test input
 
@@ -45,13 +45,6 @@ def halves(x, first=None):
 
 def cat(parts):
     return ops.concatenate(list(parts), axis=-1)
-
-
-def perturb(layer, scale, seed=0):
-    """Add N(0, scale²) noise to every trainable weight, so zero-initialised parts stop being zero."""
-    rng = np.random.RandomState(seed)
-    for w in layer.trainable_weights:
-        w.assign(np_(w) + scale * rng.normal(size=w.shape))
 
 
 def mlp(d_in, d_out, last_activation=None):
@@ -248,17 +241,8 @@ def test_inverse_shares_the_forward_variables(name):
 
 
 def autodiff_logdet(fn, x):
-    """Batch mean of log|det ∂fn/∂x| from tf.GradientTape.batch_jacobian + np.linalg.slogdet."""
-    x = tf.convert_to_tensor(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        z = ops.reshape(fn(x), (x.shape[0], -1))
-    jac = np_(tape.batch_jacobian(z, x))
-    d = int(np.prod(x.shape[1:]))
-    assert jac.size == x.shape[0] * d * d, "the map must be square"
-    sign, logdet = np.linalg.slogdet(jac.reshape(x.shape[0], d, d))
-    assert np.all(sign != 0)
-    return float(np.mean(logdet))
+    """Batch mean of log|det ∂fn/∂x| (helpers.jacobian_log_det)."""
+    return float(np.mean(jacobian_log_det(fn, x)))
 
 
 @pytest.mark.parametrize("name", NAMES)

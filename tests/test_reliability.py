@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import flow_train as ft
 import flow_utils as fu
 
 
@@ -32,7 +33,7 @@ def _finite(model):
 
 def test_nan_batch_reloads_best_weights_and_lowers_the_rate(tmp_path):
     m = _model()
-    best = fu.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=100, low_lr=1e-4, verbose=0)
+    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=100, low_lr=1e-4, verbose=0)
     m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     assert best.collapses == 0 and os.path.exists(best.path)
     hist = m.fit(_data(poison=[3]), epochs=2, verbose=0, shuffle=False, callbacks=[best])
@@ -46,7 +47,7 @@ def test_nan_batch_reloads_best_weights_and_lowers_the_rate(tmp_path):
 def test_nan_before_any_best_goes_back_to_the_initial_weights(tmp_path):
     m = _model()
     start = m.get_weights()
-    best = fu.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
     m.fit(_data(n_batches=1, poison=[0]), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     assert best.collapses == 1 and not os.path.exists(best.path)
     for a, b in zip(m.get_weights(), start):
@@ -55,7 +56,7 @@ def test_nan_before_any_best_goes_back_to_the_initial_weights(tmp_path):
 
 def test_repeated_nan_gives_up_and_keeps_the_best_file(tmp_path):
     m = _model()
-    best = fu.KeepBest(str(tmp_path / "b.weights.h5"), max_collapses=3, verbose=0)
+    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), max_collapses=3, verbose=0)
     m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     saved = open(best.path, "rb").read()
     m.fit(_data(n_batches=10, poison=range(10)), epochs=5, verbose=0, shuffle=False, callbacks=[best])
@@ -66,7 +67,7 @@ def test_repeated_nan_gives_up_and_keeps_the_best_file(tmp_path):
 
 def test_collapse_rule_positive_loss_only_after_the_given_epoch(tmp_path):
     m = _model()
-    best = fu.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=10, low_lr=1e-5, verbose=0)
+    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=10, low_lr=1e-5, verbose=0)
     best.set_model(m)
     best.on_train_begin()
     best.on_epoch_end(0, {"loss": -5.0})
@@ -89,27 +90,27 @@ class _CtrlC(keras.callbacks.Callback):
 
 def test_ctrl_c_stops_after_the_step_and_the_epoch_is_not_backed_up(tmp_path):
     m = _model()
-    stop = fu.Interrupt()
-    backup = fu.Backup(str(tmp_path / "backup"), interrupt=stop)
+    stop = ft.Interrupt()
+    backup = ft.Backup(str(tmp_path / "backup"), interrupt=stop)
     m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[backup])  # one complete epoch: 6 steps
     before = signal.getsignal(signal.SIGINT)
     m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[_CtrlC(), stop, backup])
     assert stop.interrupted
     assert int(m.optimizer.iterations.numpy()) == 6 + 3  # stopped right after the third step
-    assert fu.Backup.read_state(backup.folder)["epoch"] == 1  # the cut epoch is not recorded
+    assert ft.Backup.read_state(backup.folder)["epoch"] == 1  # the cut epoch is not recorded
     assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C acts as usual
 
 
 def test_backup_restores_weights_optimizer_epoch_and_best(tmp_path):
     folder = str(tmp_path / "backup")
     m = _model()
-    best = fu.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
-    m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[best, fu.Backup(folder, keep_best=best)])
+    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[best, ft.Backup(folder, keep_best=best)])
     assert sorted(os.listdir(folder)) == ["epoch-0003.weights.h5", "state.json"]
 
     fresh = _model(lr=5.0)  # other initial weights and rate: restore must replace all of them
-    best2 = fu.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
-    backup2 = fu.Backup(folder, keep_best=best2)
+    best2 = ft.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    backup2 = ft.Backup(folder, keep_best=best2)
     backup2.set_model(fresh)
     assert backup2.restore() == 3
     for a, b in zip(fresh.get_weights(), m.get_weights()):
@@ -124,14 +125,14 @@ def test_backup_restores_weights_optimizer_epoch_and_best(tmp_path):
 def test_backup_state_points_at_a_complete_file_when_a_write_is_torn(tmp_path):
     folder = str(tmp_path / "backup")
     m = _model()
-    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[fu.Backup(folder)])
+    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[ft.Backup(folder)])
 
     def killed(tmp):
         open(tmp, "w").write("{half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fu._atomic(os.path.join(folder, fu.Backup.STATE), killed)
-    state = fu.Backup.read_state(folder)
+        fu._atomic(os.path.join(folder, ft.Backup.STATE), killed)
+    state = ft.Backup.read_state(folder)
     assert state["epoch"] == 1 and os.path.isfile(os.path.join(folder, state["weights"]))
-    assert fu.Backup(str(tmp_path / "nothing")).read_state(str(tmp_path / "nothing")) is None
+    assert ft.Backup(str(tmp_path / "nothing")).read_state(str(tmp_path / "nothing")) is None

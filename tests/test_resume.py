@@ -18,7 +18,9 @@ import tensorflow as tf
 import glow
 import nice
 from flow_layers import initialize_actnorms
-from flow_utils import Backup, Interrupt, KeepBest
+from flow_train import Backup, Interrupt, KeepBest
+
+pytestmark = pytest.mark.slow  # minutes: see pytest.ini
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NICE_ARCH = ["--hidden", "8", "--hidden-layers", "1", "--couplings", "2"]
@@ -171,7 +173,8 @@ def test_glow_resume_keeps_actnorm_and_epochs_then_ctrl_c_exits_130(tmp_path, np
 
 def test_glow_model_nan_batch_reloads_the_best_weights(tmp_path):
     keras.utils.set_random_seed(6)
-    encoder, _ = glow.build_glow(4, 1, level=1, depth=1, hidden=4, lr=1e-3)
+    encoder, _ = glow.build_glow(4, 1, level=1, depth=1, hidden=4)
+    glow.compile_glow(encoder, 1e-3)
     x = np.random.RandomState(0).uniform(-1, 1, (32, 4, 4, 1)).astype("float32")
     initialize_actnorms(encoder, x)
     best = KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=100, low_lr=1e-5, verbose=0)
