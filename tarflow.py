@@ -29,8 +29,8 @@ import tensorflow as tf
 
 from flow_layers import Flip, Patchify, Reshape, TarBlock
 from flow_train import non_negative, positive
-from flow_utils import (BitsPerDim, UserError, bits_per_dim, dequantize, image_grid, load_mnist,
-                        parse_temperatures, prior_nll, row_grid, save_png, temperature_codes)
+from flow_utils import (BitsPerDim, UserError, bits_per_dim, dequantize, folder_pixels, image_grid, load_folder,
+                        load_mnist, parse_temperatures, prior_nll, row_grid, save_png, temperature_codes)
 
 BIN = 2 / 256      # one pixel level once images are mapped to [−1, 1]
 GRID = 10          # 10×10 sample grids; a conditional grid has one row per class
@@ -41,10 +41,8 @@ CLASSES = 10       # MNIST's digits
 
 def load_data(args):
     """(k_train, y_train, k_test, y_test): integer pixels (n, h, w, c) and labels (zeros without any),
-    from --data (an npz in keras' mnist.npz layout, or an image folder as glow.py reads it) or MNIST."""
+    from --data (an npz in keras' mnist.npz layout, or an image folder: flow_utils' loader, as glow.py) or MNIST."""
     if args.data and os.path.isdir(args.data):
-        from glow import folder_pixels, load_folder  # glow.py's folder loader: decodable images, held-out split
-
         if args.conditional:
             raise UserError(f"--conditional needs class labels; --data {args.data} is a folder of images "
                             f"without any (use an npz with y_train, y_test)")
