@@ -48,11 +48,14 @@ TRAIN = {
     "fvae.py": ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--squeezes", "2",
                 "--blocks", "1", "--width", "8", "--level", "1", "--depth", "1", "--hidden", "8"],
     "fvae_vs_glow.py": ["--minutes", "0.7", "--steps-per-epoch", "2"],
+    "tarflow.py": ["--epochs", "1", "--limit", "64", "--batch-size", "16", "--width", "16", "--blocks", "2",
+                   "--layers", "1", "--heads", "2"],
 }
 # appended to a --resume command: the data-size flags only (the shape comes from the run's record)
 RESUME = {"nice.py": ["--epochs", "2", "--limit", "256", "--batch-size", "32"],
           "glow.py": ["--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16"],
-          "fvae.py": ["--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16"]}
+          "fvae.py": ["--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16"],
+          "tarflow.py": ["--epochs", "2", "--limit", "64", "--batch-size", "16"]}
 LOADS_WEIGHTS = {"--sample-only", "--temperatures", "--interpolate", "--walk", "--reconstruct"}
 FOLDER = ["--img-size", "16", "--batch-size", "8"]  # after TRAIN: a tiny image folder holds 19 training images
 
