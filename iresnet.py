@@ -404,7 +404,7 @@ def parse_args(argv=None):
                    help="no training: log-det estimators against the exact value on --images test images")
     p.add_argument("--images", type=positive(int), default=16, help="test images for --inverse / --bias-table")
     p.add_argument("--draws", type=positive(int), default=20, help="--bias-table: draws per estimator")
-    ft.add_run_args(p, weights="iresnet.weights.h5", epochs=10, batch_size=64, lr=1e-3)
+    ft.add_run_args(p, weights="iresnet.weights.h5", epochs=10, batch_size=64, lr=3e-3)
     args = ft.parse(p, argv, model="iresnet", uses_weights=("inverse", "bias_table"))
     if not args.coeff < 1:
         raise UserError(f"--coeff must be below 1 (the blocks are invertible only when Lip(g) < 1), got {args.coeff}")
