@@ -61,11 +61,10 @@ def toy_data(name, n, rng):
         x = np.where(upper[:, None], np.stack([np.cos(t), np.sin(t)], 1),
                      np.stack([1 - np.cos(t), 0.5 - np.sin(t)], 1))
         x = (x - [0.5, 0.25]) * 2 + 0.1 * rng.standard_normal((n, 2))
-    elif name == "checkerboard":
-        x1 = rng.uniform(-4, 4, n)
-        x2 = rng.uniform(0, 2, n) - 2 * rng.randint(0, 2, n)
-        x = np.stack([x1, x2 + 2 * (np.floor(x1 / 2) % 2)], 1) - [0, 1]
-        x[:, 1] = (x[:, 1] + 4) % 8 - 4
+    elif name == "checkerboard":  # 8 filled squares of side 2 on a 4×4 board, alternating
+        x1 = rng.uniform(-2, 2, n)
+        x2 = rng.uniform(0, 1, n) - 2 * rng.randint(0, 2, n) + np.floor(x1) % 2
+        x = 2 * np.stack([x1, x2], 1)
     else:  # 8gaussians
         angles = rng.randint(0, 8, n) * np.pi / 4
         x = 3 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.3 * rng.standard_normal((n, 2))

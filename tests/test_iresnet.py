@@ -262,6 +262,7 @@ def test_toy_density_integrates_to_one(float64):
 
 # --- the command line ---------------------------------------------------------------------------
 
+@pytest.mark.slow  # two subprocess runs, ~40 s: see pytest.ini
 def test_tiny_run(digits, tmp_path):
     npz = mnist_npz(tmp_path / "mnist.npz", digits, 64, 32)
     run = subprocess.run([sys.executable, "iresnet.py", "--data", npz, "--epochs", "1", "--batch-size", "32",
