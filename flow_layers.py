@@ -665,24 +665,24 @@ class ResidualFlow(FlowLayer):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
             gx = ops.cast(self.g(x, training=training), x.dtype)
-            flat = ops.reshape(gx, (-1, math.prod(x.shape[1:])))
-        self.add_loss(-ops.mean(self.log_det(tape, x, gx, flat)))
+        self.add_loss(-ops.mean(self.log_det(tape, x, gx)))
         return x + gx
 
-    def log_det(self, tape, x, gx, flat=None, logdet=None, terms=None):
-        """Per-example estimate of log det(I + J_g(x)) by `logdet` (default: the layer's)."""
+    def log_det(self, tape, x, gx, logdet=None, terms=None):
+        """Per-example estimate of log det(I + J_g(x)) by `logdet` (default: the layer's), where gx =
+        g(x) was computed under the persistent `tape` watching x."""
         import tensorflow as tf
 
         logdet, terms = logdet or self.logdet, terms or self.terms
         if logdet == "exact":
-            d = flat.shape[-1]
+            d = math.prod(x.shape[1:])
             if d <= 16:  # row i of J_g is e_iᵀ J_g: d products, no vectorising (pfor) to trace
                 eye = ops.eye(d, dtype=x.dtype)
-                rows = [ops.reshape(tape.gradient(flat, x, output_gradients=ops.broadcast_to(eye[i], ops.shape(flat))),
-                                    (-1, d)) for i in range(d)]
+                rows = [ops.reshape(tape.gradient(gx, x, output_gradients=ops.broadcast_to(
+                    ops.reshape(eye[i], x.shape[1:]), ops.shape(gx))), (-1, d)) for i in range(d)]
                 jac = ops.stack(rows, axis=1)
             else:
-                jac = ops.reshape(tape.batch_jacobian(flat, x), (-1, d, d))
+                jac = ops.reshape(tape.batch_jacobian(gx, x), (-1, d, d))
             return ops.slogdet(jac + ops.eye(d, dtype=x.dtype))[1]
         v = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=self.noise)
         axes = tuple(range(1, len(x.shape)))
@@ -699,7 +699,7 @@ class ResidualFlow(FlowLayer):
                 total = total + t
             return total
         # roulette: N = terms + G with P(G ≥ j) = (1 − p)^j, drawn once per batch
-        u = keras.random.uniform((), dtype=x.dtype, seed=self.noise)
+        u = 1 - keras.random.uniform((), dtype=x.dtype, seed=self.noise)  # in (0, 1]: log u is finite
         n = terms + ops.cast(ops.floor(ops.log(u) / math.log(1 - self.p)), "int32")
 
         def body(k, w, total):

@@ -182,8 +182,7 @@ def nll_per_image(flow, x, logdet, terms):
             with tf.GradientTape(persistent=True) as tape:
                 tape.watch(x)
                 gx = layer.g(x, training=False)
-                flat = tf.reshape(gx, (tf.shape(x)[0], -1))
-            total += layer.log_det(tape, x, gx, flat, logdet=logdet, terms=terms)
+            total += layer.log_det(tape, x, gx, logdet=logdet, terms=terms)
             x = x + gx
         else:
             x = layer(x, training=False)
@@ -257,8 +256,7 @@ def bias_table(flow, x, draws, ns=(1, 2, 4, 8, 16)):
             with tf.GradientTape(persistent=True) as tape:
                 tape.watch(xb)
                 gx = layer.g(xb, training=False)
-                flat = tf.reshape(gx, (tf.shape(xb)[0], -1))
-            total += layer.log_det(tape, xb, gx, flat, logdet=logdet, terms=terms)
+            total += layer.log_det(tape, xb, gx, logdet=logdet, terms=terms)
         return total
 
     exact = tf.function(lambda: estimate("exact", 1))().numpy()

@@ -58,8 +58,7 @@ def estimates(block, x, logdet, terms):
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
         gx = block.g(x)
-        flat = tf.reshape(gx, (x.shape[0], -1))
-    return block.log_det(tape, x, gx, flat, logdet=logdet, terms=terms).numpy()
+    return block.log_det(tape, x, gx, logdet=logdet, terms=terms).numpy()
 
 
 # --- spectral normalisation ---------------------------------------------------------------------
