@@ -241,8 +241,8 @@ def inverse_report(flow, x):
 
 def bias_table(flow, x, draws, ns=(1, 2, 4, 8, 16)):
     """Σ over blocks of log det(I + J_g), per image: the exact value (brute-force Jacobian) against
-    the truncated series with n terms and the roulette estimator ((n, bias, std of one draw) rows,
-    nats/image)."""
+    the truncated series with n terms and the roulette estimator ((kind, n, bias, its s.e., std of
+    one draw of one image) rows, nats/image)."""
     blocks, inputs, z = [], [], x
     for layer in flow:
         if isinstance(layer, ResidualFlow):
@@ -264,7 +264,8 @@ def bias_table(flow, x, draws, ns=(1, 2, 4, 8, 16)):
     for kind, n in [("truncated", n) for n in ns] + [("roulette", n) for n in (1, 2, 4)]:
         fn = tf.function(lambda: estimate(kind, n))
         err = np.stack([fn().numpy() - exact for _ in range(draws)])  # (draws, images)
-        rows.append((kind, n, float(err.mean()), float(err.mean(axis=0).std(ddof=1) / math.sqrt(len(x))),
+        # s.e. over draws of the mean over the images (a roulette N is shared by the images of a draw)
+        rows.append((kind, n, float(err.mean()), float(err.mean(axis=1).std(ddof=1) / math.sqrt(draws)),
                      float(err.std(axis=0, ddof=1).mean())))
     return float(exact.mean()), rows
 
