@@ -490,8 +490,9 @@ class _SpectralNorm(keras.layers.Layer):
     u, v are non-trainable weights (saved with the model), kept out of the gradient; every call
     advances them `power_iterations` steps (training calls store the result). i-ResNet takes one
     step per training step; we take 3: with one, a convolution trained at a high learning rate
-    (tests/test_iresnet.py) overshot c by 10 %, its top singular values being close together. `converge(n)` runs n steps at once (eagerly): do it
-    after building, so that σ̂ does not start from a random vector."""
+    (tests/test_iresnet.py) overshot c by 10 %, its top singular values being close together.
+    `converge(n)` runs n steps at once (eagerly): do it after building, so that σ̂ does not start
+    from a random vector (`converge_spectral_norms`)."""
 
     def __init__(self, coeff=0.9, power_iterations=3, **kwargs):
         super().__init__(**kwargs)
