@@ -1,0 +1,405 @@
+"""f-VAEs — "f-VAEs：Glow 与 VAEs 的联姻" (Su & Wu 2018, arXiv 1809.05861): a VAE whose latent goes
+through a Glow flow, on MNIST or an image folder.
+
+The model. An encoder E (squeezes, each followed by residual blocks) maps an image x to a spatial
+latent E(x); the posterior sample is z = E(x) + σ ⊙ u, u ~ N(0, I), with σ a learned scale per
+latent dimension; a decoder G mirroring E (residual blocks, UnSqueeze, tanh) gives the mean of a
+Gaussian p(x|z) = N(x; G(z), diag σ_x²) with a learned scale σ_x per pixel; the prior of z is a Glow
+flow F (glow.py's steps): p(z) = N(F(z); 0, I)·|det ∂F/∂z|. Sampling: ε ~ N(0, T²I), z = F⁻¹(ε),
+x = G(z).
+
+The loss, from the ELBO  −log p(x) ≤ E_q(z|x)[ −log p(x|z) − log p(z) + log q(z|x) ], one u per image:
+    −log p(x|z) = 0.5·‖r‖² + 0.5·D·log 2π + Σ log σ_x,          r = (x − G(z)) / σ_x
+    −log p(z)   = 0.5·‖ε‖² + 0.5·d·log 2π − log|det ∂F/∂z|,     ε = F(z)
+    +log q(z|x) = −0.5·‖u‖² − 0.5·d·log 2π − Σ log σ              (log N(u) − log|det ∂z/∂u|, z = E(x) + σ⊙u)
+(D pixels, d latent dimensions.) The two 0.5·d·log 2π cancel; what is left is the issue's
+    reconstruction NLL + 0.5‖F(z)‖² − log|det ∂F/∂z| − 0.5‖u‖² − Σ log σ.
+Read as a flow: (x, z) -> (r, ε) is invertible with a triangular Jacobian, so the first two lines are
+−log N([ε, r]; 0, I) − log|det| of that flow. The model's output is therefore [ε, r] with the compiled
+loss flow_utils.prior_nll (DESIGN §2), and the layers add the rest with add_loss: the flow's steps
+−log|det ∂F/∂z|, NICE's Scale on the residual (its log-scale is −log σ_x) Σ log σ_x, NICE's Scale on
+u (log-scale log σ) −Σ log σ, and flow_layers.NormalNLL(sign=−1) on u the term
+−0.5‖u‖² − 0.5·d·log 2π.
+So `fit` minimises exactly this Monte-Carlo −ELBO in nats per image, and the reported test figure is
+the ELBO bound in bits/dim on (k + u)-dequantized images (DESIGN §3), an upper bound on the NLL.
+`--iw K` adds the importance-weighted bound −log (1/K)·Σ_k p(x, z_k)/q(z_k|x) (Burda et al. 2015),
+tighter, with the same per-image terms.
+
+    python fvae.py --limit 2000 --epochs 2          # a quick try on MNIST (~2.5 min on 2 busy CPU cores)
+    python fvae.py --data ~/celeba/img_align_celeba --img-size 64
+    python fvae.py --sample-only --reconstruct --interpolate 2 --iw 64   # on fvae.weights.h5
+"""
+import math
+import os
+import sys
+
+import numpy as np
+
+import flow_train as ft  # noqa: I100 - flow_utils (through flow_train) loads TensorFlow quietly
+import glow
+from flow_layers import Concat, NormalNLL, Reshape, Scale, Squeeze, UnSqueeze, initialize_actnorms
+from flow_train import non_negative, positive
+from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantize, folder_pixels, image_grid,
+                        interpolation_codes, load_folder, mnist_pixels, prior_nll, row_grid, sample, save_png)
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers  # noqa: E402
+
+BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
+GRID = 9               # 9×9 sample grids
+TEMPERATURES = (1.0, 0.8)  # the original script shows samples at both
+RECONSTRUCT = 8        # held-out images shown by --reconstruct
+INIT_STD = 0.1         # σ and σ_x at the start
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def pixels(args):
+    """(train, test, channels): tf.data datasets of integer pixels k (h, w, c), MNIST padded to 32×32
+    or an image folder (glow's loaders in flow_utils); --limit keeps the first N of each."""
+    AUTO = tf.data.AUTOTUNE
+    if args.data and os.path.isdir(args.data):
+        train_paths, test_paths = load_folder(args.data, args.seed)
+        if args.limit:
+            train_paths, test_paths = train_paths[:args.limit], test_paths[:args.limit]
+        files, load = folder_pixels(train_paths, args.img_size)
+        train = files.shuffle(len(train_paths), seed=args.seed, reshuffle_each_iteration=True).map(load, AUTO)
+        test = folder_pixels(test_paths, args.img_size)[0].map(load, AUTO).cache()
+        print(f"{len(train_paths)} training images, {len(test_paths)} held out, from {args.data}")
+        return train, test, 3, len(train_paths)
+    k_train, k_test = mnist_pixels(args.data)
+    if args.limit:
+        k_train, k_test = k_train[:args.limit], k_test[:args.limit]
+    train = tf.data.Dataset.from_tensor_slices(k_train).shuffle(len(k_train), seed=args.seed,
+                                                                reshuffle_each_iteration=True)
+    return train, tf.data.Dataset.from_tensor_slices(k_test), 1, len(k_train)
+
+
+def with_noise(batches, latent_dims):
+    """Integer-pixel batches -> ((x, u), dummy target): x = −1 + (k + v)·2/256 with fresh v ~ U(0,1)
+    (the exact bin, DESIGN §3) and the posterior noise u ~ N(0, I) of the model's second input, both
+    new at every pass (a stateful generator: a seeded tf.random op in a map repeats each epoch)."""
+    noise = tf.random.Generator.from_seed(np.random.randint(2**31))
+
+    def add(k):
+        k = tf.cast(k, tf.float32)
+        x = dequantize(k, -1, BIN, noise.uniform(tf.shape(k)))
+        u = noise.normal(tf.stack([tf.shape(k)[0], latent_dims]))
+        return (x, u), tf.zeros(tf.shape(k)[:1])
+
+    return batches.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def datasets(args, latent_dims):
+    train, test, _, n = pixels(args)
+    if args.batch_size > n and not args.loads_weights:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training images")
+    train = with_noise(train.repeat().batch(args.batch_size, drop_remainder=True), latent_dims)
+    test = with_noise(test.batch(args.batch_size), latent_dims)
+    return train.prefetch(tf.data.AUTOTUNE), test.prefetch(tf.data.AUTOTUNE), n
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+def residual_block(h, width, name):
+    """h + Conv1×1(ReLU(BatchNorm(Conv3×3(h)))), the last conv zero-initialised: starts as the identity."""
+    y = layers.Conv2D(width, 3, padding="same", name=f"{name}_conv3")(h)
+    y = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(y)
+    y = layers.ReLU(name=f"{name}_relu")(y)
+    y = layers.Conv2D(h.shape[-1], 1, kernel_initializer="zeros", name=f"{name}_conv1")(y)
+    return layers.Add(name=f"{name}_add")([h, y])
+
+
+def build_encoder_net(img_size, channels, squeezes, blocks, width):
+    """E: `squeezes` × [Squeeze, `blocks` residual blocks]: (s, s, c) -> (s/2^n, s/2^n, c·4^n), as many
+    dimensions as the image (the original: 128×128×3 -> 16×16×192)."""
+    x_in = keras.Input((img_size, img_size, channels))
+    h = x_in
+    for i in range(squeezes):
+        h = Squeeze(name=f"enc_squeeze_{i}")(h)
+        for j in range(blocks):
+            h = residual_block(h, width, f"enc_{i}_{j}")
+    return keras.Model(x_in, h, name="encoder_net")
+
+
+def build_generator(latent_shape, squeezes, blocks, width):
+    """G, E's mirror: `squeezes` × [`blocks` residual blocks, UnSqueeze], then tanh: z -> mean of x."""
+    z_in = keras.Input(latent_shape)
+    h = z_in
+    for i in reversed(range(squeezes)):
+        for j in range(blocks):
+            h = residual_block(h, width, f"dec_{i}_{j}")
+        h = UnSqueeze()(h)
+    return keras.Model(z_in, layers.Activation("tanh", name="tanh")(h), name="generator")
+
+
+class FVAE:
+    """The parts, sharing variables: `model` ([x, u] -> [ε, r], trained), `flow` (z -> ε),
+    `sampler` (ε -> x: G(F⁻¹(ε))), `encoder_net` E, `generator` G."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+
+def build_fvae(img_size, channels, squeezes=2, blocks=2, width=64, level=2, depth=4, hidden=64):
+    check_size(img_size, squeezes, level)
+    encoder_net = build_encoder_net(img_size, channels, squeezes, blocks, width)
+    latent_shape = tuple(encoder_net.output.shape[1:])
+    d = int(np.prod(latent_shape))
+    generator = build_generator(latent_shape, squeezes, blocks, width)
+
+    steps = glow.build_steps(latent_shape[-1], level, depth, hidden)  # F: Glow's steps, on z
+    z_in = keras.Input(latent_shape)
+    flow = keras.Model(z_in, glow.encode(z_in, steps), name="flow")
+    eps_in = keras.Input((d,))
+    sampler = keras.Model(eps_in, generator(glow.decode(eps_in, steps)), name="sampler")
+
+    x_in, u_in = keras.Input((img_size, img_size, channels), name="x"), keras.Input((d,), name="u")
+    u = NormalNLL(sign=-1, name="posterior_log_density")(u_in)                  # −0.5‖u‖² − 0.5·d·log 2π
+    noise = keras.layers.Reshape(latent_shape)(Scale(name="posterior_scale")(u))  # σ⊙u, adds −Σ log σ
+    z = layers.Add(name="z")([encoder_net(x_in), noise])
+    eps = flow(z)                                                                  # adds −log|det ∂F/∂z|
+    residual = layers.Subtract(name="residual")([x_in, generator(z)])
+    r = Scale(name="pixel_scale")(Reshape(name="flat_residual")(residual))       # /σ_x, adds Σ log σ_x
+    model = keras.Model([x_in, u_in], Concat(name="joint")([eps, r]), name="fvae")
+    # Adam moves each log-scale by about lr per step: from NICE's init (scales ≈ 1) σ and σ_x would
+    # need thousands of steps to shrink; start them at INIT_STD instead
+    for name, log_std in (("posterior_scale", math.log(INIT_STD)), ("pixel_scale", -math.log(INIT_STD))):
+        scale = model.get_layer(name).log_scale
+        scale.assign(np.full(scale.shape, log_std, scale.dtype))
+    return FVAE(model=model, flow=flow, sampler=sampler, encoder_net=encoder_net, generator=generator,
+                latent_dims=d, dims=img_size * img_size * channels)
+
+
+def check_size(img_size, squeezes, level):
+    side = img_size // 2 ** squeezes
+    if img_size % 2 ** squeezes or side % 2 ** level or side < 2 ** level:
+        raise UserError(f"--img-size {img_size}: the encoder's {squeezes} squeezes and the flow's {level} levels "
+                        f"halve it {squeezes + level} times; it must be a multiple of {2 ** (squeezes + level)}")
+
+
+def posterior_std(fvae):
+    """σ of q(z|x), per latent dimension (exp of the posterior Scale's log-scale)."""
+    return np.exp(fvae.model.get_layer("posterior_scale").log_scale.numpy()[0])
+
+
+def pixel_std(fvae):
+    """σ_x of p(x|z), per pixel: the residual's Scale multiplies by exp(s) = 1/σ_x."""
+    return np.exp(-fvae.model.get_layer("pixel_scale").log_scale.numpy()[0])
+
+
+# --- training -----------------------------------------------------------------------------------
+
+def compile_fvae(fvae, lr=1e-3):
+    """Adam on −log N([ε, r]; 0, I); the layers add the other terms of the −ELBO (module docstring)."""
+    fvae.model.compile(optimizer=keras.optimizers.Adam(lr), loss=prior_nll)
+
+
+def image_losses(model):
+    """A function (x, u) -> per image the −ELBO sample −log p(x, z)/q(z|x) for its u: the model's loss on
+    that image alone (the layers add batch means, so each image is its own batch, vectorised with
+    tf.vectorized_map inside one tf.function)."""
+    def one(xu):
+        trainable = [v.value for v in model.trainable_variables]
+        fixed = [v.value for v in model.non_trainable_variables]
+        out, _, losses = model.stateless_call(trainable, fixed, [xu[0][None], xu[1][None]],
+                                              training=False, return_losses=True)
+        return prior_nll(None, out)[0] + tf.add_n(losses)
+
+    return tf.function(lambda x, u: tf.vectorized_map(one, (x, u)))
+
+
+def iw_bound(model, x, k, seed=0, batch=256):
+    """(ELBO bound, IW bound) in nats per image, averaged over the images x, from K posterior samples per
+    image: the ELBO is their mean loss, the IW bound −log (1/K)·Σ_k exp(−loss_k) (never above the ELBO)."""
+    rng = np.random.RandomState(seed)
+    d = model.inputs[1].shape[-1]
+    losses_of = image_losses(model)
+    losses = np.zeros((len(x), k))
+    for j in range(k):
+        u = rng.standard_normal((len(x), d)).astype(keras.config.floatx())
+        for i in range(0, len(x), batch):
+            losses[i:i + batch, j] = losses_of(tf.constant(x[i:i + batch]), tf.constant(u[i:i + batch])).numpy()
+    iw = -(np.logaddexp.reduce(-losses, axis=1) - np.log(k))
+    return float(np.mean(losses)), float(np.mean(iw))
+
+
+def train(args, strategy):
+    """Training with the shared run (best weights by test loss, backups, Ctrl-C); samples at T = 1 and
+    0.8 after each epoch; the flow's Actnorms initialised from the first batch's z."""
+    ft.check_training(args)  # before the data are read
+    with strategy.scope():
+        fvae = build_fvae(**args.config)
+        compile_fvae(fvae, args.lr)
+    train_data, test, n = datasets(args, fvae.latent_dims)
+    steps = args.steps_per_epoch or max(1, n // args.batch_size)
+    print(f"f-VAE: {describe(args.config)}, {fvae.model.count_params():,} parameters, D = {fvae.dims}, "
+          f"latent d = {fvae.latent_dims}")
+
+    def init_actnorms():
+        with strategy.scope():
+            print(f"initialised {initialize_actnorms(fvae.model, next(iter(train_data))[0])} Actnorm layers "
+                  f"from the first batch", flush=True)
+
+    code = ft.train(fvae.model, train_data, test, args=args, strategy=strategy, monitor="val_loss",
+                    callbacks=[BitsPerDim(fvae.dims, BIN, key="loss"), BitsPerDim(fvae.dims, BIN, key="val_loss")],
+                    chief_callbacks=[Samples(fvae.sampler, args.out, args.seed)],
+                    before_fit=init_actnorms, finish=lambda: write_samples(fvae.sampler, args, "fvae_samples"),
+                    steps_per_epoch=steps, shuffle=False, verbose=2)
+    if code:
+        return code
+    report(fvae, test, args)
+    return 0
+
+
+def report(fvae, test, args):
+    """The last lines: the test ELBO bound (and with --iw K the IW bound) in bits/dim."""
+    if args.iw:
+        x = np.concatenate([b[0][0].numpy() for b in test])[:args.iw_images]
+        elbo, iw = iw_bound(fvae.model, x, args.iw, args.seed)
+        print(f"first {len(x)} test images, K = {args.iw}: ELBO bound {bits_per_dim(elbo, fvae.dims, BIN):.3f}, "
+              f"IW bound {bits_per_dim(iw, fvae.dims, BIN):.3f} bits/dim")
+    nll = fvae.model.evaluate(test, verbose=0, return_dict=True)["loss"]
+    print(f"test bits/dim (ELBO bound): {bits_per_dim(nll, fvae.dims, BIN):.3f}")
+
+
+def describe(config):
+    return (", ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k != "channels")
+            + f", {config['channels']} channel(s)")
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def sample_grid(sampler, std, seed=0, n=GRID):
+    """n×n samples x = G(F⁻¹(ε)), ε ~ N(0, std²·I), as a uint8 picture."""
+    return image_grid(sample(sampler, n * n, std, seed), n, low=-1, high=1)
+
+
+def write_samples(sampler, args, stem, temperatures=TEMPERATURES):
+    for t in temperatures:
+        path = os.path.join(args.out, f"{stem}_T{t:g}.png")
+        save_png(path, sample_grid(sampler, t, args.seed))
+        print(f"wrote {path}")
+
+
+class Samples(keras.callbacks.Callback):
+    """After each epoch: 9×9 grids at T = 1.0 and 0.8 to out/fvae_epoch_NNN_T1.png, ..._T0.8.png."""
+
+    def __init__(self, sampler, out, seed):
+        super().__init__()
+        self.sampler, self.out, self.seed = sampler, out, seed
+
+    def on_epoch_end(self, epoch, logs=None):
+        for t in TEMPERATURES:
+            save_png(os.path.join(self.out, f"fvae_epoch_{epoch + 1:03d}_T{t:g}.png"),
+                     sample_grid(self.sampler, t, self.seed))
+
+
+# --- the article's experiments ------------------------------------------------------------------
+
+def test_images(test, n):
+    """The first n dequantized held-out images (fewer if there are fewer)."""
+    return np.concatenate([b[0][0].numpy() for b in test.unbatch().batch(n).take(1)])
+
+
+def reconstruct(fvae, x):
+    """(x, G(E(x))): held-out images and their reconstructions from the posterior mean z = E(x)."""
+    return x, keras.ops.convert_to_numpy(fvae.generator(fvae.encoder_net(x, training=False), training=False))
+
+
+def interpolation_rows(fvae, x, steps=GRID):
+    """Per pair of images: the straight line (row 2i) and the great circle (row 2i + 1) between their
+    flow codes ε = F(E(x)), decoded by G(F⁻¹(ε))."""
+    eps = keras.ops.convert_to_numpy(fvae.flow(fvae.encoder_net(x, training=False), training=False))
+    return decode_codes(fvae.sampler, np.concatenate([interpolation_codes(eps[i], eps[i + 1], steps)
+                                                      for i in range(0, len(eps) - 1, 2)]))
+
+
+def experiments(args):
+    """--sample-only / --reconstruct / --interpolate / --iw: load --weights, write PNGs and figures."""
+    fvae = build_fvae(**args.config)
+    compile_fvae(fvae)  # evaluate() of the --iw report needs the compiled loss
+    ft.load_weights(fvae.model, args)
+    test = None
+    if args.reconstruct or args.interpolate or args.iw:
+        _, test, _ = datasets(args, fvae.latent_dims)
+    if args.sample_only:
+        write_samples(fvae.sampler, args, "fvae_samples", (args.std,) if args.std_given else TEMPERATURES)
+    if args.reconstruct:
+        x, x_rec = reconstruct(fvae, test_images(test, RECONSTRUCT))
+        path = os.path.join(args.out, "fvae_reconstruct.png")
+        save_png(path, row_grid(np.stack([x, x_rec]), low=-1, high=1))
+        print(f"wrote {path} (held-out images over G(E(x)); mean abs error {np.mean(np.abs(x - x_rec)):.3f})")
+    if args.interpolate:
+        x = test_images(test, 2 * args.interpolate)
+        if len(x) < 2 * args.interpolate:
+            raise UserError(f"--interpolate {args.interpolate}: needs {2 * args.interpolate} held-out images, "
+                            f"there are {len(x)}")
+        path = os.path.join(args.out, "fvae_interpolate.png")
+        save_png(path, row_grid(interpolation_rows(fvae, x), low=-1, high=1))
+        print(f"wrote {path}")
+    if args.iw:
+        report(fvae, test, args)
+    return 0
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = ft.ArgumentParser(description="f-VAEs (a VAE with a Glow flow prior) on MNIST or an image folder.")
+    ft.shape_arg(p, "--img-size", None, type=positive(int),
+                 help="image side after centre crop and resize (64 for a folder; MNIST is 32)")
+    ft.shape_arg(p, "--squeezes", 2, type=positive(int), help="the encoder's squeezes (each halves the side)")
+    ft.shape_arg(p, "--blocks", 2, type=positive(int), help="residual blocks after each squeeze")
+    ft.shape_arg(p, "--width", 64, type=positive(int), help="channels inside the residual blocks")
+    ft.shape_arg(p, "--level", 2, type=positive(int), help="levels of the flow F on z")
+    ft.shape_arg(p, "--depth", 4, type=positive(int), help="flow steps per level")
+    ft.shape_arg(p, "--hidden", 64, type=positive(int), help="channels of the flow's coupling networks")
+    p.add_argument("--data", help="folder of images (as glow.py) or an mnist.npz file. Default: MNIST "
+                                  "zero-padded to 32×32")
+    p.add_argument("--limit", type=positive(int), help="use only the first N training and N test images")
+    p.add_argument("--steps-per-epoch", type=positive(int), help="default: one pass over the training images")
+    p.add_argument("--std", type=non_negative, default=None,
+                   help="temperature of --sample-only's grid (default: both 1.0 and 0.8)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="no training: held-out images over their reconstructions G(E(x)), OUT/fvae_reconstruct.png")
+    p.add_argument("--interpolate", type=positive(int), default=0, metavar="N",
+                   help="no training: N pairs of held-out images, the line and the great circle between their "
+                        "flow codes F(E(x)), OUT/fvae_interpolate.png")
+    p.add_argument("--iw", type=positive(int), default=0, metavar="K",
+                   help="also the importance-weighted bound with K posterior samples: after training, or "
+                        "with --sample-only/--reconstruct/--interpolate on --weights")
+    p.add_argument("--iw-images", type=positive(int), default=500, metavar="N",
+                   help="test images of the --iw bound (K forward passes each)")
+    ft.add_run_args(p, weights="fvae.weights.h5", epochs=10, batch_size=64, lr=1e-3, seed=0)
+    args = ft.parse(p, argv, model="fvae", uses_weights=("reconstruct", "interpolate"))
+    args.std_given = args.std is not None
+    folder = bool(args.data) and os.path.isdir(args.data)
+    if args.data and not folder and not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such folder or file")
+    if args.data and not folder and not args.data.endswith(".npz"):
+        raise UserError(f"--data {args.data}: expected a folder of images or an mnist.npz file")
+    reads_data = not args.loads_weights or args.reconstruct or args.interpolate or args.iw
+    if args.img_size is None:
+        args.img_size = args.config["img_size"] = 64 if folder else 32
+    elif reads_data and not folder and args.img_size != 32:
+        raise UserError(f"--img-size {args.img_size}: MNIST is padded to 32×32; use --img-size 32 "
+                        f"or an image folder with --data")
+    if args.loads_weights:
+        args.config.setdefault("channels", 3 if folder else 1)
+        if reads_data and args.config["channels"] != (3 if folder else 1):
+            raise UserError(f"--weights {args.weights} holds a model of {args.config['channels']} channel(s); "
+                            f"--data {args.data or 'MNIST'} has {3 if folder else 1}")
+    else:
+        args.config["channels"] = 3 if folder else 1
+    check_size(args.img_size, args.squeezes, args.level)
+    return args
+
+
+def main(argv=None):
+    return ft.run_script(parse_args, train, experiments, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
