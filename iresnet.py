@@ -194,12 +194,15 @@ def nll_per_image(flow, x, logdet, terms):
 def evaluate(flow, k, batch_size=100, logdet="roulette", terms=EVAL_TERMS, draws=4, seed=0):
     """(mean NLL, estimator s.e., data s.e.) in nats/image over the images k, `draws` log-det
     estimates per image on one dequantization. The estimator's s.e. comes from the spread of the
-    draws of each image; the data s.e. from the spread over images."""
+    draws of each batch's total (the images of a batch share a roulette N, batches do not); the
+    data s.e. from the spread over images."""
     fn = tf.function(lambda x: nll_per_image(flow, x, logdet, terms), autograph=False)
     x = dequantize(k, 0, BIN, np.random.RandomState(seed).uniform(size=k.shape)).astype(keras.config.floatx())
-    est = np.stack([np.concatenate([fn(tf.constant(x[i:i + batch_size])).numpy()
-                                    for i in range(0, len(x), batch_size)]) for _ in range(draws)])
-    estimator_se = math.sqrt(est.var(axis=0, ddof=1).sum() / draws) / len(x) if draws > 1 else float("nan")
+    starts = range(0, len(x), batch_size)
+    est = np.stack([np.concatenate([fn(tf.constant(x[i:i + batch_size])).numpy() for i in starts])
+                    for _ in range(draws)])  # (draws, images)
+    totals = np.stack([est[:, i:i + batch_size].sum(axis=1) for i in starts], axis=1)  # (draws, batches)
+    estimator_se = math.sqrt(totals.var(axis=0, ddof=1).sum() / draws) / len(x) if draws > 1 else float("nan")
     return float(est.mean()), estimator_se, float(est.mean(axis=0).std(ddof=1) / math.sqrt(len(x)))
 
 
