@@ -1,10 +1,11 @@
-"""Invertible layers of the "细水长 Flow" articles (NICE, RealNVP, Glow) on Keras 3.
+"""Invertible layers of the "细水长 Flow" articles (NICE, RealNVP, Glow, f-VAEs, i-ResNet, TarFlow) on Keras 3.
 
 Contract (see DESIGN.md §2): `call` is the encoder direction x -> z and adds the batch mean of the
 negative log-determinant with `add_loss`; `reverse` computes z -> x; `inverse()` returns a layer that
 runs `reverse` on the same variables, and `inverse().inverse()` is the layer itself.
-Only `keras.ops` is used (save `_uniform`'s replica index, on TensorFlow only), so every layer
-runs on any Keras backend.
+Only `keras.ops` is used, so the layers run on any Keras backend, with two TensorFlow-only
+exceptions, each said in its docstring: `_uniform`'s replica index and `ResidualFlow`'s
+vector-Jacobian products (GradientTape inside `call`).
 """
 import math
 
@@ -732,3 +733,265 @@ class TarBlock(FlowLayer):
     def get_config(self):
         return {**super().get_config(), "width": self.width, "layers": self.depth, "heads": self.heads,
                 "classes": self.classes, "label_drop": self.label_drop, "seed": self.seed}
+
+
+# --- invertible ResNet and Residual Flows (Behrmann et al. 2019; Chen et al. 2019) -------------------
+
+def _normalize(v):
+    return v / (ops.sqrt(ops.sum(ops.square(v))) + 1e-12)
+
+
+class _SpectralNorm(keras.layers.Layer):
+    """Shared part of the spectrally normalised layers: the kernel is used as W / max(1, σ̂/c)
+    (i-ResNet §3, "soft" normalisation), so the layer's Lipschitz constant is ≤ c < 1 whenever σ̂
+    has reached the largest singular value σ. σ̂ = vᵀ A u from power iteration on the linear map A;
+    u, v are non-trainable weights (saved with the model), kept out of the gradient; every call
+    advances them `power_iterations` steps (training calls store the result). i-ResNet takes one
+    step per training step; we take 3: with one, a convolution trained at a high learning rate
+    (tests/test_iresnet.py) overshot c by 10 %, its top singular values being close together.
+    `converge(n)` runs n steps at once (eagerly): do it after building, so that σ̂ does not start
+    from a random vector (`converge_spectral_norms`)."""
+
+    def __init__(self, coeff=0.9, power_iterations=3, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < coeff:
+            raise ValueError(f"coeff must be positive, not {coeff!r}")
+        self.coeff = float(coeff)
+        self.power_iterations = int(power_iterations)
+
+    def _state(self, name, shape, seed):
+        init = np.random.RandomState(seed).standard_normal(shape)
+        return self.add_weight(shape=shape, initializer=_constant(init / np.linalg.norm(init)),
+                               trainable=False, name=name)
+
+    def _power_step(self, u):
+        """One power-iteration step: u (input space) -> (u', v') with v' ∝ A u, u' ∝ Aᵀ v'."""
+        v = _normalize(self._apply(u, self.kernel))
+        return _normalize(self._adjoint(v, self.kernel)), v
+
+    def _iterate(self, iterations):
+        u, v = self.u, self.v
+        for _ in range(iterations):
+            u, v = self._power_step(u)
+        return ops.stop_gradient(u), ops.stop_gradient(v)
+
+    def converge(self, iterations=1):
+        u, v = self._iterate(iterations)
+        self.u.assign(u)
+        self.v.assign(v)
+
+    def sigma(self, u=None, v=None):
+        """σ̂ = vᵀ A u; differentiable in the kernel (u, v held fixed), as in Miyato et al. 2018."""
+        u = self.u if u is None else u
+        v = self.v if v is None else v
+        return ops.sum(v * self._apply(u, self.kernel))
+
+    def normalized_kernel(self, u=None, v=None):
+        return self.kernel / ops.maximum(ops.cast(1.0, self.kernel.dtype), self.sigma(u, v) / self.coeff)
+
+    def call(self, x, training=None):
+        # every call steps from the stored vectors, so σ̂ follows the kernel's latest update (after
+        # the last training step too); training calls keep the new vectors
+        u, v = self._iterate(self.power_iterations)
+        if training:
+            self.u.assign(u)
+            self.v.assign(v)
+        return self._apply(x, self.normalized_kernel(u, v)) + self.bias
+
+    def get_config(self):
+        return {**super().get_config(), "coeff": self.coeff, "power_iterations": self.power_iterations}
+
+
+class SpectralDense(_SpectralNorm):
+    """Dense layer x W + b with ‖W‖₂ ≤ c (soft spectral normalisation, see _SpectralNorm)."""
+
+    def __init__(self, units, coeff=0.9, power_iterations=3, **kwargs):
+        super().__init__(coeff, power_iterations, **kwargs)
+        self.units = int(units)
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        self.kernel = self.add_weight(shape=(d, self.units), initializer="glorot_uniform", name="kernel")
+        self.bias = self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
+        self.u = self._state("u", (1, d), 1)
+        self.v = self._state("v", (1, self.units), 2)
+
+    def _apply(self, x, kernel):
+        return ops.matmul(x, kernel)
+
+    def _adjoint(self, y, kernel):
+        return ops.matmul(y, ops.transpose(kernel))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+class SpectralConv2D(_SpectralNorm):
+    """Convolution (stride 1, "same" padding) whose norm *as an operator on its input* is ≤ c.
+
+    The kernel reshaped to a matrix is not that operator, so the power iteration runs through the
+    convolution and its transpose on a vector u of the real input shape (1, H, W, C_in) — the layer
+    needs H and W when built (Gouk et al. 2018; i-ResNet §3)."""
+
+    def __init__(self, filters, kernel_size, coeff=0.9, power_iterations=3, **kwargs):
+        super().__init__(coeff, power_iterations, **kwargs)
+        self.filters, self.kernel_size = int(filters), int(kernel_size)
+
+    def build(self, input_shape):
+        h, w, c = input_shape[1:]
+        if h is None or w is None:
+            raise ValueError("SpectralConv2D needs the input's height and width: its norm depends on them")
+        k = self.kernel_size
+        self.kernel = self.add_weight(shape=(k, k, c, self.filters), initializer="glorot_uniform", name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
+        self.u = self._state("u", (1, h, w, c), 1)
+        self.v = self._state("v", (1, h, w, self.filters), 2)
+
+    def _apply(self, x, kernel):
+        return ops.conv(x, kernel, strides=1, padding="same")
+
+    def _adjoint(self, y, kernel):
+        return ops.conv_transpose(y, kernel, strides=1, padding="same")
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.filters)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size}
+
+
+def converge_spectral_norms(model, iterations=50):
+    """Runs `iterations` power-iteration steps in every spectrally normalised layer of `model`
+    (eagerly, before training), so σ̂ starts at the largest singular value."""
+    for layer in flow_layers_of(model):
+        if isinstance(layer, _SpectralNorm):
+            layer.converge(iterations)
+
+
+def banach_iterations(lipschitz, first_step, tol):
+    """Fixed-point iterations after which ‖x_k − x*‖ ≤ tol by Banach's bound
+    ‖x_k − x*‖ ≤ L^k / (1 − L) · ‖x_1 − x_0‖ (first_step = ‖x_1 − x_0‖ = ‖g(y)‖)."""
+    if first_step <= 0:
+        return 0
+    return max(0, math.ceil(math.log(tol * (1 - lipschitz) / first_step) / math.log(lipschitz)))
+
+
+class ResidualFlow(FlowLayer):
+    """y = x + g(x), invertible when Lip(g) < 1 (i-ResNet, Behrmann et al. 2019, eq. 1–2); g is a
+    Keras model whose linear maps are spectrally normalised (SpectralDense / SpectralConv2D) and
+    whose activations are 1-Lipschitz.
+
+    `reverse` is the Banach fixed-point iteration x_{k+1} = y − g(x_k) from x_0 = y (i-ResNet
+    Algorithm 1), until every coordinate's change |Δx| / (1 + |x|) falls below `tol` (absolute near 0,
+    relative for large values, which float32 cannot resolve to 1e-6 absolutely) or after `max_iter`.
+
+    The log-det is the power series (i-ResNet eq. 6)
+        log det(I + J_g) = Σ_{k≥1} (−1)^{k+1} tr(J_g^k) / k,
+    each trace by Hutchinson's vᵀ J^k v, v ~ N(0, I), through k vector-Jacobian products:
+      - "truncated": the first `terms` terms (i-ResNet; biased);
+      - "roulette": Residual Flows' Russian roulette (Chen et al. 2019, eq. 6): N = terms + G,
+        G ~ Geometric(p), term k re-weighted by 1/P(N ≥ k) — unbiased;
+      - "exact": log|det(I + J_g)| of the brute-force Jacobian (small dimensions; tests, 2-D toys).
+    The forward call adds −(estimate), batch mean, with add_loss; the estimate is differentiated
+    through (the vector-Jacobian products are recorded by the training tape).
+
+    TensorFlow only: the vector-Jacobian products inside `call` use tf.GradientTape (Keras has no
+    backend-neutral autodiff inside a layer), as glow's image loader uses tf.data.
+    """
+
+    ESTIMATORS = ("truncated", "roulette", "exact")
+
+    def __init__(self, g, logdet="truncated", terms=5, p=0.5, tol=1e-6, max_iter=100, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if logdet not in self.ESTIMATORS:
+            raise ValueError(f"logdet must be one of {self.ESTIMATORS}, not {logdet!r}")
+        self.g, self.logdet, self.terms, self.p = g, logdet, int(terms), float(p)
+        self.tol, self.max_iter, self.seed = float(tol), int(max_iter), seed
+        self.noise = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        if not self.g.built:
+            self.g.build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def call(self, x, training=None):
+        import tensorflow as tf
+
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            gx = ops.cast(self.g(x, training=training), x.dtype)
+        self.add_loss(-ops.mean(self.log_det(tape, x, gx)))
+        return x + gx
+
+    def log_det(self, tape, x, gx, logdet=None, terms=None):
+        """Per-example estimate of log det(I + J_g(x)) by `logdet` (default: the layer's), where gx =
+        g(x) was computed under the persistent `tape` watching x."""
+        import tensorflow as tf
+
+        logdet, terms = logdet or self.logdet, terms or self.terms
+        if logdet == "exact":
+            d = math.prod(x.shape[1:])
+            if d <= 16:  # row i of J_g is e_iᵀ J_g: d products, no vectorising (pfor) to trace
+                eye = ops.eye(d, dtype=x.dtype)
+                rows = [ops.reshape(tape.gradient(gx, x, output_gradients=ops.broadcast_to(
+                    ops.reshape(eye[i], x.shape[1:]), ops.shape(gx))), (-1, d)) for i in range(d)]
+                jac = ops.stack(rows, axis=1)
+            else:
+                jac = ops.reshape(tape.batch_jacobian(gx, x), (-1, d, d))
+            return ops.slogdet(jac + ops.eye(d, dtype=x.dtype))[1]
+        v = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=self.noise)
+        axes = tuple(range(1, len(x.shape)))
+
+        def term(k, w):  # (−1)^{k+1}/k · vᵀ J^k v, with w = vᵀ J^{k−1} advanced by one product
+            w = tape.gradient(gx, x, output_gradients=w)
+            sign = 1.0 - 2.0 * ops.cast((k + 1) % 2, x.dtype)
+            return w, sign / ops.cast(k, x.dtype) * ops.sum(w * v, axis=axes)
+
+        if logdet == "truncated":
+            total, w = 0.0, v
+            for k in range(1, terms + 1):
+                w, t = term(k, w)
+                total = total + t
+            return total
+        # roulette: N = terms + G with P(G ≥ j) = (1 − p)^j, drawn once per batch
+        u = 1 - keras.random.uniform((), dtype=x.dtype, seed=self.noise)  # in (0, 1]: log u is finite
+        n = terms + ops.cast(ops.floor(ops.log(u) / math.log(1 - self.p)), "int32")
+
+        def body(k, w, total):
+            w, t = term(k, w)
+            survive = ops.power(ops.cast(1 - self.p, x.dtype), ops.cast(ops.maximum(k - terms, 0), x.dtype))
+            return k + 1, w, total + t / survive
+
+        _, _, total = tf.while_loop(lambda k, w, total: k <= n, body,
+                                    (tf.constant(1), v, ops.zeros(ops.shape(x)[:1], dtype=x.dtype)))
+        return total
+
+    def fixed_point(self, y, tol=None, max_iter=None):
+        """(x, iterations, last change): Banach's iteration x_{k+1} = y − g(x_k), x_0 = y."""
+        tol = self.tol if tol is None else tol
+        max_iter = self.max_iter if max_iter is None else max_iter
+
+        def body(i, x, change):
+            x_new = y - ops.cast(self.g(x, training=False), y.dtype)
+            return i + 1, x_new, ops.max(ops.abs(x_new - x) / (1 + ops.abs(x_new)))
+
+        start = (ops.convert_to_tensor(0, "int32"), y, ops.convert_to_tensor(np.inf, y.dtype))
+        return ops.while_loop(lambda i, x, change: ops.logical_and(i < max_iter, change > tol), body, start)
+
+    def reverse(self, y):
+        return self.fixed_point(y)[1]
+
+    def get_config(self):
+        return {**super().get_config(), "g": keras.saving.serialize_keras_object(self.g),
+                "logdet": self.logdet, "terms": self.terms, "p": self.p, "tol": self.tol,
+                "max_iter": self.max_iter, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config):
+        config["g"] = keras.saving.deserialize_keras_object(config["g"])
+        return cls(**config)

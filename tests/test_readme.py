@@ -48,6 +48,8 @@ TRAIN = {
     "fvae.py": ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--squeezes", "2",
                 "--blocks", "1", "--width", "8", "--level", "1", "--depth", "1", "--hidden", "8"],
     "fvae_vs_glow.py": ["--minutes", "0.7", "--steps-per-epoch", "2"],
+    "iresnet.py": ["--epochs", "1", "--limit", "128", "--batch-size", "32", "--width", "8", "--blocks", "1",
+                   "--terms", "2", "--eval-images", "32", "--eval-draws", "2", "--toy-blocks", "2"],
     "tarflow.py": ["--epochs", "1", "--limit", "64", "--batch-size", "16", "--width", "16", "--blocks", "2",
                    "--layers", "1", "--heads", "2"],
 }
@@ -55,8 +57,10 @@ TRAIN = {
 RESUME = {"nice.py": ["--epochs", "2", "--limit", "256", "--batch-size", "32"],
           "glow.py": ["--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16"],
           "fvae.py": ["--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16"],
-          "tarflow.py": ["--epochs", "2", "--limit", "64", "--batch-size", "16"]}
-LOADS_WEIGHTS = {"--sample-only", "--temperatures", "--interpolate", "--walk", "--reconstruct"}
+          "tarflow.py": ["--epochs", "2", "--limit", "64", "--batch-size", "16"],
+          "iresnet.py": ["--epochs", "2", "--limit", "128", "--batch-size", "32"]}
+LOADS_WEIGHTS = {"--sample-only", "--temperatures", "--interpolate", "--walk", "--reconstruct", "--inverse",
+                 "--bias-table"}
 FOLDER = ["--img-size", "16", "--batch-size", "8"]  # after TRAIN: a tiny image folder holds 19 training images
 
 

