@@ -158,6 +158,30 @@ def parse(parser, argv=None, *, model, uses_weights=()):
     return args
 
 
+def image_data(args, reads_data, mnist_size=32, folder_size=64):
+    """--data and --img-size of the image scripts (Glow, f-VAE, TarFlow): --data is an image folder,
+    an mnist.npz file or nothing (MNIST at `mnist_size`); --img-size defaults to `folder_size` for a
+    folder. Records the data's channels in args.config (a loaded model's record knows better, and a
+    run that `reads_data` must match it). Returns whether --data is a folder."""
+    folder = bool(args.data) and os.path.isdir(args.data)
+    if args.data and not folder and not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such folder or file")
+    if args.data and not folder and not args.data.endswith(".npz"):
+        raise UserError(f"--data {args.data}: expected a folder of images or an mnist.npz file")
+    if args.img_size is None:
+        args.img_size = args.config["img_size"] = folder_size if folder else mnist_size
+    elif reads_data and not folder and args.img_size != mnist_size:
+        raise UserError(f"--img-size {args.img_size}: MNIST is {mnist_size}×{mnist_size} here; use "
+                        f"--img-size {mnist_size} or an image folder with --data")
+    channels = 3 if folder else 1
+    if not args.loads_weights:
+        args.config["channels"] = channels
+    elif args.config.setdefault("channels", channels) != channels and reads_data:
+        raise UserError(f"--weights {args.weights} holds a model of {args.config['channels']} channel(s); "
+                        f"--data {args.data or 'MNIST'} has {channels}")
+    return folder
+
+
 def start(args):
     """The start of every run: the strategy (before any other TensorFlow work), the precision
     policy, the seed, and a writable --out. Returns the strategy."""

@@ -375,24 +375,7 @@ def parse_args(argv=None):
     ft.add_run_args(p, weights="fvae.weights.h5", epochs=10, batch_size=64, lr=1e-3, seed=0)
     args = ft.parse(p, argv, model="fvae", uses_weights=("reconstruct", "interpolate"))
     args.std_given = args.std is not None
-    folder = bool(args.data) and os.path.isdir(args.data)
-    if args.data and not folder and not os.path.isfile(args.data):
-        raise UserError(f"--data {args.data}: no such folder or file")
-    if args.data and not folder and not args.data.endswith(".npz"):
-        raise UserError(f"--data {args.data}: expected a folder of images or an mnist.npz file")
-    reads_data = not args.loads_weights or args.reconstruct or args.interpolate or args.iw
-    if args.img_size is None:
-        args.img_size = args.config["img_size"] = 64 if folder else 32
-    elif reads_data and not folder and args.img_size != 32:
-        raise UserError(f"--img-size {args.img_size}: MNIST is padded to 32×32; use --img-size 32 "
-                        f"or an image folder with --data")
-    if args.loads_weights:
-        args.config.setdefault("channels", 3 if folder else 1)
-        if reads_data and args.config["channels"] != (3 if folder else 1):
-            raise UserError(f"--weights {args.weights} holds a model of {args.config['channels']} channel(s); "
-                            f"--data {args.data or 'MNIST'} has {3 if folder else 1}")
-    else:
-        args.config["channels"] = 3 if folder else 1
+    ft.image_data(args, reads_data=not args.loads_weights or args.reconstruct or args.interpolate or args.iw)
     check_size(args.img_size, args.squeezes, args.level)
     return args
 

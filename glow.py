@@ -282,10 +282,7 @@ def experiments(args):
     """--sample-only / --reconstruct / --temperatures / --interpolate: load --weights, write PNGs."""
     test = None
     if args.reconstruct or args.interpolate:
-        _, test, channels = datasets(args)
-        if channels != args.config["channels"]:
-            raise UserError(f"--weights {args.weights} holds a model of {args.config['channels']} channel(s); "
-                            f"--data {args.data or 'MNIST'} has {channels}")
+        _, test, _ = datasets(args)
     encoder, decoder = build_glow(**args.config)
     ft.load_weights(encoder, args)
     if args.sample_only:
@@ -341,19 +338,7 @@ def parse_args(argv=None):
     args = ft.parse(p, argv, model="glow", uses_weights=("reconstruct", "temperatures", "interpolate"))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)
-    folder = bool(args.data) and os.path.isdir(args.data)
-    if args.data and not folder and not os.path.isfile(args.data):
-        raise UserError(f"--data {args.data}: no such folder or file")
-    reads_data = not args.loads_weights or args.reconstruct or args.interpolate
-    if args.img_size is None:
-        args.img_size = args.config["img_size"] = 64 if folder else 32
-    elif reads_data and not folder and args.img_size != 32:
-        raise UserError(f"--img-size {args.img_size}: MNIST is padded to 32×32; use --img-size 32 "
-                        f"or an image folder with --data")
-    if args.loads_weights:
-        args.config.setdefault("channels", 3 if folder else 1)  # a record knows better
-    else:
-        args.config["channels"] = 3 if folder else 1
+    ft.image_data(args, reads_data=not args.loads_weights or args.reconstruct or args.interpolate)
     check_size(args.img_size, args.level, args.mask)
     return args
 

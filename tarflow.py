@@ -369,16 +369,7 @@ def parse_args(argv=None):
     args = ft.parse(p, argv, model="tarflow", uses_weights=("temperatures",))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)
-    folder = bool(args.data) and os.path.isdir(args.data)
-    if args.data and not folder and not os.path.isfile(args.data):
-        raise UserError(f"--data {args.data}: no such folder or file")
-    if args.img_size is None:
-        args.img_size = args.config["img_size"] = 32 if folder else 28
-    elif not args.loads_weights and not folder and args.img_size != 28:
-        raise UserError(f"--img-size {args.img_size}: MNIST is 28×28; use an image folder with --data")
-    if not args.loads_weights:
-        args.config["channels"] = 3 if folder else 1
-    args.config.setdefault("channels", 1)
+    ft.image_data(args, reads_data=not args.loads_weights, mnist_size=28, folder_size=32)
     if args.img_size % args.patch:
         raise UserError(f"--patch {args.patch} does not divide the image size {args.img_size}")
     if args.width % args.heads:

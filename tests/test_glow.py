@@ -246,7 +246,7 @@ def test_img_size_not_divisible_exits_2_before_any_model(tmp_path, monkeypatch, 
     (["--weights", "model.h5"], "--weights model.h5: the file name must end in .weights.h5"),
     (["--sample-only", "--weights", "none.weights.h5"], "--weights none.weights.h5: no such file"),
     (["--lr", "0"], "argument --lr: must be positive"),
-    (["--img-size", "64"], "--img-size 64: MNIST is padded to 32×32"),
+    (["--img-size", "64"], "--img-size 64: MNIST is 32×32 here"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
