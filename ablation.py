@@ -4,7 +4,7 @@ additive vs affine coupling (Glow paper, Fig. 3) and RealNVP's checkerboard mask
 The article quotes Glow's result "loss: reversal > shuffle > 1×1 conv" and warns that the 1×1 conv
 needs many more epochs to pay off. Every configuration here gets the same seed, data, steps and
 CPU-sized network (built by glow.py: `glow.build_glow`, `glow.datasets`); train and test bits/dim per
-epoch go to a CSV per configuration (keras.callbacks.CSVLogger), then one markdown table and one
+epoch go to a CSV per configuration (flow_train's epoch log), then one markdown table and one
 loss-curve plot to --out.
 
     python ablation.py                                # the default budget: ~25 min on 2 busy CPU cores
@@ -67,7 +67,7 @@ def parse_args(argv=None):
 
 def train_one(config, args):
     """Trains one configuration from the common seed through flow_train.train (best weights by test
-    loss in --logs, the collapse rule, Ctrl-C); returns its row of figures and epoch logs."""
+    loss and the epoch log NAME.csv in --logs, the collapse rule, Ctrl-C); returns its row of figures."""
     permute, coupling, mask = config.split("/")
     keras.utils.set_random_seed(args.seed)  # same weights init stream, same data order for every row
     data_argv = ["--batch-size", str(args.batch_size), "--seed", str(args.seed), "--level", str(args.level)]
@@ -82,8 +82,7 @@ def train_one(config, args):
                              resume=False, max_collapses=5)
     start = time.perf_counter()
     code = ft.train(encoder, train, test, args=run, strategy=ft.make_strategy(),
-                    callbacks=[BitsPerDim(dims, glow.BIN, key="loss"), BitsPerDim(dims, glow.BIN),
-                               keras.callbacks.CSVLogger(name + ".csv")],
+                    callbacks=[BitsPerDim(dims, glow.BIN, key="loss"), BitsPerDim(dims, glow.BIN)],
                     before_fit=lambda: initialize_actnorms(encoder, next(iter(train))[0]),
                     steps_per_epoch=args.steps_per_epoch, shuffle=False, verbose=0)
     if code:
