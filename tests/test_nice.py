@@ -221,6 +221,27 @@ def test_nice_py_end_to_end(tmp_path, npz):
     assert float(rows[0]["val_bpd"]) == pytest.approx(float(lines[-1].split()[-1]), abs=0.05)
 
 
+def first_epoch_bpd(tmp_path, npz, scale_init):
+    weights = tmp_path / f"{scale_init}.weights.h5"
+    assert nice.main(["--data", npz, "--epochs", "1", "--batch-size", "50", *SMALL, "--seed", "0",
+                      "--scale-init", scale_init, "--weights", str(weights), "--out", str(tmp_path / "out")]) == 0
+    import csv
+
+    with open(tmp_path / f"{scale_init}.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    return int(row["steps"]), float(row["val_bpd"])
+
+
+def test_data_initialised_scale_beats_glorot_at_equal_steps(tmp_path, npz, capsys):
+    """Issue 15: s from one batch (unit-variance outputs) against the article's glorot s, same data,
+    seed and steps: the first epoch's test bits/dim is lower."""
+    steps_g, glorot = first_epoch_bpd(tmp_path, npz, "glorot")
+    steps_d, data = first_epoch_bpd(tmp_path, npz, "data")
+    assert steps_g == steps_d == 4
+    assert "scale layer initialised from one batch" in capsys.readouterr().out
+    assert data < glorot - 0.5, (data, glorot)
+
+
 def test_nice_py_bad_data_in_a_subprocess(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
