@@ -104,6 +104,9 @@ def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None):
                         "the best weights at a low learning rate")
     p.add_argument("--seed", type=int, default=seed, help="random seed (numpy, TensorFlow, Keras)")
     p.add_argument("--out", default="samples", help="folder for the pictures")
+    p.add_argument("--plot", action="store_true",
+                   help="after training, plot the epoch log NAME.csv (test bits/dim against minutes) to NAME.png; "
+                        "several runs together: python flow_train.py --plot A.csv B.csv")
     add_scale_out_args(p)
 
 
@@ -666,6 +669,10 @@ def train(encoder, train_data, val_data=None, *, args, strategy, monitor="val_lo
         encoder.load_weights(weights)
     if finish is not None and chief:
         finish()
+    if getattr(args, "plot", False) and chief and os.path.isfile(log):
+        png = log[: -len(".csv")] + ".png"
+        plot_curves({os.path.basename(log)[: -len(".csv")]: read_curve(log)}, png)
+        print(f"wrote {png} (the epoch log {log} against minutes)", flush=True)
     if interrupt.interrupted:
         state = Backup.read_state(run_folder(args.weights)) or {}
         print(f"interrupted: best weights in {args.weights}; continue with --resume (last completed "
@@ -674,3 +681,92 @@ def train(encoder, train_data, val_data=None, *, args, strategy, monitor="val_lo
               flush=True)
         return 130
     return 0
+
+
+# --- likelihood against time: the epoch logs plotted -----------------------------------------------
+
+CURVE_KEYS = (("val_bpd", "test bits/dim"), ("bpd", "training bits/dim"), ("val_loss", "test loss (nats)"))
+
+
+def read_curve(path):
+    """(label of the figure, [(minutes, figure, steps)]) from an epoch log NAME.csv: test bits/dim when
+    the run logged them, else training bits/dim, else the test loss."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise UserError(f"--plot {path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if not rows or "minutes" not in rows[0]:
+        raise UserError(f"--plot {path}: not an epoch log (no rows with a `minutes` column)")
+    for key, label in CURVE_KEYS:
+        if key in rows[0]:
+            return label, [(float(r["minutes"]), float(r[key]), int(float(r.get("steps") or 0))) for r in rows]
+    raise UserError(f"--plot {path}: no column among {', '.join(k for k, _ in CURVE_KEYS)}")
+
+
+def curve_table(curves, marks):
+    """Markdown: per run, the best figure reached by each time mark (minutes)."""
+    lines = ["| minutes | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    for m in marks:
+        cells = []
+        for _, rows in curves.values():
+            seen = [y for t, y, _ in rows if t <= m]
+            cells.append(f"{min(seen):.3f}" if seen else "–")
+        lines.append(f"| {m:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves, path, xlabel="wall-clock minutes", title=None):
+    """{name: (figure label, rows)} -> one PNG, each run's figure against minutes (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for name, (_, rows) in curves.items():
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", ms=2.5, lw=1.2, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(" / ".join(dict.fromkeys(label for label, _ in curves.values())))
+    if title:
+        ax.set_title(title, fontsize=9)
+    if curves:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def plot_main(argv=None):
+    """python flow_train.py --plot A.csv [B.csv ...]: several runs' epoch logs in one PNG and a table."""
+    p = ArgumentParser(description="Plot epoch logs (NAME.csv beside NAME.weights.h5): test bits/dim "
+                                   "against wall-clock minutes, several runs in one picture.")
+    p.add_argument("--plot", nargs="+", required=True, metavar="CSV", help="the runs' epoch logs")
+    p.add_argument("--labels", help="comma-separated names for the runs (default: the file names)")
+    p.add_argument("--png", default="curves.png", help="the picture to write (default: curves.png)")
+    p.add_argument("--title", help="a title for the picture")
+    p.add_argument("--marks", type=positive(float), nargs="*", metavar="MIN",
+                   help="time marks of the printed table (default: every whole minute, at most 20)")
+
+    def body():
+        args = p.parse_args(argv)
+        names = args.labels.split(",") if args.labels else [os.path.basename(c)[: -len(".csv")]
+                                                             if c.endswith(".csv") else c for c in args.plot]
+        if len(names) != len(args.plot):
+            raise UserError(f"--labels: {len(names)} names for {len(args.plot)} logs")
+        curves = dict(zip(names, (read_curve(c) for c in args.plot)))
+        last = max(rows[-1][0] for _, rows in curves.values())
+        marks = args.marks or sorted({max(1, round(last * i / 20)) for i in range(1, 21)} if last > 20
+                                     else range(1, max(1, math.ceil(last)) + 1))
+        print(curve_table(curves, marks))
+        plot_curves(curves, args.png, title=args.title)
+        print(f"wrote {args.png}")
+        return 0
+    return script_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(plot_main())

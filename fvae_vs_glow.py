@@ -8,13 +8,15 @@ bound on its NLL; Glow's is its exact NLL: the comparison is conservative for f-
     python fvae_vs_glow.py --plot-only --runs runs/     # the table and plot of runs already made
 """
 import argparse
-import csv
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import flow_train as ft
+
+LABELS = {"fvae": "f-VAE (ELBO bound)", "glow": "Glow (NLL)"}
 ROOT = os.path.dirname(os.path.abspath(__file__))
 COMMON = ["--lr", "1e-3", "--batch-size", "64", "--epochs", "1000"]
 RUNS = {  # name: (script, flags): Glow's flow on x, f-VAE's smaller flow on z
@@ -38,43 +40,9 @@ def run(name, folder, minutes, more=()):
 
 
 def read_log(folder, name):
-    """[(minutes, test bits/dim, steps)] per finished epoch of a run ([] when none finished)."""
+    """(figure label, [(minutes, test bits/dim, steps)]) of a run's epoch log ([] when none finished)."""
     path = os.path.join(folder, f"{name}.csv")
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return [(float(r["minutes"]), float(r["val_bpd"]), int(float(r["steps"]))) for r in csv.DictReader(f)]
-
-
-def table(logs, marks):
-    """Markdown: per model, the best test bits/dim reached by each time mark."""
-    lines = ["| minutes | " + " | ".join(f"{n} test bits/dim" for n in logs) + " |",
-             "|---|" + "---|" * len(logs)]
-    for m in marks:
-        cells = []
-        for rows in logs.values():
-            seen = [bpd for t, bpd, _ in rows if t <= m]
-            cells.append(f"{min(seen):.3f}" if seen else "–")
-        lines.append(f"| {m:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(logs, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    for name, rows in logs.items():
-        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", ms=3,
-                label={"fvae": "f-VAE (ELBO bound)", "glow": "Glow (NLL)"}[name])
-    ax.set_xlabel("wall-clock minutes (2 shared CPU cores)")
-    ax.set_ylabel("test bits/dim")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    return ft.read_curve(path) if os.path.isfile(path) else ("test bits/dim", [])
 
 
 def main(argv=None):
@@ -93,12 +61,13 @@ def main(argv=None):
             start = time.time()
             run(name, args.runs, args.minutes, more)
             print(f"{name}: {(time.time() - start) / 60:.1f} min", flush=True)
-    logs = {name: read_log(args.runs, name) for name in RUNS}
-    last = max([rows[-1][0] for rows in logs.values() if rows] or [1])
-    print(table(logs, range(1, max(1, round(last)) + 1)))
+    logs = {LABELS[name]: read_log(args.runs, name) for name in RUNS}
+    last = max([rows[-1][0] for _, rows in logs.values() if rows] or [1])
+    print(ft.curve_table(logs, range(1, max(1, round(last)) + 1)))
     os.makedirs(args.out, exist_ok=True)
-    plot(logs, os.path.join(args.out, "fvae_vs_glow.png"))
-    print(f"wrote {os.path.join(args.out, 'fvae_vs_glow.png')}")
+    path = os.path.join(args.out, "fvae_vs_glow.png")
+    ft.plot_curves({k: v for k, v in logs.items() if v[1]}, path, xlabel="wall-clock minutes (2 shared CPU cores)")
+    print(f"wrote {path}")
     return 0
 
 

@@ -202,7 +202,7 @@ def test_nice_py_end_to_end(tmp_path, npz):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # the user's default
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "nice.py"), "--data", npz, "--epochs", "1", "--limit", "100",
-         "--batch-size", "50", *SMALL, "--seed", "0", "--out", str(out), "--weights", str(weights)],
+         "--batch-size", "50", *SMALL, "--seed", "0", "--out", str(out), "--weights", str(weights), "--plot"],
         capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr == ""  # a quiet start: no TensorFlow start-up lines, no warnings
@@ -219,6 +219,7 @@ def test_nice_py_end_to_end(tmp_path, npz):
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and float(rows[0]["minutes"]) > 0 and int(rows[0]["steps"]) == 2
     assert float(rows[0]["val_bpd"]) == pytest.approx(float(lines[-1].split()[-1]), abs=0.05)
+    assert imageio.imread(tmp_path / "w.png").ndim == 3  # --plot: that log against minutes
 
 
 def first_epoch_bpd(tmp_path, npz, scale_init):
