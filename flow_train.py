@@ -85,10 +85,13 @@ def shape_arg(parser, flag, default, **kwargs):
     parser.shape_defaults[action.dest] = default
 
 
-def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None):
+def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_default=False):
     """The flags of a training run, the same in every script: --epochs --batch-size --lr --weights
-    --resume --max-collapses --seed --out --sample-only, and the scale-out flags."""
+    --resume --max-collapses --seed --out --sample-only, and the scale-out flags. `bf16_default`: the
+    model computes in mixed bfloat16 unless told otherwise, on a CPU with bfloat16 instructions
+    (`choose_precision`; bench.py measured where it pays and costs no likelihood)."""
     p = parser
+    p.set_defaults(bf16_default=bf16_default)
     p.add_argument("--epochs", type=positive(int), default=epochs, help="training epochs (the total with --resume)")
     p.add_argument("--batch-size", type=positive(int), default=batch_size, help="images per batch (global)")
     p.add_argument("--lr", type=positive(float), default=lr, help="learning rate")
@@ -189,7 +192,9 @@ def start(args):
     """The start of every run: the strategy (before any other TensorFlow work), the precision
     policy, the seed, and a writable --out. Returns the strategy."""
     strategy = make_strategy(args.distribute, args.devices)
+    args.mixed_precision, why = choose_precision(args.mixed_precision, getattr(args, "bf16_default", False))
     set_mixed_precision(args.mixed_precision)
+    print(f"precision: {keras.config.dtype_policy().name} ({why})", flush=True)
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)
     check_writable(args.out, f"--out {args.out}")
@@ -452,10 +457,12 @@ def add_scale_out_args(parser):
                         help="with --distribute mirrored: comma-separated devices, e.g. GPU:0,GPU:1 "
                              "(default: every local GPU, else the CPU)")
     parser.add_argument("--mixed-precision", nargs="?", const="bfloat16", default=None,
-                        choices=tuple(PRECISIONS),
+                        choices=(*PRECISIONS, "none"),
                         help="coupling networks compute in 16 bits (bfloat16 if no value: CPUs, TPUs, "
                              "Ampere+ GPUs; float16 for older GPUs, with dynamic loss scaling); "
-                             "variables, the flow's data path, log-dets and the loss stay float32")
+                             "variables, the flow's data path, log-dets and the loss stay float32. "
+                             "none: float32 throughout. Default: the script's choice, printed at start "
+                             "(bfloat16 for NICE on a CPU with bfloat16 instructions, else float32)")
 
 
 _strategies = {}  # one per (name, devices) and process: two in one process clash in their collectives
@@ -525,10 +532,48 @@ def _new_strategy(tf, name, devices):
     return MultiWorker()
 
 
+BF16_FLAGS = (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+
+
+def cpu_bfloat16(cpuinfo="/proc/cpuinfo"):
+    """The bfloat16 instruction sets the CPU lists (Linux /proc/cpuinfo flags), e.g. ["AVX512-BF16",
+    "AMX-BF16"]; [] without them or without the file (other systems: float32 stays the default)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return []
+    return [name for flag, name in BF16_FLAGS if flag in flags]
+
+
+def choose_precision(flag, bf16_default, cpu_bf16=None, gpus=None):
+    """(precision for `set_mixed_precision`, why) from --mixed-precision: an explicit value wins ("none"
+    is float32); unset, a model whose default is bfloat16 gets it on a CPU-only machine whose CPU has
+    bfloat16 instructions (oneDNN runs them at about twice the float32 matmul rate), float32 elsewhere:
+    on a GPU 16 bits stays the user's choice. cpu_bf16 and gpus: detected when None (tests force them)."""
+    if flag == "none":
+        return None, "--mixed-precision none"
+    if flag:
+        return flag, f"--mixed-precision {flag}"
+    if not bf16_default:
+        return None, "this model's default; --mixed-precision bfloat16 to try 16 bits"
+    if gpus is None:
+        import tensorflow as tf
+        gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return None, "on a GPU 16 bits is opt-in: --mixed-precision"
+    cpu_bf16 = cpu_bfloat16() if cpu_bf16 is None else cpu_bf16
+    if cpu_bf16:
+        return "bfloat16", f"CPU has {', '.join(cpu_bf16)}; --mixed-precision none for float32"
+    return None, "CPU has no bfloat16 instructions"
+
+
 def set_mixed_precision(name=None):
     """Keras' global dtype policy: "mixed_bfloat16"/"mixed_float16" for name bfloat16/float16, the
     default float32 for None. Set it before building a model. Flow layers keep float32 (flow_layers
     `_flow_dtype`); compile wraps the optimizer in a LossScaleOptimizer under mixed_float16."""
+    if name == "none":
+        name = None
     if name is not None and name not in PRECISIONS:
         raise UserError(f"--mixed-precision {name}: expected one of {', '.join(PRECISIONS)}")
     keras.mixed_precision.set_global_policy(PRECISIONS[name] if name else keras.config.floatx())

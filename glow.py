@@ -31,6 +31,7 @@ from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequa
 
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
 GRID = 9               # the article's 9×9 sample grid
+BF16_DEFAULT = False  # see bench.py
 RECONSTRUCT = 8        # held-out images shown by --reconstruct
 
 
@@ -334,7 +335,8 @@ def parse_args(argv=None):
     p.add_argument("--interpolate", type=positive(int), default=0, metavar="N",
                    help="no training: encode N pairs of held-out images, write OUT/glow_interpolate.png: "
                         "per pair the straight line between the codes over the great circle")
-    ft.add_run_args(p, weights="glow.weights.h5", epochs=100, batch_size=64, lr=1e-4, seed=0)
+    ft.add_run_args(p, weights="glow.weights.h5", epochs=100, batch_size=64, lr=1e-4, seed=0,
+                     bf16_default=BF16_DEFAULT)
     args = ft.parse(p, argv, model="glow", uses_weights=("reconstruct", "temperatures", "interpolate"))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)

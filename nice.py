@@ -95,6 +95,7 @@ def build_nice(hidden=1000, hidden_layers=5, couplings=4, permute="reverse"):
 
 # --- training -----------------------------------------------------------------------------------
 
+BF16_DEFAULT = False  # see bench.py
 XLA_STEPS = 1000  # XLA's compile (several seconds here) pays for itself only over a long run
 
 
@@ -315,7 +316,8 @@ def parse_args(argv=None):
     p.add_argument("--walk", action="store_true",
                    help="no training: move the 8 most important latent dimensions (smallest scale s_i) "
                         "one at a time around a test image's code, write OUT/nice_walk.png")
-    ft.add_run_args(p, weights="nice.weights.h5", epochs=30, batch_size=128, lr=1e-3)
+    ft.add_run_args(p, weights="nice.weights.h5", epochs=30, batch_size=128, lr=1e-3,
+                     bf16_default=BF16_DEFAULT)
     args = ft.parse(p, argv, model="nice", uses_weights=("temperatures", "interpolate", "walk"))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)

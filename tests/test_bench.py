@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODEL_KEYS = ("img_per_s", "utilisation", "first_step_s", "sample_grid_s", "sample_first_s",
               "sample_img_per_s", "peak_rss_mib")
-VARIANT_KEYS = ("img_per_s", "step_s", "cpu_step_s", "utilisation", "first_step_s", "speedup_vs_no_jit_spe1",
-                "cpu_speedup_vs_no_jit_spe1")
+VARIANT_KEYS = ("img_per_s", "step_s", "cpu_step_s", "utilisation", "utilisation_own_peak", "first_step_s",
+                "speedup_vs_fp32", "cpu_speedup_vs_fp32")
 
 
 def positive(value):
@@ -24,7 +24,8 @@ def test_quick_bench_writes_every_figure(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     r = json.loads(out.read_text())
-    assert len(r["matmul"]) == 2 and all(positive(m["gflops"]) for m in r["matmul"])
+    assert [m["dtype"] for m in r["matmul"]] == ["float32", "float32", "bfloat16", "bfloat16"]
+    assert all(positive(m["gflops"]) for m in r["matmul"])
     assert positive(r["peak_rss_mib"]) and positive(r["total_s"])
     assert r["nice"]["train_mflop_per_image"] == 3 * r["nice"]["forward_mflop_per_image"] > 0
     assert positive(r["glow"]["train_gflop_per_image"])
@@ -32,11 +33,20 @@ def test_quick_bench_writes_every_figure(tmp_path):
         m = r[model]
         for key in MODEL_KEYS:
             assert positive(m[key]), (model, key, m.get(key))
-        assert {"default", "no_jit_spe1"} <= set(m["variants"])
+        assert set(m["variants"]) == {"fp32", "bf16"}  # --quick: the two without an XLA compile
+        assert m["default_variant"] in m["variants"] and m["fp32_default_variant"] == "fp32"
+        assert m["utilisation"] == m["variants"]["fp32"]["utilisation"]  # the float32 default path's
         for name, v in m["variants"].items():
             for key in VARIANT_KEYS:
                 assert positive(v[key]), (model, name, key, v.get(key))
             assert v["loss_finite"] is True
+            lo, hi = v["speedup_spread"]
+            assert lo <= v["speedup_vs_fp32"] <= hi
+        assert m["variants"]["fp32"]["speedup_vs_fp32"] == 1
+        assert m["variants"]["bf16"]["mixed_precision"] == "bfloat16"
+        q = m["quality"]  # test bits/dim at equal steps, per variant, and the difference to fp32
+        assert set(q["test_bpd"]) == {"fp32", "bf16"} and all(positive(b) for b in q["test_bpd"].values())
+        assert q["minus_fp32"]["bf16"] == q["test_bpd"]["bf16"] - q["test_bpd"]["fp32"]
     assert "glow_64" not in r  # --quick never runs the article's 64² Glow
     assert "utilisation" in run.stdout  # the table is printed too
 
