@@ -193,7 +193,7 @@ def pixel_std(fvae):
 
 def compile_fvae(fvae, lr=1e-3):
     """Adam on −log N([ε, r]; 0, I); the layers add the other terms of the −ELBO (module docstring)."""
-    fvae.model.compile(optimizer=keras.optimizers.Adam(lr), loss=prior_nll)
+    fvae.model.compile(optimizer=ft.Adam(lr), loss=prior_nll)
 
 
 def image_losses(model):

@@ -188,7 +188,7 @@ def check_size(img_size, level, mask="channel"):
 
 def compile_glow(encoder, lr=1e-4):
     """The article's Adam(1e-4) on the prior term (the layers add −log|det|)."""
-    encoder.compile(optimizer=keras.optimizers.Adam(lr), loss=prior_nll)
+    encoder.compile(optimizer=ft.Adam(lr), loss=prior_nll)
 
 
 def train(args, strategy):

@@ -139,7 +139,7 @@ def build_coupling_flow(steps=8, width=64):
 
 
 def compile_flow(model, lr):
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=prior_nll)
+    model.compile(optimizer=ft.Adam(lr), loss=prior_nll)
 
 
 def prepare(encoder, x):

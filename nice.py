@@ -112,7 +112,7 @@ def default_jit_compile(steps=None):
 
 def compile_nice(encoder, lr=1e-3, jit_compile=None, steps=None):
     """Adam on the prior term (the layers add −log|det|); jit_compile None = `default_jit_compile(steps)`."""
-    encoder.compile(optimizer=keras.optimizers.Adam(lr), loss=prior_nll,
+    encoder.compile(optimizer=ft.Adam(lr), loss=prior_nll,
                     jit_compile=default_jit_compile(steps) if jit_compile is None else jit_compile)
 
 

@@ -1,0 +1,102 @@
+"""Issue 14's choices, tested for what they do, not how fast: the precision default (with the CPU's
+bfloat16 detection forced either way), --mixed-precision none, and the fused Adam's arithmetic."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import flow_train as ft
+import glow
+import nice
+
+
+def fake_cpuinfo(tmp_path, flags):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: a CPU\nflags\t\t: fpu sse2 " + " ".join(flags) + "\n\n")
+    return str(path)
+
+
+def test_cpu_bfloat16_reads_the_flags_line(tmp_path):
+    assert ft.cpu_bfloat16(fake_cpuinfo(tmp_path, ["avx512f", "avx512_bf16", "amx_bf16"])) == ["AVX512-BF16", "AMX-BF16"]
+    assert ft.cpu_bfloat16(fake_cpuinfo(tmp_path, ["avx2", "avx512f"])) == []
+    assert ft.cpu_bfloat16(str(tmp_path / "no_such_file")) == []  # not Linux: float32 stays
+
+
+@pytest.mark.parametrize("flag, bf16_default, cpu, gpus, precision, why", [
+    (None, True, ["AVX512-BF16"], [], "bfloat16", "CPU has AVX512-BF16"),
+    (None, True, [], [], None, "CPU has no bfloat16 instructions"),           # the fallback
+    (None, True, ["AVX512-BF16"], ["GPU:0"], None, "on a GPU 16 bits is opt-in"),
+    (None, False, ["AVX512-BF16"], [], None, "this model's default"),
+    ("none", True, ["AVX512-BF16"], [], None, "--mixed-precision none"),     # forces float32
+    ("bfloat16", False, [], [], "bfloat16", "--mixed-precision bfloat16"),   # asked for: given
+    ("float16", True, ["AVX512-BF16"], [], "float16", "--mixed-precision float16"),
+])
+def test_choose_precision(flag, bf16_default, cpu, gpus, precision, why):
+    got, reason = ft.choose_precision(flag, bf16_default, cpu_bf16=cpu, gpus=gpus)
+    assert got == precision and why in reason
+
+
+@pytest.mark.parametrize("script", [nice, glow])
+@pytest.mark.parametrize("cpu", [["AVX512-BF16"], []])
+def test_each_script_chooses_its_precision_at_start(monkeypatch, tmp_path, script, cpu):
+    monkeypatch.setattr(ft, "cpu_bfloat16", lambda: cpu)
+    args = script.parse_args(["--out", str(tmp_path / "out"), "--weights", str(tmp_path / "w.weights.h5")])
+    try:
+        ft.start(args)
+        policy = keras.config.dtype_policy().name
+    finally:
+        ft.set_mixed_precision(None)
+    bf16 = script.BF16_DEFAULT and bool(cpu) and not tf.config.list_physical_devices("GPU")
+    assert policy == ("mixed_bfloat16" if bf16 else "float32")
+    assert args.precision_why == ft.choose_precision(None, script.BF16_DEFAULT, cpu, [])[1]
+
+
+def test_training_prints_the_precision_once_and_none_forces_float32(monkeypatch, capsys, tmp_path, digits):
+    from helpers import mnist_npz
+
+    monkeypatch.setattr(ft, "cpu_bfloat16", lambda: ["AVX512-BF16"])
+    npz = mnist_npz(tmp_path / "m.npz", digits, 100, 50)
+    try:
+        assert nice.main(["--data", npz, "--epochs", "1", "--batch-size", "50", "--hidden", "8", "--hidden-layers", "1",
+                          "--couplings", "2", "--mixed-precision", "none", "--weights", str(tmp_path / "w.weights.h5"),
+                          "--out", str(tmp_path / "out")]) == 0
+    finally:
+        ft.set_mixed_precision(None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("precision")]
+    assert lines == ["precision: float32 (--mixed-precision none)"]
+
+
+def run_adam(cls, steps=5):
+    rng = np.random.RandomState(0)
+    variables = [keras.Variable(rng.standard_normal((30, 20)).astype("float32")),
+                 keras.Variable(rng.standard_normal((7,)).astype("float32"))]
+    opt = cls(1e-2)
+    opt.build(variables)
+    step = tf.function(lambda grads: opt.apply(grads, variables))
+    for _ in range(steps):
+        step([tf.constant(rng.standard_normal(v.shape).astype("float32")) for v in variables])
+    return [v.numpy() for v in variables] + [opt._momentums[0].numpy(), opt._velocities[1].numpy()]
+
+
+def test_fused_adam_updates_exactly_as_keras_adam():
+    """ft.Adam swaps Keras' element-wise update for TensorFlow's fused kernel; the numbers (weights,
+    first and second moments after 5 steps) are Keras' to float32 rounding."""
+    for ours, theirs in zip(run_adam(ft.Adam), run_adam(keras.optimizers.Adam)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    moved = run_adam(ft.Adam, steps=1)[0] - run_adam(ft.Adam, steps=0)[0]
+    assert np.abs(moved).max() > 1e-3  # it does update
+
+
+def test_fused_adam_is_keras_adam_under_a_strategy():
+    """Under a tf.distribute strategy the mirrored variables go through Keras' own update."""
+    strategy = ft.make_strategy("mirrored", "CPU:0")
+    with strategy.scope():
+        variable = keras.Variable(np.ones(4, "float32"))
+        opt = ft.Adam(0.1)
+        opt.build([variable])
+
+    @tf.function
+    def step():
+        strategy.run(lambda: opt.apply([tf.ones(4)], [variable]))
+    step()
+    np.testing.assert_allclose(variable.numpy(), 0.9, rtol=1e-5)  # Adam's first step: lr · sign(g)
