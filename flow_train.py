@@ -467,6 +467,14 @@ class Adam(keras.optimizers.Adam):
             epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
 
 
+def build_optimizer(model):
+    """Creates the optimizer's slots (Adam's m and v) eagerly, before `fit`. Left to fit, they are
+    created inside the first trace, where TensorFlow guards each new variable's initialiser with a
+    tf.cond: two conditionals per weight to trace, which was about half of NICE's first step."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+
+
 # --- scaling out: tf.distribute and mixed precision (issue 7) ---------------------------------
 
 DISTRIBUTE = ("none", "mirrored", "multiworker")
@@ -718,6 +726,7 @@ def train(encoder, train_data, val_data=None, *, args, strategy, monitor="val_lo
                     config=record)
     interrupt = Interrupt()  # Ctrl-C: stop after the step, still finish() from the best weights, exit 130
     with strategy.scope():  # a resumed run builds the optimizer's variables
+        build_optimizer(encoder)
         backup, done = open_run(encoder, weights, args.resume, best, interrupt, record)
     if args.resume:
         print(f"resuming {run_folder(args.weights)}/ after epoch {done} of {args.epochs} (learning rate "
