@@ -107,6 +107,9 @@ def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_def
                         "the best weights at a low learning rate")
     p.add_argument("--seed", type=int, default=seed, help="random seed (numpy, TensorFlow, Keras)")
     p.add_argument("--out", default="samples", help="folder for the pictures")
+    p.add_argument("--minutes", type=positive(float), default=None, metavar="M",
+                   help="a wall-clock budget: stop at the first epoch end at or past M minutes of training "
+                        "(the epoch log's `minutes`, continued across --resume); --epochs still caps it")
     p.add_argument("--plot", action="store_true",
                    help="after training, plot the epoch log NAME.csv (test bits/dim against minutes) to NAME.png; "
                         "several runs together: python flow_train.py --plot A.csv B.csv")
@@ -682,11 +685,12 @@ def log_path(weights):
 
 class Progress(keras.callbacks.Callback):
     """Adds the run's wall-clock `minutes` (continued across --resume) and optimizer `steps` to each
-    epoch's logs, so the CSV log gives the likelihood against time and against steps."""
+    epoch's logs, so the CSV log gives the likelihood against time and against steps; with a `budget`
+    (--minutes) it ends training at the first epoch end at or past it."""
 
-    def __init__(self, minutes=0.0):
+    def __init__(self, minutes=0.0, budget=None):
         super().__init__()
-        self.offset = minutes
+        self.offset, self.budget = minutes, budget
 
     @staticmethod
     def minutes_so_far(path):
@@ -707,6 +711,10 @@ class Progress(keras.callbacks.Callback):
         if logs is not None:
             logs["minutes"] = self.offset + (time.perf_counter() - self.start) / 60
             logs["steps"] = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            if self.budget is not None and logs["minutes"] >= self.budget:  # --minutes: a whole epoch, then stop
+                self.model.stop_training = True
+                print(f"--minutes {self.budget:g}: stopping after epoch {epoch + 1}, at {logs['minutes']:.1f} "
+                      f"minutes of training", flush=True)
 
 
 def train(encoder, train_data, val_data=None, *, args, strategy, monitor="val_loss", after_epoch=10,
@@ -737,7 +745,7 @@ def train(encoder, train_data, val_data=None, *, args, strategy, monitor="val_lo
     chief = is_chief(strategy)
     log = worker_path(log_path(args.weights), strategy)
     os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)  # CSVLogger opens it at once
-    progress = Progress(Progress.minutes_so_far(log) if args.resume else 0.0)
+    progress = Progress(Progress.minutes_so_far(log) if args.resume else 0.0, getattr(args, "minutes", None))
     encoder.fit(train_data, validation_data=val_data, epochs=args.epochs, initial_epoch=done,
                 callbacks=[*callbacks, *(chief_callbacks if chief else ()), progress,
                            keras.callbacks.CSVLogger(log, append=args.resume), best, backup, interrupt],

@@ -61,3 +61,22 @@ def test_plot_two_runs_from_the_command_line(tmp_path):
     assert "| 4 | 7.500 | 5.500 |" in proc.stdout
     picture = imageio.imread(png)
     assert picture.ndim == 3 and picture.shape[0] > 200 and picture.std() > 0
+
+
+def test_minutes_budget_stops_at_an_epoch_end_and_plot_writes_the_curve(tmp_path, digits, capsys):
+    """--minutes: a whole epoch, then stop (exit 0, the final figures printed); --plot: NAME.png."""
+    import csv
+
+    import nice
+    from helpers import mnist_npz
+
+    npz = mnist_npz(tmp_path / "m.npz", digits, 100, 50)
+    weights = tmp_path / "run.weights.h5"
+    assert nice.main(["--data", npz, "--epochs", "50", "--batch-size", "50", "--hidden", "8", "--hidden-layers", "1",
+                      "--couplings", "2", "--minutes", "0.0001", "--plot", "--weights", str(weights),
+                      "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "--minutes 0.0001: stopping after epoch 1" in out and out.strip().splitlines()[-1].startswith("test bits/dim")
+    with open(tmp_path / "run.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 1
+    assert imageio.imread(tmp_path / "run.png").ndim == 3
