@@ -499,7 +499,7 @@ def add_scale_out_args(parser):
                              "Ampere+ GPUs; float16 for older GPUs, with dynamic loss scaling); "
                              "variables, the flow's data path, log-dets and the loss stay float32. "
                              "none: float32 throughout. Default: the script's choice, printed at start "
-                             "(bfloat16 for NICE on a CPU with bfloat16 instructions, else float32)")
+                             "(NICE and Glow: mixed bfloat16 on a CPU with bfloat16 instructions, else float32)")
 
 
 _strategies = {}  # one per (name, devices) and process: two in one process clash in their collectives

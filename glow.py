@@ -31,7 +31,7 @@ from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequa
 
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
 GRID = 9               # the article's 9×9 sample grid
-BF16_DEFAULT = False  # see bench.py
+BF16_DEFAULT = True  # on a CPU with bfloat16 instructions; measured in bench.py (docs/running.md)
 RECONSTRUCT = 8        # held-out images shown by --reconstruct
 
 

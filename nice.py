@@ -95,7 +95,7 @@ def build_nice(hidden=1000, hidden_layers=5, couplings=4, permute="reverse"):
 
 # --- training -----------------------------------------------------------------------------------
 
-BF16_DEFAULT = False  # see bench.py
+BF16_DEFAULT = True  # on a CPU with bfloat16 instructions; measured in bench.py (docs/running.md)
 XLA_STEPS = 1000  # XLA's compile (several seconds here) pays for itself only over a long run
 
 

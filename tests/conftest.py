@@ -26,3 +26,11 @@ def digits():
     from helpers import mnist_digits
 
     return mnist_digits()
+
+
+@pytest.fixture(autouse=True)
+def plain_policy_after():
+    """A script run in-process may choose mixed bfloat16 (its default on a CPU with bfloat16
+    instructions, flow_train.choose_precision): every test starts from the plain float policy."""
+    yield
+    keras.config.set_dtype_policy(keras.config.floatx())
