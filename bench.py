@@ -49,7 +49,7 @@ import flow_train as ft  # noqa: E402
 import glow  # noqa: E402
 import nice  # noqa: E402
 from flow_layers import InvDense, initialize_actnorms  # noqa: E402
-from flow_utils import bits_per_dim, dequantize, load_mnist, mnist_pixels, sample  # noqa: E402
+from flow_utils import bits_per_dim, dequantize, load_mnist, mnist_pixels, prior_nll, sample  # noqa: E402
 
 FULL = {
     "matmul": [(2048, 2048, 2048), (128, 1000, 1000)],
@@ -318,6 +318,57 @@ def quality_glow(cfg, steps, variants):
     return out
 
 
+# --- where a NICE step goes ------------------------------------------------------------------
+
+def profile_nice(repeats=15):
+    """Seconds (median of `repeats` calls) of separate tf.functions over the article's NICE at batch
+    128, without and with XLA: forward, forward + backward, Keras' Adam update and flow_train.Adam's
+    fused one over all weights, a whole step with each, and the non-matmul layers alone (permutations,
+    interleaved splits and concats, the scale layer)."""
+    from flow_layers import AffineCouple
+
+    keras.utils.set_random_seed(0)
+    encoder, _, flow = nice.build_nice()
+    x = tf.constant((np.random.RandomState(0).randint(0, 256, (128, nice.DIM)) / 255).astype("float32"))
+    weights = encoder.trainable_variables
+
+    def loss():
+        z = encoder(x, training=True)
+        return tf.reduce_mean(prior_nll(None, z)) + tf.add_n(encoder.losses)
+
+    def grads():
+        with tf.GradientTape() as tape:
+            value = loss()
+        return tape.gradient(value, weights)
+
+    def layout():
+        h = x
+        for layer in flow:
+            h = h if isinstance(layer, AffineCouple) else layer(h)
+        return h
+
+    def median_s(fn):
+        keras.ops.convert_to_numpy(tf.nest.flatten(fn())[0])
+        return statistics.median(timed(lambda: keras.ops.convert_to_numpy(tf.nest.flatten(fn())[0]))
+                                 for _ in range(repeats))
+
+    out = {}
+    for jit in (False, True):
+        g = tf.function(grads, jit_compile=jit)()
+        r = {"forward_s": median_s(tf.function(loss, jit_compile=jit)),
+             "forward_backward_s": median_s(tf.function(grads, jit_compile=jit)),
+             "layout_ops_s": median_s(tf.function(layout, jit_compile=jit))}
+        for name, cls in (("keras_adam", keras.optimizers.Adam), ("fused_adam", ft.Adam)):
+            opt = cls(1e-3)
+            opt.build(weights)
+            r[f"{name}_update_s"] = median_s(tf.function(lambda: (opt.apply(g, weights), opt.iterations)[1],
+                                                         jit_compile=jit))
+            r[f"step_{name}_s"] = median_s(tf.function(lambda: (opt.apply(grads(), weights), opt.iterations)[1],
+                                                       jit_compile=jit))
+        out["xla" if jit else "plain"] = r
+    return out
+
+
 # --- report -----------------------------------------------------------------------------------
 
 def variant_line(m):
@@ -374,7 +425,16 @@ def main(argv=None):
     p.add_argument("--quality-variants", default=None,
                    help="comma-separated variants of the quality runs (default: every timed one)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    p.add_argument("--profile", action="store_true",
+                   help="only where a float32 NICE step goes (forward, backward, Adam's update, the layout ops)")
     args = p.parse_args(argv)
+    if args.profile:
+        r = {"command": " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)]),
+             "profile_nice": profile_nice(args.repeats or 15)}
+        print(json.dumps(r, indent=1))
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+        return 0
     cfg = QUICK if args.quick else FULL
     repeats = args.repeats or cfg["repeats"]
     wanted = {BASE, *args.variants.split(",")}
