@@ -1,7 +1,7 @@
 """How fast flow trains and samples on this machine, measured in one process.
 
     python bench.py                  # the full table with the quality runs (long: see docs/running.md)
-    python bench.py --skip-big       # without the article's 64² Glow (≈ 4 min)
+    python bench.py --skip-big --quality-steps 0 0   # timing only, without the article's 64² Glow (≈ 10 min)
     python bench.py --quick          # a tiny version of every measurement (the test suite runs it)
 
 What it measures, each with warm-up excluded and the median of --repeats timed runs:

@@ -808,8 +808,9 @@ def curve_table(curves, marks):
     return "\n".join(lines)
 
 
-def plot_curves(curves, path, xlabel="wall-clock minutes", title=None):
-    """{name: (figure label, rows)} -> one PNG, each run's figure against minutes (written atomically)."""
+def plot_curves(curves, path, xlabel="wall-clock minutes", title=None, ymax=None):
+    """{name: (figure label, rows)} -> one PNG, each run's figure against minutes (written atomically);
+    `ymax` cuts the axis there (a one-epoch spike would otherwise flatten every curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -822,6 +823,8 @@ def plot_curves(curves, path, xlabel="wall-clock minutes", title=None):
     ax.set_ylabel(" / ".join(dict.fromkeys(label for label, _ in curves.values())))
     if title:
         ax.set_title(title, fontsize=9)
+    if ymax is not None:
+        ax.set_ylim(top=ymax)
     if curves:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -838,6 +841,7 @@ def plot_main(argv=None):
     p.add_argument("--labels", help="comma-separated names for the runs (default: the file names)")
     p.add_argument("--png", default="curves.png", help="the picture to write (default: curves.png)")
     p.add_argument("--title", help="a title for the picture")
+    p.add_argument("--ymax", type=float, help="top of the y axis (points above it are cut off)")
     p.add_argument("--marks", type=positive(float), nargs="*", metavar="MIN",
                    help="time marks of the printed table (default: every whole minute, at most 20)")
 
@@ -852,7 +856,7 @@ def plot_main(argv=None):
         marks = args.marks or sorted({max(1, round(last * i / 20)) for i in range(1, 21)} if last > 20
                                      else range(1, max(1, math.ceil(last)) + 1))
         print(curve_table(curves, marks))
-        plot_curves(curves, args.png, title=args.title)
+        plot_curves(curves, args.png, title=args.title, ymax=args.ymax)
         print(f"wrote {args.png}")
         return 0
     return script_main(body)

@@ -54,7 +54,7 @@ def test_plot_two_runs_from_the_command_line(tmp_path):
     b = write_log(tmp_path / "data.csv", [(i, 0, i + 0.5, 10 * i, 7 - i / 2, 0) for i in range(4)])
     png = tmp_path / "both.png"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "flow_train.py"), "--plot", a, b,
-                           "--labels", "glorot s,data s", "--png", str(png)],
+                           "--labels", "glorot s,data s", "--ymax", "8", "--png", str(png)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| minutes | glorot s | data s |" in proc.stdout
