@@ -195,8 +195,9 @@ def start(args):
     """The start of every run: the strategy (before any other TensorFlow work), the precision
     policy, the seed, and a writable --out. Returns the strategy."""
     strategy = make_strategy(args.distribute, args.devices)
-    args.mixed_precision, args.precision_why = choose_precision(args.mixed_precision,
-                                                                getattr(args, "bf16_default", False))
+    # the bfloat16 default is for training; sampling and the experiments keep float32 unless asked
+    bf16_default = getattr(args, "bf16_default", False) and not args.loads_weights
+    args.mixed_precision, args.precision_why = choose_precision(args.mixed_precision, bf16_default)
     set_mixed_precision(args.mixed_precision)
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)
@@ -499,7 +500,7 @@ def add_scale_out_args(parser):
                              "Ampere+ GPUs; float16 for older GPUs, with dynamic loss scaling); "
                              "variables, the flow's data path, log-dets and the loss stay float32. "
                              "none: float32 throughout. Default: the script's choice, printed at start "
-                             "(NICE and Glow: mixed bfloat16 on a CPU with bfloat16 instructions, else float32)")
+                             "(NICE and Glow training: mixed bfloat16 on a CPU with bfloat16 instructions, else float32)")
 
 
 _strategies = {}  # one per (name, devices) and process: two in one process clash in their collectives
@@ -609,8 +610,6 @@ def set_mixed_precision(name=None):
     """Keras' global dtype policy: "mixed_bfloat16"/"mixed_float16" for name bfloat16/float16, the
     default float32 for None. Set it before building a model. Flow layers keep float32 (flow_layers
     `_flow_dtype`); compile wraps the optimizer in a LossScaleOptimizer under mixed_float16."""
-    if name == "none":
-        name = None
     if name is not None and name not in PRECISIONS:
         raise UserError(f"--mixed-precision {name}: expected one of {', '.join(PRECISIONS)}")
     keras.mixed_precision.set_global_policy(PRECISIONS[name] if name else keras.config.floatx())

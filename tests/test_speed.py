@@ -51,6 +51,21 @@ def test_each_script_chooses_its_precision_at_start(monkeypatch, tmp_path, scrip
     assert args.precision_why == ft.choose_precision(None, script.BF16_DEFAULT, cpu, [])[1]
 
 
+@pytest.mark.parametrize("script", [nice, glow])
+def test_modes_that_only_load_weights_stay_float32(monkeypatch, tmp_path, script):
+    """Sampling, --reconstruct and the experiments keep float32 on a bfloat16 CPU (what `parse` marks
+    as loads_weights; set here without a weights file)."""
+    monkeypatch.setattr(ft, "cpu_bfloat16", lambda: ["AVX512-BF16"])
+    args = script.parse_args(["--out", str(tmp_path / "out"), "--weights", str(tmp_path / "w.weights.h5")])
+    args.loads_weights = True
+    try:
+        ft.start(args)
+        assert keras.config.dtype_policy().name == "float32"
+    finally:
+        ft.set_mixed_precision(None)
+    assert args.mixed_precision is None
+
+
 def test_training_prints_the_precision_once_and_none_forces_float32(monkeypatch, capsys, tmp_path, digits):
     from helpers import mnist_npz
 
