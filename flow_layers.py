@@ -1,18 +1,20 @@
-"""Invertible layers of the "细水长 Flow" articles (NICE, RealNVP, Glow, f-VAEs, i-ResNet, TarFlow) on Keras 3.
+"""Invertible layers of the "细水长 Flow" articles on Keras 3, one per equation, in the articles' order:
+the flow contract (FlowLayer, its Inverse, the composition Flow), then NICE, RealNVP and Glow, f-VAEs,
+i-ResNet, TarFlow.
 
-Contract (see DESIGN.md §2): `call` is the encoder direction x -> z and adds the batch mean of the
-negative log-determinant with `add_loss`; `reverse` computes z -> x; `inverse()` returns a layer that
-runs `reverse` on the same variables, and `inverse().inverse()` is the layer itself.
+Contract (docs/design.md §2): `forward` is the encoder direction x -> z with its log-determinant per
+example; calling the layer adds the batch mean of −log|det| with `add_loss`; `reverse` computes z -> x;
+`inverse()` returns a layer that runs `reverse` on the same variables, and `inverse().inverse()` is the
+layer itself.
 Only `keras.ops` is used, so the layers run on any Keras backend, with two TensorFlow-only
 exceptions, each said in its docstring: `_uniform`'s replica index and `ResidualFlow`'s
-vector-Jacobian products (GradientTape inside `call`).
+vector-Jacobian products (GradientTape inside `forward`).
 """
 import math
 
 import keras
 import numpy as np
 from keras import ops
-
 
 def _constant(value):
     """An initializer returning a fixed array (Keras 3 calls initializers as (shape, dtype))."""
@@ -23,15 +25,12 @@ def _constant(value):
 
     return init
 
-
 def _pixels(x):
     """Number of positions sharing one per-channel parameter: H·W for images, 1 for vectors."""
     return math.prod(x.shape[1:-1])
 
-
 def _per_image_sum(x):
     return ops.sum(x, axis=tuple(range(1, len(x.shape))))
-
 
 def _flow_dtype(kwargs):
     """Flow layers compute in their variables' dtype: float32 under a mixed policy ("mixed_bfloat16",
@@ -40,7 +39,6 @@ def _flow_dtype(kwargs):
     coupling inverts exactly all the same, since its reverse recomputes m(x1) from the same x1."""
     kwargs.setdefault("dtype", keras.config.dtype_policy().variable_dtype)
     return kwargs
-
 
 def _uniform(shape, dtype, generator):
     """U(0,1) from a SeedGenerator; on TensorFlow each replica of a tf.distribute strategy folds its
@@ -57,25 +55,60 @@ def _uniform(shape, dtype, generator):
     seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), "int32")  # as Keras' TF backend does
     return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
 
+# --- the flow contract: a layer, its inverse, a composition ---------------------------------------
 
 class FlowLayer(keras.layers.Layer):
-    """Base of every invertible layer: `reverse` is the inverse map, `inverse()` a layer running it."""
+    """Base of every invertible layer. A subclass defines
+
+    - `forward(inputs, training=None) -> (outputs, log_det)`: the encoder direction x -> z and
+      log|det ∂z/∂x| per example (shape (batch,)), or one scalar shared by every example, or the
+      integer 0 for a volume-preserving step;
+    - `reverse(outputs) -> inputs`: the inverse map z -> x.
+
+    Calling the layer runs `forward` and adds the batch mean of −log|det| with `add_loss`, so that
+    `fit` minimises −log q(x) with the prior as the compiled loss (NICE eq. 06). Called with
+    `return_log_det=True` it returns (outputs, log_det per example) instead and adds nothing: a
+    `Flow` sums its steps' log-dets that way and adds them once, and a script gets a per-image NLL.
+    `inverse()` is a layer running `reverse` on the same variables (docs/design.md §2).
+    """
 
     def __init__(self, **kwargs):
         super().__init__(**_flow_dtype(kwargs))
 
+    def forward(self, inputs, training=None):
+        raise NotImplementedError
+
     def reverse(self, inputs):
         raise NotImplementedError
+
+    def call(self, inputs, training=None, return_log_det=False):
+        outputs, log_det = self.forward(inputs, training=training)
+        if return_log_det:
+            first = keras.tree.flatten(outputs)[0]
+            return outputs, ops.zeros(ops.shape(first)[:1], dtype=first.dtype) + log_det
+        if not (isinstance(log_det, int) and log_det == 0):
+            self.add_loss(-ops.mean(log_det))
+        return outputs
 
     def inverse(self):
         return Inverse(self)
 
+    def children(self):
+        """The layers this one holds (attributes that are layers or lists of layers)."""
+        found = []
+        for name, value in vars(self).items():
+            if name.startswith("_"):
+                continue
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, keras.layers.Layer) and all(v is not f for f in found):
+                    found.append(v)
+        return found
 
 class Inverse(keras.layers.Layer):
     """z -> x of a flow layer, reading the forward layer's variables (never a copy).
 
     The forward layer is kept as an untracked reference: tracking it would make Keras treat it as a
-    sub-layer whose losses are cleared when the inverse runs (DESIGN §7).
+    sub-layer whose losses are cleared when the inverse runs (docs/design.md §7).
     """
 
     def __init__(self, flow, **kwargs):
@@ -89,6 +122,55 @@ class Inverse(keras.layers.Layer):
     def inverse(self):
         return self.flow
 
+class Flow(FlowLayer):
+    """A composition of flow layers as one flow layer: z = f_n(… f_1(x)), log-dets add (NICE eq. 10–11).
+
+    Its inverse is the articles' decoder: the same layers, each one's `.inverse()`, in reverse order.
+    A step may pass a pair [x1, x2] to the next (Split -> AffineCouple -> Concat).
+    """
+
+    def __init__(self, steps, **kwargs):
+        super().__init__(**kwargs)
+        for step in steps:
+            if not isinstance(step, FlowLayer):
+                raise TypeError(f"a Flow holds flow layers, not {type(step).__name__}")
+        self.steps = list(steps)
+
+    def forward(self, x, training=None):
+        total = 0
+        for step in self.steps:
+            x, log_det = step(x, training=training, return_log_det=True)
+            total = total + log_det
+        return x, total
+
+    def reverse(self, z):
+        for step in reversed(self.steps):
+            z = step.inverse()(z)
+        return z
+
+    def get_config(self):
+        return {**super().get_config(), "steps": [keras.saving.serialize_keras_object(s) for s in self.steps]}
+
+    @classmethod
+    def from_config(cls, config):
+        config["steps"] = [keras.saving.deserialize_keras_object(s) for s in config["steps"]]
+        return cls(**config)
+
+def flow_layers_of(model):
+    """Every layer inside a model or a flow layer, nested ones included: a Model's `layers`, a
+    flow layer's `children()`, recursively (Keras 3 has no public recursive listing)."""
+    found, todo = [], [model]
+    while todo:
+        layer = todo.pop()
+        inner = layer.layers if isinstance(layer, keras.Model) else (
+            layer.children() if isinstance(layer, FlowLayer) else [])
+        for child in reversed(inner):
+            if all(child is not f for f in found):
+                found.append(child)
+                todo.append(child)
+    return found
+
+# --- NICE ("NICE · 流模型的基本概念与实现"): input noise, shuffle, split, additive coupling, scale -----------
 
 class UniformNoise(keras.layers.Layer):
     """x + scale·U(0,1) while training, identity otherwise (the articles' input noise).
@@ -110,7 +192,6 @@ class UniformNoise(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "scale": self.scale}
-
 
 class Permute(FlowLayer):
     """Permutation of the last axis: NICE's Shuffle (reverse) or RealNVP's random shuffle.
@@ -135,15 +216,14 @@ class Permute(FlowLayer):
         self.idxs = self.add_weight(shape=(d,), dtype="int32", trainable=False,
                                     initializer=_constant(idxs), name="idxs")
 
-    def call(self, x):
-        return ops.take(x, self.idxs, axis=-1)
+    def forward(self, x, training=None):
+        return ops.take(x, self.idxs, axis=-1), 0
 
     def reverse(self, z):
         return ops.take(z, ops.argsort(self.idxs), axis=-1)
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode, "seed": self.seed}
-
 
 def _split(x, sizes, interleave):
     if interleave:
@@ -153,13 +233,11 @@ def _split(x, sizes, interleave):
         return [x]
     return ops.split(x, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
-
 def _concat(parts, interleave):
     if interleave:
         pairs = ops.stack(parts, axis=-1)
         return ops.reshape(pairs, (-1, *pairs.shape[1:-2], pairs.shape[-2] * 2))
     return ops.concatenate(parts, axis=-1)
-
 
 class Split(FlowLayer):
     """x -> [x1, x2] along the last axis: halves (RealNVP/Glow channels) or, with interleave=True,
@@ -169,16 +247,15 @@ class Split(FlowLayer):
         super().__init__(**kwargs)
         self.interleave = interleave
 
-    def call(self, x):
+    def forward(self, x, training=None):
         d = x.shape[-1]
-        return _split(x, [d // 2, d - d // 2], self.interleave)
+        return _split(x, [d // 2, d - d // 2], self.interleave), 0
 
     def reverse(self, parts):
         return _concat(parts, self.interleave)
 
     def get_config(self):
         return {**super().get_config(), "interleave": self.interleave}
-
 
 class Concat(FlowLayer):
     """[x1, x2, ...] -> x along the last axis (the articles' Concat / ConcatVector); inverse splits
@@ -191,90 +268,14 @@ class Concat(FlowLayer):
     def build(self, input_shapes):
         self.sizes = [s[-1] for s in input_shapes]
 
-    def call(self, parts):
-        return _concat(parts, self.interleave)
+    def forward(self, parts, training=None):
+        return _concat(parts, self.interleave), 0
 
     def reverse(self, x):
         return _split(x, self.sizes, self.interleave)
 
     def get_config(self):
         return {**super().get_config(), "interleave": self.interleave}
-
-
-class CheckerSplit(FlowLayer):
-    """(h, w, c) -> [x1, x2]: RealNVP's spatial checkerboard mask (Dinh et al. 2016, §3.4; the article's
-    "棋盘式 mask"): x1 = the squares with (row + column) % 2 == parity, x2 = the others, each packed
-    to (h, w/2, c) by taking one square of every horizontal pair. Log-det 0; the inverse puts the
-    squares back. Shapes are read at run time, so the layer also works inside a size-agnostic
-    convolutional network (RealNVP's conditioner sees b ⊙ x on the full grid: `glow.coupling_net`).
-    """
-
-    def __init__(self, parity=0, **kwargs):
-        super().__init__(**kwargs)
-        if parity not in (0, 1):
-            raise ValueError(f"CheckerSplit parity must be 0 or 1, not {parity!r}")
-        self.parity = parity
-
-    def _swap(self, x):
-        """True on the rows where x1 is the second square of each pair, broadcast against (B, h, w/2, c)."""
-        h = ops.shape(x)[1]
-        return ops.reshape(ops.arange(h) % 2 != self.parity, (1, -1, 1, 1))
-
-    def call(self, x):
-        h, w, c = ops.shape(x)[1:]
-        pairs = ops.reshape(x, (-1, h, w // 2, 2, c))
-        first, second = pairs[..., 0, :], pairs[..., 1, :]
-        swap = self._swap(x)
-        return [ops.where(swap, second, first), ops.where(swap, first, second)]
-
-    def reverse(self, parts):
-        x1, x2 = parts
-        h, half, c = ops.shape(x1)[1:]
-        swap = self._swap(x1)
-        pairs = ops.stack([ops.where(swap, x2, x1), ops.where(swap, x1, x2)], axis=-2)
-        return ops.reshape(pairs, (-1, h, 2 * half, c))
-
-    def get_config(self):
-        return {**super().get_config(), "parity": self.parity}
-
-
-class Reshape(FlowLayer):
-    """Flatten each example to a vector (the Glow script's Reshape); the inverse restores the shape
-    seen when built. Log-det 0."""
-
-    def build(self, input_shape):
-        self.in_shape = tuple(input_shape[1:])
-
-    def call(self, x):
-        return ops.reshape(x, (-1, math.prod(x.shape[1:])))
-
-    def reverse(self, z):
-        return ops.reshape(z, (-1, *self.in_shape))
-
-
-class Squeeze(FlowLayer):
-    """(h, w, c) -> (h/2, w/2, 4c): each 2×2 patch becomes channels (RealNVP, "引入卷积").
-
-    Splits and permutations then act on channels while convolutions keep spatial locality. Log-det 0.
-    """
-
-    def call(self, x):
-        h, w, c = x.shape[1:]
-        x = ops.reshape(x, (-1, h // 2, 2, w // 2, 2, c))
-        x = ops.transpose(x, (0, 1, 3, 5, 2, 4))
-        return ops.reshape(x, (-1, h // 2, w // 2, 4 * c))
-
-    def reverse(self, z):
-        h, w, c = z.shape[1:]
-        z = ops.reshape(z, (-1, h, w, c // 4, 2, 2))
-        z = ops.transpose(z, (0, 1, 4, 2, 5, 3))
-        return ops.reshape(z, (-1, 2 * h, 2 * w, c // 4))
-
-
-def UnSqueeze():
-    """(h, w, c) -> (2h, 2w, c/4): the inverse of Squeeze, as a layer of its own."""
-    return Squeeze().inverse()
-
 
 class AffineCouple(FlowLayer):
     """[x1, x2] -> [x1, h2] with h2 = exp(log s(x1)) ⊗ x2 + t(x1): RealNVP's affine coupling (eq. 01),
@@ -297,14 +298,12 @@ class AffineCouple(FlowLayer):
         t = ops.cast(self.shift_model(x1), x1.dtype)  # a network in 16 bits under mixed precision
         return -t if self.subtract else t
 
-    def call(self, inputs):
+    def forward(self, inputs, training=None):
         x1, x2 = inputs
-        h2 = x2
-        if self.log_scale_model is not None:
-            log_s = ops.cast(self.log_scale_model(x1), x2.dtype)
-            self.add_loss(-ops.mean(_per_image_sum(log_s)))
-            h2 = h2 * ops.exp(log_s)
-        return [x1, h2 + self._shift(x1)]
+        if self.log_scale_model is None:
+            return [x1, x2 + self._shift(x1)], 0
+        log_s = ops.cast(self.log_scale_model(x1), x2.dtype)
+        return [x1, x2 * ops.exp(log_s) + self._shift(x1)], _per_image_sum(log_s)
 
     def reverse(self, inputs):
         h1, h2 = inputs
@@ -325,7 +324,6 @@ class AffineCouple(FlowLayer):
         config["log_scale_model"] = de(config["log_scale_model"])
         return cls(**config)
 
-
 class Scale(FlowLayer):
     """z = exp(s) ⊗ h, NICE's scale layer (eq. 15), log-det Σ s (× H·W on images). The original
     initialises s with glorot_normal on a (1, D) kernel; so do we.
@@ -341,16 +339,93 @@ class Scale(FlowLayer):
         self.log_scale = self.add_weight(shape=(1, input_shape[-1]), initializer="glorot_normal",
                                          name="log_scale")
 
-    def call(self, x):
+    def forward(self, x, training=None):
         if self.init_mode:
             std = ops.std(x, axis=tuple(range(len(x.shape) - 1)))
             self.log_scale.assign(ops.reshape(-ops.log(std + 1e-6), self.log_scale.shape))
-        self.add_loss(-_pixels(x) * ops.sum(self.log_scale))
-        return x * ops.exp(self.log_scale)
+        return x * ops.exp(self.log_scale), _pixels(x) * ops.sum(self.log_scale)
 
     def reverse(self, z):
         return z * ops.exp(-self.log_scale)
 
+# --- RealNVP and Glow ("RealNVP 与 Glow · 流模型的传承与升华") ----------------------------------------------
+
+class Squeeze(FlowLayer):
+    """(h, w, c) -> (h/2, w/2, 4c): each 2×2 patch becomes channels (RealNVP, "引入卷积").
+
+    Splits and permutations then act on channels while convolutions keep spatial locality. Log-det 0.
+    """
+
+    def forward(self, x, training=None):
+        h, w, c = x.shape[1:]
+        x = ops.reshape(x, (-1, h // 2, 2, w // 2, 2, c))
+        x = ops.transpose(x, (0, 1, 3, 5, 2, 4))
+        return ops.reshape(x, (-1, h // 2, w // 2, 4 * c)), 0
+
+    def reverse(self, z):
+        h, w, c = z.shape[1:]
+        z = ops.reshape(z, (-1, h, w, c // 4, 2, 2))
+        z = ops.transpose(z, (0, 1, 4, 2, 5, 3))
+        return ops.reshape(z, (-1, 2 * h, 2 * w, c // 4))
+
+class CheckerSplit(FlowLayer):
+    """(h, w, c) -> [x1, x2]: RealNVP's spatial checkerboard mask (Dinh et al. 2016, §3.4; the article's
+    "棋盘式 mask"): x1 = the squares with (row + column) % 2 == parity, x2 = the others, each packed
+    to (h, w/2, c) by taking one square of every horizontal pair. Log-det 0; the inverse puts the
+    squares back. Shapes are read at run time, so the layer also works inside a size-agnostic
+    convolutional network (RealNVP's conditioner sees b ⊙ x on the full grid: `glow.coupling_net`).
+    """
+
+    def __init__(self, parity=0, **kwargs):
+        super().__init__(**kwargs)
+        if parity not in (0, 1):
+            raise ValueError(f"CheckerSplit parity must be 0 or 1, not {parity!r}")
+        self.parity = parity
+
+    def _swap(self, x):
+        """True on the rows where x1 is the second square of each pair, broadcast against (B, h, w/2, c)."""
+        h = ops.shape(x)[1]
+        return ops.reshape(ops.arange(h) % 2 != self.parity, (1, -1, 1, 1))
+
+    def forward(self, x, training=None):
+        h, w, c = ops.shape(x)[1:]
+        pairs = ops.reshape(x, (-1, h, w // 2, 2, c))
+        first, second = pairs[..., 0, :], pairs[..., 1, :]
+        swap = self._swap(x)
+        return [ops.where(swap, second, first), ops.where(swap, first, second)], 0
+
+    def reverse(self, parts):
+        x1, x2 = parts
+        h, half, c = ops.shape(x1)[1:]
+        swap = self._swap(x1)
+        pairs = ops.stack([ops.where(swap, x2, x1), ops.where(swap, x1, x2)], axis=-2)
+        return ops.reshape(pairs, (-1, h, 2 * half, c))
+
+    def get_config(self):
+        return {**super().get_config(), "parity": self.parity}
+
+class CheckerConcat(CheckerSplit):
+    """[x1, x2] -> x: CheckerSplit's inverse as a step of its own (the squares put back). Log-det 0."""
+
+    def forward(self, parts, training=None):
+        return CheckerSplit.reverse(self, parts), 0
+
+    def reverse(self, x):
+        return CheckerSplit.forward(self, x)[0]
+
+
+class Reshape(FlowLayer):
+    """Flatten each example to a vector (the Glow script's Reshape); the inverse restores the shape
+    seen when built. Log-det 0."""
+
+    def build(self, input_shape):
+        self.in_shape = tuple(input_shape[1:])
+
+    def forward(self, x, training=None):
+        return ops.reshape(x, (-1, math.prod(x.shape[1:]))), 0
+
+    def reverse(self, z):
+        return ops.reshape(z, (-1, *self.in_shape))
 
 class Actnorm(FlowLayer):
     """z = (x + b) ⊗ exp(log s), per channel (Glow's ActNorm, the scale layer generalised);
@@ -372,85 +447,16 @@ class Actnorm(FlowLayer):
         self.initialized = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                            name="initialized")
 
-    def call(self, x):
+    def forward(self, x, training=None):
         if self.init_mode:
             axes = tuple(range(len(x.shape) - 1))
             self.bias.assign(-ops.mean(x, axis=axes))
             self.log_scale.assign(-ops.log(ops.std(x, axis=axes) + 1e-6))
             self.initialized.assign(1.0)
-        self.add_loss(-_pixels(x) * ops.sum(self.log_scale))
-        return (x + self.bias) * ops.exp(self.log_scale)
+        return (x + self.bias) * ops.exp(self.log_scale), _pixels(x) * ops.sum(self.log_scale)
 
     def reverse(self, z):
         return z * ops.exp(-self.log_scale) - self.bias
-
-
-def flow_layers_of(model):
-    """Every layer inside a model, nested ones included (sub-models, a coupling's networks)."""
-    return model._flatten_layers(include_self=False, recursive=True)
-
-
-def initialize_actnorms(model, x):
-    """Glow's data-dependent init: one eager forward pass over the batch x, in which each Actnorm not
-    yet initialised sets itself from the data it receives (upstream ones already normalised).
-
-    Eager and outside `fit`, the one way that works on every backend, with XLA and under a
-    distribution strategy (DESIGN §7). Returns how many layers were initialised.
-    """
-    todo = [l for l in flow_layers_of(model)
-            if isinstance(l, Actnorm) and (not l.built or float(ops.convert_to_numpy(l.initialized)) == 0)]
-    return _init_pass(model, x, todo, training=False)
-
-
-def initialize_scales(model, x, training=True):
-    """The same data-dependent init for NICE's Scale layers: one eager pass over the batch x sets each
-    s = −log std. In training mode by default, so the article's input noise is in the statistics:
-    without it an always-black pixel has std 0 and s would be huge. Returns how many were set."""
-    return _init_pass(model, x, [l for l in flow_layers_of(model) if isinstance(l, Scale)], training)
-
-
-def _init_pass(model, x, todo, training):
-    if not todo:
-        return 0
-    for layer in todo:
-        layer.init_mode = True
-    try:
-        model(x, training=training)
-    finally:
-        for layer in todo:
-            layer.init_mode = False
-    return len(todo)
-
-
-class CondActnorm(FlowLayer):
-    """[x2, x1] -> z' = (x2 − μ(x1)) ⊗ exp(−log σ(x1)): the conditional prior of a multi-scale output
-    (RealNVP/Glow, article eq. 03–05), "a conditional ActNorm". μ and log σ come from a zero-initialised
-    3×3 convolution of the half x1 that stays in the flow, so the layer starts as the identity.
-    Log-det −Σ log σ. The inverse takes [z', x1] and returns x2.
-    """
-
-    def build(self, input_shapes):
-        x2_shape, x1_shape = input_shapes
-        self.channels = x2_shape[-1]
-        self.conv = keras.layers.Conv2D(2 * self.channels, 3, padding="same", dtype=self.dtype_policy,
-                                        kernel_initializer="zeros", name="mean_log_scale")
-        self.conv.build(x1_shape)
-
-    def _mean_log_scale(self, x1):
-        h = self.conv(x1)
-        return h[..., :self.channels], h[..., self.channels:]
-
-    def call(self, inputs):
-        x2, x1 = inputs
-        mean, log_sigma = self._mean_log_scale(x1)
-        self.add_loss(ops.mean(_per_image_sum(log_sigma)))
-        return (x2 - mean) * ops.exp(-log_sigma)
-
-    def reverse(self, inputs):
-        z, x1 = inputs
-        mean, log_sigma = self._mean_log_scale(x1)
-        return z * ops.exp(log_sigma) + mean
-
 
 class InvDense(FlowLayer):
     """Glow's invertible 1×1 convolution z = x W on the last axis, with W = P L (U + diag(sign·exp(log s)))
@@ -488,9 +494,8 @@ class InvDense(FlowLayer):
         upper = ops.triu(self.u, 1) + eye * (self.sign_s * ops.exp(self.log_s))
         return ops.matmul(self.p, ops.matmul(lower, upper))
 
-    def call(self, x):
-        self.add_loss(-_pixels(x) * ops.sum(self.log_s))
-        return ops.matmul(x, self.kernel())
+    def forward(self, x, training=None):
+        return ops.matmul(x, self.kernel()), _pixels(x) * ops.sum(self.log_s)
 
     def reverse(self, z):
         return ops.matmul(z, ops.inv(self.kernel()))
@@ -498,9 +503,134 @@ class InvDense(FlowLayer):
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
 
+class CondActnorm(FlowLayer):
+    """[x2, x1] -> z' = (x2 − μ(x1)) ⊗ exp(−log σ(x1)): the conditional prior of a multi-scale output
+    (RealNVP/Glow, article eq. 03–05), "a conditional ActNorm". μ and log σ come from a zero-initialised
+    3×3 convolution of the half x1 that stays in the flow, so the layer starts as the identity.
+    Log-det −Σ log σ. The inverse takes [z', x1] and returns x2.
+    """
+
+    def build(self, input_shapes):
+        x2_shape, x1_shape = input_shapes
+        self.channels = x2_shape[-1]
+        self.conv = keras.layers.Conv2D(2 * self.channels, 3, padding="same", dtype=self.dtype_policy,
+                                        kernel_initializer="zeros", name="mean_log_scale")
+        self.conv.build(x1_shape)
+
+    def _mean_log_scale(self, x1):
+        h = self.conv(x1)
+        return h[..., :self.channels], h[..., self.channels:]
+
+    def forward(self, inputs, training=None):
+        x2, x1 = inputs
+        mean, log_sigma = self._mean_log_scale(x1)
+        return (x2 - mean) * ops.exp(-log_sigma), -_per_image_sum(log_sigma)
+
+    def reverse(self, inputs):
+        z, x1 = inputs
+        mean, log_sigma = self._mean_log_scale(x1)
+        return z * ops.exp(log_sigma) + mean
+
+class MultiScale(FlowLayer):
+    """A level's exit in the multi-scale architecture (RealNVP; the article's "多尺度结构", eq. 03–05):
+    x -> [x1, x2] by channel halves; x2 leaves the flow through its conditional prior
+    z2 = CondActnorm([x2, x1]), flattened; x1 goes on through `inner`, the rest of the flow (the next
+    levels, ending in a flat z1); z = [z2, z1]. Log-det: the prior's plus inner's.
+    The inverse splits z, recovers x1 = inner⁻¹(z1) first, then x2 from the prior given x1.
+    """
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+        self.split, self.prior = Split(name="split"), CondActnorm(name="cond_actnorm")
+        self.flat, self.concat = Reshape(name="flatten"), Concat(name="concat")
+
+    def forward(self, x, training=None):
+        x1, x2 = self.split(x)
+        z2, log_det2 = self.prior([x2, x1], return_log_det=True)
+        z1, log_det1 = self.inner(x1, training=training, return_log_det=True)
+        return self.concat([self.flat(z2), z1]), log_det1 + log_det2
+
+    def reverse(self, z):
+        z2, z1 = self.concat.inverse()(z)
+        x1 = self.inner.inverse()(z1)
+        x2 = self.prior.inverse()([self.flat.inverse()(z2), x1])
+        return self.split.inverse()([x1, x2])
+
+    def get_config(self):
+        return {**super().get_config(), "inner": keras.saving.serialize_keras_object(self.inner)}
+
+    @classmethod
+    def from_config(cls, config):
+        config["inner"] = keras.saving.deserialize_keras_object(config["inner"])
+        return cls(**config)
+
+def glow_coupling_net(channels, hidden, name, log_scale=False, checker=None):
+    """The Glow article's coupling network f: Conv3×3(hidden)–ReLU–Conv1×1(hidden)–ReLU–Conv3×3, its
+    last layer zero-initialised so the step starts as the identity. As a log-scale net it ends in
+    tanh: |log s| ≤ 1 per step, so one step cannot blow a scale up.
+
+    With `checker` (the step's CheckerSplit) it is RealNVP's masked convolution: x1's squares go back
+    on the full grid with zeros on x2's (b ⊙ x), and the output is read on x2's squares."""
+    x_in = keras.Input((None, None, channels))
+    h = x_in if checker is None else checker.inverse()([x_in, ops.zeros_like(x_in)])
+    h = keras.layers.Conv2D(hidden, 3, padding="same", activation="relu")(h)
+    h = keras.layers.Conv2D(hidden, 1, padding="same", activation="relu")(h)
+    h = keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros")(h)
+    if checker is not None:
+        h = checker(h)[1]
+    if log_scale:
+        h = keras.layers.Activation("tanh")(h)
+    return keras.Model(x_in, h, name=name)
+
+def glow_step(channels, hidden, name, permute="random", coupling="additive", checker=None):
+    """One step of Glow's flow on `channels` channels (the article's loop body): Actnorm -> mix the
+    channels (InvDense for permute="conv", else a Permute) -> split -> coupling -> concat.
+    `checker` None splits the channels in halves (Glow); 0 or 1 is RealNVP's checkerboard mask of
+    that parity. `coupling` "affine" adds RealNVP's log-scale network to the shift."""
+    mix = InvDense(name=f"invdense_{name}") if permute == "conv" else Permute(permute, name=f"permute_{name}")
+    if checker is None:
+        half, mask = channels // 2, None
+        split, concat = Split(name=f"split_{name}"), Concat(name=f"concat_{name}")
+    else:
+        half, mask = channels, CheckerSplit(parity=checker, name=f"checker_{name}")
+        split, concat = mask, CheckerConcat(parity=checker, name=f"checker_concat_{name}")
+    log_s = glow_coupling_net(half, hidden, f"log_scale_{name}", True, mask) if coupling == "affine" else None
+    couple = AffineCouple(glow_coupling_net(half, hidden, f"shift_{name}", checker=mask), log_s, name=f"couple_{name}")
+    return Flow([Actnorm(name=f"actnorm_{name}"), mix, split, couple, concat], name=f"step_{name}")
+
+# data-dependent initialisation (Glow's ActNorm; NICE's scale layer with --scale-init data)
+
+def initialize_actnorms(model, x):
+    """Glow's data-dependent init: one eager forward pass over the batch x, in which each Actnorm not
+    yet initialised sets itself from the data it receives (upstream ones already normalised).
+
+    Eager and outside `fit`, the one way that works on every backend, with XLA and under a
+    distribution strategy (docs/design.md §7). Returns how many layers were initialised.
+    """
+    todo = [l for l in flow_layers_of(model)
+            if isinstance(l, Actnorm) and (not l.built or float(ops.convert_to_numpy(l.initialized)) == 0)]
+    return _init_pass(model, x, todo, training=False)
+
+def initialize_scales(model, x, training=True):
+    """The same data-dependent init for NICE's Scale layers: one eager pass over the batch x sets each
+    s = −log std. In training mode by default, so the article's input noise is in the statistics:
+    without it an always-black pixel has std 0 and s would be huge. Returns how many were set."""
+    return _init_pass(model, x, [l for l in flow_layers_of(model) if isinstance(l, Scale)], training)
+
+def _init_pass(model, x, todo, training):
+    if not todo:
+        return 0
+    for layer in todo:
+        layer.init_mode = True
+    try:
+        model(x, training=training)
+    finally:
+        for layer in todo:
+            layer.init_mode = False
+    return len(todo)
 
 # --- f-VAEs ("f-VAEs: Glow 与 VAEs 的联姻") --------------------------------------------------------
-
 class NormalNLL(keras.layers.Layer):
     """Identity on x that adds the batch mean of sign·(−log N(x; 0, I)) = sign·(0.5·Σx² + 0.5·D·log 2π)
     per image. Not a flow step: a density term of a loss that is not the compiled prior.
@@ -523,6 +653,259 @@ class NormalNLL(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "sign": self.sign}
 
+# --- invertible ResNet and Residual Flows (Behrmann et al. 2019; Chen et al. 2019) ----------------
+
+def _normalize(v):
+    return v / (ops.sqrt(ops.sum(ops.square(v))) + 1e-12)
+
+class _SpectralNorm(keras.layers.Layer):
+    """Shared part of the spectrally normalised layers: the kernel is used as W / max(1, σ̂/c)
+    (i-ResNet §3, "soft" normalisation), so the layer's Lipschitz constant is ≤ c < 1 whenever σ̂
+    has reached the largest singular value σ. σ̂ = vᵀ A u from power iteration on the linear map A;
+    u, v are non-trainable weights (saved with the model), kept out of the gradient; every call
+    advances them `power_iterations` steps (training calls store the result). i-ResNet takes one
+    step per training step; we take 3: with one, a convolution trained at a high learning rate
+    (tests/test_iresnet.py) overshot c by 10 %, its top singular values being close together.
+    `converge(n)` runs n steps at once (eagerly): do it after building, so that σ̂ does not start
+    from a random vector (`converge_spectral_norms`)."""
+
+    def __init__(self, coeff=0.9, power_iterations=3, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < coeff:
+            raise ValueError(f"coeff must be positive, not {coeff!r}")
+        self.coeff = float(coeff)
+        self.power_iterations = int(power_iterations)
+
+    def _state(self, name, shape, seed):
+        init = np.random.RandomState(seed).standard_normal(shape)
+        return self.add_weight(shape=shape, initializer=_constant(init / np.linalg.norm(init)),
+                               trainable=False, name=name)
+
+    def _power_step(self, u):
+        """One power-iteration step: u (input space) -> (u', v') with v' ∝ A u, u' ∝ Aᵀ v'."""
+        v = _normalize(self._apply(u, self.kernel))
+        return _normalize(self._adjoint(v, self.kernel)), v
+
+    def _iterate(self, iterations):
+        u, v = self.u, self.v
+        for _ in range(iterations):
+            u, v = self._power_step(u)
+        return ops.stop_gradient(u), ops.stop_gradient(v)
+
+    def converge(self, iterations=1):
+        u, v = self._iterate(iterations)
+        self.u.assign(u)
+        self.v.assign(v)
+
+    def sigma(self, u=None, v=None):
+        """σ̂ = vᵀ A u; differentiable in the kernel (u, v held fixed), as in Miyato et al. 2018."""
+        u = self.u if u is None else u
+        v = self.v if v is None else v
+        return ops.sum(v * self._apply(u, self.kernel))
+
+    def normalized_kernel(self, u=None, v=None):
+        return self.kernel / ops.maximum(ops.cast(1.0, self.kernel.dtype), self.sigma(u, v) / self.coeff)
+
+    def call(self, x, training=None):
+        # every call steps from the stored vectors, so σ̂ follows the kernel's latest update (after
+        # the last training step too); training calls keep the new vectors
+        u, v = self._iterate(self.power_iterations)
+        if training:
+            self.u.assign(u)
+            self.v.assign(v)
+        return self._apply(x, self.normalized_kernel(u, v)) + self.bias
+
+    def get_config(self):
+        return {**super().get_config(), "coeff": self.coeff, "power_iterations": self.power_iterations}
+
+class SpectralDense(_SpectralNorm):
+    """Dense layer x W + b with ‖W‖₂ ≤ c (soft spectral normalisation, see _SpectralNorm)."""
+
+    def __init__(self, units, coeff=0.9, power_iterations=3, **kwargs):
+        super().__init__(coeff, power_iterations, **kwargs)
+        self.units = int(units)
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        self.kernel = self.add_weight(shape=(d, self.units), initializer="glorot_uniform", name="kernel")
+        self.bias = self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
+        self.u = self._state("u", (1, d), 1)
+        self.v = self._state("v", (1, self.units), 2)
+
+    def _apply(self, x, kernel):
+        return ops.matmul(x, kernel)
+
+    def _adjoint(self, y, kernel):
+        return ops.matmul(y, ops.transpose(kernel))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+class SpectralConv2D(_SpectralNorm):
+    """Convolution (stride 1, "same" padding) whose norm *as an operator on its input* is ≤ c.
+
+    The kernel reshaped to a matrix is not that operator, so the power iteration runs through the
+    convolution and its transpose on a vector u of the real input shape (1, H, W, C_in) — the layer
+    needs H and W when built (Gouk et al. 2018; i-ResNet §3)."""
+
+    def __init__(self, filters, kernel_size, coeff=0.9, power_iterations=3, **kwargs):
+        super().__init__(coeff, power_iterations, **kwargs)
+        self.filters, self.kernel_size = int(filters), int(kernel_size)
+
+    def build(self, input_shape):
+        h, w, c = input_shape[1:]
+        if h is None or w is None:
+            raise ValueError("SpectralConv2D needs the input's height and width: its norm depends on them")
+        k = self.kernel_size
+        self.kernel = self.add_weight(shape=(k, k, c, self.filters), initializer="glorot_uniform", name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
+        self.u = self._state("u", (1, h, w, c), 1)
+        self.v = self._state("v", (1, h, w, self.filters), 2)
+
+    def _apply(self, x, kernel):
+        return ops.conv(x, kernel, strides=1, padding="same")
+
+    def _adjoint(self, y, kernel):
+        return ops.conv_transpose(y, kernel, strides=1, padding="same")
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.filters)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size}
+
+def converge_spectral_norms(model, iterations=50):
+    """Runs `iterations` power-iteration steps in every spectrally normalised layer of `model`
+    (eagerly, before training), so σ̂ starts at the largest singular value."""
+    for layer in flow_layers_of(model):
+        if isinstance(layer, _SpectralNorm):
+            layer.converge(iterations)
+
+def banach_iterations(lipschitz, first_step, tol):
+    """Fixed-point iterations after which ‖x_k − x*‖ ≤ tol by Banach's bound
+    ‖x_k − x*‖ ≤ L^k / (1 − L) · ‖x_1 − x_0‖ (first_step = ‖x_1 − x_0‖ = ‖g(y)‖)."""
+    if first_step <= 0:
+        return 0
+    return max(0, math.ceil(math.log(tol * (1 - lipschitz) / first_step) / math.log(lipschitz)))
+
+class ResidualFlow(FlowLayer):
+    """y = x + g(x), invertible when Lip(g) < 1 (i-ResNet, Behrmann et al. 2019, eq. 1–2); g is a
+    Keras model whose linear maps are spectrally normalised (SpectralDense / SpectralConv2D) and
+    whose activations are 1-Lipschitz.
+
+    `reverse` is the Banach fixed-point iteration x_{k+1} = y − g(x_k) from x_0 = y (i-ResNet
+    Algorithm 1), until every coordinate's change |Δx| / (1 + |x|) falls below `tol` (absolute near 0,
+    relative for large values, which float32 cannot resolve to 1e-6 absolutely) or after `max_iter`.
+
+    The log-det is the power series (i-ResNet eq. 6)
+        log det(I + J_g) = Σ_{k≥1} (−1)^{k+1} tr(J_g^k) / k,
+    each trace by Hutchinson's vᵀ J^k v, v ~ N(0, I), through k vector-Jacobian products:
+      - "truncated": the first `terms` terms (i-ResNet; biased);
+      - "roulette": Residual Flows' Russian roulette (Chen et al. 2019, eq. 6): N = terms + G,
+        G ~ Geometric(p), term k re-weighted by 1/P(N ≥ k) — unbiased;
+      - "exact": log|det(I + J_g)| of the brute-force Jacobian (small dimensions; tests, 2-D toys).
+    The forward call adds −(estimate), batch mean, with add_loss; the estimate is differentiated
+    through (the vector-Jacobian products are recorded by the training tape).
+
+    TensorFlow only: the vector-Jacobian products inside `call` use tf.GradientTape (Keras has no
+    backend-neutral autodiff inside a layer), as glow's image loader uses tf.data.
+    """
+
+    ESTIMATORS = ("truncated", "roulette", "exact")
+
+    def __init__(self, g, logdet="truncated", terms=5, p=0.5, tol=1e-6, max_iter=100, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if logdet not in self.ESTIMATORS:
+            raise ValueError(f"logdet must be one of {self.ESTIMATORS}, not {logdet!r}")
+        self.g, self.logdet, self.terms, self.p = g, logdet, int(terms), float(p)
+        self.tol, self.max_iter, self.seed = float(tol), int(max_iter), seed
+        self.noise = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        if not self.g.built:
+            self.g.build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def forward(self, x, training=None):
+        import tensorflow as tf
+
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            gx = ops.cast(self.g(x, training=training), x.dtype)
+        return x + gx, self.log_det(tape, x, gx)
+
+    def log_det(self, tape, x, gx, logdet=None, terms=None):
+        """Per-example estimate of log det(I + J_g(x)) by `logdet` (default: the layer's), where gx =
+        g(x) was computed under the persistent `tape` watching x."""
+        import tensorflow as tf
+
+        logdet, terms = logdet or self.logdet, terms or self.terms
+        if logdet == "exact":
+            d = math.prod(x.shape[1:])
+            if d <= 16:  # row i of J_g is e_iᵀ J_g: d products, no vectorising (pfor) to trace
+                eye = ops.eye(d, dtype=x.dtype)
+                rows = [ops.reshape(tape.gradient(gx, x, output_gradients=ops.broadcast_to(
+                    ops.reshape(eye[i], x.shape[1:]), ops.shape(gx))), (-1, d)) for i in range(d)]
+                jac = ops.stack(rows, axis=1)
+            else:
+                jac = ops.reshape(tape.batch_jacobian(gx, x), (-1, d, d))
+            return ops.slogdet(jac + ops.eye(d, dtype=x.dtype))[1]
+        v = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=self.noise)
+        axes = tuple(range(1, len(x.shape)))
+
+        def term(k, w):  # (−1)^{k+1}/k · vᵀ J^k v, with w = vᵀ J^{k−1} advanced by one product
+            w = tape.gradient(gx, x, output_gradients=w)
+            sign = 1.0 - 2.0 * ops.cast((k + 1) % 2, x.dtype)
+            return w, sign / ops.cast(k, x.dtype) * ops.sum(w * v, axis=axes)
+
+        if logdet == "truncated":
+            total, w = 0.0, v
+            for k in range(1, terms + 1):
+                w, t = term(k, w)
+                total = total + t
+            return total
+        # roulette: N = terms + G with P(G ≥ j) = (1 − p)^j, drawn once per batch
+        u = 1 - keras.random.uniform((), dtype=x.dtype, seed=self.noise)  # in (0, 1]: log u is finite
+        n = terms + ops.cast(ops.floor(ops.log(u) / math.log(1 - self.p)), "int32")
+
+        def body(k, w, total):
+            w, t = term(k, w)
+            survive = ops.power(ops.cast(1 - self.p, x.dtype), ops.cast(ops.maximum(k - terms, 0), x.dtype))
+            return k + 1, w, total + t / survive
+
+        _, _, total = tf.while_loop(lambda k, w, total: k <= n, body,
+                                    (tf.constant(1), v, ops.zeros(ops.shape(x)[:1], dtype=x.dtype)))
+        return total
+
+    def fixed_point(self, y, tol=None, max_iter=None):
+        """(iterations, x, last change): Banach's iteration x_{k+1} = y − g(x_k), x_0 = y."""
+        tol = self.tol if tol is None else tol
+        max_iter = self.max_iter if max_iter is None else max_iter
+
+        def body(i, x, change):
+            x_new = y - ops.cast(self.g(x, training=False), y.dtype)
+            return i + 1, x_new, ops.max(ops.abs(x_new - x) / (1 + ops.abs(x_new)))
+
+        start = (ops.convert_to_tensor(0, "int32"), y, ops.convert_to_tensor(np.inf, y.dtype))
+        return ops.while_loop(lambda i, x, change: ops.logical_and(i < max_iter, change > tol), body, start)
+
+    def reverse(self, y):
+        return self.fixed_point(y)[1]
+
+    def get_config(self):
+        return {**super().get_config(), "g": keras.saving.serialize_keras_object(self.g),
+                "logdet": self.logdet, "terms": self.terms, "p": self.p, "tol": self.tol,
+                "max_iter": self.max_iter, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config):
+        config["g"] = keras.saving.deserialize_keras_object(config["g"])
+        return cls(**config)
 
 # --- TarFlow (Zhai et al. 2024, "Normalizing Flows are Capable Generative Models"; the series'
 # "TarFlow: 流模型满血归来?"): patches as tokens, causal-Transformer affine autoregressive blocks ---
@@ -542,11 +925,11 @@ class Patchify(FlowLayer):
             raise ValueError(f"patch {self.patch} does not divide the image size {h}×{w}")
         self.grid = (h // self.patch, w // self.patch, c)
 
-    def call(self, x):
+    def forward(self, x, training=None):
         (gh, gw, c), p = self.grid, self.patch
         x = ops.reshape(x, (-1, gh, p, gw, p, c))
         x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
-        return ops.reshape(x, (-1, gh * gw, p * p * c))
+        return ops.reshape(x, (-1, gh * gw, p * p * c)), 0
 
     def reverse(self, z):
         (gh, gw, c), p = self.grid, self.patch
@@ -557,17 +940,15 @@ class Patchify(FlowLayer):
     def get_config(self):
         return {**super().get_config(), "patch": self.patch}
 
-
 class Flip(FlowLayer):
     """Reverses the token order (axis 1): TarFlow's permutation, so that consecutive blocks are
     autoregressive in opposite directions. Log-det 0; its own inverse."""
 
-    def call(self, x):
-        return ops.flip(x, axis=1)
+    def forward(self, x, training=None):
+        return ops.flip(x, axis=1), 0
 
     def reverse(self, z):
         return ops.flip(z, axis=1)
-
 
 class TarBlock(FlowLayer):
     """One TarFlow block on tokens x (T, D): z_t = (x_t − μ_t) ⊗ exp(−a_t), (a_t, μ_t) = f(x_<t)
@@ -699,14 +1080,13 @@ class TarBlock(FlowLayer):
             return x, ops.cast(y, "int32")
         return inputs, None
 
-    def call(self, inputs, training=None):
+    def forward(self, inputs, training=None):
         x, y = self._unpack(inputs)
         if self.classes and training and self.label_drop > 0:
             drop = keras.random.uniform(ops.shape(y), seed=self.label_seed) < self.label_drop
             y = ops.where(drop, self.classes, y)
         a, mu = self.params(x, y)
-        self.add_loss(ops.mean(_per_image_sum(a)))
-        return (x - mu) * ops.exp(-a)
+        return (x - mu) * ops.exp(-a), -_per_image_sum(a)
 
     def _guided(self, y):
         """Labels for one pass of f: y, or [y, no class] stacked on the batch when guidance is on."""
@@ -754,265 +1134,3 @@ class TarBlock(FlowLayer):
     def get_config(self):
         return {**super().get_config(), "width": self.width, "layers": self.depth, "heads": self.heads,
                 "classes": self.classes, "label_drop": self.label_drop, "seed": self.seed}
-
-
-# --- invertible ResNet and Residual Flows (Behrmann et al. 2019; Chen et al. 2019) -------------------
-
-def _normalize(v):
-    return v / (ops.sqrt(ops.sum(ops.square(v))) + 1e-12)
-
-
-class _SpectralNorm(keras.layers.Layer):
-    """Shared part of the spectrally normalised layers: the kernel is used as W / max(1, σ̂/c)
-    (i-ResNet §3, "soft" normalisation), so the layer's Lipschitz constant is ≤ c < 1 whenever σ̂
-    has reached the largest singular value σ. σ̂ = vᵀ A u from power iteration on the linear map A;
-    u, v are non-trainable weights (saved with the model), kept out of the gradient; every call
-    advances them `power_iterations` steps (training calls store the result). i-ResNet takes one
-    step per training step; we take 3: with one, a convolution trained at a high learning rate
-    (tests/test_iresnet.py) overshot c by 10 %, its top singular values being close together.
-    `converge(n)` runs n steps at once (eagerly): do it after building, so that σ̂ does not start
-    from a random vector (`converge_spectral_norms`)."""
-
-    def __init__(self, coeff=0.9, power_iterations=3, **kwargs):
-        super().__init__(**kwargs)
-        if not 0 < coeff:
-            raise ValueError(f"coeff must be positive, not {coeff!r}")
-        self.coeff = float(coeff)
-        self.power_iterations = int(power_iterations)
-
-    def _state(self, name, shape, seed):
-        init = np.random.RandomState(seed).standard_normal(shape)
-        return self.add_weight(shape=shape, initializer=_constant(init / np.linalg.norm(init)),
-                               trainable=False, name=name)
-
-    def _power_step(self, u):
-        """One power-iteration step: u (input space) -> (u', v') with v' ∝ A u, u' ∝ Aᵀ v'."""
-        v = _normalize(self._apply(u, self.kernel))
-        return _normalize(self._adjoint(v, self.kernel)), v
-
-    def _iterate(self, iterations):
-        u, v = self.u, self.v
-        for _ in range(iterations):
-            u, v = self._power_step(u)
-        return ops.stop_gradient(u), ops.stop_gradient(v)
-
-    def converge(self, iterations=1):
-        u, v = self._iterate(iterations)
-        self.u.assign(u)
-        self.v.assign(v)
-
-    def sigma(self, u=None, v=None):
-        """σ̂ = vᵀ A u; differentiable in the kernel (u, v held fixed), as in Miyato et al. 2018."""
-        u = self.u if u is None else u
-        v = self.v if v is None else v
-        return ops.sum(v * self._apply(u, self.kernel))
-
-    def normalized_kernel(self, u=None, v=None):
-        return self.kernel / ops.maximum(ops.cast(1.0, self.kernel.dtype), self.sigma(u, v) / self.coeff)
-
-    def call(self, x, training=None):
-        # every call steps from the stored vectors, so σ̂ follows the kernel's latest update (after
-        # the last training step too); training calls keep the new vectors
-        u, v = self._iterate(self.power_iterations)
-        if training:
-            self.u.assign(u)
-            self.v.assign(v)
-        return self._apply(x, self.normalized_kernel(u, v)) + self.bias
-
-    def get_config(self):
-        return {**super().get_config(), "coeff": self.coeff, "power_iterations": self.power_iterations}
-
-
-class SpectralDense(_SpectralNorm):
-    """Dense layer x W + b with ‖W‖₂ ≤ c (soft spectral normalisation, see _SpectralNorm)."""
-
-    def __init__(self, units, coeff=0.9, power_iterations=3, **kwargs):
-        super().__init__(coeff, power_iterations, **kwargs)
-        self.units = int(units)
-
-    def build(self, input_shape):
-        d = input_shape[-1]
-        self.kernel = self.add_weight(shape=(d, self.units), initializer="glorot_uniform", name="kernel")
-        self.bias = self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
-        self.u = self._state("u", (1, d), 1)
-        self.v = self._state("v", (1, self.units), 2)
-
-    def _apply(self, x, kernel):
-        return ops.matmul(x, kernel)
-
-    def _adjoint(self, y, kernel):
-        return ops.matmul(y, ops.transpose(kernel))
-
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], self.units)
-
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
-
-
-class SpectralConv2D(_SpectralNorm):
-    """Convolution (stride 1, "same" padding) whose norm *as an operator on its input* is ≤ c.
-
-    The kernel reshaped to a matrix is not that operator, so the power iteration runs through the
-    convolution and its transpose on a vector u of the real input shape (1, H, W, C_in) — the layer
-    needs H and W when built (Gouk et al. 2018; i-ResNet §3)."""
-
-    def __init__(self, filters, kernel_size, coeff=0.9, power_iterations=3, **kwargs):
-        super().__init__(coeff, power_iterations, **kwargs)
-        self.filters, self.kernel_size = int(filters), int(kernel_size)
-
-    def build(self, input_shape):
-        h, w, c = input_shape[1:]
-        if h is None or w is None:
-            raise ValueError("SpectralConv2D needs the input's height and width: its norm depends on them")
-        k = self.kernel_size
-        self.kernel = self.add_weight(shape=(k, k, c, self.filters), initializer="glorot_uniform", name="kernel")
-        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
-        self.u = self._state("u", (1, h, w, c), 1)
-        self.v = self._state("v", (1, h, w, self.filters), 2)
-
-    def _apply(self, x, kernel):
-        return ops.conv(x, kernel, strides=1, padding="same")
-
-    def _adjoint(self, y, kernel):
-        return ops.conv_transpose(y, kernel, strides=1, padding="same")
-
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], self.filters)
-
-    def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size}
-
-
-def converge_spectral_norms(model, iterations=50):
-    """Runs `iterations` power-iteration steps in every spectrally normalised layer of `model`
-    (eagerly, before training), so σ̂ starts at the largest singular value."""
-    for layer in flow_layers_of(model):
-        if isinstance(layer, _SpectralNorm):
-            layer.converge(iterations)
-
-
-def banach_iterations(lipschitz, first_step, tol):
-    """Fixed-point iterations after which ‖x_k − x*‖ ≤ tol by Banach's bound
-    ‖x_k − x*‖ ≤ L^k / (1 − L) · ‖x_1 − x_0‖ (first_step = ‖x_1 − x_0‖ = ‖g(y)‖)."""
-    if first_step <= 0:
-        return 0
-    return max(0, math.ceil(math.log(tol * (1 - lipschitz) / first_step) / math.log(lipschitz)))
-
-
-class ResidualFlow(FlowLayer):
-    """y = x + g(x), invertible when Lip(g) < 1 (i-ResNet, Behrmann et al. 2019, eq. 1–2); g is a
-    Keras model whose linear maps are spectrally normalised (SpectralDense / SpectralConv2D) and
-    whose activations are 1-Lipschitz.
-
-    `reverse` is the Banach fixed-point iteration x_{k+1} = y − g(x_k) from x_0 = y (i-ResNet
-    Algorithm 1), until every coordinate's change |Δx| / (1 + |x|) falls below `tol` (absolute near 0,
-    relative for large values, which float32 cannot resolve to 1e-6 absolutely) or after `max_iter`.
-
-    The log-det is the power series (i-ResNet eq. 6)
-        log det(I + J_g) = Σ_{k≥1} (−1)^{k+1} tr(J_g^k) / k,
-    each trace by Hutchinson's vᵀ J^k v, v ~ N(0, I), through k vector-Jacobian products:
-      - "truncated": the first `terms` terms (i-ResNet; biased);
-      - "roulette": Residual Flows' Russian roulette (Chen et al. 2019, eq. 6): N = terms + G,
-        G ~ Geometric(p), term k re-weighted by 1/P(N ≥ k) — unbiased;
-      - "exact": log|det(I + J_g)| of the brute-force Jacobian (small dimensions; tests, 2-D toys).
-    The forward call adds −(estimate), batch mean, with add_loss; the estimate is differentiated
-    through (the vector-Jacobian products are recorded by the training tape).
-
-    TensorFlow only: the vector-Jacobian products inside `call` use tf.GradientTape (Keras has no
-    backend-neutral autodiff inside a layer), as glow's image loader uses tf.data.
-    """
-
-    ESTIMATORS = ("truncated", "roulette", "exact")
-
-    def __init__(self, g, logdet="truncated", terms=5, p=0.5, tol=1e-6, max_iter=100, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        if logdet not in self.ESTIMATORS:
-            raise ValueError(f"logdet must be one of {self.ESTIMATORS}, not {logdet!r}")
-        self.g, self.logdet, self.terms, self.p = g, logdet, int(terms), float(p)
-        self.tol, self.max_iter, self.seed = float(tol), int(max_iter), seed
-        self.noise = keras.random.SeedGenerator(seed)
-
-    def build(self, input_shape):
-        if not self.g.built:
-            self.g.build(input_shape)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def call(self, x, training=None):
-        import tensorflow as tf
-
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(x)
-            gx = ops.cast(self.g(x, training=training), x.dtype)
-        self.add_loss(-ops.mean(self.log_det(tape, x, gx)))
-        return x + gx
-
-    def log_det(self, tape, x, gx, logdet=None, terms=None):
-        """Per-example estimate of log det(I + J_g(x)) by `logdet` (default: the layer's), where gx =
-        g(x) was computed under the persistent `tape` watching x."""
-        import tensorflow as tf
-
-        logdet, terms = logdet or self.logdet, terms or self.terms
-        if logdet == "exact":
-            d = math.prod(x.shape[1:])
-            if d <= 16:  # row i of J_g is e_iᵀ J_g: d products, no vectorising (pfor) to trace
-                eye = ops.eye(d, dtype=x.dtype)
-                rows = [ops.reshape(tape.gradient(gx, x, output_gradients=ops.broadcast_to(
-                    ops.reshape(eye[i], x.shape[1:]), ops.shape(gx))), (-1, d)) for i in range(d)]
-                jac = ops.stack(rows, axis=1)
-            else:
-                jac = ops.reshape(tape.batch_jacobian(gx, x), (-1, d, d))
-            return ops.slogdet(jac + ops.eye(d, dtype=x.dtype))[1]
-        v = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=self.noise)
-        axes = tuple(range(1, len(x.shape)))
-
-        def term(k, w):  # (−1)^{k+1}/k · vᵀ J^k v, with w = vᵀ J^{k−1} advanced by one product
-            w = tape.gradient(gx, x, output_gradients=w)
-            sign = 1.0 - 2.0 * ops.cast((k + 1) % 2, x.dtype)
-            return w, sign / ops.cast(k, x.dtype) * ops.sum(w * v, axis=axes)
-
-        if logdet == "truncated":
-            total, w = 0.0, v
-            for k in range(1, terms + 1):
-                w, t = term(k, w)
-                total = total + t
-            return total
-        # roulette: N = terms + G with P(G ≥ j) = (1 − p)^j, drawn once per batch
-        u = 1 - keras.random.uniform((), dtype=x.dtype, seed=self.noise)  # in (0, 1]: log u is finite
-        n = terms + ops.cast(ops.floor(ops.log(u) / math.log(1 - self.p)), "int32")
-
-        def body(k, w, total):
-            w, t = term(k, w)
-            survive = ops.power(ops.cast(1 - self.p, x.dtype), ops.cast(ops.maximum(k - terms, 0), x.dtype))
-            return k + 1, w, total + t / survive
-
-        _, _, total = tf.while_loop(lambda k, w, total: k <= n, body,
-                                    (tf.constant(1), v, ops.zeros(ops.shape(x)[:1], dtype=x.dtype)))
-        return total
-
-    def fixed_point(self, y, tol=None, max_iter=None):
-        """(x, iterations, last change): Banach's iteration x_{k+1} = y − g(x_k), x_0 = y."""
-        tol = self.tol if tol is None else tol
-        max_iter = self.max_iter if max_iter is None else max_iter
-
-        def body(i, x, change):
-            x_new = y - ops.cast(self.g(x, training=False), y.dtype)
-            return i + 1, x_new, ops.max(ops.abs(x_new - x) / (1 + ops.abs(x_new)))
-
-        start = (ops.convert_to_tensor(0, "int32"), y, ops.convert_to_tensor(np.inf, y.dtype))
-        return ops.while_loop(lambda i, x, change: ops.logical_and(i < max_iter, change > tol), body, start)
-
-    def reverse(self, y):
-        return self.fixed_point(y)[1]
-
-    def get_config(self):
-        return {**super().get_config(), "g": keras.saving.serialize_keras_object(self.g),
-                "logdet": self.logdet, "terms": self.terms, "p": self.p, "tol": self.tol,
-                "max_iter": self.max_iter, "seed": self.seed}
-
-    @classmethod
-    def from_config(cls, config):
-        config["g"] = keras.saving.deserialize_keras_object(config["g"])
-        return cls(**config)

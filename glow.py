@@ -5,8 +5,9 @@ training) go through `level` levels of  squeeze → depth × [Actnorm → permut
 concat]; at the end of every level but the last half of the channels leave as z_i through the
 conditional prior CondActnorm (eq. 03–05); the last level ends in a learned Actnorm; the z's are
 flattened and concatenated. Loss 0.5·Σz² + 0.5·D·log 2π (compiled) plus every layer's −log|det|
-(add_loss): −log q(x) in nats per image. The decoder replays the same list of steps backwards,
-each layer's `.inverse()`. Read top to bottom: data, model, training, sampling, the article's
+(add_loss): −log q(x) in nats per image. The flow is one `Flow` of those layers (the exits are
+`MultiScale` layers); the decoder is `flow.inverse()`: the same layers backwards, each one's
+`.inverse()`. Read top to bottom: data, model, training, sampling, the article's
 experiments, the command line.
 
     python glow.py                       # MNIST zero-padded to 32×32 (the article's net: slow on CPU)
@@ -20,10 +21,8 @@ import flow_train as ft  # first: TensorFlow loads there, its start-up notices o
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import layers
 
-from flow_layers import (Actnorm, AffineCouple, CheckerSplit, Concat, CondActnorm, InvDense, Permute,
-                         Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
+from flow_layers import Actnorm, Flow, MultiScale, Reshape, Squeeze, UniformNoise, glow_step, initialize_actnorms
 from flow_train import non_negative, positive
 from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantized, folder_pixels,
                         image_grid, interpolation_codes, load_folder, mnist_pixels, parse_temperatures, prior_nll, row_grid, sample,
@@ -76,103 +75,41 @@ def datasets(args):
 
 # --- the model ----------------------------------------------------------------------------------
 
-def coupling_net(channels, hidden, name, log_scale=False, checker=None):
-    """The article's f: Conv3×3(hidden)–ReLU–Conv1×1(hidden)–ReLU–Conv3×3, last layer zero-initialised
-    so the step starts as the identity. As a log-scale net it ends in tanh: |log s| ≤ 1 per step, so
-    one step cannot blow a scale up (log s = 0 at init all the same).
+def build_flow(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive", mask="channel"):
+    """The whole flow, built from the inside out: each level is squeeze -> depth × Glow step; every
+    level but the last ends in a multi-scale exit (half the channels leave through the conditional
+    prior, the rest go on to the next level); the last level ends in a learned Actnorm, flattened.
+    `mask`: how each coupling splits — "channel" (halves of the channels, Glow's), "checkerboard"
+    (RealNVP's spatial mask, parity alternating from step to step) or "alternate" (checkerboard and
+    channel steps in turn, as RealNVP alternates them)."""
+    def checker(j):  # None: channel halves; 0 or 1: the checkerboard's parity
+        if mask == "checkerboard":
+            return j % 2
+        return (j // 2) % 2 if mask == "alternate" and j % 2 == 0 else None
 
-    With `checker` (the step's CheckerSplit) the net is RealNVP's masked convolution: x1's squares go
-    back on the full grid with zeros on x2's (b ⊙ x), and the output is read on x2's squares."""
-    x_in = keras.Input((None, None, channels))
-    h = x_in if checker is None else checker.inverse()([x_in, keras.ops.zeros_like(x_in)])
-    h = layers.Conv2D(hidden, 3, padding="same", activation="relu")(h)
-    h = layers.Conv2D(hidden, 1, padding="same", activation="relu")(h)
-    h = layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros")(h)
-    if checker is not None:
-        h = checker(h)[1]
-    if log_scale:
-        h = layers.Activation("tanh")(h)
-    return keras.Model(x_in, h, name=name)
-
-
-def build_steps(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive",
-                mask="channel"):
-    """The one list of flow steps, in encoder order, built once: (kind, layer) pairs where kind is
-    "step" (x -> layer(x); x may be a [x1, x2] pair between split and concat), "exit" (a level's
-    split half leaving through its conditional prior) or "output" (concatenation of every z).
-    `mask`: how each coupling splits its input — "channel" (halves of the channels, Glow's),
-    "checkerboard" (RealNVP's spatial checkerboard, parity alternating from step to step) or
-    "alternate" (checkerboard and channel steps in turn, as RealNVP alternates them)."""
-    steps = []
-    c = channels
-    for i in range(level):
-        steps.append(("step", Squeeze(name=f"squeeze_{i}")))
-        c *= 4
-        for j in range(depth):
-            tag = f"{i}_{j}"
-            mix = InvDense(name=f"invdense_{tag}") if permute == "conv" else Permute(permute, name=f"permute_{tag}")
-            if mask == "checkerboard" or (mask == "alternate" and j % 2 == 0):  # c channels, half the squares
-                checker = CheckerSplit(parity=(j if mask == "checkerboard" else j // 2) % 2, name=f"checker_{tag}")
-                split, concat, half = checker, checker.inverse(), c
-            else:
-                checker, split, concat, half = None, Split(name=f"split_{tag}"), Concat(name=f"concat_{tag}"), c // 2
-            log_s = coupling_net(half, hidden, f"log_scale_{tag}", True, checker) if coupling == "affine" else None
-            steps += [("step", Actnorm(name=f"actnorm_{tag}")),
-                      ("step", mix),
-                      ("step", split),
-                      ("step", AffineCouple(coupling_net(half, hidden, f"shift_{tag}", checker=checker), log_s,
-                                            name=f"couple_{tag}")),
-                      ("step", concat)]
-        if i < level - 1:
-            steps.append(("exit", (Split(name=f"exit_split_{i}"), CondActnorm(name=f"cond_actnorm_{i}"),
-                                   Reshape(name=f"exit_reshape_{i}"))))
-            c //= 2
-    steps += [("step", Actnorm(name="final_actnorm")), ("step", Reshape(name="final_reshape"))]
-    if level > 1:  # with one level there is nothing to concatenate
-        steps.append(("output", Concat(name="final_concat")))
-    return steps
-
-
-def encode(x, steps):
-    """x -> z through the steps; each exit keeps x1 in the flow and sends z_i = prior([x2, x1]) out."""
-    outs = []
-    for kind, layer in steps:
-        if kind == "exit":
-            split, prior, flat = layer
-            x1, x2 = split(x)
-            outs.append(flat(prior([x2, x1])))
-            x = x1
-        elif kind == "output":
-            x = layer(outs + [x])
+    inner = None
+    for i in reversed(range(level)):  # the last level first: it is the innermost
+        c = channels * 2 ** (i + 2)  # 4× per squeeze, halved by every exit before this level
+        steps = [Squeeze(name=f"squeeze_{i}")]
+        steps += [glow_step(c, hidden, f"{i}_{j}", permute, coupling, checker(j)) for j in range(depth)]
+        if inner is None:
+            steps += [Actnorm(name="final_actnorm"), Reshape(name="final_reshape")]
         else:
-            x = layer(x)
-    return x
-
-
-def decode(z, steps):
-    """z -> x: the same steps reversed, each layer's inverse (the article's decoder)."""
-    x = z
-    for kind, layer in reversed(steps):
-        if kind == "output":
-            *outs, x = layer.inverse()(x)           # back into every level's z_i
-        elif kind == "exit":
-            split, prior, flat = layer
-            x2 = prior.inverse()([flat.inverse()(outs.pop()), x])
-            x = split.inverse()([x, x2])
-        else:
-            x = layer.inverse()(x)
-    return x
+            steps.append(MultiScale(inner, name=f"exit_{i}"))
+        inner = Flow(steps, name=f"level_{i}")
+    return inner
 
 
 def build_glow(img_size, channels, level=3, depth=10, hidden=512, permute="random", coupling="additive",
                mask="channel"):
-    """(encoder, decoder): the encoder x -> z and the decoder z -> x on the same variables."""
+    """(encoder, decoder): the encoder x -> z (the article's noise, then the flow) and the decoder
+    z -> x, the same layers inverted in reverse order (`flow.inverse()`)."""
     check_size(img_size, level, mask)
-    steps = build_steps(channels, level, depth, hidden, permute, coupling, mask)
+    flow = build_flow(channels, level, depth, hidden, permute, coupling, mask)
     x_in = keras.Input((img_size, img_size, channels))
-    encoder = keras.Model(x_in, encode(UniformNoise(1 / 256, name="noise")(x_in), steps), name="encoder")
+    encoder = keras.Model(x_in, flow(UniformNoise(1 / 256, name="noise")(x_in)), name="encoder")
     z_in = keras.Input(encoder.output.shape[1:])
-    return encoder, keras.Model(z_in, decode(z_in, steps), name="decoder")
+    return encoder, keras.Model(z_in, flow.inverse()(z_in), name="decoder")
 
 
 def check_size(img_size, level, mask="channel"):

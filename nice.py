@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_layers import AffineCouple, Concat, Permute, Scale, Split, UniformNoise, initialize_scales
+from flow_layers import AffineCouple, Concat, Flow, Permute, Scale, Split, UniformNoise, initialize_scales
 from flow_train import non_negative, positive
 from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantize, dequantized, image_grid,
                         interpolation_codes, load_mnist, parse_temperatures, prior_constant, prior_nll,
@@ -65,32 +65,21 @@ def coupling_net(dim, hidden, hidden_layers, name):
 
 
 def build_nice(hidden=1000, hidden_layers=5, couplings=4, permute="reverse"):
-    """(encoder, decoder, flow): the encoder x -> z, the decoder z -> x, and the list of flow layers
-    in encoder order, from which the decoder is built by replaying their inverses in reverse."""
-    flow = []
-
-    def step(layer, x):
-        flow.append(layer)
-        return layer(x)
+    """(encoder, decoder, flow): the flow x -> z as one layer, the encoder (the article's noise, then
+    the flow) and the decoder, the same layers inverted in reverse order (`flow.inverse()`)."""
+    noise = UniformNoise(-0.01, name="noise")  # the article's x − 0.01·U(0,1), training only; not a flow step
+    steps = []
+    for i in range(1, couplings + 1):
+        m = coupling_net(DIM // 2, hidden, hidden_layers, name=f"m_{i}")
+        steps += [Permute(permute, name=f"permute_{i}"), Split(interleave=True, name=f"split_{i}"),
+                  # encoder h2 = x2 − m(x1), the article's choice (eq. 09 as the forward direction)
+                  AffineCouple(m, subtract=True, name=f"couple_{i}"), Concat(interleave=True, name=f"concat_{i}")]
+    flow = Flow([*steps, Scale(name="scale")], name="nice")
 
     x_in = keras.Input((DIM,), name="x")
-    x = UniformNoise(-0.01, name="noise")(x_in)  # the article's x − 0.01·U(0,1), training only; not a flow step
-    for i in range(1, couplings + 1):
-        x = step(Permute(permute, name=f"permute_{i}"), x)
-        x1, x2 = step(Split(interleave=True, name=f"split_{i}"), x)
-        m = coupling_net(DIM // 2, hidden, hidden_layers, name=f"m_{i}")
-        # encoder h2 = x2 − m(x1), the article's choice (eq. 09 as the forward direction)
-        x1, x2 = step(AffineCouple(m, subtract=True, name=f"couple_{i}"), [x1, x2])
-        x = step(Concat(interleave=True, name=f"concat_{i}"), [x1, x2])
-    z = step(Scale(name="scale"), x)
-    encoder = keras.Model(x_in, z, name="nice_encoder")
-
-    # the generator: the same layers, inverted, in reverse order
+    encoder = keras.Model(x_in, flow(noise(x_in)), name="nice_encoder")
     z_in = keras.Input((DIM,), name="z")
-    x = z_in
-    for layer in reversed(flow):
-        x = layer.inverse()(x)
-    return encoder, keras.Model(z_in, x, name="nice_decoder"), flow
+    return encoder, keras.Model(z_in, flow.inverse()(z_in), name="nice_decoder"), flow
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -154,7 +143,7 @@ def train(args, strategy):
         if args.scale_init == "data" and not args.resume:
             with strategy.scope():
                 initialize_scales(encoder, next(iter(data))[0])
-            s = keras.ops.convert_to_numpy(encoder.get_layer("scale").log_scale)
+            s = keras.ops.convert_to_numpy(encoder.get_layer("nice").steps[-1].log_scale)
             print(f"scale layer initialised from one batch: s from {s.min():.2f} to {s.max():.2f}", flush=True)
 
     code = ft.train(encoder, data, test_data(k_test, args.batch_size), args=args, strategy=strategy,
@@ -273,7 +262,7 @@ def experiments(args):
     if args.interpolate:
         pictures["nice_interpolate.png"] = interpolation_rows(encoder, decoder, k_test[:2 * args.interpolate])
     if args.walk:
-        rows, dims, s_dims, effect, s = walk_rows(encoder, decoder, flow[-1], k_test[0])
+        rows, dims, s_dims, effect, s = walk_rows(encoder, decoder, flow.steps[-1], k_test[0])
         order = np.argsort(s)
         print(f"walk: dimensions {dims.tolist()} (smallest s: {', '.join(f'{v:.2f}' for v in s_dims)}); one unit of "
               f"z_i moves the image by {np.median(effect[order[:WALK_DIMS]]):.3f} (median of these) vs "

@@ -99,7 +99,7 @@ def test_scale_sign_small_s_is_an_important_dimension(digits):
     """z = exp(s)·h: a small s_i gives h_i a wide prior (σ_i = 1/exp(s_i), article eq. 17), so one unit
     of z_i moves the image most — the article's 'the smaller s_i the more important'."""
     encoder, decoder, flow = small_nice()
-    scale = flow[-1]
+    scale = flow.steps[-1]
     s = 0.3 * np.random.RandomState(0).standard_normal((1, 784)).astype("float32")
     s[0, [3, 300, 700]] = -3.0  # three dimensions the scale layer declares important
     s[0, [10, 400]] = 3.0       # two it declares unimportant

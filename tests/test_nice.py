@@ -45,10 +45,10 @@ def test_encoder_decoder_round_trip(digits):
     assert np.abs(z - x).max() > 0.1  # the flow does something
     assert np.abs(decoder(z).numpy() - x).max() <= 1e-4
     # the decoder is the flow's layers inverted, in reverse order, on the same variables
-    assert len(flow) == 4 * 4 + 1 and isinstance(flow[-1], Scale)
-    assert sum(isinstance(l, Permute) for l in flow) == 4
+    assert len(flow.steps) == 4 * 4 + 1 and isinstance(flow.steps[-1], Scale)
+    assert sum(isinstance(l, Permute) for l in flow.steps) == 4
     # the decoder reads the encoder's live variables: change one, the round trip still holds
-    scale = flow[-1].log_scale
+    scale = flow.steps[-1].log_scale
     scale.assign(scale.numpy() + 0.5)
     z = encoder(x, training=False).numpy()
     assert np.abs(decoder(z).numpy() - x).max() <= 1e-4
@@ -58,7 +58,7 @@ def test_model_log_det_equals_brute_force_jacobian(digits, float64):
     keras.utils.set_random_seed(1)
     encoder, _, _ = nice.build_nice(hidden=32, hidden_layers=1, couplings=4, permute="random")
     perturb(encoder, 0.05)
-    log_scale = encoder.get_layer("scale").log_scale
+    log_scale = encoder.get_layer("nice").steps[-1].log_scale
     log_scale.assign(log_scale.numpy() + 0.01)  # a log-det of a few nats, so dropping it would show
     x = tf.constant(dequantize(flat(digits[:3]), 0, 1 / 256), dtype="float64")
     log_dets = jacobian_log_det(lambda x: encoder(x, training=False), x)
@@ -75,7 +75,7 @@ def test_bits_per_dim_is_the_formula_on_z_and_log_dets(digits):
     x = dequantize(flat(digits[:64]), 0, 1 / 256)
     nll = nice.evaluate_nll(encoder, x, batch_size=32)
     z = encoder(x, training=False).numpy().astype(np.float64)
-    log_det = float(np.sum(encoder.get_layer("scale").log_scale.numpy()))
+    log_det = float(np.sum(encoder.get_layer("nice").steps[-1].log_scale.numpy()))
     manual = np.mean(0.5 * np.sum(z ** 2, axis=1) + 0.5 * 784 * math.log(2 * math.pi) - log_det)
     assert nll == pytest.approx(manual, rel=1e-5)
     manual_bpd = (manual + 784 * math.log(256)) / (784 * math.log(2))
@@ -118,7 +118,7 @@ def test_random_permutation_survives_save_and_load(tmp_path, digits):
     enc1.save_weights(path)
     np.random.seed(11)
     enc2, dec2, flow2 = nice.build_nice(hidden=16, hidden_layers=1, couplings=2, permute="random")
-    idxs = lambda flow: [l.idxs.numpy() for l in flow if isinstance(l, Permute)]
+    idxs = lambda flow: [l.idxs.numpy() for l in flow.steps if isinstance(l, Permute)]
     assert not np.array_equal(idxs(flow1)[0], idxs(flow2)[0])
     enc2.load_weights(path)
     for a, b in zip(idxs(flow1), idxs(flow2)):
