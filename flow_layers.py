@@ -599,6 +599,32 @@ def glow_step(channels, hidden, name, permute="random", coupling="additive", che
     couple = AffineCouple(glow_coupling_net(half, hidden, f"shift_{name}", checker=mask), log_s, name=f"couple_{name}")
     return Flow([Actnorm(name=f"actnorm_{name}"), mix, split, couple, concat], name=f"step_{name}")
 
+def glow_flow(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive", mask="channel"):
+    """Glow's multi-scale flow (the article's model) on images of `channels` channels, built from the
+    inside out: each level is squeeze -> `depth` × glow_step; every level but the last ends in a
+    MultiScale exit (half the channels leave through the conditional prior, the rest go on to the
+    next level); the last level ends in a learned Actnorm, flattened. f-VAE's prior is one too.
+    `mask`: how each coupling splits — "channel" (halves of the channels, Glow's), "checkerboard"
+    (RealNVP's spatial mask, parity alternating from step to step) or "alternate" (checkerboard and
+    channel steps in turn, as RealNVP alternates them)."""
+    def checker(j):  # None: channel halves; 0 or 1: the checkerboard's parity
+        if mask == "checkerboard":
+            return j % 2
+        return (j // 2) % 2 if mask == "alternate" and j % 2 == 0 else None
+
+    inner = None
+    for i in reversed(range(level)):  # the last level first: it is the innermost
+        c = channels * 2 ** (i + 2)  # 4× per squeeze, halved by every exit before this level
+        steps = [Squeeze(name=f"squeeze_{i}")]
+        steps += [glow_step(c, hidden, f"{i}_{j}", permute, coupling, checker(j)) for j in range(depth)]
+        if inner is None:
+            steps += [Actnorm(name="final_actnorm"), Reshape(name="final_reshape")]
+        else:
+            steps.append(MultiScale(inner, name=f"exit_{i}"))
+        inner = Flow(steps, name=f"level_{i}")
+    return inner
+
+
 # data-dependent initialisation (Glow's ActNorm; NICE's scale layer with --scale-init data)
 
 def initialize_actnorms(model, x):

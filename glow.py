@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_layers import Actnorm, Flow, MultiScale, Reshape, Squeeze, UniformNoise, glow_step, initialize_actnorms
+from flow_layers import UniformNoise, glow_flow, initialize_actnorms
 from flow_train import non_negative, positive
 from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantized, folder_pixels,
                         image_grid, interpolation_codes, load_folder, mnist_pixels, parse_temperatures, prior_nll, row_grid, sample,
@@ -75,37 +75,14 @@ def datasets(args):
 
 # --- the model ----------------------------------------------------------------------------------
 
-def build_flow(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive", mask="channel"):
-    """The whole flow, built from the inside out: each level is squeeze -> depth × Glow step; every
-    level but the last ends in a multi-scale exit (half the channels leave through the conditional
-    prior, the rest go on to the next level); the last level ends in a learned Actnorm, flattened.
-    `mask`: how each coupling splits — "channel" (halves of the channels, Glow's), "checkerboard"
-    (RealNVP's spatial mask, parity alternating from step to step) or "alternate" (checkerboard and
-    channel steps in turn, as RealNVP alternates them)."""
-    def checker(j):  # None: channel halves; 0 or 1: the checkerboard's parity
-        if mask == "checkerboard":
-            return j % 2
-        return (j // 2) % 2 if mask == "alternate" and j % 2 == 0 else None
-
-    inner = None
-    for i in reversed(range(level)):  # the last level first: it is the innermost
-        c = channels * 2 ** (i + 2)  # 4× per squeeze, halved by every exit before this level
-        steps = [Squeeze(name=f"squeeze_{i}")]
-        steps += [glow_step(c, hidden, f"{i}_{j}", permute, coupling, checker(j)) for j in range(depth)]
-        if inner is None:
-            steps += [Actnorm(name="final_actnorm"), Reshape(name="final_reshape")]
-        else:
-            steps.append(MultiScale(inner, name=f"exit_{i}"))
-        inner = Flow(steps, name=f"level_{i}")
-    return inner
-
-
 def build_glow(img_size, channels, level=3, depth=10, hidden=512, permute="random", coupling="additive",
                mask="channel"):
     """(encoder, decoder): the encoder x -> z (the article's noise, then the flow) and the decoder
-    z -> x, the same layers inverted in reverse order (`flow.inverse()`)."""
+    z -> x, the same layers inverted in reverse order (`flow.inverse()`). The flow is
+    flow_layers.glow_flow: `level` × [squeeze, `depth` × (Actnorm, permute, split, coupling, concat)],
+    every level but the last ending in a multi-scale exit."""
     check_size(img_size, level, mask)
-    flow = build_flow(channels, level, depth, hidden, permute, coupling, mask)
+    flow = glow_flow(channels, level, depth, hidden, permute, coupling, mask)
     x_in = keras.Input((img_size, img_size, channels))
     encoder = keras.Model(x_in, flow(UniformNoise(1 / 256, name="noise")(x_in)), name="encoder")
     z_in = keras.Input(encoder.output.shape[1:])
