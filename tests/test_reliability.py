@@ -1,4 +1,4 @@
-"""flow_utils' training guards on a small real model: NaN batches, Ctrl-C, backups for --resume."""
+"""flow_run's training guards on a small real model: NaN batches, Ctrl-C, backups for --resume."""
 import math
 import os
 import signal
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import flow_train as ft
-import flow_utils as fu
+from flow_io import atomic_write
+from flow_run import Backup, Interrupt, KeepBest
 
 
 def _model(lr=1e-2):
@@ -33,7 +33,7 @@ def _finite(model):
 
 def test_nan_batch_reloads_best_weights_and_lowers_the_rate(tmp_path):
     m = _model()
-    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=100, low_lr=1e-4, verbose=0)
+    best = KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=100, low_lr=1e-4, verbose=0)
     m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     assert best.collapses == 0 and os.path.exists(best.path)
     hist = m.fit(_data(poison=[3]), epochs=2, verbose=0, shuffle=False, callbacks=[best])
@@ -47,7 +47,7 @@ def test_nan_batch_reloads_best_weights_and_lowers_the_rate(tmp_path):
 def test_nan_before_any_best_goes_back_to_the_initial_weights(tmp_path):
     m = _model()
     start = m.get_weights()
-    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    best = KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
     m.fit(_data(n_batches=1, poison=[0]), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     assert best.collapses == 1 and not os.path.exists(best.path)
     for a, b in zip(m.get_weights(), start):
@@ -56,7 +56,7 @@ def test_nan_before_any_best_goes_back_to_the_initial_weights(tmp_path):
 
 def test_repeated_nan_gives_up_and_keeps_the_best_file(tmp_path):
     m = _model()
-    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), max_collapses=3, verbose=0)
+    best = KeepBest(str(tmp_path / "b.weights.h5"), max_collapses=3, verbose=0)
     m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     saved = open(best.path, "rb").read()
     m.fit(_data(n_batches=10, poison=range(10)), epochs=5, verbose=0, shuffle=False, callbacks=[best])
@@ -67,7 +67,7 @@ def test_repeated_nan_gives_up_and_keeps_the_best_file(tmp_path):
 
 def test_collapse_rule_positive_loss_only_after_the_given_epoch(tmp_path):
     m = _model()
-    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=10, low_lr=1e-5, verbose=0)
+    best = KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=10, low_lr=1e-5, verbose=0)
     best.set_model(m)
     best.on_train_begin()
     best.on_epoch_end(0, {"loss": -5.0})
@@ -90,27 +90,27 @@ class _CtrlC(keras.callbacks.Callback):
 
 def test_ctrl_c_stops_after_the_step_and_the_epoch_is_not_backed_up(tmp_path):
     m = _model()
-    stop = ft.Interrupt()
-    backup = ft.Backup(str(tmp_path / "backup"), interrupt=stop)
+    stop = Interrupt()
+    backup = Backup(str(tmp_path / "backup"), interrupt=stop)
     m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[backup])  # one complete epoch: 6 steps
     before = signal.getsignal(signal.SIGINT)
     m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[_CtrlC(), stop, backup])
     assert stop.interrupted
     assert int(m.optimizer.iterations.numpy()) == 6 + 3  # stopped right after the third step
-    assert ft.Backup.read_state(backup.folder)["epoch"] == 1  # the cut epoch is not recorded
+    assert Backup.read_state(backup.folder)["epoch"] == 1  # the cut epoch is not recorded
     assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C acts as usual
 
 
 def test_backup_restores_weights_optimizer_epoch_and_best(tmp_path):
     folder = str(tmp_path / "backup")
     m = _model()
-    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
-    m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[best, ft.Backup(folder, keep_best=best)])
+    best = KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[best, Backup(folder, keep_best=best)])
     assert sorted(os.listdir(folder)) == ["epoch-0003.weights.h5", "state.json"]
 
     fresh = _model(lr=5.0)  # other initial weights and rate: restore must replace all of them
-    best2 = ft.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
-    backup2 = ft.Backup(folder, keep_best=best2)
+    best2 = KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    backup2 = Backup(folder, keep_best=best2)
     backup2.set_model(fresh)
     assert backup2.restore() == 3
     for a, b in zip(fresh.get_weights(), m.get_weights()):
@@ -125,14 +125,14 @@ def test_backup_restores_weights_optimizer_epoch_and_best(tmp_path):
 def test_backup_state_points_at_a_complete_file_when_a_write_is_torn(tmp_path):
     folder = str(tmp_path / "backup")
     m = _model()
-    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[ft.Backup(folder)])
+    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[Backup(folder)])
 
     def killed(tmp):
         open(tmp, "w").write("{half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fu._atomic(os.path.join(folder, ft.Backup.STATE), killed)
-    state = ft.Backup.read_state(folder)
+        atomic_write(os.path.join(folder, Backup.STATE), killed)
+    state = Backup.read_state(folder)
     assert state["epoch"] == 1 and os.path.isfile(os.path.join(folder, state["weights"]))
-    assert ft.Backup(str(tmp_path / "nothing")).read_state(str(tmp_path / "nothing")) is None
+    assert Backup(str(tmp_path / "nothing")).read_state(str(tmp_path / "nothing")) is None
