@@ -2,6 +2,7 @@
 to fit: the best weights (with the architecture record) and the collapse rule, Ctrl-C, per-epoch
 backups and --resume, the CSV epoch log with wall-clock minutes (--minutes, --plot), the optimizer.
 """
+import csv
 import json
 import math
 import os
@@ -19,11 +20,12 @@ from flow_io import UserError, atomic_write, read_config, save_weights_atomic
 class KeepBest(keras.callbacks.Callback):
     """Keeps the best weights by `monitor` (written atomically) and, as the Glow article's script does,
     treats a loss that turns positive after `after_epoch` as a collapse (None: never, for a loss that
-    may be positive): reload the best weights and set the learning rate to `low_lr`. A loss that is not finite is a collapse at any time (the
-    original's `loss > 0` never fires on NaN): checked after every batch too, so training never goes
-    on from garbage; the reload also restores the optimizer's moments, which a NaN gradient poisons
-    (Keras' .weights.h5 holds the optimizer state). After `max_collapses` non-finite losses training
-    stops and `gave_up` is set; the best weights stay on disk.
+    may be positive): reload the best weights and set the learning rate to `low_lr`. A loss that is
+    not finite is a collapse at any time (the original's `loss > 0` never fires on NaN): checked after
+    every batch too, so training never goes on from garbage; the reload also restores the optimizer's
+    moments, which a NaN gradient poisons (Keras' .weights.h5 holds the optimizer state). After
+    `max_collapses` non-finite losses training stops and `gave_up` is set; the best weights stay on
+    disk.
     """
 
     def __init__(self, path, monitor="loss", after_epoch=10, low_lr=1e-5, max_collapses=5, verbose=1,
@@ -145,7 +147,7 @@ class Backup(keras.callbacks.Callback):
         if self.keep_best is not None:
             state.update(best=self.keep_best.best, collapses=self.keep_best.collapses)
         atomic_write(os.path.join(self.folder, self.STATE),
-                lambda tmp: open(tmp, "w").write(json.dumps(state, indent=1)))
+                     lambda tmp: open(tmp, "w").write(json.dumps(state, indent=1)))
         for old in os.listdir(self.folder):
             if old.startswith("epoch-") and old.endswith(".weights.h5") and old != name:
                 os.remove(os.path.join(self.folder, old))
@@ -184,7 +186,7 @@ def check_run(weights, resume, epochs):
     """Before anything is written, what a training run may do with what is on disk; returns the
     run's folder. Without `resume` an earlier run (best weights or backups) is never overwritten;
     with it there must be a completed epoch to resume and fewer than `epochs` epochs done (the
-    total, as fit counts). The architecture was checked against the record by `parse`."""
+    total, as fit counts). The architecture was checked against the record by flow_cli.parse."""
     folder = run_folder(weights)
     state = Backup.read_state(folder)
     if not resume:
@@ -239,8 +241,6 @@ class Progress(keras.callbacks.Callback):
     @staticmethod
     def minutes_so_far(path):
         """The last `minutes` in an earlier run's CSV log, 0 without one."""
-        import csv
-
         try:
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
@@ -322,8 +322,8 @@ class Run:
         if run.code:
             return run.code
 
-    Made after the model is compiled, inside nothing: it prints the precision line, creates the
-    optimizer's slots (in the strategy's scope), and with --resume restores the last completed epoch
+    Make it after compile, outside the strategy's scope (it enters it itself): it prints the precision
+    line, creates the optimizer's slots, and with --resume restores the last completed epoch
     (weights, optimizer state, learning rate, best figure; `resumed`, `initial_epoch`). `callbacks`
     (after the script's own, which may add to the logs they read): the epoch log beside --weights
     with wall-clock minutes (--minutes stops there), the first step's time, KeepBest on `monitor` with

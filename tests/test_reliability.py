@@ -1,15 +1,20 @@
-"""flow_run's training guards on a small real model: NaN batches, Ctrl-C, backups for --resume."""
+"""flow_run's training guards on a small real model: NaN batches, Ctrl-C, backups for --resume, and the
+Run a script hands to fit."""
+import argparse
+import csv
 import math
 import os
 import signal
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from flow_io import atomic_write
-from flow_run import Backup, Interrupt, KeepBest
+from flow_devices import make_strategy
+from flow_io import atomic_write, read_config
+from flow_run import Backup, Interrupt, KeepBest, Run
 
 
 def _model(lr=1e-2):
@@ -136,3 +141,73 @@ def test_backup_state_points_at_a_complete_file_when_a_write_is_torn(tmp_path):
     state = Backup.read_state(folder)
     assert state["epoch"] == 1 and os.path.isfile(os.path.join(folder, state["weights"]))
     assert Backup(str(tmp_path / "nothing")).read_state(str(tmp_path / "nothing")) is None
+
+
+# --- Run: what a script hands to fit ------------------------------------------------------------
+
+def _run_args(tmp_path, **more):
+    """What flow_cli.parse gives a training run, for the tiny model."""
+    args = dict(model="tiny", config={"width": 8}, weights=str(tmp_path / "t.weights.h5"), epochs=2,
+                resume=False, max_collapses=2)
+    return argparse.Namespace(**{**args, **more})
+
+
+def _fit(m, run, data=None, epochs=2):
+    return m.fit(data or _data(), validation_data=_data(2), epochs=epochs, initial_epoch=run.initial_epoch,
+                 callbacks=run.callbacks, shuffle=False, verbose=0)
+
+
+def test_run_around_fit_keeps_the_best_weights_the_log_and_backups(tmp_path, capsys):
+    m = _model()
+    run = Run(m, _run_args(tmp_path, precision_why="a test"), make_strategy())
+    assert run.initial_epoch == 0 and not run.resumed and m.optimizer.built  # the slots exist before fit
+    _fit(m, run)
+    assert run.end() is True and run.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("precision: float32 (a test)\n")
+    lines = [line for line in out.splitlines() if line.startswith("first step: ")]
+    assert len(lines) == 1 and lines[0].endswith(" s (tracing included)")  # once per fit, not per epoch
+    assert read_config(str(tmp_path / "t.weights.h5")) == {"model": "tiny", "width": 8}
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1"] and float(rows[-1]["minutes"]) > 0 and rows[-1]["steps"] == "12"
+    assert Backup.read_state(str(tmp_path / "t.run"))["epoch"] == 2
+
+
+def test_run_resumes_after_the_last_epoch(tmp_path, capsys):
+    m = _model()
+    run = Run(m, _run_args(tmp_path), make_strategy())
+    _fit(m, run)
+    run.end()
+    m2 = _model(lr=5.0)
+    run2 = Run(m2, _run_args(tmp_path, resume=True, epochs=3), make_strategy())
+    assert run2.resumed and run2.initial_epoch == 2 and int(m2.optimizer.iterations.numpy()) == 12
+    assert f"resuming {tmp_path / 't.run'}/ after epoch 2 of 3" in capsys.readouterr().out
+    history = _fit(m2, run2, epochs=3)
+    assert len(history.history["loss"]) == 1 and run2.end() and run2.code == 0
+
+
+def test_run_gives_up_with_code_3_and_no_pictures(tmp_path, capsys):
+    m = _model()
+    run = Run(m, _run_args(tmp_path), make_strategy())
+    _fit(m, run, _data(n_batches=4, poison=range(4)))
+    assert run.end() is False and run.code == 3
+    assert capsys.readouterr().err.strip() == (f"error: training stopped after 2 non-finite batch losses "
+                                               f"(--max-collapses 2); the best weights stay in {run.weights}")
+
+
+def test_run_after_ctrl_c_reloads_the_best_weights_with_code_130(tmp_path, capsys):
+    m = _model()
+    run = Run(m, _run_args(tmp_path, epochs=3), make_strategy())
+    m.fit(_data(), epochs=3, callbacks=[_CtrlC(), *run.callbacks], shuffle=False, verbose=0)  # in epoch 1
+    assert run.end() is True and run.code == 130  # the pictures are still written, from the current weights
+    assert "interrupted before any epoch ended" in capsys.readouterr().out
+
+
+def test_run_verbose_and_chief_only(tmp_path, monkeypatch):
+    m = _model()
+    run = Run(m, _run_args(tmp_path), make_strategy())
+    assert run.verbose == 2 and run.chief_only("a", "b") == ["a", "b"]  # one process: the chief
+    assert Run(_model(), _run_args(tmp_path), make_strategy(), prints_epochs=True).verbose == 0
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert Run(_model(), _run_args(tmp_path), make_strategy(), prints_epochs=True).verbose == 1  # the bar
