@@ -351,7 +351,7 @@ def experiments(args):
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="f-VAEs (a VAE with a Glow flow prior) on MNIST or an image folder.")
     cli.shape_arg(p, "--img-size", None, type=positive(int),
-                 help="image side after centre crop and resize (64 for a folder; MNIST is 32)")
+                  help="image side after centre crop and resize (64 for a folder; MNIST is 32)")
     cli.shape_arg(p, "--squeezes", 2, type=positive(int), help="the encoder's squeezes (each halves the side)")
     cli.shape_arg(p, "--blocks", 2, type=positive(int), help="residual blocks after each squeeze")
     cli.shape_arg(p, "--width", 64, type=positive(int), help="channels inside the residual blocks")

@@ -314,17 +314,17 @@ def experiments(args):
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Glow (RealNVP/Glow article) on an image folder or MNIST.")
     cli.shape_arg(p, "--img-size", None, type=positive(int),
-                 help="image side after centre crop and resize (64 for a folder; MNIST is 32)")
+                  help="image side after centre crop and resize (64 for a folder; MNIST is 32)")
     cli.shape_arg(p, "--level", 3, type=positive(int), help="levels L of the multi-scale architecture")
     cli.shape_arg(p, "--depth", 10, type=positive(int), help="flow steps K per level")
     cli.shape_arg(p, "--hidden", 512, type=positive(int), help="channels of the coupling networks")
     cli.shape_arg(p, "--permute", "random", choices=("reverse", "random", "conv"),
-                 help="channel mixing per step: reversal, the article's random shuffle, or Glow's 1×1 conv")
+                  help="channel mixing per step: reversal, the article's random shuffle, or Glow's 1×1 conv")
     cli.shape_arg(p, "--coupling", "additive", choices=("additive", "affine"),
-                 help="additive (the article's) or affine coupling (log s through tanh)")
+                  help="additive (the article's) or affine coupling (log s through tanh)")
     cli.shape_arg(p, "--mask", "channel", choices=("channel", "checkerboard", "alternate"),
-                 help="how each coupling splits its input: halves of the channels (Glow's), RealNVP's spatial "
-                      "checkerboard, or the two in turn (RealNVP's alternation)")
+                  help="how each coupling splits its input: halves of the channels (Glow's), RealNVP's spatial "
+                       "checkerboard, or the two in turn (RealNVP's alternation)")
     p.add_argument("--data", help="folder of images, searched recursively (png, jpg/jpeg, bmp, gif, webp), "
                                   "e.g. CelebA's img_align_celeba; or an mnist.npz file. "
                                   "Default: MNIST zero-padded to 32×32")

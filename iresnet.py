@@ -167,7 +167,7 @@ def train(args, strategy):
     print(f"i-ResNet: {encoder.count_params():,} parameters, log-det {model_config(args)['logdet']} "
           f"({args.terms} terms), c = {args.coeff}", flush=True)
     run = Run(encoder, args, strategy, monitor="val_loss")
-    prepare(encoder, dequantize(k_train[: args.batch_size], 0, BIN))
+    prepare(encoder, dequantize(k_train[: args.batch_size], 0, BIN))  # after a --resume: Actnorms kept
     encoder.fit(batches(k_train, args.batch_size, args.seed or 0),
                 validation_data=batches(k_test[: args.eval_images], args.batch_size), epochs=args.epochs,
                 initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), *run.callbacks],

@@ -295,10 +295,10 @@ def experiments(args):
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="NICE on MNIST (细水长 Flow, part 1): train, keep the best weights, "
-                                      "write a 15×15 grid of samples.")
+                                       "write a 15×15 grid of samples.")
     cli.shape_arg(p, "--hidden", 1000, type=positive(int), help="width of the hidden Dense layers of each m")
     cli.shape_arg(p, "--hidden-layers", 5, type=positive(int),
-                 help="hidden Dense(ReLU) layers in each m (plus its Dense(392, ReLU) output)")
+                  help="hidden Dense(ReLU) layers in each m (plus its Dense(392, ReLU) output)")
     cli.shape_arg(p, "--couplings", 4, type=positive(int), help="additive coupling layers")
     p.add_argument("--data", metavar="FILE.npz", default=None,
                    help="MNIST in keras' mnist.npz layout (x_train, x_test: uint8 n×28×28); "

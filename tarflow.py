@@ -345,18 +345,18 @@ def experiments(args):
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="TarFlow (causal-Transformer autoregressive flow) on MNIST or images.")
     cli.shape_arg(p, "--img-size", None, type=positive(int),
-                 help="image side of a folder's images after centre crop and resize (32; MNIST is 28)")
+                  help="image side of a folder's images after centre crop and resize (32; MNIST is 28)")
     cli.shape_arg(p, "--patch", 4, type=positive(int), help="patch side p: tokens are p×p patches")
     cli.shape_arg(p, "--width", 128, type=positive(int), help="Transformer width W")
     cli.shape_arg(p, "--blocks", 4, type=positive(int), help="flow blocks (token order alternates)")
     cli.shape_arg(p, "--layers", 4, type=positive(int), help="Transformer layers per block")
     cli.shape_arg(p, "--heads", 4, type=positive(int), help="attention heads (must divide --width)")
     cli.shape_arg(p, "--noise", "gaussian", choices=("gaussian", "uniform"),
-                 help="training noise: Gaussian σ·ε (the paper's; samples are denoised) or uniform "
-                      "dequantization (gives a test bits/dim)")
+                  help="training noise: Gaussian σ·ε (the paper's; samples are denoised) or uniform "
+                       "dequantization (gives a test bits/dim)")
     cli.shape_arg(p, "--sigma", 0.1, type=non_negative, help="σ of the Gaussian noise on [−1, 1]")
     cli.shape_arg(p, "--conditional", False, action="store_true",
-                 help="class-conditional (MNIST labels), 10%% label dropout for guidance")
+                  help="class-conditional (MNIST labels), 10%% label dropout for guidance")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                    help="one score step x + σ²·∇log p(x) after sampling (Gaussian-noise models)")
     p.add_argument("--guidance", type=float, default=0.0, metavar="W",
