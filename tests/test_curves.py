@@ -1,5 +1,5 @@
-"""Likelihood against time (issue 15): the epoch logs NAME.csv, `flow_train.read_curve`, the table,
-and `python flow_train.py --plot A.csv B.csv` writing one PNG."""
+"""Likelihood against time: the epoch logs NAME.csv, `flow_curves.read_curve`, the table, and
+`python flow_curves.py A.csv B.csv` writing one PNG."""
 import os
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import sys
 import imageio.v2 as imageio
 import pytest
 
-import flow_train as ft
+import flow_curves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,15 +20,15 @@ def write_log(path, rows, header="epoch,loss,minutes,steps,val_bpd,val_loss"):
 
 def test_read_curve_prefers_test_bits_per_dim_then_falls_back(tmp_path):
     a = write_log(tmp_path / "a.csv", [(0, 5.0, 0.5, 10, 7.5, 900), (1, 4.0, 1.25, 20, 6.25, 800)])
-    assert ft.read_curve(a) == ("test bits/dim", [(0.5, 7.5, 10), (1.25, 6.25, 20)])
+    assert flow_curves.read_curve(a) == ("test bits/dim", [(0.5, 7.5, 10), (1.25, 6.25, 20)])
     b = write_log(tmp_path / "b.csv", [(0, 3.0, 0.2, 5, 4.5)], header="epoch,loss,minutes,steps,bpd")
-    assert ft.read_curve(b) == ("training bits/dim", [(0.2, 4.5, 5)])
+    assert flow_curves.read_curve(b) == ("training bits/dim", [(0.2, 4.5, 5)])
 
 
 def test_curve_table_gives_the_best_figure_by_each_mark(tmp_path):
     curves = {"x": ("test bits/dim", [(0.5, 7.0, 1), (1.5, 5.0, 2), (2.5, 6.0, 3)]),
               "y": ("test bits/dim", [(1.2, 4.0, 1)])}
-    lines = ft.curve_table(curves, [1, 2, 3]).splitlines()
+    lines = flow_curves.curve_table(curves, [1, 2, 3]).splitlines()
     assert lines[0] == "| minutes | x | y |"
     assert lines[2:] == ["| 1 | 7.000 | – |", "| 2 | 5.000 | 4.000 |", "| 3 | 5.000 | 4.000 |"]
 
@@ -43,9 +43,9 @@ def test_bad_logs_are_one_line_errors(tmp_path, capsys, content, says):
     if content is not None:
         path.write_text(content)
     png = tmp_path / "c.png"
-    assert ft.plot_main(["--plot", str(path), "--png", str(png)]) == 2
+    assert flow_curves.main([str(path), "--png", str(png)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --plot") and says in err[0], err
+    assert len(err) == 1 and err[0].startswith(f"error: {path}") and says in err[0], err
     assert not png.exists()
 
 
@@ -53,7 +53,7 @@ def test_plot_two_runs_from_the_command_line(tmp_path):
     a = write_log(tmp_path / "glorot.csv", [(i, 0, i + 1.0, 10 * i, 9 - i / 2, 0) for i in range(4)])
     b = write_log(tmp_path / "data.csv", [(i, 0, i + 0.5, 10 * i, 7 - i / 2, 0) for i in range(4)])
     png = tmp_path / "both.png"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "flow_train.py"), "--plot", a, b,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "flow_curves.py"), a, b,
                            "--labels", "glorot s,data s", "--ymax", "8", "--png", str(png)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -10,10 +10,11 @@ import tensorflow as tf
 import ablation
 import glow
 import nice
+from flow_io import UserError
 from flow_layers import initialize_actnorms
-from helpers import jacobian_log_det, reported_log_det
-from flow_utils import UserError, interpolation_codes, parse_temperatures, slerp, temperature_codes
-from helpers import mnist_npz, perturb
+from flow_sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, sample, slerp,
+                         temperature_codes)
+from helpers import jacobian_log_det, mnist_npz, perturb, reported_log_det
 
 NICE_SMALL = ["--hidden", "16", "--hidden-layers", "1", "--couplings", "2"]
 GLOW_SMALL = ["--level", "2", "--depth", "1", "--hidden", "8"]
@@ -43,6 +44,28 @@ def small_glow(size=8, mask="channel"):
 
 
 # --- shared helpers ---------------------------------------------------------------------------
+
+def test_image_grid_layout_and_clipping():
+    imgs = np.zeros((4, 2, 3), np.float32)
+    imgs[1] = 1.0
+    imgs[2] = 2.0  # clipped
+    imgs[3] = -1.0  # clipped
+    g = image_grid(imgs, 2)
+    assert g.shape == (4, 6) and g.dtype == np.uint8
+    assert g[0, 0] == 0 and g[0, 3] == 255 and g[2, 0] == 255 and g[2, 3] == 0
+    rgb = image_grid(np.zeros((9, 4, 4, 3)), 3, low=-1, high=1)
+    assert rgb.shape == (12, 12, 3) and np.all(rgb == 128)
+
+
+def test_decode_codes_batches_like_one_call():
+    inp = keras.Input((4,))
+    decoder = keras.Model(inp, keras.layers.Dense(3)(inp))
+    z = np.random.RandomState(0).standard_normal((2, 5, 4)).astype("float32")
+    whole = keras.ops.convert_to_numpy(decoder(z.reshape(10, 4))).reshape(2, 5, 3)
+    np.testing.assert_allclose(decode_codes(decoder, z, batch=3), whole, rtol=1e-6)
+    s = sample(decoder, 6, std=0.0)
+    assert s.shape == (6, 3) and np.allclose(s, s[0])  # T = 0: every sample is decoder(0)
+
 
 def test_temperature_codes_share_directions_and_zero_is_the_mode():
     z = temperature_codes([0, 0.5, 1.0], 4, 6, seed=3)

@@ -14,7 +14,7 @@ import pytest
 
 import fvae
 from flow_layers import NormalNLL, initialize_actnorms
-from flow_utils import sample
+from flow_sample import sample
 from helpers import jacobian_log_det, mnist_npz, perturb, reported_log_det
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import glow
+from flow_data import folder_pixels, load_folder, mnist_pixels
+from flow_io import UserError
 from flow_layers import Actnorm, flow_layers_of, initialize_actnorms
-from flow_train import KeepBest
-from flow_utils import UserError, folder_pixels, load_folder, mnist_pixels
+from flow_run import KeepBest
 from helpers import jacobian_log_det, mnist_digits, perturb, reported_log_det
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import iresnet
 from flow_layers import ResidualFlow, SpectralConv2D, SpectralDense, banach_iterations, converge_spectral_norms
-from flow_utils import dequantize, prior_nll
+from flow_density import dequantize, prior_nll
 from helpers import jacobian_log_det, mnist_npz, perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

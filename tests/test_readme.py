@@ -52,11 +52,11 @@ TRAIN = {
                    "--terms", "2", "--eval-images", "32", "--eval-draws", "2", "--toy-blocks", "2"],
     "tarflow.py": ["--epochs", "1", "--limit", "64", "--batch-size", "16", "--width", "16", "--blocks", "2",
                    "--layers", "1", "--heads", "2"],
-    # `python flow_train.py --plot A.csv ...` reads the epoch logs of the commands before it: it runs
+    # `python flow_curves.py A.csv ...` reads the epoch logs of the commands before it: it runs
     # unchanged, after every chain (AFTER_CHAINS)
-    "flow_train.py": [],
+    "flow_curves.py": [],
 }
-AFTER_CHAINS = {"flow_train.py"}
+AFTER_CHAINS = {"flow_curves.py"}
 # appended to a --resume command: the data-size flags only (the shape comes from the run's record)
 RESUME = {"nice.py": ["--epochs", "2", "--limit", "256", "--batch-size", "32"],
           "glow.py": ["--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16"],
@@ -148,8 +148,7 @@ def test_shrink_appends_the_small_flags():
     assert shrink(["python", "nice.py", "--resume", "--epochs", "60"], "m.npz", "f")[-len(RESUME["nice.py"]):] == \
         RESUME["nice.py"]
     assert shrink(["python", "nice.py", "--resume"], "m.npz", "f", resumed=2)[-2:] == ["--epochs", "4"]
-    assert shrink(["python", "flow_train.py", "--plot", "a.csv"], "m.npz", "f") == ["python", "flow_train.py",
-                                                                                   "--plot", "a.csv"]
+    assert shrink(["python", "flow_curves.py", "a.csv"], "m.npz", "f") == ["python", "flow_curves.py", "a.csv"]
 
 
 def github_anchor(heading):
@@ -179,7 +178,7 @@ def test_links_to_headings_exist():
 
 
 def test_the_names_the_docs_cite_exist():
-    """Every `module.name` in backticks (nice, glow, flow_layers, flow_utils, flow_train), e.g. the map's
+    """Every `module.name` in backticks (a script or a flow_* module), e.g. the map's
     `nice.build_nice` or `flow_layers.Permute("reverse")`, names something in that module."""
     import importlib
 
@@ -188,7 +187,7 @@ def test_the_names_the_docs_cite_exist():
         with open(path, encoding="utf-8") as f:
             text = f.read()
         for code in re.findall(r"`([^`\n]+)`", text):
-            for module, name in re.findall(r"\b(nice|glow|flow_layers|flow_utils|flow_train)\.([A-Za-z_]\w*)", code):
+            for module, name in re.findall(r"\b(nice|glow|fvae|iresnet|tarflow|flow_[a-z]+)\.([A-Za-z_]\w*)", code):
                 if name in ("py", "weights", "run", "csv"):  # a file name: nice.py, glow.weights.h5, nice.run/
                     continue
                 if not hasattr(importlib.import_module(module), name):

@@ -1,15 +1,20 @@
-"""flow_utils' training guards on a small real model: NaN batches, Ctrl-C, backups for --resume."""
+"""flow_run's training guards on a small real model: NaN batches, Ctrl-C, backups for --resume, and the
+Run a script hands to fit."""
+import argparse
+import csv
 import math
 import os
 import signal
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import flow_train as ft
-import flow_utils as fu
+from flow_devices import make_strategy
+from flow_io import atomic_write, read_config
+from flow_run import Backup, Interrupt, KeepBest, Run
 
 
 def _model(lr=1e-2):
@@ -33,7 +38,7 @@ def _finite(model):
 
 def test_nan_batch_reloads_best_weights_and_lowers_the_rate(tmp_path):
     m = _model()
-    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=100, low_lr=1e-4, verbose=0)
+    best = KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=100, low_lr=1e-4, verbose=0)
     m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     assert best.collapses == 0 and os.path.exists(best.path)
     hist = m.fit(_data(poison=[3]), epochs=2, verbose=0, shuffle=False, callbacks=[best])
@@ -47,7 +52,7 @@ def test_nan_batch_reloads_best_weights_and_lowers_the_rate(tmp_path):
 def test_nan_before_any_best_goes_back_to_the_initial_weights(tmp_path):
     m = _model()
     start = m.get_weights()
-    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    best = KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
     m.fit(_data(n_batches=1, poison=[0]), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     assert best.collapses == 1 and not os.path.exists(best.path)
     for a, b in zip(m.get_weights(), start):
@@ -56,7 +61,7 @@ def test_nan_before_any_best_goes_back_to_the_initial_weights(tmp_path):
 
 def test_repeated_nan_gives_up_and_keeps_the_best_file(tmp_path):
     m = _model()
-    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), max_collapses=3, verbose=0)
+    best = KeepBest(str(tmp_path / "b.weights.h5"), max_collapses=3, verbose=0)
     m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[best])
     saved = open(best.path, "rb").read()
     m.fit(_data(n_batches=10, poison=range(10)), epochs=5, verbose=0, shuffle=False, callbacks=[best])
@@ -67,7 +72,7 @@ def test_repeated_nan_gives_up_and_keeps_the_best_file(tmp_path):
 
 def test_collapse_rule_positive_loss_only_after_the_given_epoch(tmp_path):
     m = _model()
-    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=10, low_lr=1e-5, verbose=0)
+    best = KeepBest(str(tmp_path / "b.weights.h5"), after_epoch=10, low_lr=1e-5, verbose=0)
     best.set_model(m)
     best.on_train_begin()
     best.on_epoch_end(0, {"loss": -5.0})
@@ -90,27 +95,27 @@ class _CtrlC(keras.callbacks.Callback):
 
 def test_ctrl_c_stops_after_the_step_and_the_epoch_is_not_backed_up(tmp_path):
     m = _model()
-    stop = ft.Interrupt()
-    backup = ft.Backup(str(tmp_path / "backup"), interrupt=stop)
+    stop = Interrupt()
+    backup = Backup(str(tmp_path / "backup"), interrupt=stop)
     m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[backup])  # one complete epoch: 6 steps
     before = signal.getsignal(signal.SIGINT)
     m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[_CtrlC(), stop, backup])
     assert stop.interrupted
     assert int(m.optimizer.iterations.numpy()) == 6 + 3  # stopped right after the third step
-    assert ft.Backup.read_state(backup.folder)["epoch"] == 1  # the cut epoch is not recorded
+    assert Backup.read_state(backup.folder)["epoch"] == 1  # the cut epoch is not recorded
     assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C acts as usual
 
 
 def test_backup_restores_weights_optimizer_epoch_and_best(tmp_path):
     folder = str(tmp_path / "backup")
     m = _model()
-    best = ft.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
-    m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[best, ft.Backup(folder, keep_best=best)])
+    best = KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    m.fit(_data(), epochs=3, verbose=0, shuffle=False, callbacks=[best, Backup(folder, keep_best=best)])
     assert sorted(os.listdir(folder)) == ["epoch-0003.weights.h5", "state.json"]
 
     fresh = _model(lr=5.0)  # other initial weights and rate: restore must replace all of them
-    best2 = ft.KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
-    backup2 = ft.Backup(folder, keep_best=best2)
+    best2 = KeepBest(str(tmp_path / "b.weights.h5"), verbose=0)
+    backup2 = Backup(folder, keep_best=best2)
     backup2.set_model(fresh)
     assert backup2.restore() == 3
     for a, b in zip(fresh.get_weights(), m.get_weights()):
@@ -125,14 +130,84 @@ def test_backup_restores_weights_optimizer_epoch_and_best(tmp_path):
 def test_backup_state_points_at_a_complete_file_when_a_write_is_torn(tmp_path):
     folder = str(tmp_path / "backup")
     m = _model()
-    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[ft.Backup(folder)])
+    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[Backup(folder)])
 
     def killed(tmp):
         open(tmp, "w").write("{half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fu._atomic(os.path.join(folder, ft.Backup.STATE), killed)
-    state = ft.Backup.read_state(folder)
+        atomic_write(os.path.join(folder, Backup.STATE), killed)
+    state = Backup.read_state(folder)
     assert state["epoch"] == 1 and os.path.isfile(os.path.join(folder, state["weights"]))
-    assert ft.Backup(str(tmp_path / "nothing")).read_state(str(tmp_path / "nothing")) is None
+    assert Backup(str(tmp_path / "nothing")).read_state(str(tmp_path / "nothing")) is None
+
+
+# --- Run: what a script hands to fit ------------------------------------------------------------
+
+def _run_args(tmp_path, **more):
+    """What flow_cli.parse gives a training run, for the tiny model."""
+    args = dict(model="tiny", config={"width": 8}, weights=str(tmp_path / "t.weights.h5"), epochs=2,
+                resume=False, max_collapses=2)
+    return argparse.Namespace(**{**args, **more})
+
+
+def _fit(m, run, data=None, epochs=2):
+    return m.fit(data or _data(), validation_data=_data(2), epochs=epochs, initial_epoch=run.initial_epoch,
+                 callbacks=run.callbacks, shuffle=False, verbose=0)
+
+
+def test_run_around_fit_keeps_the_best_weights_the_log_and_backups(tmp_path, capsys):
+    m = _model()
+    run = Run(m, _run_args(tmp_path, precision_why="a test"), make_strategy())
+    assert run.initial_epoch == 0 and not run.resumed and m.optimizer.built  # the slots exist before fit
+    _fit(m, run)
+    assert run.end() is True and run.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("precision: float32 (a test)\n")
+    lines = [line for line in out.splitlines() if line.startswith("first step: ")]
+    assert len(lines) == 1 and lines[0].endswith(" s (tracing included)")  # once per fit, not per epoch
+    assert read_config(str(tmp_path / "t.weights.h5")) == {"model": "tiny", "width": 8}
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1"] and float(rows[-1]["minutes"]) > 0 and rows[-1]["steps"] == "12"
+    assert Backup.read_state(str(tmp_path / "t.run"))["epoch"] == 2
+
+
+def test_run_resumes_after_the_last_epoch(tmp_path, capsys):
+    m = _model()
+    run = Run(m, _run_args(tmp_path), make_strategy())
+    _fit(m, run)
+    run.end()
+    m2 = _model(lr=5.0)
+    run2 = Run(m2, _run_args(tmp_path, resume=True, epochs=3), make_strategy())
+    assert run2.resumed and run2.initial_epoch == 2 and int(m2.optimizer.iterations.numpy()) == 12
+    assert f"resuming {tmp_path / 't.run'}/ after epoch 2 of 3" in capsys.readouterr().out
+    history = _fit(m2, run2, epochs=3)
+    assert len(history.history["loss"]) == 1 and run2.end() and run2.code == 0
+
+
+def test_run_gives_up_with_code_3_and_no_pictures(tmp_path, capsys):
+    m = _model()
+    run = Run(m, _run_args(tmp_path), make_strategy())
+    _fit(m, run, _data(n_batches=4, poison=range(4)))
+    assert run.end() is False and run.code == 3
+    assert capsys.readouterr().err.strip() == (f"error: training stopped after 2 non-finite batch losses "
+                                               f"(--max-collapses 2); the best weights stay in {run.weights}")
+
+
+def test_run_after_ctrl_c_reloads_the_best_weights_with_code_130(tmp_path, capsys):
+    m = _model()
+    run = Run(m, _run_args(tmp_path, epochs=3), make_strategy())
+    m.fit(_data(), epochs=3, callbacks=[_CtrlC(), *run.callbacks], shuffle=False, verbose=0)  # in epoch 1
+    assert run.end() is True and run.code == 130  # the pictures are still written, from the current weights
+    assert "interrupted before any epoch ended" in capsys.readouterr().out
+
+
+def test_run_verbose_and_chief_only(tmp_path, monkeypatch):
+    m = _model()
+    run = Run(m, _run_args(tmp_path), make_strategy())
+    assert run.verbose == 2 and run.chief_only("a", "b") == ["a", "b"]  # one process: the chief
+    assert Run(_model(), _run_args(tmp_path), make_strategy(), prints_epochs=True).verbose == 0
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert Run(_model(), _run_args(tmp_path), make_strategy(), prints_epochs=True).verbose == 1  # the bar

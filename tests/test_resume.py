@@ -18,7 +18,7 @@ import tensorflow as tf
 import glow
 import nice
 from flow_layers import initialize_actnorms
-from flow_train import Backup, Interrupt, KeepBest
+from flow_run import Backup, Interrupt, KeepBest
 
 pytestmark = pytest.mark.slow  # minutes: see pytest.ini
 
@@ -130,7 +130,7 @@ def test_nice_nan_losses_stop_with_exit_3_and_the_best_weights_untouched(tmp_pat
 
 
 def _ctrl_c_once_training():
-    """From another thread: SIGINT as soon as flow_utils.Interrupt holds the handler (fit is running)."""
+    """From another thread: SIGINT as soon as flow_run.Interrupt holds the handler (fit is running)."""
     def wait_and_send():
         end = time.time() + 120
         while time.time() < end:

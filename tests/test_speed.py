@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import flow_train as ft
+import flow_cli
+import flow_devices
 import glow
 import nice
+from flow_devices import choose_precision, cpu_bfloat16, make_strategy, set_mixed_precision
+from flow_run import Adam
 
 
 def fake_cpuinfo(tmp_path, flags):
@@ -17,9 +20,9 @@ def fake_cpuinfo(tmp_path, flags):
 
 
 def test_cpu_bfloat16_reads_the_flags_line(tmp_path):
-    assert ft.cpu_bfloat16(fake_cpuinfo(tmp_path, ["avx512f", "avx512_bf16", "amx_bf16"])) == ["AVX512-BF16", "AMX-BF16"]
-    assert ft.cpu_bfloat16(fake_cpuinfo(tmp_path, ["avx2", "avx512f"])) == []
-    assert ft.cpu_bfloat16(str(tmp_path / "no_such_file")) == []  # not Linux: float32 stays
+    assert cpu_bfloat16(fake_cpuinfo(tmp_path, ["avx512f", "avx512_bf16", "amx_bf16"])) == ["AVX512-BF16", "AMX-BF16"]
+    assert cpu_bfloat16(fake_cpuinfo(tmp_path, ["avx2", "avx512f"])) == []
+    assert cpu_bfloat16(str(tmp_path / "no_such_file")) == []  # not Linux: float32 stays
 
 
 @pytest.mark.parametrize("flag, bf16_default, cpu, gpus, precision, why", [
@@ -32,51 +35,51 @@ def test_cpu_bfloat16_reads_the_flags_line(tmp_path):
     ("float16", True, ["AVX512-BF16"], [], "float16", "--mixed-precision float16"),
 ])
 def test_choose_precision(flag, bf16_default, cpu, gpus, precision, why):
-    got, reason = ft.choose_precision(flag, bf16_default, cpu_bf16=cpu, gpus=gpus)
+    got, reason = choose_precision(flag, bf16_default, cpu_bf16=cpu, gpus=gpus)
     assert got == precision and why in reason
 
 
 @pytest.mark.parametrize("script", [nice, glow])
 @pytest.mark.parametrize("cpu", [["AVX512-BF16"], []])
 def test_each_script_chooses_its_precision_at_start(monkeypatch, tmp_path, script, cpu):
-    monkeypatch.setattr(ft, "cpu_bfloat16", lambda: cpu)
+    monkeypatch.setattr(flow_devices, "cpu_bfloat16", lambda: cpu)
     args = script.parse_args(["--out", str(tmp_path / "out"), "--weights", str(tmp_path / "w.weights.h5")])
     try:
-        ft.start(args)
+        flow_cli.start(args)
         policy = keras.config.dtype_policy().name
     finally:
-        ft.set_mixed_precision(None)
+        set_mixed_precision(None)
     bf16 = script.BF16_DEFAULT and bool(cpu) and not tf.config.list_physical_devices("GPU")
     assert policy == ("mixed_bfloat16" if bf16 else "float32")
-    assert args.precision_why == ft.choose_precision(None, script.BF16_DEFAULT, cpu, [])[1]
+    assert args.precision_why == choose_precision(None, script.BF16_DEFAULT, cpu, [])[1]
 
 
 @pytest.mark.parametrize("script", [nice, glow])
 def test_modes_that_only_load_weights_stay_float32(monkeypatch, tmp_path, script):
     """Sampling, --reconstruct and the experiments keep float32 on a bfloat16 CPU (what `parse` marks
     as loads_weights; set here without a weights file)."""
-    monkeypatch.setattr(ft, "cpu_bfloat16", lambda: ["AVX512-BF16"])
+    monkeypatch.setattr(flow_devices, "cpu_bfloat16", lambda: ["AVX512-BF16"])
     args = script.parse_args(["--out", str(tmp_path / "out"), "--weights", str(tmp_path / "w.weights.h5")])
     args.loads_weights = True
     try:
-        ft.start(args)
+        flow_cli.start(args)
         assert keras.config.dtype_policy().name == "float32"
     finally:
-        ft.set_mixed_precision(None)
+        set_mixed_precision(None)
     assert args.mixed_precision is None
 
 
 def test_training_prints_the_precision_once_and_none_forces_float32(monkeypatch, capsys, tmp_path, digits):
     from helpers import mnist_npz
 
-    monkeypatch.setattr(ft, "cpu_bfloat16", lambda: ["AVX512-BF16"])
+    monkeypatch.setattr(flow_devices, "cpu_bfloat16", lambda: ["AVX512-BF16"])
     npz = mnist_npz(tmp_path / "m.npz", digits, 100, 50)
     try:
         assert nice.main(["--data", npz, "--epochs", "1", "--batch-size", "50", "--hidden", "8", "--hidden-layers", "1",
                           "--couplings", "2", "--mixed-precision", "none", "--weights", str(tmp_path / "w.weights.h5"),
                           "--out", str(tmp_path / "out")]) == 0
     finally:
-        ft.set_mixed_precision(None)
+        set_mixed_precision(None)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("precision")]
     assert lines == ["precision: float32 (--mixed-precision none)"]
 
@@ -94,20 +97,20 @@ def run_adam(cls, steps=5):
 
 
 def test_fused_adam_updates_exactly_as_keras_adam():
-    """ft.Adam swaps Keras' element-wise update for TensorFlow's fused kernel; the numbers (weights,
+    """flow_run.Adam swaps Keras' element-wise update for TensorFlow's fused kernel; the numbers (weights,
     first and second moments after 5 steps) are Keras' to float32 rounding."""
-    for ours, theirs in zip(run_adam(ft.Adam), run_adam(keras.optimizers.Adam)):
+    for ours, theirs in zip(run_adam(Adam), run_adam(keras.optimizers.Adam)):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
-    moved = run_adam(ft.Adam, steps=1)[0] - run_adam(ft.Adam, steps=0)[0]
+    moved = run_adam(Adam, steps=1)[0] - run_adam(Adam, steps=0)[0]
     assert np.abs(moved).max() > 1e-3  # it does update
 
 
 def test_fused_adam_is_keras_adam_under_a_strategy():
     """Under a tf.distribute strategy the mirrored variables go through Keras' own update."""
-    strategy = ft.make_strategy("mirrored", "CPU:0")
+    strategy = make_strategy("mirrored", "CPU:0")
     with strategy.scope():
         variable = keras.Variable(np.ones(4, "float32"))
-        opt = ft.Adam(0.1)
+        opt = Adam(0.1)
         opt.build([variable])
 
     @tf.function

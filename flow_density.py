@@ -1,0 +1,62 @@
+"""The density formulas (docs/design.md §3): dequantization of integer pixels, bits per dimension, the
+prior N(0, I) as the compiled loss, and the bits/dim figure added to fit's epoch logs."""
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def dequantize(k, low, width, u=None):
+    """Integer pixels k ∈ {0..255} -> x = low + (k + u)·width, u ~ U(0,1): the exact bin of
+    docs/design.md §3. Numpy in, numpy out (u drawn here); inside tf.data pass tensors and your own u."""
+    if u is None:
+        k = np.asarray(k, dtype=np.float32)
+        return (low + (k + np.random.uniform(size=k.shape)) * width).astype(keras.config.floatx())
+    return low + (k + u) * width
+
+
+def dequantized(batches, low, width):
+    """A tf.data dataset of integer-pixel batches -> (x, dummy target) batches, x dequantized with
+    fresh u every time it is iterated (each epoch), so a loss over it is the exact dequantized NLL
+    estimate of docs/design.md §3. The loss reads only the model's output: the target is zeros."""
+    # a stateful generator: plain tf.random.uniform in a map repeats its numbers on every pass
+    # once a global seed is set (--seed), which would evaluate each epoch on the same noise
+    noise = tf.random.Generator.from_seed(np.random.randint(2**31))
+    dtype = keras.config.floatx()
+
+    def deq(k):
+        k = tf.cast(k, tf.float32)
+        return tf.cast(dequantize(k, low, width, noise.uniform(tf.shape(k))), dtype), tf.zeros(tf.shape(k)[:1])
+
+    return batches.map(deq)
+
+
+def bits_per_dim(nll_nats, dims, bin_width):
+    """bpd = (NLL in nats − D·ln w) / (D·ln 2), NLL of the dequantized density with bin width w."""
+    return (nll_nats - dims * math.log(bin_width)) / (dims * math.log(2))
+
+
+def prior_nll(y_true, z):
+    """−log N(z; 0, I) per image, 0.5·Σz² + 0.5·D·log 2π: the compiled loss of both scripts (the layers
+    add their −log|det| with add_loss). y_true is a dummy; the constant is kept (docs/design.md §3)."""
+    return 0.5 * keras.ops.sum(keras.ops.square(z), axis=-1) + prior_constant(z.shape[-1])
+
+
+def prior_constant(dims):
+    """0.5·D·log 2π: the part of −log N(z; 0, I) that does not depend on z (the NICE article drops it)."""
+    return 0.5 * dims * math.log(2 * math.pi)
+
+
+class BitsPerDim(keras.callbacks.Callback):
+    """Adds `<key>_bpd` (bits/dim) to the epoch logs from `<key>` (a loss in nats per image).
+    Put it before callbacks that read the logs."""
+
+    def __init__(self, dims, bin_width, key="val_loss"):
+        super().__init__()
+        self.dims, self.bin_width, self.key = dims, bin_width, key
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.key in logs:
+            name = self.key[:-len("loss")] + "bpd" if self.key.endswith("loss") else self.key + "_bpd"
+            logs[name] = bits_per_dim(float(logs[self.key]), self.dims, self.bin_width)

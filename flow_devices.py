@@ -1,0 +1,177 @@
+"""Scaling out: the tf.distribute strategy of --distribute (and which process is the chief, where
+each process writes), and the precision of --mixed-precision with the bfloat16 default on CPUs that
+have the instructions."""
+import json
+import os
+import tempfile
+
+import keras
+
+from flow_io import UserError
+
+DISTRIBUTE = ("none", "mirrored", "multiworker")
+PRECISIONS = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def add_scale_out_args(parser):
+    """--distribute, --devices and --mixed-precision, the same in every script."""
+    parser.add_argument("--distribute", choices=DISTRIBUTE, default="none",
+                        help="data-parallel training: mirrored = all local GPUs (or --devices), "
+                             "multiworker = every host named in the TF_CONFIG environment variable; "
+                             "--batch-size is the global batch, split over the replicas")
+    parser.add_argument("--devices", default=None, metavar="LIST",
+                        help="with --distribute mirrored: comma-separated devices, e.g. GPU:0,GPU:1 "
+                             "(default: every local GPU, else the CPU)")
+    parser.add_argument("--mixed-precision", nargs="?", const="bfloat16", default=None,
+                        choices=(*PRECISIONS, "none"),
+                        help="coupling networks compute in 16 bits (bfloat16 if no value: CPUs, TPUs, "
+                             "Ampere+ GPUs; float16 for older GPUs, with dynamic loss scaling); "
+                             "variables, the flow's data path, log-dets and the loss stay float32. "
+                             "none: float32 throughout. Default: the script's choice, printed at start "
+                             "(NICE and Glow training: mixed bfloat16 on a CPU with bfloat16 instructions, else float32)")
+
+
+_strategies = {}  # one per (name, devices) and process: two in one process clash in their collectives
+
+
+def make_strategy(name="none", devices=None):
+    """The tf.distribute strategy for --distribute, the one place every script gets it from. Call it
+    before any other TensorFlow work: MultiWorkerMirroredStrategy must be created at program start.
+
+    none: TensorFlow's default strategy (one device); mirrored: MirroredStrategy over `devices`
+    (a list or "GPU:0,GPU:1"; default every local GPU, else the CPU); multiworker:
+    MultiWorkerMirroredStrategy, the cluster and this process's role read from TF_CONFIG. Build,
+    compile and initialise the model inside `strategy.scope()`; fit's batch is the global batch.
+    """
+    if name not in DISTRIBUTE:
+        raise UserError(f"--distribute {name}: expected one of {', '.join(DISTRIBUTE)}")
+    if devices and name != "mirrored":
+        raise UserError("--devices goes with --distribute mirrored")
+    if name != "none" and keras.backend.backend() != "tensorflow":
+        raise UserError(f"--distribute {name} needs the TensorFlow backend (KERAS_BACKEND="
+                        f"{keras.backend.backend()}); on JAX see keras.distribution.DataParallel")
+    import tensorflow as tf
+
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if isinstance(devices, str):
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    key = (name, tuple(devices or ()))
+    if key not in _strategies:
+        _strategies[key] = _new_strategy(tf, name, devices)
+    return _strategies[key]
+
+
+def _new_strategy(tf, name, devices):
+    if name == "mirrored":
+        if devices:
+            known = {d.name.split("device:")[-1].upper() for d in tf.config.list_logical_devices()}
+            unknown = [d for d in devices if d.split("device:")[-1].lstrip("/").upper() not in known]
+            if unknown:
+                raise UserError(f"--devices: no such device {', '.join(unknown)} "
+                                f"(this machine has {', '.join(sorted(known))})")
+        return tf.distribute.MirroredStrategy(devices or None)
+    config = os.environ.get("TF_CONFIG")
+    if not config:
+        raise UserError("--distribute multiworker: set TF_CONFIG, e.g. "
+                        "'{\"cluster\": {\"worker\": [\"host1:12345\", \"host2:12345\"]}, "
+                        "\"task\": {\"type\": \"worker\", \"index\": 0}}' (index 1 on the second host)")
+    try:
+        json.loads(config)
+    except ValueError:
+        raise UserError(f"TF_CONFIG is not JSON: {config[:80]!r}") from None
+
+    class MultiWorker(tf.distribute.MultiWorkerMirroredStrategy):
+        """Works around the two reductions by which Keras 3.15's fit fails on more than one worker
+        (keras-team/keras#20585): it reduces the first (x, y) batch as one tuple, which this strategy
+        rejects ('Attempt to convert a value (PerReplica...)') where MirroredStrategy reduces element
+        by element; and it reduces each step's scalar logs with axis=0 ('Invalid reduction dimension
+        0 for input with 0 dimensions'), where the mean across replicas is meant."""
+
+        def reduce(self, reduce_op, value, axis):
+            if isinstance(value, (tuple, list)):
+                return type(value)(self.reduce(reduce_op, v, axis) for v in value)
+            if axis is not None and all(t.shape.rank == 0 for t in self.experimental_local_results(value)):
+                axis = None
+            return super().reduce(reduce_op, value, axis)
+
+    return MultiWorker()
+
+
+BF16_FLAGS = (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+
+
+def cpu_bfloat16(cpuinfo="/proc/cpuinfo"):
+    """The bfloat16 instruction sets the CPU lists (Linux /proc/cpuinfo flags), e.g. ["AVX512-BF16",
+    "AMX-BF16"]; [] without them or without the file (other systems: float32 stays the default)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return []
+    return [name for flag, name in BF16_FLAGS if flag in flags]
+
+
+def choose_precision(flag, bf16_default, cpu_bf16=None, gpus=None):
+    """(precision for `set_mixed_precision`, why) from --mixed-precision: an explicit value wins ("none"
+    is float32); unset, a model whose default is bfloat16 gets it on a CPU-only machine whose CPU has
+    bfloat16 instructions (oneDNN runs them at about twice the float32 matmul rate), float32 elsewhere:
+    on a GPU 16 bits stays the user's choice. cpu_bf16 and gpus: detected when None (tests force them)."""
+    if flag == "none":
+        return None, "--mixed-precision none"
+    if flag:
+        return flag, f"--mixed-precision {flag}"
+    if not bf16_default:
+        return None, "this model's default; --mixed-precision bfloat16 to try 16 bits"
+    if gpus is None:
+        import tensorflow as tf
+        gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return None, "on a GPU 16 bits is opt-in: --mixed-precision"
+    cpu_bf16 = cpu_bfloat16() if cpu_bf16 is None else cpu_bf16
+    if cpu_bf16:
+        return "bfloat16", f"CPU has {', '.join(cpu_bf16)}; --mixed-precision none for float32"
+    return None, "CPU has no bfloat16 instructions"
+
+
+def set_mixed_precision(name=None):
+    """Keras' global dtype policy: "mixed_bfloat16"/"mixed_float16" for name bfloat16/float16, the
+    default float32 for None. Set it before building a model. The flow layers keep float32 (their data
+    path and log-dets); compile wraps the optimizer in a LossScaleOptimizer under mixed_float16."""
+    if name is not None and name not in PRECISIONS:
+        raise UserError(f"--mixed-precision {name}: expected one of {', '.join(PRECISIONS)}")
+    keras.mixed_precision.set_global_policy(PRECISIONS[name] if name else keras.config.floatx())
+
+
+def is_chief(strategy):
+    """True unless this process is a worker other than the chief of a multi-worker strategy (the
+    chief: task type "chief", else worker 0, as TensorFlow decides)."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    resolver = strategy.cluster_resolver
+    if resolver.task_type in (None, "chief"):
+        return True
+    return (resolver.task_type == "worker" and resolver.task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict())
+
+
+_worker_folder = None
+
+
+def worker_path(path, strategy):
+    """Where this process writes `path` (a file or a folder): `path` itself on the chief; on the other
+    workers the same name in a private temporary folder, removed at exit (the Keras/TensorFlow
+    convention). Every worker still saves and reloads its own copy (KeepBest reloads on all of them,
+    in step), and only the chief's reaches the user's path."""
+    global _worker_folder
+    if is_chief(strategy):
+        return path
+    if _worker_folder is None:
+        import atexit
+        import shutil
+
+        _worker_folder = tempfile.mkdtemp(prefix=f"flow-worker-{strategy.cluster_resolver.task_id}-")
+        atexit.register(shutil.rmtree, _worker_folder, ignore_errors=True)
+    return os.path.join(_worker_folder, os.path.basename(os.path.normpath(path)))

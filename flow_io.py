@@ -1,0 +1,65 @@
+"""Files on disk: the one-line UserError, atomic writes, weights files with their architecture record,
+PNG pictures. No TensorFlow here: `python flow_curves.py` starts without it."""
+import json
+import os
+import tempfile
+
+
+class UserError(Exception):
+    """A mistake in the user's input: the scripts print it as one line and exit with code 2."""
+
+
+def atomic_write(path, write):
+    """write(tmp_path) into the target's folder, then rename over `path`: a kill at any instant
+    leaves either the old file or the new one, never a torn file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(path)
+    # keep the file's full suffix (.weights.h5, .png): Keras and imageio choose the format by it
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+CONFIG_ATTR = "flow_config"  # the architecture record: a JSON attribute of the .weights.h5 root
+
+
+def save_weights_atomic(model, path, config=None):
+    """model.save_weights(path), atomically; `config` (a dict: the model and the flags that shape it)
+    goes into the file as its architecture record, so the file says what it holds."""
+    def write(tmp):
+        model.save_weights(tmp)
+        if config is not None:
+            import h5py
+
+            with h5py.File(tmp, "a") as f:
+                f.attrs[CONFIG_ATTR] = json.dumps(config)
+    atomic_write(path, write)
+
+
+def read_config(path):
+    """The architecture record saved in a weights file, or None (no record, or not an HDF5 file)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            text = f.attrs.get(CONFIG_ATTR)
+        return json.loads(text) if text is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def save_png(path, image):
+    """A uint8 picture (h, w) or (h, w, 3) as a PNG, atomically."""
+    import imageio.v2 as imageio
+
+    atomic_write(path, lambda tmp: imageio.imwrite(tmp, image, format="png"))

@@ -1,0 +1,393 @@
+"""What a long training run needs around `fit`, as callbacks and one object, `Run`, that a script hands
+to fit: the best weights (with the architecture record) and the collapse rule, Ctrl-C, per-epoch
+backups and --resume, the CSV epoch log with wall-clock minutes (--minutes, --plot), the optimizer.
+"""
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import keras
+
+from flow_curves import plot_log
+from flow_devices import is_chief, worker_path
+from flow_io import UserError, atomic_write, read_config, save_weights_atomic
+
+
+class KeepBest(keras.callbacks.Callback):
+    """Keeps the best weights by `monitor` (written atomically) and, as the Glow article's script does,
+    treats a loss that turns positive after `after_epoch` as a collapse (None: never, for a loss that
+    may be positive): reload the best weights and set the learning rate to `low_lr`. A loss that is
+    not finite is a collapse at any time (the original's `loss > 0` never fires on NaN): checked after
+    every batch too, so training never goes on from garbage; the reload also restores the optimizer's
+    moments, which a NaN gradient poisons (Keras' .weights.h5 holds the optimizer state). After
+    `max_collapses` non-finite losses training stops and `gave_up` is set; the best weights stay on
+    disk.
+    """
+
+    def __init__(self, path, monitor="loss", after_epoch=10, low_lr=1e-5, max_collapses=5, verbose=1,
+                 config=None):
+        super().__init__()
+        self.path, self.monitor, self.after_epoch, self.config = path, monitor, after_epoch, config
+        self.low_lr, self.max_collapses, self.verbose = low_lr, max_collapses, verbose
+        self.best = math.inf
+        self.collapses = 0
+        self.gave_up = False
+        self._start = None
+        self._tainted = False  # a batch of this epoch collapsed: its logs describe a partial epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._tainted = False
+
+    def on_train_begin(self, logs=None):
+        self._start = None if os.path.exists(self.path) else self.model.get_weights()
+
+    def _say(self, text):
+        if self.verbose:
+            print(text, flush=True)
+
+    def _collapse(self, where, value):
+        self.collapses += 1
+        if os.path.exists(self.path):
+            self.model.load_weights(self.path)
+            source = self.path
+        else:  # nothing saved yet: back to the weights training started from
+            self.model.set_weights(self._start)
+            source = "the initial weights"
+        self.model.optimizer.learning_rate.assign(self.low_lr)
+        self._say(f"\n{where}: {self.monitor} = {value} looks like a collapse; reloaded {source}, "
+                  f"learning rate set to {self.low_lr}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        value = float((logs or {}).get("loss", 0.0))
+        if math.isfinite(value):
+            return
+        self._collapse(f"batch {batch + 1}", value)
+        self._tainted = True
+        for metric in self.model.metrics:  # the epoch's running mean would stay NaN
+            metric.reset_state()
+        if self.collapses >= self.max_collapses:
+            self.gave_up = True
+            self.model.stop_training = True
+            self._say(f"stopping: the loss was not finite {self.collapses} times; "
+                      f"the best weights stay in {self.path}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float((logs or {}).get(self.monitor, math.nan))
+        if self._tainted:  # not a fair figure to compare; the reload already happened
+            return
+        if math.isfinite(value) and value < self.best:
+            self.best = value
+            save_weights_atomic(self.model, self.path, self.config)
+            self._say(f"\nepoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved {self.path}")
+        elif not math.isfinite(value) or (self.after_epoch is not None and epoch + 1 > self.after_epoch
+                                              and value > 0):
+            self._collapse(f"epoch {epoch + 1}", value)
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Ctrl-C (SIGINT) during `fit` stops training after the current step instead of killing it, so
+    the script can still write its samples from the best weights (and exit with 130). A second
+    Ctrl-C interrupts at once, as usual."""
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\ninterrupted: stopping after this step (Ctrl-C again to quit at once)", flush=True)
+
+    def on_train_begin(self, logs=None):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.interrupted:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if not self.interrupted and self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Backup(keras.callbacks.Callback):
+    """What `--resume` needs, in `folder`, after every completed epoch: the weights with the optimizer
+    state and learning rate (a Keras .weights.h5 holds all three) as epoch-NNNN.weights.h5, then
+    state.json naming that file with the epoch count and KeepBest's record. Each file is written
+    atomically and state.json last, so a kill at any instant leaves a consistent pair; Keras'
+    BackupAndRestore writes its files in place. An epoch cut short by Ctrl-C is not recorded.
+    """
+
+    STATE = "state.json"
+
+    def __init__(self, folder, keep_best=None, interrupt=None, config=None):
+        super().__init__()
+        self.folder, self.keep_best, self.interrupt, self.config = folder, keep_best, interrupt, config
+
+    @classmethod
+    def read_state(cls, folder):
+        """The saved state dict, or None when `folder` holds no backup."""
+        path = os.path.join(folder, cls.STATE)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.interrupt is not None and self.interrupt.interrupted:
+            return
+        name = f"epoch-{epoch + 1:04d}.weights.h5"
+        save_weights_atomic(self.model, os.path.join(self.folder, name), self.config)
+        state = {"epoch": epoch + 1, "weights": name}
+        if self.keep_best is not None:
+            state.update(best=self.keep_best.best, collapses=self.keep_best.collapses)
+        atomic_write(os.path.join(self.folder, self.STATE),
+                     lambda tmp: open(tmp, "w").write(json.dumps(state, indent=1)))
+        for old in os.listdir(self.folder):
+            if old.startswith("epoch-") and old.endswith(".weights.h5") and old != name:
+                os.remove(os.path.join(self.folder, old))
+
+    def restore(self):
+        """Loads the last completed epoch's weights, optimizer state and best record; returns the
+        number of epochs already done (fit's initial_epoch), 0 when there is nothing to resume."""
+        state = self.read_state(self.folder)
+        if state is None:
+            return 0
+        if not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(os.path.join(self.folder, state["weights"]))
+        if self.keep_best is not None:
+            self.keep_best.best = state.get("best", math.inf)
+            self.keep_best.collapses = state.get("collapses", 0)
+        return int(state["epoch"])
+
+
+# --- runs: --resume ----------------------------------------------------------------------------
+
+def run_folder(weights):
+    """A training run's backups for --resume live beside its best weights:
+    nice.weights.h5 -> nice.run/ (Backup's state.json and the last epoch-NNNN.weights.h5)."""
+    return weights[: -len(".weights.h5")] + ".run"
+
+
+def run_record(weights):
+    """The architecture record of the run of `weights`: from its last backup, else None."""
+    folder = run_folder(weights)
+    state = Backup.read_state(folder)
+    return read_config(os.path.join(folder, state["weights"])) if state else None
+
+
+def check_run(weights, resume, epochs):
+    """Before anything is written, what a training run may do with what is on disk; returns the
+    run's folder. Without `resume` an earlier run (best weights or backups) is never overwritten;
+    with it there must be a completed epoch to resume and fewer than `epochs` epochs done (the
+    total, as fit counts). The architecture was checked against the record by flow_cli.parse."""
+    folder = run_folder(weights)
+    state = Backup.read_state(folder)
+    if not resume:
+        if state is not None:
+            raise UserError(f"an earlier run is in {folder}/ (best weights: {weights}): continue it with "
+                            f"--resume, or start afresh with another --weights (or delete both)")
+        if os.path.exists(weights):
+            raise UserError(f"--weights {weights} already exists (an earlier run's best weights) and "
+                            f"training would overwrite it; there is no {folder}/ to --resume from: "
+                            f"start afresh with another --weights, or delete it")
+        return folder
+    if state is None:
+        raise UserError(f"--resume: nothing to resume, no completed epoch in {folder}/ (the run of "
+                        f"--weights {weights}); start without --resume"
+                        + (f" after deleting {weights}, or with another --weights"
+                           if os.path.exists(weights) else ""))
+    if state["epoch"] >= epochs:
+        raise UserError(f"--resume: the run in {folder}/ has completed {state['epoch']} epochs already "
+                        f"(--epochs {epochs} is the total); pass a larger --epochs to train it further")
+    return folder
+
+
+def open_run(model, weights, resume, keep_best, interrupt, config):
+    """(Backup callback, epochs already done) for a run checked by check_run. Resuming loads the last
+    completed epoch's weights, optimizer state, learning rate and best record."""
+    backup = Backup(run_folder(weights), keep_best=keep_best, interrupt=interrupt, config=config)
+    backup.set_model(model)
+    if not resume:
+        return backup, 0
+    done = backup.restore()
+    if not os.path.exists(weights):  # best file deleted: the record would never be beaten to rewrite it
+        keep_best.best = math.inf
+    return backup, done
+
+
+# --- the epoch log ------------------------------------------------------------------------------
+
+def log_path(weights):
+    """Each epoch's figures, one CSV row per epoch, beside the weights: nice.weights.h5 -> nice.csv."""
+    return weights[: -len(".weights.h5")] + ".csv"
+
+
+class Progress(keras.callbacks.Callback):
+    """Adds the run's wall-clock `minutes` (continued across --resume) and optimizer `steps` to each
+    epoch's logs, so the CSV log gives the likelihood against time and against steps; with a `budget`
+    (--minutes) it ends training at the first epoch end at or past it."""
+
+    def __init__(self, minutes=0.0, budget=None):
+        super().__init__()
+        self.offset, self.budget = minutes, budget
+
+    @staticmethod
+    def minutes_so_far(path):
+        """The last `minutes` in an earlier run's CSV log, 0 without one."""
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            return float(rows[-1]["minutes"]) if rows else 0.0
+        except (OSError, KeyError, ValueError):
+            return 0.0
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["minutes"] = self.offset + (time.perf_counter() - self.start) / 60
+            logs["steps"] = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            if self.budget is not None and logs["minutes"] >= self.budget:  # --minutes: a whole epoch, then stop
+                self.model.stop_training = True
+                print(f"--minutes {self.budget:g}: stopping after epoch {epoch + 1}, at {logs['minutes']:.1f} "
+                      f"minutes of training", flush=True)
+
+
+class FirstStep(keras.callbacks.Callback):
+    """One line when the first training step of `fit` is done: the seconds since fit began, which on
+    a CPU are mostly tracing the step (and XLA's compile); the later steps are far quicker."""
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.start is not None:
+            print(f"first step: {time.perf_counter() - self.start:.1f} s (tracing included)", flush=True)
+            self.start = None
+
+
+# --- speed: the optimizer's update in one pass -------------------------------------------------------
+
+class Adam(keras.optimizers.Adam):
+    """Keras' Adam with TensorFlow's fused update kernel (ResourceApplyAdam) for each variable: the
+    same formula (m, v, bias-corrected step, ε outside the square root) in one pass over the variable,
+    m and v, where Keras' update is five element-wise ops, each a pass through memory. Measured on a
+    NICE step (19 M parameters, docs/running.md#performance): Keras' update was about half of the
+    step's time without XLA. Elsewhere — another backend, a tf.distribute strategy (whose mirrored
+    variables Keras updates replica by replica), amsgrad, sparse gradients — Keras' own update."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        import tensorflow as tf
+
+        if (keras.backend.backend() != "tensorflow" or self.amsgrad or tf.distribute.has_strategy()
+                or isinstance(gradient, tf.IndexedSlices)):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        i = self._get_variable_index(variable)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[i].handle, v=self._velocities[i].handle,
+            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step), beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
+            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype), beta2=tf.cast(self.beta_2, dtype),
+            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
+
+
+def build_optimizer(model):
+    """Creates the optimizer's slots (Adam's m and v) eagerly, before `fit`. Left to fit, they are
+    created inside the first trace, where TensorFlow guards each new variable's initialiser with a
+    tf.cond: two conditionals per weight to trace, which was about half of NICE's first step."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+
+
+# --- the run: what a script hands to fit -----------------------------------------------------------
+
+class Run:
+    """A training run around the script's own `model.fit`:
+
+        run = Run(encoder, args, strategy, monitor="val_loss")
+        encoder.fit(data, validation_data=test, epochs=args.epochs, initial_epoch=run.initial_epoch,
+                    callbacks=[BitsPerDim(...), *run.chief_only(Samples(...)), *run.callbacks],
+                    verbose=run.verbose)
+        if run.end():
+            write_grid(decoder, args)
+        if run.code:
+            return run.code
+
+    Make it after compile, outside the strategy's scope (it enters it itself): it prints the precision
+    line, creates the optimizer's slots, and with --resume restores the last completed epoch
+    (weights, optimizer state, learning rate, best figure; `resumed`, `initial_epoch`). `callbacks`
+    (after the script's own, which may add to the logs they read): the epoch log beside --weights
+    with wall-clock minutes (--minutes stops there), the first step's time, KeepBest on `monitor` with
+    the collapse rule after `after_epoch` (None: only non-finite losses) into --weights, the backups
+    for --resume, Ctrl-C. Only the chief writes the user's files; the other workers write temporary
+    copies. `verbose` for fit: Keras' progress bar on a terminal, else one line per epoch, none when
+    the script `prints_epochs` itself.
+
+    `args`: model, config (the architecture record), weights, epochs, resume, max_collapses, and
+    optionally minutes, plot, precision_why, as flow_cli.parse and start fill them.
+    """
+
+    def __init__(self, model, args, strategy, monitor="val_loss", after_epoch=10, prints_epochs=False):
+        if getattr(args, "precision_why", None):
+            print(f"precision: {keras.config.dtype_policy().name} ({args.precision_why})", flush=True)
+        self.model, self.weights, self.max_collapses = model, args.weights, args.max_collapses
+        self.plot, self.chief, self.resumed = getattr(args, "plot", False), is_chief(strategy), bool(args.resume)
+        record = {"model": args.model, **args.config}
+        self.path = worker_path(args.weights, strategy)  # the chief writes args.weights, other workers a copy
+        self.keep_best = KeepBest(self.path, monitor=monitor, after_epoch=after_epoch,
+                                  max_collapses=args.max_collapses, config=record)
+        self.interrupt = Interrupt()
+        with strategy.scope():  # a resumed run builds the optimizer's variables
+            build_optimizer(model)
+            self.backup, self.initial_epoch = open_run(model, self.path, args.resume, self.keep_best,
+                                                       self.interrupt, record)
+        if self.resumed:
+            lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+            print(f"resuming {run_folder(args.weights)}/ after epoch {self.initial_epoch} of {args.epochs} "
+                  f"(learning rate {lr:.3g}, best {monitor} {self.keep_best.best:.1f})", flush=True)
+        self.log = worker_path(log_path(args.weights), strategy)
+        os.makedirs(os.path.dirname(os.path.abspath(self.log)), exist_ok=True)  # CSVLogger opens it at once
+        progress = Progress(Progress.minutes_so_far(self.log) if self.resumed else 0.0,
+                            getattr(args, "minutes", None))
+        self.callbacks = [progress, FirstStep(), keras.callbacks.CSVLogger(self.log, append=self.resumed),
+                          self.keep_best, self.backup, self.interrupt]
+        self.verbose = 1 if sys.stdout.isatty() else 0 if prints_epochs else 2
+        self.code = None
+
+    def chief_only(self, *callbacks):
+        """The callbacks on the chief, none on the other workers (per-epoch pictures)."""
+        return list(callbacks) if self.chief else []
+
+    def end(self):
+        """After fit: sets `code` (0; 3 when the loss stayed non-finite, --max-collapses; 130 after
+        Ctrl-C) and says so; reloads the best weights, as the articles' checkpoints; with --plot draws
+        the epoch log. Returns whether this process should write the final pictures: the chief,
+        unless training gave up."""
+        if self.keep_best.gave_up:
+            print(f"error: training stopped after {self.keep_best.collapses} non-finite batch losses "
+                  f"(--max-collapses {self.max_collapses}); the best weights stay in {self.weights}",
+                  file=sys.stderr, flush=True)
+            self.code = 3
+            return False
+        if os.path.isfile(self.path):
+            self.model.load_weights(self.path)
+        if self.plot and self.chief and os.path.isfile(self.log):
+            print(f"wrote {plot_log(self.log)} (the epoch log {self.log} against minutes)", flush=True)
+        self.code = 0
+        if self.interrupt.interrupted:
+            state = Backup.read_state(run_folder(self.weights)) or {}
+            print(f"interrupted: best weights in {self.weights}; continue with --resume (last completed "
+                  f"epoch: {state.get('epoch', 0)})" if os.path.isfile(self.weights) else
+                  "interrupted before any epoch ended: no weights kept, the pictures are from the current ones",
+                  flush=True)
+            self.code = 130
+        return self.chief
