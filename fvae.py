@@ -1,30 +1,25 @@
 """f-VAEs — "f-VAEs：Glow 与 VAEs 的联姻" (Su & Wu 2018, arXiv 1809.05861): a VAE whose latent goes
 through a Glow flow, on MNIST or an image folder.
 
-The model. An encoder E (squeezes, each followed by residual blocks) maps an image x to a spatial
-latent E(x); the posterior sample is z = E(x) + σ ⊙ u, u ~ N(0, I), with σ a learned scale per
-latent dimension; a decoder G mirroring E (residual blocks, inverse squeezes, tanh) gives the mean of
-a Gaussian p(x|z) = N(x; G(z), diag σ_x²) with a learned scale σ_x per pixel; the prior of z is a
-Glow flow F (flow_layers.glow_flow): p(z) = N(F(z); 0, I)·|det ∂F/∂z|. Sampling: ε ~ N(0, T²I),
-z = F⁻¹(ε), x = G(z).
+The model. An encoder E (squeezes, each followed by residual blocks) maps an image x to a spatial latent
+E(x); the posterior sample is z = E(x) + σ ⊙ u, u ~ N(0, I), with σ a learned scale per latent dimension;
+a decoder G mirroring E (residual blocks, inverse squeezes, tanh) gives the mean of a Gaussian
+p(x|z) = N(x; G(z), diag σ_x²) with a learned scale σ_x per pixel; the prior of z is a Glow flow F
+(flow_layers.glow_flow): p(z) = N(F(z); 0, I)·|det ∂F/∂z|. Sampling: ε ~ N(0, T²I), z = F⁻¹(ε), x = G(z).
 
 The loss, from the ELBO  −log p(x) ≤ E_q(z|x)[ −log p(x|z) − log p(z) + log q(z|x) ], one u per image:
     −log p(x|z) = 0.5·‖r‖² + 0.5·D·log 2π + Σ log σ_x,          r = (x − G(z)) / σ_x
     −log p(z)   = 0.5·‖ε‖² + 0.5·d·log 2π − log|det ∂F/∂z|,     ε = F(z)
     +log q(z|x) = −0.5·‖u‖² − 0.5·d·log 2π − Σ log σ              (log N(u) − log|det ∂z/∂u|, z = E(x) + σ⊙u)
-(D pixels, d latent dimensions.) The two 0.5·d·log 2π cancel; what is left is the
-    reconstruction NLL + 0.5‖F(z)‖² − log|det ∂F/∂z| − 0.5‖u‖² − Σ log σ.
-Read as a flow: (x, z) -> (r, ε) is invertible with a triangular Jacobian, so the first two lines are
-−log N([ε, r]; 0, I) − log|det| of that flow. The model's output is therefore [ε, r] with the compiled
-loss flow_utils.prior_nll (docs/design.md §2), and the layers add the rest with add_loss: F's
-−log|det ∂F/∂z|, NICE's Scale on the residual (its log-scale is −log σ_x) Σ log σ_x, NICE's Scale on
-u (log-scale log σ) −Σ log σ, and flow_layers.NormalNLL(sign=−1) on u the term
-−0.5‖u‖² − 0.5·d·log 2π.
-So `fit` minimises exactly this Monte-Carlo −ELBO in nats per image, and the reported test figure is
-the ELBO bound in bits/dim on (k + u)-dequantized images (docs/design.md §3), an upper bound on the
-NLL. The same sum per image is the `elbo` model: the same layers called with return_log_det=True.
-`--iw K` adds the importance-weighted bound −log (1/K)·Σ_k p(x, z_k)/q(z_k|x) (Burda et al. 2015),
-tighter, from those per-image terms.
+(D pixels, d latent dimensions.) (x, z) -> (r, ε) is a flow with a triangular Jacobian, so the first
+two lines are −log N([ε, r]; 0, I) − log|det|: the model's output is [ε, r] with the compiled loss
+flow_utils.prior_nll (docs/design.md §2), and the layers add the rest as batch means (add_loss): F's
+−log|det ∂F/∂z|, a Scale on r (log-scale −log σ_x) Σ log σ_x, a Scale on u (log-scale log σ) −Σ log σ,
+and flow_layers.NormalNLL(sign=−1) −0.5‖u‖² − 0.5·d·log 2π. So `fit` minimises this Monte-Carlo −ELBO
+in nats per image; the test figure is the ELBO bound in bits/dim on (k + u)-dequantized images
+(docs/design.md §3), an upper bound on the NLL. The `elbo` model is the same sum per image (the same
+layers with return_log_det=True); `--iw K` adds from it the importance-weighted bound
+−log (1/K)·Σ_k p(x, z_k)/q(z_k|x) (Burda et al. 2015), tighter.
 
     python fvae.py --limit 2000 --epochs 2          # a quick try on MNIST (~2.5 min on 2 busy CPU cores)
     python fvae.py --data ~/celeba/img_align_celeba --img-size 64
@@ -33,6 +28,7 @@ tighter, from those per-image terms.
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -134,30 +130,22 @@ def build_generator(latent_shape, squeezes, blocks, width):
     return keras.Model(z_in, layers.Activation("tanh", name="tanh")(h), name="generator")
 
 
-class FVAE:
+def build_fvae(img_size, channels, squeezes=2, blocks=2, width=64, level=2, depth=4, hidden=64):
     """The parts, sharing variables: `model` ([x, u] -> [ε, r], trained), `elbo` ([x, u] -> the −ELBO
     sample −log p(x, z)/q(z|x) per image), `flow` (z -> ε), `sampler` (ε -> x: G(F⁻¹(ε))),
-    `encoder_net` E, `generator` G."""
-
-    def __init__(self, **parts):
-        self.__dict__.update(parts)
-
-
-def build_fvae(img_size, channels, squeezes=2, blocks=2, width=64, level=2, depth=4, hidden=64):
+    `encoder_net` E, `generator` G; `latent_dims` d and `dims` D."""
     check_size(img_size, squeezes, level)
     encoder_net = build_encoder_net(img_size, channels, squeezes, blocks, width)
     latent_shape = tuple(encoder_net.output.shape[1:])
     d = int(np.prod(latent_shape))
     generator = build_generator(latent_shape, squeezes, blocks, width)
-
-    prior = glow_flow(latent_shape[-1], level, depth, hidden)  # F: Glow's flow on z
+    prior = glow_flow(latent_shape[-1], level, depth, hidden)  # F: Glow's flow on z (additive, random permute)
     sigma, inv_sigma_x = Scale(name="posterior_scale"), Scale(name="pixel_scale")
     to_latent, flat = layers.Reshape(latent_shape), Reshape(name="flat_residual")
     x_in, u_in = keras.Input((img_size, img_size, channels), name="x"), keras.Input((d,), name="u")
 
-    # per image, −log p(x, z)/q(z|x): the flow layers return their log-dets instead of adding batch
-    # means. Built first: Keras checks a functional graph against each layer's first call, which
-    # must be the one with the (outputs, log-det) pair
+    # per image, −log p(x, z)/q(z|x), the flow layers returning their log-dets. Built first: Keras checks
+    # a functional graph against each layer's first call, which must return the (outputs, log-det) pair
     noise, log_det_q = sigma(u_in, return_log_det=True)
     z = encoder_net(x_in) + to_latent(noise)
     eps, log_det_f = prior(z, return_log_det=True)
@@ -166,9 +154,8 @@ def build_fvae(img_size, channels, squeezes=2, blocks=2, width=64, level=2, dept
                 - prior_nll(None, u_in) - log_det_q)                                 # +log q(z|x)
     elbo = keras.Model([x_in, u_in], neg_elbo, name="fvae_elbo")
 
-    z_in = keras.Input(latent_shape)
+    z_in, eps_in = keras.Input(latent_shape), keras.Input((d,))
     flow = keras.Model(z_in, prior(z_in), name="flow")
-    eps_in = keras.Input((d,))
     sampler = keras.Model(eps_in, generator(prior.inverse()(eps_in)), name="sampler")
     u = NormalNLL(sign=-1, name="posterior_log_density")(u_in)                  # −0.5‖u‖² − 0.5·d·log 2π
     z = layers.Add(name="z")([encoder_net(x_in), to_latent(sigma(u))])          # σ⊙u adds −Σ log σ
@@ -179,8 +166,8 @@ def build_fvae(img_size, channels, squeezes=2, blocks=2, width=64, level=2, dept
     # need thousands of steps to shrink; start them at INIT_STD instead
     for scale, log_std in ((sigma, math.log(INIT_STD)), (inv_sigma_x, -math.log(INIT_STD))):
         scale.log_scale.assign(np.full(scale.log_scale.shape, log_std, scale.log_scale.dtype))
-    return FVAE(model=model, elbo=elbo, flow=flow, sampler=sampler, encoder_net=encoder_net,
-                generator=generator, latent_dims=d, dims=img_size * img_size * channels)
+    return SimpleNamespace(model=model, elbo=elbo, flow=flow, sampler=sampler, encoder_net=encoder_net,
+                           generator=generator, latent_dims=d, dims=img_size * img_size * channels)
 
 
 def check_size(img_size, squeezes, level):
@@ -188,16 +175,6 @@ def check_size(img_size, squeezes, level):
     if img_size % 2 ** squeezes or side % 2 ** level or side < 2 ** level:
         raise UserError(f"--img-size {img_size}: the encoder's {squeezes} squeezes and the flow's {level} levels "
                         f"halve it {squeezes + level} times; it must be a multiple of {2 ** (squeezes + level)}")
-
-
-def posterior_std(fvae):
-    """σ of q(z|x), per latent dimension (exp of the posterior Scale's log-scale)."""
-    return np.exp(fvae.model.get_layer("posterior_scale").log_scale.numpy()[0])
-
-
-def pixel_std(fvae):
-    """σ_x of p(x|z), per pixel: the residual's Scale multiplies by exp(s) = 1/σ_x."""
-    return np.exp(-fvae.model.get_layer("pixel_scale").log_scale.numpy()[0])
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -208,15 +185,14 @@ def compile_fvae(fvae, lr=1e-3):
 
 
 def iw_bound(elbo, x, k, seed=0, batch=256):
-    """(ELBO bound, IW bound) in nats per image, averaged over the images x, from K posterior samples per
-    image and the per-image −ELBO model `elbo`: the ELBO is their mean loss, the IW bound
-    −log (1/K)·Σ_k exp(−loss_k) (never above the ELBO)."""
+    """(ELBO bound, IW bound) in nats per image, averaged over the images x, from K posterior samples each
+    and the per-image −ELBO model: their mean, and −log (1/K)·Σ_k exp(−loss_k) (never above it)."""
     rng = np.random.RandomState(seed)
-    d = elbo.inputs[1].shape[-1]
     losses = np.zeros((len(x), k))
     for j in range(k):
-        u = rng.standard_normal((len(x), d)).astype(keras.config.floatx())
-        losses[:, j] = elbo.predict([x, u], batch_size=batch, verbose=0)
+        u = rng.standard_normal((len(x), elbo.inputs[1].shape[-1])).astype(keras.config.floatx())
+        for i in range(0, len(x), batch):  # predict_on_batch: predict() costs a data pipeline per call
+            losses[i:i + batch, j] = elbo.predict_on_batch([x[i:i + batch], u[i:i + batch]])
     iw = -(np.logaddexp.reduce(-losses, axis=1) - np.log(k))
     return float(np.mean(losses)), float(np.mean(iw))
 

@@ -68,7 +68,8 @@ def test_keras_loss_equals_an_independent_monte_carlo_elbo(digits, float64):
 
     # the ELBO term by term, from the parts and the flow's autodiff Jacobian
     d, big_d = f.latent_dims, x[0].size
-    sigma, sigma_x = fvae.posterior_std(f), fvae.pixel_std(f)
+    log_scales = [f.model.get_layer(name).log_scale.numpy()[0] for name in ("posterior_scale", "pixel_scale")]
+    sigma, sigma_x = np.exp(log_scales[0]), np.exp(-log_scales[1])  # the Scales multiply u by σ, r by 1/σ_x
     z = f.encoder_net(x, training=False).numpy() + (sigma * u).reshape(-1, 4, 4, 4)
     eps = f.flow(z).numpy()
     log_det = jacobian_log_det(f.flow, z)
@@ -101,7 +102,7 @@ def test_elbo_bounds_the_iw_bound_which_falls_with_k(digits):
     x = small_digits(digits, 6)
     f = tiny_fvae(x, seed=4)
     rng = np.random.RandomState(5)
-    losses = np.stack([f.elbo.predict([x, rng.standard_normal((6, f.latent_dims)).astype("float32")], verbose=0)
+    losses = np.stack([f.elbo.predict_on_batch([x, rng.standard_normal((6, f.latent_dims)).astype("float32")])
                        for _ in range(256)], axis=1).astype(np.float64)  # (images, 256 samples)
 
     def iw(k):  # the K-sample bound, averaged over the 256/K disjoint groups of samples
