@@ -1,29 +1,25 @@
 """f-VAEs — "f-VAEs：Glow 与 VAEs 的联姻" (Su & Wu 2018, arXiv 1809.05861): a VAE whose latent goes
 through a Glow flow, on MNIST or an image folder.
 
-The model. An encoder E (squeezes, each followed by residual blocks) maps an image x to a spatial
-latent E(x); the posterior sample is z = E(x) + σ ⊙ u, u ~ N(0, I), with σ a learned scale per
-latent dimension; a decoder G mirroring E (residual blocks, UnSqueeze, tanh) gives the mean of a
-Gaussian p(x|z) = N(x; G(z), diag σ_x²) with a learned scale σ_x per pixel; the prior of z is a Glow
-flow F (glow.py's steps): p(z) = N(F(z); 0, I)·|det ∂F/∂z|. Sampling: ε ~ N(0, T²I), z = F⁻¹(ε),
-x = G(z).
+The model. An encoder E (squeezes, each followed by residual blocks) maps an image x to a spatial latent
+E(x); the posterior sample is z = E(x) + σ ⊙ u, u ~ N(0, I), with σ a learned scale per latent dimension;
+a decoder G mirroring E (residual blocks, inverse squeezes, tanh) gives the mean of a Gaussian
+p(x|z) = N(x; G(z), diag σ_x²) with a learned scale σ_x per pixel; the prior of z is a Glow flow F
+(flow_layers.glow_flow): p(z) = N(F(z); 0, I)·|det ∂F/∂z|. Sampling: ε ~ N(0, T²I), z = F⁻¹(ε), x = G(z).
 
 The loss, from the ELBO  −log p(x) ≤ E_q(z|x)[ −log p(x|z) − log p(z) + log q(z|x) ], one u per image:
     −log p(x|z) = 0.5·‖r‖² + 0.5·D·log 2π + Σ log σ_x,          r = (x − G(z)) / σ_x
     −log p(z)   = 0.5·‖ε‖² + 0.5·d·log 2π − log|det ∂F/∂z|,     ε = F(z)
     +log q(z|x) = −0.5·‖u‖² − 0.5·d·log 2π − Σ log σ              (log N(u) − log|det ∂z/∂u|, z = E(x) + σ⊙u)
-(D pixels, d latent dimensions.) The two 0.5·d·log 2π cancel; what is left is the issue's
-    reconstruction NLL + 0.5‖F(z)‖² − log|det ∂F/∂z| − 0.5‖u‖² − Σ log σ.
-Read as a flow: (x, z) -> (r, ε) is invertible with a triangular Jacobian, so the first two lines are
-−log N([ε, r]; 0, I) − log|det| of that flow. The model's output is therefore [ε, r] with the compiled
-loss flow_density.prior_nll (docs/design.md §2), and the layers add the rest with add_loss: the flow's steps
-−log|det ∂F/∂z|, NICE's Scale on the residual (its log-scale is −log σ_x) Σ log σ_x, NICE's Scale on
-u (log-scale log σ) −Σ log σ, and flow_layers.NormalNLL(sign=−1) on u the term
-−0.5‖u‖² − 0.5·d·log 2π.
-So `fit` minimises exactly this Monte-Carlo −ELBO in nats per image, and the reported test figure is
-the ELBO bound in bits/dim on (k + u)-dequantized images (docs/design.md §3), an upper bound on the NLL.
-`--iw K` adds the importance-weighted bound −log (1/K)·Σ_k p(x, z_k)/q(z_k|x) (Burda et al. 2015),
-tighter, with the same per-image terms.
+(D pixels, d latent dimensions.) (x, z) -> (r, ε) is a flow with a triangular Jacobian, so the first
+two lines are −log N([ε, r]; 0, I) − log|det|: the model's output is [ε, r] with the compiled loss
+flow_density.prior_nll (docs/design.md §2), and the layers add the rest as batch means (add_loss): F's
+−log|det ∂F/∂z|, a Scale on r (log-scale −log σ_x) Σ log σ_x, a Scale on u (log-scale log σ) −Σ log σ,
+and flow_layers.NormalNLL(sign=−1) −0.5‖u‖² − 0.5·d·log 2π. So `fit` minimises this Monte-Carlo −ELBO
+in nats per image; the test figure is the ELBO bound in bits/dim on (k + u)-dequantized images
+(docs/design.md §3), an upper bound on the NLL. The `elbo` model is the same sum per image (the same
+layers with return_log_det=True); `--iw K` adds from it the importance-weighted bound
+−log (1/K)·Σ_k p(x, z_k)/q(z_k|x) (Burda et al. 2015), tighter.
 
     python fvae.py --limit 2000 --epochs 2          # a quick try on MNIST (~2.5 min on 2 busy CPU cores)
     python fvae.py --data ~/celeba/img_align_celeba --img-size 64
@@ -32,9 +28,9 @@ tighter, with the same per-image terms.
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
-import glow
 import keras
 import numpy as np
 import tensorflow as tf
@@ -44,7 +40,7 @@ from flow_cli import non_negative, positive
 from flow_data import folder_pixels, load_folder, mnist_pixels
 from flow_density import BitsPerDim, bits_per_dim, dequantize, prior_nll
 from flow_io import UserError, save_png
-from flow_layers import Concat, NormalNLL, Reshape, Scale, Squeeze, UnSqueeze, initialize_actnorms
+from flow_layers import Concat, NormalNLL, Reshape, Scale, Squeeze, glow_flow, initialize_actnorms
 from flow_run import Adam, Run
 from flow_sample import decode_codes, image_grid, interpolation_codes, row_grid, sample
 
@@ -126,52 +122,54 @@ def build_encoder_net(img_size, channels, squeezes, blocks, width):
 
 
 def build_generator(latent_shape, squeezes, blocks, width):
-    """G, E's mirror: `squeezes` × [`blocks` residual blocks, UnSqueeze], then tanh: z -> mean of x."""
+    """G, E's mirror: `squeezes` × [`blocks` residual blocks, Squeeze⁻¹], then tanh: z -> mean of x."""
     z_in = keras.Input(latent_shape)
     h = z_in
     for i in reversed(range(squeezes)):
         for j in range(blocks):
             h = residual_block(h, width, f"dec_{i}_{j}")
-        h = UnSqueeze()(h)
+        h = Squeeze(name=f"dec_squeeze_{i}").inverse()(h)
     return keras.Model(z_in, layers.Activation("tanh", name="tanh")(h), name="generator")
 
 
-class FVAE:
-    """The parts, sharing variables: `model` ([x, u] -> [ε, r], trained), `flow` (z -> ε),
-    `sampler` (ε -> x: G(F⁻¹(ε))), `encoder_net` E, `generator` G."""
-
-    def __init__(self, **parts):
-        self.__dict__.update(parts)
-
-
 def build_fvae(img_size, channels, squeezes=2, blocks=2, width=64, level=2, depth=4, hidden=64):
+    """The parts, sharing variables: `model` ([x, u] -> [ε, r], trained), `elbo` ([x, u] -> the −ELBO
+    sample −log p(x, z)/q(z|x) per image), `flow` (z -> ε), `sampler` (ε -> x: G(F⁻¹(ε))),
+    `encoder_net` E, `generator` G; `latent_dims` d and `dims` D."""
     check_size(img_size, squeezes, level)
     encoder_net = build_encoder_net(img_size, channels, squeezes, blocks, width)
     latent_shape = tuple(encoder_net.output.shape[1:])
     d = int(np.prod(latent_shape))
     generator = build_generator(latent_shape, squeezes, blocks, width)
-
-    steps = glow.build_steps(latent_shape[-1], level, depth, hidden)  # F: Glow's steps, on z
-    z_in = keras.Input(latent_shape)
-    flow = keras.Model(z_in, glow.encode(z_in, steps), name="flow")
-    eps_in = keras.Input((d,))
-    sampler = keras.Model(eps_in, generator(glow.decode(eps_in, steps)), name="sampler")
-
+    prior = glow_flow(latent_shape[-1], level, depth, hidden)  # F: Glow's flow on z (additive, random permute)
+    sigma, inv_sigma_x = Scale(name="posterior_scale"), Scale(name="pixel_scale")
+    to_latent, flat = layers.Reshape(latent_shape), Reshape(name="flat_residual")
     x_in, u_in = keras.Input((img_size, img_size, channels), name="x"), keras.Input((d,), name="u")
+
+    # per image, −log p(x, z)/q(z|x), the flow layers returning their log-dets. Built first: Keras checks
+    # a functional graph against each layer's first call, which must return the (outputs, log-det) pair
+    noise, log_det_q = sigma(u_in, return_log_det=True)
+    z = encoder_net(x_in) + to_latent(noise)
+    eps, log_det_f = prior(z, return_log_det=True)
+    r, log_det_x = inv_sigma_x(flat(x_in - generator(z)), return_log_det=True)
+    neg_elbo = (prior_nll(None, eps) - log_det_f + prior_nll(None, r) - log_det_x    # −log p(x, z)
+                - prior_nll(None, u_in) - log_det_q)                                 # +log q(z|x)
+    elbo = keras.Model([x_in, u_in], neg_elbo, name="fvae_elbo")
+
+    z_in, eps_in = keras.Input(latent_shape), keras.Input((d,))
+    flow = keras.Model(z_in, prior(z_in), name="flow")
+    sampler = keras.Model(eps_in, generator(prior.inverse()(eps_in)), name="sampler")
     u = NormalNLL(sign=-1, name="posterior_log_density")(u_in)                  # −0.5‖u‖² − 0.5·d·log 2π
-    noise = keras.layers.Reshape(latent_shape)(Scale(name="posterior_scale")(u))  # σ⊙u, adds −Σ log σ
-    z = layers.Add(name="z")([encoder_net(x_in), noise])
+    z = layers.Add(name="z")([encoder_net(x_in), to_latent(sigma(u))])          # σ⊙u adds −Σ log σ
     eps = flow(z)                                                                  # adds −log|det ∂F/∂z|
-    residual = layers.Subtract(name="residual")([x_in, generator(z)])
-    r = Scale(name="pixel_scale")(Reshape(name="flat_residual")(residual))       # /σ_x, adds Σ log σ_x
+    r = inv_sigma_x(flat(layers.Subtract(name="residual")([x_in, generator(z)])))  # /σ_x, adds Σ log σ_x
     model = keras.Model([x_in, u_in], Concat(name="joint")([eps, r]), name="fvae")
     # Adam moves each log-scale by about lr per step: from NICE's init (scales ≈ 1) σ and σ_x would
     # need thousands of steps to shrink; start them at INIT_STD instead
-    for name, log_std in (("posterior_scale", math.log(INIT_STD)), ("pixel_scale", -math.log(INIT_STD))):
-        scale = model.get_layer(name).log_scale
-        scale.assign(np.full(scale.shape, log_std, scale.dtype))
-    return FVAE(model=model, flow=flow, sampler=sampler, encoder_net=encoder_net, generator=generator,
-                latent_dims=d, dims=img_size * img_size * channels)
+    for scale, log_std in ((sigma, math.log(INIT_STD)), (inv_sigma_x, -math.log(INIT_STD))):
+        scale.log_scale.assign(np.full(scale.log_scale.shape, log_std, scale.log_scale.dtype))
+    return SimpleNamespace(model=model, elbo=elbo, flow=flow, sampler=sampler, encoder_net=encoder_net,
+                           generator=generator, latent_dims=d, dims=img_size * img_size * channels)
 
 
 def check_size(img_size, squeezes, level):
@@ -181,16 +179,6 @@ def check_size(img_size, squeezes, level):
                         f"halve it {squeezes + level} times; it must be a multiple of {2 ** (squeezes + level)}")
 
 
-def posterior_std(fvae):
-    """σ of q(z|x), per latent dimension (exp of the posterior Scale's log-scale)."""
-    return np.exp(fvae.model.get_layer("posterior_scale").log_scale.numpy()[0])
-
-
-def pixel_std(fvae):
-    """σ_x of p(x|z), per pixel: the residual's Scale multiplies by exp(s) = 1/σ_x."""
-    return np.exp(-fvae.model.get_layer("pixel_scale").log_scale.numpy()[0])
-
-
 # --- training -----------------------------------------------------------------------------------
 
 def compile_fvae(fvae, lr=1e-3):
@@ -198,31 +186,15 @@ def compile_fvae(fvae, lr=1e-3):
     fvae.model.compile(optimizer=Adam(lr), loss=prior_nll)
 
 
-def image_losses(model):
-    """A function (x, u) -> per image the −ELBO sample −log p(x, z)/q(z|x) for its u: the model's loss on
-    that image alone (the layers add batch means, so each image is its own batch, vectorised with
-    tf.vectorized_map inside one tf.function)."""
-    def one(xu):
-        trainable = [v.value for v in model.trainable_variables]
-        fixed = [v.value for v in model.non_trainable_variables]
-        out, _, losses = model.stateless_call(trainable, fixed, [xu[0][None], xu[1][None]],
-                                              training=False, return_losses=True)
-        return prior_nll(None, out)[0] + tf.add_n(losses)
-
-    return tf.function(lambda x, u: tf.vectorized_map(one, (x, u)))
-
-
-def iw_bound(model, x, k, seed=0, batch=256):
-    """(ELBO bound, IW bound) in nats per image, averaged over the images x, from K posterior samples per
-    image: the ELBO is their mean loss, the IW bound −log (1/K)·Σ_k exp(−loss_k) (never above the ELBO)."""
+def iw_bound(elbo, x, k, seed=0, batch=256):
+    """(ELBO bound, IW bound) in nats per image, averaged over the images x, from K posterior samples each
+    and the per-image −ELBO model: their mean, and −log (1/K)·Σ_k exp(−loss_k) (never above it)."""
     rng = np.random.RandomState(seed)
-    d = model.inputs[1].shape[-1]
-    losses_of = image_losses(model)
     losses = np.zeros((len(x), k))
     for j in range(k):
-        u = rng.standard_normal((len(x), d)).astype(keras.config.floatx())
-        for i in range(0, len(x), batch):
-            losses[i:i + batch, j] = losses_of(tf.constant(x[i:i + batch]), tf.constant(u[i:i + batch])).numpy()
+        u = rng.standard_normal((len(x), elbo.inputs[1].shape[-1])).astype(keras.config.floatx())
+        for i in range(0, len(x), batch):  # predict_on_batch: predict() costs a data pipeline per call
+            losses[i:i + batch, j] = elbo.predict_on_batch([x[i:i + batch], u[i:i + batch]])
     iw = -(np.logaddexp.reduce(-losses, axis=1) - np.log(k))
     return float(np.mean(losses)), float(np.mean(iw))
 
@@ -259,7 +231,7 @@ def report(fvae, test, args):
     """The last lines: the test ELBO bound (and with --iw K the IW bound) in bits/dim."""
     if args.iw:
         x = np.concatenate([b[0][0].numpy() for b in test])[:args.iw_images]
-        elbo, iw = iw_bound(fvae.model, x, args.iw, args.seed)
+        elbo, iw = iw_bound(fvae.elbo, x, args.iw, args.seed)
         print(f"first {len(x)} test images, K = {args.iw}: ELBO bound {bits_per_dim(elbo, fvae.dims, BIN):.3f}, "
               f"IW bound {bits_per_dim(iw, fvae.dims, BIN):.3f} bits/dim")
     nll = fvae.model.evaluate(test, verbose=0, return_dict=True)["loss"]

@@ -1,6 +1,7 @@
-"""f-VAEs (issue 13): the flow's log-det against the autodiff Jacobian, the bounds (−ELBO ≥ IW bound,
-the IW bound falling with K), the loss Keras computes against an independent Monte-Carlo ELBO with
-the same noise, shapes, save/load, training, and the script on MNIST and on an image folder."""
+"""f-VAEs: the flow's log-det against the autodiff Jacobian, the bounds (−ELBO ≥ IW bound, the IW
+bound falling with K), the loss Keras computes against an independent Monte-Carlo ELBO with the same
+noise, the per-image −ELBO model against the compiled loss, shapes, save/load, training, and the
+script on MNIST and on an image folder."""
 import math
 import os
 import re
@@ -67,7 +68,8 @@ def test_keras_loss_equals_an_independent_monte_carlo_elbo(digits, float64):
 
     # the ELBO term by term, from the parts and the flow's autodiff Jacobian
     d, big_d = f.latent_dims, x[0].size
-    sigma, sigma_x = fvae.posterior_std(f), fvae.pixel_std(f)
+    log_scales = [f.model.get_layer(name).log_scale.numpy()[0] for name in ("posterior_scale", "pixel_scale")]
+    sigma, sigma_x = np.exp(log_scales[0]), np.exp(-log_scales[1])  # the Scales multiply u by σ, r by 1/σ_x
     z = f.encoder_net(x, training=False).numpy() + (sigma * u).reshape(-1, 4, 4, 4)
     eps = f.flow(z).numpy()
     log_det = jacobian_log_det(f.flow, z)
@@ -80,15 +82,27 @@ def test_keras_loss_equals_an_independent_monte_carlo_elbo(digits, float64):
     elbo_terms = rec + prior + log_q
     np.testing.assert_allclose(keras_loss, np.mean(elbo_terms), rtol=1e-9)
     # and per image, as the IW bound reads them
-    np.testing.assert_allclose(fvae.image_losses(f.model)(x, u).numpy(), elbo_terms, rtol=1e-9)
+    np.testing.assert_allclose(f.elbo.predict([x, u], verbose=0), elbo_terms, rtol=1e-9)
+
+
+def test_per_image_elbo_averages_to_the_compiled_loss(digits):
+    """The `elbo` model (log-dets per example) against the trained model's loss (batch means through
+    add_loss), in float32 on one batch: the two paths agree to rounding."""
+    x = small_digits(digits, 8)
+    f = tiny_fvae(x, seed=10)
+    fvae.compile_fvae(f)
+    u = np.random.RandomState(11).standard_normal((8, f.latent_dims)).astype("float32")
+    per_image = f.elbo.predict([x, u], verbose=0)
+    assert per_image.shape == (8,) and np.ptp(per_image) > 1  # one figure per image, not a batch mean
+    keras_loss = f.model.evaluate([x, u], np.zeros(8), batch_size=8, verbose=0)
+    np.testing.assert_allclose(np.mean(per_image), keras_loss, rtol=1e-5)
 
 
 def test_elbo_bounds_the_iw_bound_which_falls_with_k(digits):
     x = small_digits(digits, 6)
     f = tiny_fvae(x, seed=4)
-    losses_of = fvae.image_losses(f.model)
     rng = np.random.RandomState(5)
-    losses = np.stack([losses_of(x, rng.standard_normal((6, f.latent_dims)).astype("float32")).numpy()
+    losses = np.stack([f.elbo.predict_on_batch([x, rng.standard_normal((6, f.latent_dims)).astype("float32")])
                        for _ in range(256)], axis=1).astype(np.float64)  # (images, 256 samples)
 
     def iw(k):  # the K-sample bound, averaged over the 256/K disjoint groups of samples
@@ -98,7 +112,7 @@ def test_elbo_bounds_the_iw_bound_which_falls_with_k(digits):
     bounds = [iw(k) for k in (1, 4, 16, 64)]
     assert bounds[0] == pytest.approx(np.mean(losses))           # K = 1 is the −ELBO
     assert all(a > b for a, b in zip(bounds, bounds[1:])), bounds  # tighter with every K
-    elbo, iw64 = fvae.iw_bound(f.model, x, 64, seed=6)
+    elbo, iw64 = fvae.iw_bound(f.elbo, x, 64, seed=6)
     assert elbo >= iw64 and elbo - iw64 > 0.1
 
 
