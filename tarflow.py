@@ -184,7 +184,7 @@ def flow_of(model):
 
 
 def tar_blocks(model):
-    """The TarBlocks of an encoder's or decoder's flow (their `use_cache` and `guidance` are read per call)."""
+    """The TarBlocks of an encoder's or decoder's flow (`use_cache` and `guidance` are read per call)."""
     return [step for step in flow_of(model).steps if isinstance(step, TarBlock)]
 
 
@@ -201,7 +201,7 @@ def score(encoder, x, y=None):
     x = tf.convert_to_tensor(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        logp = tf.reduce_sum(log_density(encoder, x, y))  # images are independent: one gradient gives each score
+        logp = tf.reduce_sum(log_density(encoder, x, y))  # images are independent: one gradient, every score
     return tape.gradient(logp, x).numpy()
 
 
