@@ -1160,3 +1160,26 @@ class TarBlock(FlowLayer):
     def get_config(self):
         return {**super().get_config(), "width": self.width, "layers": self.depth, "heads": self.heads,
                 "classes": self.classes, "label_drop": self.label_drop, "seed": self.seed}
+
+class ConditionalFlow(Flow):
+    """A Flow on [x, y], y one integer label per example (class-conditional TarFlow): every step with
+    `classes` (a conditional TarBlock) gets [x, y], the others x alone; the output is z. Its inverse
+    takes [z, y] and hands y to the same steps."""
+
+    @staticmethod
+    def _with(step, x, y):
+        return [x, y] if getattr(step, "classes", 0) else x
+
+    def forward(self, inputs, training=None):
+        x, y = inputs
+        total = 0
+        for step in self.steps:
+            x, log_det = step(self._with(step, x, y), training=training, return_log_det=True)
+            total = total + log_det
+        return x, total
+
+    def reverse(self, inputs):
+        z, y = inputs
+        for step in reversed(self.steps):
+            z = step.inverse()(self._with(step, z, y))
+        return z

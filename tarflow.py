@@ -5,8 +5,8 @@ Encoder x -> z: the image (in [−1, 1], plus noise) is cut into p×p patches, T
 (Patchify); then `blocks` × TarBlock, an affine autoregressive flow z_t = (x_t − μ_t)·exp(−a_t)
 whose (a_t, μ_t) come from a causal Transformer over the tokens before t; odd blocks see the tokens
 in reversed order (Flip before and after). Loss per image 0.5‖z‖² + 0.5·D·log 2π + Σa in nats: the
-blocks add Σa with `add_loss`, the compiled loss is the prior term. The decoder replays the layers'
-inverses in reverse order: each TarBlock inverts token by token, with a key-value cache.
+flow adds Σa with `add_loss`, the compiled loss is the prior term. The decoder is the flow's inverse,
+its layers' inverses in reverse order: each TarBlock inverts token by token, with a key-value cache.
 Training adds Gaussian noise σ·ε (the paper's choice); sampling then denoises with one score step
 x ← x + σ²·∇ₓ log p(x), the score taken by autodiff through the encoder (the paper's score-based
 denoising).
@@ -31,7 +31,7 @@ from flow_cli import non_negative, positive
 from flow_data import folder_pixels, load_folder, load_mnist
 from flow_density import BitsPerDim, bits_per_dim, dequantize, prior_nll
 from flow_io import UserError, save_png
-from flow_layers import Flip, Patchify, Reshape, TarBlock
+from flow_layers import ConditionalFlow, Flip, Flow, Patchify, Reshape, TarBlock
 from flow_run import Run
 from flow_sample import image_grid, parse_temperatures, row_grid, temperature_codes
 
@@ -96,37 +96,23 @@ def dataset(k, y, args, shuffle):
 
 def build_tarflow(img_size=28, channels=1, patch=4, width=128, blocks=4, layers=4, heads=4,
                   conditional=False, **_):
-    """(encoder, decoder, flow). Encoder x (or [x, y]) -> z: Patchify, `blocks` TarBlocks (odd ones
-    between two Flips, so their order alternates identity/reversed), flattened. The decoder z (or
-    [z, y]) -> x replays the flow's inverses in reverse order. Other config entries (noise, sigma) are
-    not the model's shape and are ignored."""
+    """(encoder, decoder, flow). The flow x (or [x, y]) -> z: Patchify, `blocks` TarBlocks (odd ones
+    between two Flips, so their order alternates identity/reversed), flattened; conditional, it hands
+    y to every block. The decoder z (or [z, y]) -> x is `flow.inverse()`. Other config entries (noise,
+    sigma) are not the model's shape and are ignored."""
     classes = CLASSES if conditional else 0
-    flow = []
-
-    def step(layer, x):
-        flow.append(layer)
-        return layer(x)
-
-    x_in = keras.Input((img_size, img_size, channels), name="x")
-    y_in = keras.Input((), dtype="int32", name="y")
-    x = step(Patchify(patch, name="patchify"), x_in)
+    steps = [Patchify(patch, name="patchify")]
     for b in range(blocks):
-        if b % 2:
-            x = step(Flip(name=f"flip_{b}"), x)
         block = TarBlock(width, layers, heads, classes=classes, name=f"tarblock_{b}")
-        x = step(block, [x, y_in] if classes else x)
-        if b % 2:
-            x = step(Flip(name=f"unflip_{b}"), x)
-    z = step(Reshape(name="flatten"), x)
-    encoder = keras.Model([x_in, y_in] if classes else x_in, z, name="tarflow_encoder")
-
-    # the generator: the same layers, inverted, in reverse order
-    z_in = keras.Input((z.shape[-1],), name="z")
-    x = z_in
-    for layer in reversed(flow):
-        x = layer.inverse()([x, y_in] if classes and isinstance(layer, TarBlock) else x)
-    decoder = keras.Model([z_in, y_in] if classes else z_in, x, name="tarflow_decoder")
-    return encoder, decoder, flow
+        steps += [Flip(name=f"flip_{b}"), block, Flip(name=f"unflip_{b}")] if b % 2 else [block]
+    flow = (ConditionalFlow if classes else Flow)([*steps, Reshape(name="flatten")], name="tarflow")
+    x_in = keras.Input((img_size, img_size, channels), name="x")
+    z_in = keras.Input((img_size * img_size * channels,), name="z")
+    if classes:
+        y_in = keras.Input((), dtype="int32", name="y")
+        x_in, z_in = [x_in, y_in], [z_in, y_in]
+    encoder = keras.Model(x_in, flow(x_in), name="tarflow_encoder")
+    return encoder, keras.Model(z_in, flow.inverse()(z_in), name="tarflow_decoder"), flow
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -198,24 +184,30 @@ def describe(config):
 
 # --- sampling -----------------------------------------------------------------------------------
 
+def flow_of(model):
+    """The Flow a tarflow encoder runs, or whose inverse a decoder runs."""
+    return next(f for f in (getattr(l, "flow", l) for l in model.layers) if isinstance(f, Flow))
+
+
 def tar_blocks(model):
-    """The TarBlocks a decoder's inverse layers run (their `use_cache` and `guidance` are read per call)."""
-    return [l.flow for l in model.layers if isinstance(getattr(l, "flow", None), TarBlock)]
+    """The TarBlocks of an encoder's or decoder's flow (`use_cache` and `guidance` are read per call)."""
+    return [step for step in flow_of(model).steps if isinstance(step, TarBlock)]
 
 
 def log_density(encoder, x, y=None):
-    """log p(x) per image in nats, summed over the batch: −0.5‖z‖² − 0.5·D·log 2π − Σa. The blocks'
-    add_loss gives batch means, so the sum over images is B × their sum."""
-    z = encoder([x, keras.ops.convert_to_tensor(y)] if y is not None else x, training=False)
-    return -keras.ops.sum(prior_nll(None, z)) - z.shape[0] * sum(encoder.losses)
+    """log p(x) per image in nats: −0.5‖z‖² − 0.5·D·log 2π + log|det ∂z/∂x|, the flow's per-image log-det."""
+    x = keras.ops.convert_to_tensor(x)
+    inputs = x if y is None else [x, keras.ops.convert_to_tensor(y, "int32")]
+    z, log_det = flow_of(encoder)(inputs, training=False, return_log_det=True)
+    return log_det - prior_nll(None, z)
 
 
 def score(encoder, x, y=None):
-    """∇ₓ log p(x) per image, by autodiff through the encoder (TensorFlow's GradientTape)."""
+    """∇ₓ log p(x) per image, by autodiff through the flow (TensorFlow's GradientTape)."""
     x = tf.convert_to_tensor(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        logp = log_density(encoder, x, y)
+        logp = tf.reduce_sum(log_density(encoder, x, y))  # images are independent: one gradient, every score
     return tape.gradient(logp, x).numpy()
 
 

@@ -114,21 +114,22 @@ def test_patchify_layout_and_flip():
 
 def test_block_order_alternates_identity_reversed():
     encoder, decoder, flow = tarflow.build_tarflow(**{**TINY, "blocks": 3})
-    kinds = [type(l).__name__ for l in flow]
+    steps = flow.steps
+    kinds = [type(l).__name__ for l in steps]
     assert kinds == ["Patchify", "TarBlock", "Flip", "TarBlock", "Flip", "TarBlock", "Reshape"]
     perturb(encoder, 0.1)
     x = np.random.uniform(-1, 1, (2, 28, 28, 1)).astype("float32")
-    h = flow[0](x)
+    h = steps[0](x)
     seen = []
-    for layer in flow[1:-1]:
+    for layer in steps[1:-1]:
         if isinstance(layer, fl.TarBlock):
             seen.append(np_(h))
         h = layer(h)
-    tokens = np_(flow[0](x))
+    tokens = np_(steps[0](x))
     assert np.array_equal(seen[0], tokens)  # block 0 sees image order
-    b0 = np_(flow[1](seen[0]))
+    b0 = np_(steps[1](seen[0]))
     assert np.array_equal(seen[1], b0[:, ::-1])  # block 1 the reverse of block 0's output
-    assert np.array_equal(seen[2], np_(flow[3](seen[1]))[:, ::-1])  # block 2 image order again
+    assert np.array_equal(seen[2], np_(steps[3](seen[1]))[:, ::-1])  # block 2 image order again
     assert np.allclose(np_(encoder(x)), np_(h).reshape(2, -1), atol=1e-6)
 
 
@@ -156,9 +157,26 @@ def test_score_equals_finite_differences(float64):
     for idx in [(0, 0, 0, 0), (0, 13, 20, 0), (0, 27, 27, 0), (0, 14, 3, 0)]:
         e = np.zeros_like(x)
         e[idx] = h
-        fd = (float(tarflow.log_density(encoder, x + e)) - float(tarflow.log_density(encoder, x - e))) / (2 * h)
+        fd = (np_(tarflow.log_density(encoder, x + e))[0] - np_(tarflow.log_density(encoder, x - e))[0]) / (2 * h)
         assert np.isclose(g[idx], fd, rtol=1e-5, atol=1e-7), (idx, g[idx], fd)
     assert np.max(np.abs(g)) > 1e-2
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_log_density_per_image_from_numpy(conditional):
+    """Numpy images (and labels): one log p(x) per image, the same alone as in a batch; the batch
+    mean is minus the encoder's training loss (the prior term plus the flow's add_loss)."""
+    encoder, _, _ = tarflow.build_tarflow(**TINY, conditional=conditional)
+    perturb(encoder, 0.05)
+    x = np.random.RandomState(2).uniform(-1, 1, (3, 28, 28, 1)).astype("float32")
+    y = np.array([0, 4, 9], np.int32) if conditional else None
+    logp = np_(tarflow.log_density(encoder, x, y))
+    assert logp.shape == (3,) and np.ptp(logp) > 1e-2  # per image, not a batch mean
+    alone = [np_(tarflow.log_density(encoder, x[i:i + 1], None if y is None else y[i:i + 1]))[0] for i in range(3)]
+    assert np.allclose(logp, alone, rtol=1e-5)
+    z = encoder(x if y is None else [x, y], training=False)
+    nll = np.mean(np_(tarflow.prior_nll(None, z))) + sum(float(np_(loss)) for loss in encoder.losses)
+    assert np.isclose(-np.mean(logp), nll, rtol=1e-5)
 
 
 def tiny_args(tmp_path, *more):
