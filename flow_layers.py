@@ -10,6 +10,7 @@ Only `keras.ops` is used, so the layers run on any Keras backend, with two Tenso
 exceptions, each said in its docstring: `_uniform`'s replica index and `ResidualFlow`'s
 vector-Jacobian products (GradientTape inside `forward`).
 """
+import contextlib
 import math
 
 import keras
@@ -932,6 +933,23 @@ class ResidualFlow(FlowLayer):
     def from_config(cls, config):
         config["g"] = keras.saving.deserialize_keras_object(config["g"])
         return cls(**config)
+
+@contextlib.contextmanager
+def log_det_estimator(model, logdet, terms):
+    """Within the `with`, every ResidualFlow in `model` (a flow, a model or a block) estimates its
+    log-det by `logdet` with `terms` terms instead of its own, e.g. an evaluation-grade estimate through
+    `flow(x, return_log_det=True)`; a tf.function traced inside keeps that estimator."""
+    if logdet not in ResidualFlow.ESTIMATORS:
+        raise ValueError(f"logdet must be one of {ResidualFlow.ESTIMATORS}, not {logdet!r}")
+    blocks = [l for l in [model, *flow_layers_of(model)] if isinstance(l, ResidualFlow)]
+    saved = [(b.logdet, b.terms) for b in blocks]
+    for b in blocks:
+        b.logdet, b.terms = logdet, int(terms)
+    try:
+        yield blocks
+    finally:
+        for b, (kind, n) in zip(blocks, saved):
+            b.logdet, b.terms = kind, n
 
 # --- TarFlow (Zhai et al. 2024, "Normalizing Flows are Capable Generative Models"; the series'
 # "TarFlow: 流模型满血归来?"): patches as tokens, causal-Transformer affine autoregressive blocks ---

@@ -24,14 +24,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_layers import (Actnorm, AffineCouple, Concat, Permute, Reshape, ResidualFlow, SpectralConv2D,
-                         SpectralDense, Split, Squeeze, converge_spectral_norms, initialize_actnorms)
+from flow_layers import (Actnorm, AffineCouple, Concat, Flow, Permute, Reshape, ResidualFlow, SpectralConv2D,
+                         SpectralDense, Split, Squeeze, converge_spectral_norms, initialize_actnorms,
+                         log_det_estimator)
 from flow_train import positive
 from flow_utils import (BitsPerDim, UserError, bits_per_dim, dequantize, dequantized, image_grid, load_mnist,
                         prior_nll, sample, save_png)
 
 DIM = 28 * 28
-BIN = 1 / 256      # x = (k + u)/256, u ~ U(0,1), for training and test (DESIGN §3)
+BIN = 1 / 256      # x = (k + u)/256, u ~ U(0,1), for training and test (docs/design.md §3)
 GRID = 10          # 10×10 sample grid
 EVAL_TERMS = 8     # evaluation: roulette with 8 terms always computed, the rest by roulette (unbiased)
 TOYS = ("moons", "checkerboard", "8gaussians")
@@ -90,37 +91,27 @@ def residual_net(shape, width, coeff, name):
 
 
 def build_iresnet(shape=(28, 28, 1), stages=2, blocks=2, width=32, coeff=0.9, logdet="truncated", terms=4):
-    """(encoder, decoder, flow): the encoder x -> z, the decoder z -> x and the flow layers in encoder
-    order. Images: Actnorm, then per stage Squeeze and `blocks` × (ResidualFlow, Actnorm), then
-    flatten; vectors (2-D toys): `blocks` × (ResidualFlow, Actnorm)."""
-    flow = []
-
-    def step(layer, x):
-        flow.append(layer)
-        return layer(x)
-
-    x_in = keras.Input(shape, name="x")
-    x = step(Actnorm(name="actnorm_in"), x_in)
-    for s in range(stages if len(shape) == 3 else 1):
-        if len(shape) == 3:
-            x = step(Squeeze(name=f"squeeze_{s}"), x)
+    """(encoder, decoder, flow): the flow x -> z as one layer, the encoder and decoder from it. Images:
+    Actnorm, then per stage Squeeze and `blocks` × (ResidualFlow, Actnorm), then flatten; vectors (2-D
+    toys): `blocks` × (ResidualFlow, Actnorm)."""
+    steps, image, inner = [Actnorm(name="actnorm_in")], len(shape) == 3, tuple(shape)
+    for s in range(stages if image else 1):
+        if image:
+            steps.append(Squeeze(name=f"squeeze_{s}"))
+            inner = (inner[0] // 2, inner[1] // 2, 4 * inner[2])
         for b in range(blocks):
-            g = residual_net(tuple(x.shape[1:]), width, coeff, name=f"g_{s}_{b}")
-            x = step(ResidualFlow(g, logdet=logdet, terms=terms, name=f"block_{s}_{b}"), x)
-            x = step(Actnorm(name=f"actnorm_{s}_{b}"), x)
-    z = step(Reshape(name="flatten"), x)
-    encoder = keras.Model(x_in, z, name="iresnet_encoder")
-
-    z_in = keras.Input((math.prod(shape),), name="z")
-    x = z_in
-    for layer in reversed(flow):
-        x = layer.inverse()(x)
-    return encoder, keras.Model(z_in, x, name="iresnet_decoder"), flow
+            g = residual_net(inner, width, coeff, name=f"g_{s}_{b}")
+            steps += [ResidualFlow(g, logdet=logdet, terms=terms, name=f"block_{s}_{b}"),
+                      Actnorm(name=f"actnorm_{s}_{b}")]
+    flow = Flow([*steps, Reshape(name="flatten")], name="iresnet")
+    x, z = keras.Input(shape, name="x"), keras.Input((math.prod(shape),), name="z")
+    encoder = keras.Model(x, flow(x), name="iresnet_encoder")  # first: it builds the flow
+    return encoder, keras.Model(z, flow.inverse()(z), name="iresnet_decoder"), flow
 
 
 def build_coupling_flow(steps=8, width=64):
-    """The comparison on 2-D toys: a Glow-style flow of affine couplings (Actnorm → reverse →
-    split → affine coupling with tanh log-scale → concat), from flow_layers."""
+    """The comparison on 2-D toys, as a model x -> z: a Glow-style flow of affine couplings (Actnorm →
+    reverse → split → affine coupling with tanh log-scale → concat), from flow_layers."""
     def net(name, tanh=False):
         h_in = keras.Input((1,))
         h = keras.layers.Dense(width, activation="elu")(h_in)
@@ -128,14 +119,12 @@ def build_coupling_flow(steps=8, width=64):
         h = keras.layers.Dense(1, kernel_initializer="zeros", activation="tanh" if tanh else None)(h)
         return keras.Model(h_in, h, name=name)
 
-    x_in = keras.Input((2,))
-    x = x_in
-    for i in range(steps):
-        x = Permute("reverse", name=f"permute_{i}")(Actnorm(name=f"actnorm_{i}")(x))
-        x1, x2 = Split(name=f"split_{i}")(x)
-        x1, x2 = AffineCouple(net(f"t_{i}"), net(f"log_s_{i}", True), name=f"couple_{i}")([x1, x2])
-        x = Concat(name=f"concat_{i}")([x1, x2])
-    return keras.Model(x_in, x, name="coupling_flow")
+    flow = Flow([layer for i in range(steps) for layer in (
+        Actnorm(name=f"actnorm_{i}"), Permute("reverse", name=f"permute_{i}"), Split(name=f"split_{i}"),
+        AffineCouple(net(f"t_{i}"), net(f"log_s_{i}", True), name=f"couple_{i}"), Concat(name=f"concat_{i}"))],
+        name="couplings")
+    x = keras.Input((2,))
+    return keras.Model(x, flow(x), name="coupling_flow")
 
 
 def compile_flow(model, lr):
@@ -176,20 +165,10 @@ def train(args, strategy):
 # --- evaluation: an evaluation-grade estimate of −log q(x) --------------------------------------
 
 def nll_per_image(flow, x, logdet, terms):
-    """−log q(x) per image in nats: the flow replayed layer by layer, each ResidualFlow's log-det by
-    `logdet` with `terms` (per image), the other layers' exact log-dets (the same for every image)."""
-    total = 0.0
-    for layer in flow:
-        if isinstance(layer, ResidualFlow):
-            with tf.GradientTape(persistent=True) as tape:
-                tape.watch(x)
-                gx = layer.g(x, training=False)
-            total += layer.log_det(tape, x, gx, logdet=logdet, terms=terms)
-            x = x + gx
-        else:
-            x = layer(x, training=False)
-            total += -sum(layer.losses)
-    return prior_nll(None, x) - total
+    """−log q(x) per image in nats, each ResidualFlow's log-det estimated by `logdet` with `terms`."""
+    with log_det_estimator(flow, logdet, terms):
+        z, log_det = flow(x, training=False, return_log_det=True)
+    return prior_nll(None, z) - log_det
 
 
 def evaluate(flow, k, batch_size=100, logdet="roulette", terms=EVAL_TERMS, draws=4, seed=0):
@@ -231,16 +210,23 @@ def write_grid(decoder, args):
 
 # --- experiments --------------------------------------------------------------------------------
 
+def block_inputs(flow, x):
+    """[(block, its input)] for each ResidualFlow of the flow, on the batch x."""
+    pairs = []
+    for step in flow.steps:
+        if isinstance(step, ResidualFlow):
+            pairs.append((step, x))
+        x = step(x, training=False, return_log_det=True)[0]
+    return pairs
+
+
 def inverse_report(flow, x):
-    """Per block: fixed-point iterations to the layer's tolerance and the largest error of the
-    whole reconstruction, on images x."""
-    rows, z = [], x
-    for layer in flow:
-        y = layer(z, training=False)
-        if isinstance(layer, ResidualFlow):
-            n, x_rec, _ = layer.fixed_point(y)
-            rows.append((layer.name, int(n), float(np.max(np.abs(keras.ops.convert_to_numpy(x_rec - z))))))
-        z = y
+    """Per block: fixed-point iterations to the layer's tolerance and the largest error of its
+    reconstruction, on images x."""
+    rows = []
+    for block, xb in block_inputs(flow, x):
+        n, x_rec, _ = block.fixed_point(block(xb, training=False, return_log_det=True)[0])
+        rows.append((block.name, int(n), float(np.max(np.abs(keras.ops.convert_to_numpy(x_rec - xb))))))
     return rows
 
 
@@ -248,21 +234,11 @@ def bias_table(flow, x, draws, ns=(1, 2, 4, 8, 16)):
     """Σ over blocks of log det(I + J_g), per image: the exact value (brute-force Jacobian) against
     the truncated series with n terms and the roulette estimator ((kind, n, bias, its s.e., std of
     one draw of one image) rows, nats/image)."""
-    blocks, inputs, z = [], [], x
-    for layer in flow:
-        if isinstance(layer, ResidualFlow):
-            blocks.append(layer)
-            inputs.append(z)
-        z = layer(z, training=False)
+    pairs = block_inputs(flow, x)
 
     def estimate(logdet, terms):
-        total = 0.0
-        for layer, xb in zip(blocks, inputs):
-            with tf.GradientTape(persistent=True) as tape:
-                tape.watch(xb)
-                gx = layer.g(xb, training=False)
-            total += layer.log_det(tape, xb, gx, logdet=logdet, terms=terms)
-        return total
+        with log_det_estimator(flow, logdet, terms):
+            return sum(block(xb, training=False, return_log_det=True)[1] for block, xb in pairs)
 
     exact = tf.function(lambda: estimate("exact", 1), autograph=False)().numpy()
     rows = []
@@ -356,7 +332,7 @@ def experiments(args):
         x = dequantize(k, 0, BIN, u).astype(keras.config.floatx())
     if args.inverse:
         rows = inverse_report(flow, tf.constant(x))
-        print(f"fixed-point inverse at c = {args.coeff}, tolerance {flow[2].tol:g} (on each coordinate's "
+        print(f"fixed-point inverse at c = {args.coeff}, tolerance {flow.steps[2].tol:g} (on each coordinate's "
               f"|Δx| / (1 + |x|)), {len(x)} test images:")
         for name, n, err in rows:
             print(f"  {name}: {n} iterations, max |x − x_rec| {err:.2e}")

@@ -212,16 +212,16 @@ def test_round_trip_and_save_load(digits, tmp_path):
     z = encoder(x, training=False).numpy()
     assert z.shape == (8, 784) and np.abs(z).max() > 1.0
     assert np.abs(decoder(z).numpy() - x).max() <= 1e-4
-    assert isinstance(flow[2], ResidualFlow) and flow[2].inverse().inverse() is flow[2]
+    assert isinstance(flow.steps[2], ResidualFlow) and flow.steps[2].inverse().inverse() is flow.steps[2]
     path = str(tmp_path / "m.weights.h5")
     encoder.save_weights(path)
     again, decoder2, flow2 = iresnet.build_iresnet(**TINY)
     again.load_weights(path)
     np.testing.assert_array_equal(again(x, training=False).numpy(), z)
     np.testing.assert_array_equal(decoder2(z).numpy(), decoder(z).numpy())
-    sn = [l for l in flow2[2].g.layers if isinstance(l, SpectralConv2D)]
+    sn = [l for l in flow2.steps[2].g.layers if isinstance(l, SpectralConv2D)]
     assert sn and float(sn[0].sigma()) != 0  # the power-iteration state came back with the weights
-    old = [l for l in flow[2].g.layers if isinstance(l, SpectralConv2D)][0]
+    old = [l for l in flow.steps[2].g.layers if isinstance(l, SpectralConv2D)][0]
     np.testing.assert_array_equal(sn[0].u.numpy(), old.u.numpy())
 
 
