@@ -25,8 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from flow_layers import (Actnorm, AffineCouple, Concat, Flow, Permute, Reshape, ResidualFlow, SpectralConv2D,
-                         SpectralDense, Split, Squeeze, converge_spectral_norms, initialize_actnorms,
-                         log_det_estimator)
+                         SpectralDense, Split, Squeeze, initialize_actnorms, log_det_estimator)
 from flow_train import positive
 from flow_utils import (BitsPerDim, UserError, bits_per_dim, dequantize, dequantized, image_grid, load_mnist,
                         prior_nll, sample, save_png)
@@ -131,12 +130,6 @@ def compile_flow(model, lr):
     model.compile(optimizer=ft.Adam(lr), loss=prior_nll)
 
 
-def prepare(encoder, x):
-    """Before training: σ̂ of every spectral norm converged (power iteration), Actnorms from the data."""
-    converge_spectral_norms(encoder, 50)
-    initialize_actnorms(encoder, x)
-
-
 # --- training -----------------------------------------------------------------------------------
 
 def train(args, strategy):
@@ -155,7 +148,7 @@ def train(args, strategy):
     code = ft.train(encoder, batches(k_train, args.batch_size, args.seed or 0),
                     batches(k_test[: args.eval_images], args.batch_size), args=args, strategy=strategy,
                     callbacks=[BitsPerDim(DIM, BIN)],
-                    before_fit=lambda: prepare(encoder, dequantize(k_train[: args.batch_size], 0, BIN)),
+                    before_fit=lambda: initialize_actnorms(encoder, dequantize(k_train[: args.batch_size], 0, BIN)),
                     finish=lambda: write_grid(decoder, args), shuffle=False, verbose=2)
     if code:
         return code
@@ -263,7 +256,7 @@ def toy(args):
     results = {}
     for name, model in (("i-ResNet", encoder), ("coupling flow", coupling)):
         compile_flow(model, args.lr)
-        prepare(model, data[:1000])
+        initialize_actnorms(model, data[:1000])
         start = time.perf_counter()
         model.fit(data, np.zeros(len(data)), batch_size=args.batch_size, epochs=args.epochs, verbose=0,
                   shuffle=True)
