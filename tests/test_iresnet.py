@@ -273,16 +273,22 @@ def test_short_training_lowers_the_loss(digits):
 
 
 def test_toy_density_integrates_to_one(float64):
-    """Exact 2-D log-densities: q of an i-ResNet (untrained, perturbed) sums to ≈ 1 over a grid."""
+    """Exact 2-D log-densities of an i-ResNet (untrained, perturbed; its own estimator the truncated
+    series) and of the coupling flow: log N(f(x)) + the brute-force Jacobian's log-det, and q sums to
+    ≈ 1 over a grid."""
     keras.utils.set_random_seed(0)
-    encoder, decoder, _ = iresnet.build_iresnet((2,), blocks=3, width=16, logdet="exact")
-    perturb(encoder, 0.3)
-    initialize_actnorms(encoder, iresnet.toy_data("moons", 500, np.random.RandomState(0)))
+    encoder, decoder, flow = iresnet.build_iresnet((2,), blocks=3, width=16, logdet="truncated", terms=1)
     g = np.linspace(-10, 10, 301)
     grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
-    q = np.exp(iresnet.log_density(encoder, grid))
-    assert q.sum() * (g[1] - g[0]) ** 2 == pytest.approx(1.0, abs=0.02)
     x = iresnet.toy_data("8gaussians", 100, np.random.RandomState(1))
+    for model, f in [(encoder, flow), iresnet.build_coupling_flow(steps=3, width=8)]:
+        perturb(model, 0.3)
+        initialize_actnorms(model, iresnet.toy_data("moons", 500, np.random.RandomState(0)))
+        want = jacobian_log_det(model, x) - prior_nll(None, model(x)).numpy()
+        assert iresnet.log_density(f, x) == pytest.approx(want, abs=1e-8)
+        q = np.exp(iresnet.log_density(f, grid))
+        assert q.sum() * (g[1] - g[0]) ** 2 == pytest.approx(1.0, abs=0.02)
+    assert flow.steps[1].logdet == "truncated"
     assert np.abs(decoder(encoder(x)).numpy() - x).max() <= 1e-6
 
 
