@@ -690,8 +690,9 @@ class _SpectralNorm(keras.layers.Layer):
     i-ResNet estimates σ by power iteration, which gives σ̂ ≤ σ: the map's norm is c·σ/σ̂ > c while σ̂
     lags the kernel (after 3 MNIST epochs at the default learning rate a 3×3 convolution was used at
     1.13·c). Here σ is exact for a dense layer or a 1×1 convolution (the kernel's largest singular
-    value) and an upper bound, tight to a few per cent, for a k×k convolution (SpectralConv2D). It is
-    computed from the kernel at each call, in the variable dtype, and differentiated through."""
+    value) and an upper bound for a k×k convolution (SpectralConv2D: 0.2–0.3 % above on MNIST's 14×14
+    stage, ~2 % on its 7×7 one). It is computed from the kernel at each call, in the variable dtype,
+    and differentiated through."""
 
     def __init__(self, coeff=0.9, **kwargs):
         super().__init__(**kwargs)
