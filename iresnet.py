@@ -7,7 +7,7 @@ trick. Its log-det, log det(I + J_g) = Σ (−1)^{k+1} tr(J_g^k)/k, is estimated
 estimator, truncated at --terms terms (i-ResNet) or with Russian-roulette re-weighting (Residual
 Flows, unbiased); in 2-D it is exact. MNIST: x = (k + u)/256 -> Actnorm -> stages × [Squeeze ->
 blocks × (ResidualFlow, Actnorm)] -> flatten. Loss 0.5‖z‖² + 0.5·D·log 2π (compiled) plus each
-layer's −log|det| (add_loss). The decoder replays the layers' inverses in reverse order.
+layer's −log|det| (add_loss). The encoder runs one Flow, the decoder its inverse.
 
     python iresnet.py                          # MNIST, writes samples/iresnet_samples.png, test bits/dim
     python iresnet.py --toy moons              # data / i-ResNet density / coupling-flow density, one PNG
@@ -28,8 +28,8 @@ from flow_cli import positive
 from flow_data import load_mnist
 from flow_density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
 from flow_io import UserError, save_png
-from flow_layers import (Actnorm, AffineCouple, Concat, Permute, Reshape, ResidualFlow, SpectralConv2D,
-                         SpectralDense, Split, Squeeze, converge_spectral_norms, initialize_actnorms)
+from flow_layers import (Actnorm, AffineCouple, Concat, Flow, Permute, Reshape, ResidualFlow, SpectralConv2D,
+                         SpectralDense, Split, Squeeze, initialize_actnorms, log_det_estimator)
 from flow_run import Adam, Run
 from flow_sample import image_grid, sample
 
@@ -80,75 +80,50 @@ def toy_data(name, n, rng):
 def residual_net(shape, width, coeff, name):
     """g of one block: ELU → SN-conv3×3 → ELU → SN-conv1×1 → ELU → SN-conv3×3 (i-ResNet's block),
     or the same with SN-dense layers on vectors. ELU is 1-Lipschitz, so Lip(g) ≤ c³ < c."""
-    x_in = keras.Input(shape)
-    h = x_in
-    if len(shape) == 1:
-        layers = [SpectralDense(width, coeff), SpectralDense(width, coeff), SpectralDense(shape[-1], coeff)]
-    else:
-        layers = [SpectralConv2D(width, 3, coeff), SpectralConv2D(width, 1, coeff),
-                  SpectralConv2D(shape[-1], 3, coeff)]
-    for layer in layers:
+    h = x_in = keras.Input(shape)
+    for units, k in [(width, 3), (width, 1), (shape[-1], 3)]:
+        layer = SpectralDense(units, coeff) if len(shape) == 1 else SpectralConv2D(units, k, coeff)
         h = layer(keras.layers.Activation("elu")(h))
     return keras.Model(x_in, h, name=name)
 
 
 def build_iresnet(shape=(28, 28, 1), stages=2, blocks=2, width=32, coeff=0.9, logdet="truncated", terms=4):
-    """(encoder, decoder, flow): the encoder x -> z, the decoder z -> x and the flow layers in encoder
-    order. Images: Actnorm, then per stage Squeeze and `blocks` × (ResidualFlow, Actnorm), then
-    flatten; vectors (2-D toys): `blocks` × (ResidualFlow, Actnorm)."""
-    flow = []
-
-    def step(layer, x):
-        flow.append(layer)
-        return layer(x)
-
-    x_in = keras.Input(shape, name="x")
-    x = step(Actnorm(name="actnorm_in"), x_in)
-    for s in range(stages if len(shape) == 3 else 1):
-        if len(shape) == 3:
-            x = step(Squeeze(name=f"squeeze_{s}"), x)
+    """(encoder, decoder, flow), both models from the one flow x -> z: Actnorm, per stage Squeeze (images
+    only) and `blocks` × (ResidualFlow, Actnorm), flatten; a vector (2-D toys) has one stage."""
+    steps, image, inner = [Actnorm(name="actnorm_in")], len(shape) == 3, tuple(shape)
+    for s in range(stages if image else 1):
+        if image:
+            steps.append(Squeeze(name=f"squeeze_{s}"))
+            inner = (inner[0] // 2, inner[1] // 2, 4 * inner[2])
         for b in range(blocks):
-            g = residual_net(tuple(x.shape[1:]), width, coeff, name=f"g_{s}_{b}")
-            x = step(ResidualFlow(g, logdet=logdet, terms=terms, name=f"block_{s}_{b}"), x)
-            x = step(Actnorm(name=f"actnorm_{s}_{b}"), x)
-    z = step(Reshape(name="flatten"), x)
-    encoder = keras.Model(x_in, z, name="iresnet_encoder")
-
-    z_in = keras.Input((math.prod(shape),), name="z")
-    x = z_in
-    for layer in reversed(flow):
-        x = layer.inverse()(x)
-    return encoder, keras.Model(z_in, x, name="iresnet_decoder"), flow
+            g = residual_net(inner, width, coeff, name=f"g_{s}_{b}")
+            steps += [ResidualFlow(g, logdet=logdet, terms=terms, name=f"block_{s}_{b}"),
+                      Actnorm(name=f"actnorm_{s}_{b}")]
+    flow = Flow([*steps, Reshape(name="flatten")], name="iresnet")
+    x, z = keras.Input(shape, name="x"), keras.Input((math.prod(shape),), name="z")
+    encoder = keras.Model(x, flow(x), name="iresnet_encoder")  # first: it builds the flow
+    return encoder, keras.Model(z, flow.inverse()(z), name="iresnet_decoder"), flow
 
 
 def build_coupling_flow(steps=8, width=64):
-    """The comparison on 2-D toys: a Glow-style flow of affine couplings (Actnorm → reverse →
-    split → affine coupling with tanh log-scale → concat), from flow_layers."""
+    """(model, flow): the comparison on 2-D toys, a Glow-style flow of affine couplings (Actnorm →
+    reverse → split → affine coupling with tanh log-scale → concat), from flow_layers."""
     def net(name, tanh=False):
-        h_in = keras.Input((1,))
-        h = keras.layers.Dense(width, activation="elu")(h_in)
-        h = keras.layers.Dense(width, activation="elu")(h)
-        h = keras.layers.Dense(1, kernel_initializer="zeros", activation="tanh" if tanh else None)(h)
-        return keras.Model(h_in, h, name=name)
+        return keras.Sequential([keras.Input((1,)), keras.layers.Dense(width, activation="elu"),
+                                 keras.layers.Dense(width, activation="elu"),
+                                 keras.layers.Dense(1, kernel_initializer="zeros", activation="tanh" if tanh else None)],
+                                name=name)
 
-    x_in = keras.Input((2,))
-    x = x_in
-    for i in range(steps):
-        x = Permute("reverse", name=f"permute_{i}")(Actnorm(name=f"actnorm_{i}")(x))
-        x1, x2 = Split(name=f"split_{i}")(x)
-        x1, x2 = AffineCouple(net(f"t_{i}"), net(f"log_s_{i}", True), name=f"couple_{i}")([x1, x2])
-        x = Concat(name=f"concat_{i}")([x1, x2])
-    return keras.Model(x_in, x, name="coupling_flow")
+    flow = Flow([layer for i in range(steps) for layer in (
+        Actnorm(name=f"actnorm_{i}"), Permute("reverse", name=f"permute_{i}"), Split(name=f"split_{i}"),
+        AffineCouple(net(f"t_{i}"), net(f"log_s_{i}", True), name=f"couple_{i}"), Concat(name=f"concat_{i}"))],
+        name="couplings")
+    x = keras.Input((2,))
+    return keras.Model(x, flow(x), name="coupling_flow"), flow
 
 
 def compile_flow(model, lr):
     model.compile(optimizer=Adam(lr), loss=prior_nll)
-
-
-def prepare(encoder, x):
-    """Before training: σ̂ of every spectral norm converged (power iteration), Actnorms from the data."""
-    converge_spectral_norms(encoder, 50)
-    initialize_actnorms(encoder, x)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -167,7 +142,7 @@ def train(args, strategy):
     print(f"i-ResNet: {encoder.count_params():,} parameters, log-det {model_config(args)['logdet']} "
           f"({args.terms} terms), c = {args.coeff}", flush=True)
     run = Run(encoder, args, strategy, monitor="val_loss")
-    prepare(encoder, dequantize(k_train[: args.batch_size], 0, BIN))  # after a --resume: Actnorms kept
+    initialize_actnorms(encoder, dequantize(k_train[: args.batch_size], 0, BIN))  # after a --resume: kept
     encoder.fit(batches(k_train, args.batch_size, args.seed or 0),
                 validation_data=batches(k_test[: args.eval_images], args.batch_size), epochs=args.epochs,
                 initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), *run.callbacks],
@@ -182,29 +157,23 @@ def train(args, strategy):
 # --- evaluation: an evaluation-grade estimate of −log q(x) --------------------------------------
 
 def nll_per_image(flow, x, logdet, terms):
-    """−log q(x) per image in nats: the flow replayed layer by layer, each ResidualFlow's log-det by
-    `logdet` with `terms` (per image), the other layers' exact log-dets (the same for every image)."""
-    total = 0.0
-    for layer in flow:
-        if isinstance(layer, ResidualFlow):
-            with tf.GradientTape(persistent=True) as tape:
-                tape.watch(x)
-                gx = layer.g(x, training=False)
-            total += layer.log_det(tape, x, gx, logdet=logdet, terms=terms)
-            x = x + gx
-        else:
-            x = layer(x, training=False)
-            total += -sum(layer.losses)
-    return prior_nll(None, x) - total
+    """−log q(x) per image in nats, each ResidualFlow's log-det estimated by `logdet` with `terms`."""
+    with log_det_estimator(flow, logdet, terms):
+        z, log_det = flow(x, training=False, return_log_det=True)
+    return prior_nll(None, z) - log_det
+
+
+def fixed_dequantization(k, seed):
+    """x = (k + u)/256 with u from `seed`: the same images for every draw and every run."""
+    return dequantize(k, 0, BIN, np.random.RandomState(seed).uniform(size=k.shape)).astype(keras.config.floatx())
 
 
 def evaluate(flow, k, batch_size=100, logdet="roulette", terms=EVAL_TERMS, draws=4, seed=0):
-    """(mean NLL, estimator s.e., data s.e.) in nats/image over the images k, `draws` log-det
-    estimates per image on one dequantization. The estimator's s.e. comes from the spread of the
-    draws of each batch's total (the images of a batch share a roulette N, batches do not); the
-    data s.e. from the spread over images."""
+    """(mean NLL, estimator s.e., data s.e.) in nats/image over the images k, `draws` log-det estimates
+    per image on one dequantization. Estimator s.e.: from the draws' spread of each batch's total (its
+    images share a roulette N, batches do not); data s.e.: from the spread over images."""
     fn = tf.function(lambda x: nll_per_image(flow, x, logdet, terms), autograph=False)
-    x = dequantize(k, 0, BIN, np.random.RandomState(seed).uniform(size=k.shape)).astype(keras.config.floatx())
+    x = fixed_dequantization(k, seed)
     starts = range(0, len(x), batch_size)
     est = np.stack([np.concatenate([fn(tf.constant(x[i:i + batch_size])).numpy() for i in starts])
                     for _ in range(draws)])  # (draws, images)
@@ -237,38 +206,31 @@ def write_grid(decoder, args):
 
 # --- experiments --------------------------------------------------------------------------------
 
+def block_inputs(flow, x):
+    """(block, its input) for each ResidualFlow of the flow, on the batch x."""
+    for step in flow.steps:
+        if isinstance(step, ResidualFlow):
+            yield step, x
+        x = step(x, training=False, return_log_det=True)[0]
+
+
 def inverse_report(flow, x):
-    """Per block: fixed-point iterations to the layer's tolerance and the largest error of the
-    whole reconstruction, on images x."""
-    rows, z = [], x
-    for layer in flow:
-        y = layer(z, training=False)
-        if isinstance(layer, ResidualFlow):
-            n, x_rec, _ = layer.fixed_point(y)
-            rows.append((layer.name, int(n), float(np.max(np.abs(keras.ops.convert_to_numpy(x_rec - z))))))
-        z = y
+    """(name, fixed-point iterations to its tolerance, largest reconstruction error) per block, on x."""
+    rows = []
+    for block, xb in block_inputs(flow, x):
+        n, x_rec, _ = block.fixed_point(block(xb, training=False, return_log_det=True)[0])
+        rows.append((block.name, int(n), float(np.max(np.abs(keras.ops.convert_to_numpy(x_rec - xb))))))
     return rows
 
 
 def bias_table(flow, x, draws, ns=(1, 2, 4, 8, 16)):
-    """Σ over blocks of log det(I + J_g), per image: the exact value (brute-force Jacobian) against
-    the truncated series with n terms and the roulette estimator ((kind, n, bias, its s.e., std of
-    one draw of one image) rows, nats/image)."""
-    blocks, inputs, z = [], [], x
-    for layer in flow:
-        if isinstance(layer, ResidualFlow):
-            blocks.append(layer)
-            inputs.append(z)
-        z = layer(z, training=False)
+    """Σ over blocks of log det(I + J_g) per image, exact (brute-force Jacobian), and rows (kind, n, bias,
+    its s.e., std of one draw of one image) of the truncated and roulette estimators, nats/image."""
+    pairs = list(block_inputs(flow, x))
 
     def estimate(logdet, terms):
-        total = 0.0
-        for layer, xb in zip(blocks, inputs):
-            with tf.GradientTape(persistent=True) as tape:
-                tape.watch(xb)
-                gx = layer.g(xb, training=False)
-            total += layer.log_det(tape, xb, gx, logdet=logdet, terms=terms)
-        return total
+        with log_det_estimator(flow, logdet, terms):
+            return sum(block(xb, training=False, return_log_det=True)[1] for block, xb in pairs)
 
     exact = tf.function(lambda: estimate("exact", 1), autograph=False)().numpy()
     rows = []
@@ -282,67 +244,52 @@ def bias_table(flow, x, draws, ns=(1, 2, 4, 8, 16)):
 
 
 def toy(args):
-    """Fits a 2-D density with the i-ResNet and with a coupling flow of about as many parameters, each
-    --epochs passes over the points; writes OUT/iresnet_toy_NAME.png: data | i-ResNet density |
-    coupling-flow density, each log-density exact."""
+    """Fits a 2-D density with the i-ResNet and a coupling flow of about as many parameters, --epochs
+    each; writes OUT/iresnet_toy_NAME.png: data | i-ResNet | coupling-flow density (exact)."""
     rng = np.random.RandomState(args.seed or 0)
     data = toy_data(args.toy, args.limit or TOY_POINTS, rng)
     encoder, _, flow = build_iresnet((2,), blocks=args.toy_blocks, width=args.width, coeff=args.coeff,
                                      logdet=args.logdet or "exact", terms=args.terms)
     coupling = build_coupling_flow(steps=args.toy_blocks, width=round(args.width / math.sqrt(2)))  # two nets
+    models = {"i-ResNet": (encoder, flow), "coupling flow": coupling}
     results = {}
-    for name, model in (("i-ResNet", encoder), ("coupling flow", coupling)):
+    for name, (model, flow) in models.items():
         compile_flow(model, args.lr)
-        prepare(model, data[:1000])
+        initialize_actnorms(model, data[:1000])
         start = time.perf_counter()
         model.fit(data, np.zeros(len(data)), batch_size=args.batch_size, epochs=args.epochs, verbose=0,
                   shuffle=True)
-        test = toy_data(args.toy, 5000, rng)
-        nll = -np.mean(log_density(model, test))
-        results[name] = nll
+        results[name] = nll = -np.mean(log_density(flow, toy_data(args.toy, 5000, rng)))
         print(f"{name}: {model.count_params():,} parameters, {time.perf_counter() - start:.0f} s, "
               f"test NLL {nll:.3f} nats (exact)", flush=True)
     path = os.path.join(args.out, f"iresnet_toy_{args.toy}.png")
-    toy_picture(path, data, [(f"i-ResNet ({results['i-ResNet']:.2f} nats)", encoder),
-                             (f"coupling flow ({results['coupling flow']:.2f} nats)", coupling)])
+    toy_picture(path, data, [(f"{name} ({results[name]:.2f} nats)", flow) for name, (_, flow) in models.items()])
     print(f"wrote {path}")
     print(f"test NLL (nats): i-ResNet {results['i-ResNet']:.3f}, coupling flow {results['coupling flow']:.3f}")
     return 0
 
 
-def log_density(model, x, batch=2000):
-    """Exact log q(x) of a 2-D flow: log N(f(x)) + log|det J_f(x)| with J_f from two gradients."""
-    @tf.function(reduce_retracing=True, autograph=False)
-    def log_q(xb):
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(xb)
-            z = model(xb, training=False)
-            z0, z1 = z[:, 0], z[:, 1]
-        j0, j1 = tape.gradient(z0, xb), tape.gradient(z1, xb)
-        det = j0[:, 0] * j1[:, 1] - j0[:, 1] * j1[:, 0]
-        return -prior_nll(None, z) + tf.math.log(tf.abs(det))
-
+def log_density(flow, x, batch=2000):
+    """Exact log q(x) of a 2-D flow, each block's log-det by its brute-force Jacobian."""
+    log_q = tf.function(lambda xb: -nll_per_image(flow, xb, "exact", 1), reduce_retracing=True, autograph=False)
     return np.concatenate([log_q(tf.constant(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
 
 
-def toy_picture(path, data, models, lim=4.5, n=160):
+def toy_picture(path, data, flows, lim=4.5, n=160):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 1 + len(models), figsize=(3.2 * (1 + len(models)), 3.3))
+    fig, axes = plt.subplots(1, 1 + len(flows), figsize=(3.2 * (1 + len(flows)), 3.3))
     axes[0].hist2d(data[:, 0], data[:, 1], bins=n, range=[[-lim, lim], [-lim, lim]], cmap="magma")
-    axes[0].set_title("data")
     g = np.linspace(-lim, lim, n)
     grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2).astype(keras.config.floatx())
-    for ax, (title, model) in zip(axes[1:], models):
-        ax.imshow(np.exp(log_density(model, grid)).reshape(n, n), origin="lower", extent=[-lim, lim, -lim, lim],
+    for ax, (_, flow) in zip(axes[1:], flows):
+        ax.imshow(np.exp(log_density(flow, grid)).reshape(n, n), origin="lower", extent=[-lim, lim, -lim, lim],
                   cmap="magma")
-        ax.set_title(title)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    for ax, title in zip(axes, ["data", *(title for title, _ in flows)]):
+        ax.set(title=title, xticks=[], yticks=[])
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=60)
@@ -357,12 +304,10 @@ def experiments(args):
         write_grid(decoder, args)
     if args.inverse or args.bias_table:
         _, k_test = mnist(args)
-        k = k_test[:args.images]
-        u = np.random.RandomState(args.seed or 0).uniform(size=k.shape)
-        x = dequantize(k, 0, BIN, u).astype(keras.config.floatx())
+        x = fixed_dequantization(k_test[:args.images], args.seed or 0)
     if args.inverse:
         rows = inverse_report(flow, tf.constant(x))
-        print(f"fixed-point inverse at c = {args.coeff}, tolerance {flow[2].tol:g} (on each coordinate's "
+        print(f"fixed-point inverse at c = {args.coeff}, tolerance {flow.steps[2].tol:g} (on each coordinate's "
               f"|Δx| / (1 + |x|)), {len(x)} test images:")
         for name, n, err in rows:
             print(f"  {name}: {n} iterations, max |x − x_rec| {err:.2e}")
