@@ -26,7 +26,7 @@ def mnist_npz(path, digits, n_train, n_test):
 
 def jacobian_log_det(fn, x):
     """log|det ∂fn/∂x| per example, from the autodiff Jacobian (tf.GradientTape.batch_jacobian) and
-    np.linalg.slogdet: the brute-force check of every reported log-det (DESIGN §4). `fn` maps a
+    np.linalg.slogdet: the brute-force check of every reported log-det (docs/design.md §4). `fn` maps a
     batch to a batch of the same dimension; a singular Jacobian fails the check."""
     import tensorflow as tf
 
