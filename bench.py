@@ -50,7 +50,7 @@ import nice  # noqa: E402
 from flow_data import load_mnist, mnist_pixels  # noqa: E402
 from flow_density import bits_per_dim, dequantize, prior_nll  # noqa: E402
 from flow_devices import choose_precision, cpu_bfloat16, set_mixed_precision  # noqa: E402
-from flow_layers import InvDense, initialize_actnorms  # noqa: E402
+from flow_layers import InvDense, flow_layers_of, initialize_actnorms  # noqa: E402
 from flow_run import Adam, build_optimizer  # noqa: E402
 from flow_sample import sample  # noqa: E402
 
@@ -106,19 +106,25 @@ def matmul_gflops(m, k, n, repeats, dtype="float32"):
 
 def forward_flops(model):
     """Forward matmul FLOPs per example (2 per multiply-add) of every Dense, Conv2D (stride 1, 'same'
-    padding, as all of ours are) and InvDense inside the model's top-level layers, at the spatial size
-    of each top-level layer's first input."""
+    padding, as all of ours are) and InvDense inside the model, each at the spatial size of the input
+    it sees: one eager call on a zero example records them (the layers sit inside flows and coupling
+    networks whose inputs have no fixed size)."""
+    counted = [l for l in flow_layers_of(model) if isinstance(l, (keras.layers.Dense, keras.layers.Conv2D, InvDense))]
+    pixels = {}
+    for layer in counted:
+        def record(x, *args, layer=layer, call=layer.call, **kwargs):
+            pixels.setdefault(id(layer), math.prod(x.shape[1:-1]))  # H·W on images, 1 on vectors
+            return call(x, *args, **kwargs)
+        object.__setattr__(layer, "call", record)
+    try:
+        model(np.zeros((1, *model.input.shape[1:]), "float32"), training=False)
+    finally:
+        for layer in counted:
+            del layer.__dict__["call"]
     total = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        x = layer.input[0] if isinstance(layer.input, (list, tuple)) else layer.input
-        pixels = math.prod(x.shape[1:-1])  # H·W on images, 1 on vectors
-        for sub in [layer, *layer._flatten_layers(include_self=False, recursive=True)]:
-            if isinstance(sub, (keras.layers.Dense, keras.layers.Conv2D)):
-                total += 2 * math.prod(sub.kernel.shape) * pixels
-            elif isinstance(sub, InvDense):
-                total += 2 * sub.l.shape[0] ** 2 * pixels
+    for layer in counted:
+        weights = layer.l.shape[0] ** 2 if isinstance(layer, InvDense) else math.prod(layer.kernel.shape)
+        total += 2 * weights * pixels.get(id(layer), 0)
     return total
 
 

@@ -1,5 +1,5 @@
 """The density formulas (docs/design.md §3): dequantization of integer pixels, bits per dimension, the
-prior N(0, I) as the compiled loss, and the bits/dim figure added to fit's epoch logs."""
+prior N(0, I) as the compiled loss, NormalNLL (a Gaussian term of a loss), and the bits/dim figure added to fit's epoch logs."""
 import math
 
 import keras
@@ -60,3 +60,26 @@ class BitsPerDim(keras.callbacks.Callback):
         if logs is not None and self.key in logs:
             name = self.key[:-len("loss")] + "bpd" if self.key.endswith("loss") else self.key + "_bpd"
             logs[name] = bits_per_dim(float(logs[self.key]), self.dims, self.bin_width)
+
+
+class NormalNLL(keras.layers.Layer):
+    """Identity on x that adds the batch mean of sign·(−log N(x; 0, I)) = sign·(0.5·Σx² + 0.5·D·log 2π)
+    per image. Not a flow step: a density term of a loss that is not the compiled prior.
+
+    f-VAE's negative ELBO has three Gaussian terms; the flow's prior on F(z) is the compiled loss
+    (prior_nll), the other two are this layer: the reconstruction −log N(r) of the scaled
+    residual r = (x − G(z))/σ_x (sign +1), and the posterior's log N(u) of its noise u (sign −1).
+    """
+
+    def __init__(self, sign=1.0, **kwargs):
+        kwargs.setdefault("dtype", keras.config.dtype_policy().variable_dtype)  # float32 under a mixed policy
+        super().__init__(**kwargs)
+        self.sign = float(sign)
+
+    def call(self, x):
+        flat = keras.ops.reshape(x, (-1, math.prod(x.shape[1:])))
+        self.add_loss(self.sign * keras.ops.mean(prior_nll(None, flat)))
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "sign": self.sign}

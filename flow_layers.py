@@ -123,6 +123,14 @@ class Inverse(keras.layers.Layer):
     def inverse(self):
         return self.flow
 
+    def get_config(self):
+        return {**super().get_config(), "flow": keras.saving.serialize_keras_object(self.flow)}
+
+    @classmethod
+    def from_config(cls, config):
+        config["flow"] = keras.saving.deserialize_keras_object(config["flow"])
+        return cls(**config)
+
 class Flow(FlowLayer):
     """A composition of flow layers as one flow layer: z = f_n(… f_1(x)), log-dets add (NICE eq. 10–11).
 
@@ -658,28 +666,6 @@ def _init_pass(model, x, todo, training):
     return len(todo)
 
 # --- f-VAEs ("f-VAEs: Glow 与 VAEs 的联姻") --------------------------------------------------------
-class NormalNLL(keras.layers.Layer):
-    """Identity on x that adds the batch mean of sign·(−log N(x; 0, I)) = sign·(0.5·Σx² + 0.5·D·log 2π)
-    per image. Not a flow step: a density term of a loss that is not the compiled prior.
-
-    f-VAE's negative ELBO has three Gaussian terms; the flow's prior on F(z) is the compiled loss
-    (flow_utils.prior_nll), the other two are this layer: the reconstruction −log N(r) of the scaled
-    residual r = (x − G(z))/σ_x (sign +1), and the posterior's log N(u) of its noise u (sign −1).
-    """
-
-    def __init__(self, sign=1.0, **kwargs):
-        super().__init__(**_flow_dtype(kwargs))
-        self.sign = float(sign)
-
-    def call(self, x):
-        d = math.prod(x.shape[1:])
-        nll = 0.5 * _per_image_sum(ops.square(x)) + 0.5 * d * math.log(2 * math.pi)
-        self.add_loss(self.sign * ops.mean(nll))
-        return x
-
-    def get_config(self):
-        return {**super().get_config(), "sign": self.sign}
-
 # --- invertible ResNet and Residual Flows (Behrmann et al. 2019; Chen et al. 2019) ----------------
 
 class _SpectralNorm(keras.layers.Layer):

@@ -20,9 +20,13 @@ import math
 import os
 import sys
 
-from flow_utils import UserError, keras, load_mnist, save_weights_atomic, tf  # flow_utils imports TF quietly
-
+import flow_cli  # noqa: F401  first: TensorFlow loads there, its start-up notices off stderr
+import keras
 import numpy as np
+import tensorflow as tf
+
+from flow_data import load_mnist
+from flow_io import UserError, save_weights_atomic
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digit_classifier.weights.h5")
 CONFIDENT = 0.9   # max p(y|x) at or above this counts as a confident sample
@@ -195,7 +199,7 @@ def score_line(images, rows=None):
 # --- grids and the command line ------------------------------------------------------------------
 
 def grid_tiles(picture, grid=None):
-    """A grid picture (flow_utils.image_grid / row_grid: tiles side by side, no gaps) -> (tiles
+    """A grid picture (flow_sample.image_grid / row_grid: tiles side by side, no gaps) -> (tiles
     (r·c, t, t) in row-major order, r rows). The tile side t is the picture's side / `grid` (an
     N×N grid), else the one of 28 and 32 that divides both sides."""
     picture = np.asarray(picture)
@@ -244,7 +248,7 @@ def score_png(path, grid=None, by_rows=False):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Score generated digits with an MNIST classifier "
                                             "(inception score, confident share, classes).")
-    p.add_argument("image", nargs="?", help="a grid PNG of digits (as written by flow_utils.image_grid)")
+    p.add_argument("image", nargs="?", help="a grid PNG of digits (as written by flow_sample.image_grid)")
     p.add_argument("--grid", type=int, help="the picture is an N×N grid (default: tiles of 28 or 32 pixels)")
     p.add_argument("--rows", action="store_true", help="class-conditional grid: row i holds digit i")
     p.add_argument("--train", action="store_true", help=f"retrain the classifier and rewrite {os.path.relpath(WEIGHTS)}")

@@ -15,7 +15,7 @@ The loss, from the ELBO  −log p(x) ≤ E_q(z|x)[ −log p(x|z) − log p(z) + 
 two lines are −log N([ε, r]; 0, I) − log|det|: the model's output is [ε, r] with the compiled loss
 flow_density.prior_nll (docs/design.md §2), and the layers add the rest as batch means (add_loss): F's
 −log|det ∂F/∂z|, a Scale on r (log-scale −log σ_x) Σ log σ_x, a Scale on u (log-scale log σ) −Σ log σ,
-and flow_layers.NormalNLL(sign=−1) −0.5‖u‖² − 0.5·d·log 2π. So `fit` minimises this Monte-Carlo −ELBO
+and flow_density.NormalNLL(sign=−1) −0.5‖u‖² − 0.5·d·log 2π. So `fit` minimises this Monte-Carlo −ELBO
 in nats per image; the test figure is the ELBO bound in bits/dim on (k + u)-dequantized images
 (docs/design.md §3), an upper bound on the NLL. The `elbo` model is the same sum per image (the same
 layers with return_log_det=True); `--iw K` adds from it the importance-weighted bound
@@ -38,9 +38,9 @@ from keras import layers
 
 from flow_cli import non_negative, positive
 from flow_data import folder_pixels, load_folder, mnist_pixels
-from flow_density import BitsPerDim, bits_per_dim, dequantize, prior_nll
+from flow_density import BitsPerDim, NormalNLL, bits_per_dim, dequantize, prior_nll
 from flow_io import UserError, save_png
-from flow_layers import Concat, NormalNLL, Reshape, Scale, Squeeze, glow_flow, initialize_actnorms
+from flow_layers import Concat, Reshape, Scale, Squeeze, glow_flow, initialize_actnorms
 from flow_run import Adam, Run
 from flow_sample import decode_codes, image_grid, interpolation_codes, row_grid, sample
 

@@ -1,5 +1,5 @@
 """bench.py --quick runs end to end and writes the JSON it promises: every figure present, positive
-and finite. No timing thresholds (DESIGN §4): how fast is the benchmark's business, not the tests'."""
+and finite. No timing thresholds (docs/design.md §4): how fast is the benchmark's business, not the tests'."""
 import json
 import math
 import os

@@ -347,7 +347,7 @@ def restore_policy():
 def test_mixed_precision_is_close_to_float32_at_init(name, precision, restore_policy):
     import keras
 
-    from flow_layers import FlowLayer, initialize_actnorms
+    from flow_layers import FlowLayer, flow_layers_of, initialize_actnorms
     from flow_devices import set_mixed_precision
 
     ref, _, x, prior = _tiny(name)
@@ -365,7 +365,7 @@ def test_mixed_precision_is_close_to_float32_at_init(name, precision, restore_po
     print(f"{name} {precision}: NLL {nll16:.4f} vs float32 {nll32:.4f} (relative {abs(nll16 / nll32 - 1):.1e})")
     assert np.isfinite(nll16) and abs(nll16 - nll32) <= 1e-3 * abs(nll32)
     # 16-bit compute in the coupling networks only; variables, data path, log-dets and loss in float32
-    layers = model._flatten_layers(include_self=False, recursive=True)
+    layers = flow_layers_of(model)
     assert any(l.compute_dtype == precision for l in layers)
     assert all(l.compute_dtype == "float32" for l in layers if isinstance(l, FlowLayer))
     assert all(v.dtype == "float32" for v in model.weights if "float" in str(v.dtype))

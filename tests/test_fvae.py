@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import fvae
-from flow_layers import NormalNLL, initialize_actnorms
+from flow_density import NormalNLL
+from flow_layers import initialize_actnorms
 from flow_sample import sample
 from helpers import jacobian_log_det, mnist_npz, perturb, reported_log_det
 

@@ -34,7 +34,7 @@ from helpers import mnist_digits, mnist_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
-DOCS = [README, os.path.join(ROOT, "docs", "running.md")]
+DOCS = [README] + [os.path.join(ROOT, "docs", f) for f in ("running.md", "design.md", "results.md")]
 
 # appended to a command that trains: one epoch of a few steps, a tiny model
 TRAIN = {

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import flow_score as fs
-import flow_utils as fu
+import flow_data
+import flow_io
+import flow_sample
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,7 +32,7 @@ def offline_and_no_training():
 
 @pytest.fixture(scope="module")
 def held_out():
-    _, (x, y) = fu.load_mnist(labels=True)
+    _, (x, y) = flow_data.load_mnist(labels=True)
     return x, y
 
 
@@ -45,7 +47,7 @@ def grid_digits(held_out):
 
 def test_committed_weights_are_small_and_accurate(held_out):
     assert os.path.getsize(fs.WEIGHTS) < 1_000_000
-    assert fu.read_config(fs.WEIGHTS)["held_out_accuracy"] >= 0.96
+    assert flow_io.read_config(fs.WEIGHTS)["held_out_accuracy"] >= 0.96
     x, y = held_out
     assert np.mean(fs.probabilities(x).argmax(axis=1) == y) >= 0.96
 
@@ -100,13 +102,13 @@ def test_score_is_float32_under_a_mixed_policy(held_out, monkeypatch):
 
 def test_bad_inputs_are_user_errors(held_out):
     x, y = held_out
-    with pytest.raises(fu.UserError, match="shape"):
+    with pytest.raises(flow_io.UserError, match="shape"):
         fs.score(np.zeros((4, 20, 20)))
-    with pytest.raises(fu.UserError, match="shape"):
+    with pytest.raises(flow_io.UserError, match="shape"):
         fs.score(np.zeros((0, 28, 28)))
-    with pytest.raises(fu.UserError, match="rows"):
+    with pytest.raises(flow_io.UserError, match="rows"):
         fs.score(x[:10], np.full(10, 10))
-    with pytest.raises(fu.UserError, match="rows"):
+    with pytest.raises(flow_io.UserError, match="rows"):
         fs.score(x[:10], y[:9])
 
 
@@ -124,8 +126,8 @@ def test_cli_scores_a_grid_png(tmp_path, grid_digits, capsys):
     x, y = grid_digits
     as_float = x.astype(np.float32) / 255
     path28, path32 = str(tmp_path / "grid28.png"), str(tmp_path / "grid32.png")
-    fu.save_png(path28, fu.image_grid(as_float, 10))
-    fu.save_png(path32, fu.image_grid(np.pad(as_float, ((0, 0), (2, 2), (2, 2))) * 2 - 1, 10, low=-1, high=1))
+    flow_io.save_png(path28, flow_sample.image_grid(as_float, 10))
+    flow_io.save_png(path32, flow_sample.image_grid(np.pad(as_float, ((0, 0), (2, 2), (2, 2))) * 2 - 1, 10, low=-1, high=1))
 
     assert fs.main([path28, "--rows"]) == 0
     line = capsys.readouterr().out.strip()
@@ -142,7 +144,7 @@ def test_cli_scores_a_grid_png(tmp_path, grid_digits, capsys):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     path = str(tmp_path / "odd.png")
-    fu.save_png(path, np.zeros((100, 100), np.uint8))
+    flow_io.save_png(path, np.zeros((100, 100), np.uint8))
     assert fs.main([path]) == 2
     assert fs.main([path, "--grid", "4"]) == 2
     assert fs.main([str(tmp_path / "missing.png")]) == 2
