@@ -145,16 +145,25 @@ class Flow(FlowLayer):
                 raise TypeError(f"a Flow holds flow layers, not {type(step).__name__}")
         self.steps = list(steps)
 
-    def forward(self, x, training=None):
+    def _split_condition(self, inputs):
+        """(x, condition) of the flow's inputs and the input a step gets: here no condition, x alone."""
+        return inputs, None
+
+    def _feed(self, step, x, condition):
+        return x
+
+    def forward(self, inputs, training=None):
+        x, condition = self._split_condition(inputs)
         total = 0
         for step in self.steps:
-            x, log_det = step(x, training=training, return_log_det=True)
+            x, log_det = step(self._feed(step, x, condition), training=training, return_log_det=True)
             total = total + log_det
         return x, total
 
-    def reverse(self, z):
+    def reverse(self, inputs):
+        z, condition = self._split_condition(inputs)
         for step in reversed(self.steps):
-            z = step.inverse()(z)
+            z = step.inverse()(self._feed(step, z, condition))
         return z
 
     def get_config(self):
@@ -1151,20 +1160,8 @@ class ConditionalFlow(Flow):
     `classes` (a conditional TarBlock) gets [x, y], the others x alone; the output is z. Its inverse
     takes [z, y] and hands y to the same steps."""
 
-    @staticmethod
-    def _with(step, x, y):
+    def _split_condition(self, inputs):
+        return inputs[0], inputs[1]
+
+    def _feed(self, step, x, y):
         return [x, y] if getattr(step, "classes", 0) else x
-
-    def forward(self, inputs, training=None):
-        x, y = inputs
-        total = 0
-        for step in self.steps:
-            x, log_det = step(self._with(step, x, y), training=training, return_log_det=True)
-            total = total + log_det
-        return x, total
-
-    def reverse(self, inputs):
-        z, y = inputs
-        for step in reversed(self.steps):
-            z = step.inverse()(self._with(step, z, y))
-        return z
