@@ -138,8 +138,10 @@ class Cosine(keras.callbacks.Callback):
 
 
 def compile_tarflow(encoder, lr=2e-3):
-    """AdamW(β = 0.9, 0.95, weight decay 1e-4) on the prior term, as the official code (the blocks add Σa)."""
-    encoder.compile(optimizer=keras.optimizers.AdamW(lr, beta_1=0.9, beta_2=0.95, weight_decay=1e-4),
+    """AdamW(β = 0.9, 0.95, weight decay 1e-4) on the prior term, as the official code (the blocks add Σa);
+    the gradient clipped to global norm 1, which the ports of the official code found they needed."""
+    encoder.compile(optimizer=keras.optimizers.AdamW(lr, beta_1=0.9, beta_2=0.95, weight_decay=1e-4,
+                                                     global_clipnorm=1.0),
                     loss=prior_nll)
 
 
