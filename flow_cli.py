@@ -250,6 +250,13 @@ def load_weights(model, args):
     raise UserError(f"--weights {args.weights}: cannot load it into this {args.model} model ({why})")
 
 
+def describe(config):
+    """An architecture record as the flags that give it: `--width 64, --blocks 4, ...`; channels
+    (from the data, not a flag) at the end."""
+    flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k != "channels")
+    return flags + (f", {config['channels']} channel(s)" if "channels" in config else "")
+
+
 def run_script(parse_args, train, experiments, argv=None):
     """A script's main: parse, `start`, then experiments(args) when the flags load weights, else
     train(args, strategy); returns the exit code (see script_main)."""

@@ -138,6 +138,15 @@ def folder_pixels(paths, img_size):
     return tf.data.Dataset.from_tensor_slices(paths), load
 
 
+def folder_arrays(folder, img_size, seed=0):
+    """(train, test) uint8 arrays (n, img_size, img_size, 3) of a folder: `load_folder`'s split, each
+    image through `folder_pixels`."""
+    def pixels(paths):
+        files, load = folder_pixels(paths, img_size)
+        return np.stack([k.numpy() for k in files.map(load)]).astype(np.uint8)
+    return tuple(pixels(part) for part in load_folder(folder, seed))
+
+
 def mnist_pixels(path=None):
     """MNIST (train, test) as uint8 (n, 32, 32, 1): `load_mnist`, zero-padded to 32×32."""
     if path and not path.endswith(".npz"):

@@ -33,14 +33,26 @@ def atomic_write(path, write):
 CONFIG_ATTR = "flow_config"  # the architecture record: a JSON attribute of the .weights.h5 root
 
 
-def save_weights_atomic(model, path, config=None):
+def save_weights_atomic(model, path, config=None, optimizer=True):
     """model.save_weights(path), atomically; `config` (a dict: the model and the flags that shape it)
-    goes into the file as its architecture record, so the file says what it holds."""
+    goes into the file as its architecture record, so the file says what it holds. Keras writes the
+    optimizer's state too (Adam's moments: twice the weights); optimizer=False leaves it out."""
     def write(tmp):
-        model.save_weights(tmp)
-        if config is not None:
-            import h5py
+        import h5py
 
+        model.save_weights(tmp)
+        if not optimizer:
+            full = tmp + ".full.weights.h5"
+            os.replace(tmp, full)
+            try:
+                with h5py.File(full, "r") as src, h5py.File(tmp, "w") as dst:
+                    for name in src:
+                        if name != "optimizer":
+                            src.copy(src[name], dst, name)
+                    dst.attrs.update(src.attrs)
+            finally:
+                os.remove(full)
+        if config is not None:
             with h5py.File(tmp, "a") as f:
                 f.attrs[CONFIG_ATTR] = json.dumps(config)
     atomic_write(path, write)

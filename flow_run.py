@@ -7,12 +7,15 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 
 import keras
+import numpy as np
 
 from flow_curves import plot_log
+from flow_density import prior_constant
 from flow_devices import is_chief, worker_path
 from flow_io import UserError, atomic_write, read_config, save_weights_atomic
 
@@ -274,6 +277,53 @@ class FirstStep(keras.callbacks.Callback):
             self.start = None
 
 
+class EpochLine(keras.callbacks.Callback):
+    """One line of figures per epoch with its seconds (training and validation), for a script that
+    prints its own (`Run(..., prints_epochs=True)`); at the end, the mean seconds of an epoch."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.const, self.seconds = prior_constant(dims), []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+        self.first = epoch + 1 - len(self.seconds)  # this process's first epoch (after a --resume: later)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self.start)
+        logs = logs or {}
+        loss = logs.get("loss", math.nan)
+        print(f"epoch {epoch + 1}: {self.seconds[-1]:.1f} s, train loss {loss:.1f} nats ({loss - self.const:.1f} "
+              f"without the constant), test NLL {logs.get('val_loss', math.nan):.1f} nats, test bits/dim "
+              f"{logs.get('val_bpd', math.nan):.3f}", flush=True)
+
+    def on_train_end(self, logs=None):
+        if len(self.seconds) > 1:
+            first, last = self.first, self.first + len(self.seconds) - 1
+            print(f"seconds per epoch: {statistics.mean(self.seconds[1:]):.1f} (mean of epochs {first + 1}-{last}; "
+                  f"epoch {first} with tracing: {self.seconds[0]:.1f})", flush=True)
+
+
+class WarmupCosine(keras.callbacks.Callback):
+    """TarFlow's official schedule: linear warm-up over `warmup` steps to `peak`, then a cosine down to
+    0 at `total` steps, set before every batch from the optimizer's step count (so --resume continues
+    it). A rate changed from outside (KeepBest's collapse rule) becomes the new peak."""
+
+    def __init__(self, peak, total, warmup):
+        super().__init__()
+        self.peak, self.total, self.warmup, self.last = peak, max(total, 1), warmup, None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        lr = self.model.optimizer.learning_rate
+        if self.last is not None and abs(float(lr.numpy()) - self.last) > 1e-12:
+            self.peak = float(lr.numpy())  # set by someone else: keep to it
+        t = int(self.model.optimizer.iterations.numpy())
+        scale = (t + 1) / self.warmup if t < self.warmup else \
+            0.5 * (1 + np.cos(np.pi * min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))))
+        self.last = float(np.float32(self.peak * scale))
+        lr.assign(self.last)
+
+
 # --- speed: the optimizer's update in one pass -------------------------------------------------------
 
 class Adam(keras.optimizers.Adam):
@@ -380,6 +430,8 @@ class Run:
             return False
         if os.path.isfile(self.path):
             self.model.load_weights(self.path)
+            if self.chief:  # the optimizer's state stays in the backups for --resume; the weights file is the model
+                save_weights_atomic(self.model, self.path, self.keep_best.config, optimizer=False)
         if self.plot and self.chief and os.path.isfile(self.log):
             print(f"wrote {plot_log(self.log)} (the epoch log {self.log} against minutes)", flush=True)
         self.code = 0

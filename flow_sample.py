@@ -1,6 +1,7 @@
 """Sampling and pictures: codes at a temperature, batched decoding, the straight line and the great
 circle between two codes, image grids."""
 import math
+import time
 
 import keras
 import numpy as np
@@ -8,14 +9,34 @@ import numpy as np
 from flow_io import UserError
 
 
-def parse_temperatures(text):
-    """'0,0.5,0.7' -> [0.0, 0.5, 0.7]: the --temperatures list (standard deviations of z, each ≥ 0)."""
+def cache_speed(decode, blocks, n):
+    """({use_cache: (images per second, seconds of the first call, which traces and runs)}, largest
+    difference between the two ways' images) of decode() -> n images, with the `blocks`' key-value
+    caches on and off (TarFlow's token-by-token inverse); the caches end on."""
+    rates, outs = {}, {}
+    for cache in (True, False):
+        for block in blocks:
+            block.use_cache = cache
+        start = time.perf_counter()
+        decode()  # traces, then runs
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        outs[cache] = decode()
+        rates[cache] = (n / (time.perf_counter() - start), first)
+    for block in blocks:
+        block.use_cache = True
+    return rates, float(np.max(np.abs(outs[True] - outs[False])))
+
+
+def parse_temperatures(text, flag="--temperatures"):
+    """'0,0.5,0.7' -> [0.0, 0.5, 0.7]: the --temperatures list (standard deviations of z, each ≥ 0),
+    or another `flag`'s list of numbers ≥ 0."""
     try:
         temps = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise UserError(f"--temperatures {text!r}: expected numbers separated by commas, e.g. 0,0.5,0.7,1") from None
+        raise UserError(f"{flag} {text!r}: expected numbers separated by commas, e.g. 0,0.5,0.7,1") from None
     if not temps or not all(t >= 0 and math.isfinite(t) for t in temps):
-        raise UserError(f"--temperatures {text!r}: expected one or more numbers ≥ 0, e.g. 0,0.5,0.7,1")
+        raise UserError(f"{flag} {text!r}: expected one or more numbers ≥ 0, e.g. 0,0.5,0.7,1")
     return temps
 
 

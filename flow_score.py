@@ -196,6 +196,18 @@ def score_line(images, rows=None):
     return f"sample score: {describe(score(images, rows))} (real held-out digits: {describe(real_digit_ceiling())})"
 
 
+def digits(args):
+    """Whether a run's images are MNIST digits (the default data, or an npz in its layout): the
+    classifier's domain. A folder of images is not scored."""
+    return not (getattr(args, "data", None) and os.path.isdir(args.data))
+
+
+def report(path, args, by_rows=False):
+    """After a training run on digits: prints the `sample score:` line of the grid at `path`."""
+    if digits(args):
+        print(score_png(path, by_rows=by_rows), flush=True)
+
+
 # --- grids and the command line ------------------------------------------------------------------
 
 def grid_tiles(picture, grid=None):

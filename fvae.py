@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+import flow_score
 from flow_cli import non_negative, positive
 from flow_data import folder_pixels, load_folder, mnist_pixels
 from flow_density import BitsPerDim, NormalNLL, bits_per_dim, dequantize, prior_nll
@@ -208,7 +209,7 @@ def train(args, strategy):
         compile_fvae(fvae, args.lr)
     train_data, test, n = datasets(args, fvae.latent_dims)
     steps = args.steps_per_epoch or max(1, n // args.batch_size)
-    print(f"f-VAE: {describe(args.config)}, {fvae.model.count_params():,} parameters, D = {fvae.dims}, "
+    print(f"f-VAE: {cli.describe(args.config)}, {fvae.model.count_params():,} parameters, D = {fvae.dims}, "
           f"latent d = {fvae.latent_dims}")
     run = Run(fvae.model, args, strategy, monitor="val_loss")
     with strategy.scope():  # after a --resume the Actnorms' `initialized` flag came back: none is redone
@@ -220,7 +221,7 @@ def train(args, strategy):
                               *run.chief_only(Samples(fvae.sampler, args.out, args.seed)), *run.callbacks],
                    shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
-        write_samples(fvae.sampler, args, "fvae_samples")
+        flow_score.report(write_samples(fvae.sampler, args, "fvae_samples")[0], args)
     if run.code:
         return run.code
     report(fvae, test, args)
@@ -238,11 +239,6 @@ def report(fvae, test, args):
     print(f"test bits/dim (ELBO bound): {bits_per_dim(nll, fvae.dims, BIN):.3f}")
 
 
-def describe(config):
-    return (", ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k != "channels")
-            + f", {config['channels']} channel(s)")
-
-
 # --- sampling -----------------------------------------------------------------------------------
 
 def sample_grid(sampler, std, seed=0, n=GRID):
@@ -251,10 +247,12 @@ def sample_grid(sampler, std, seed=0, n=GRID):
 
 
 def write_samples(sampler, args, stem, temperatures=TEMPERATURES):
-    for t in temperatures:
-        path = os.path.join(args.out, f"{stem}_T{t:g}.png")
+    """OUT/STEM_T{t}.png for each temperature t; returns their paths."""
+    paths = [os.path.join(args.out, f"{stem}_T{t:g}.png") for t in temperatures]
+    for t, path in zip(temperatures, paths):
         save_png(path, sample_grid(sampler, t, args.seed))
         print(f"wrote {path}")
+    return paths
 
 
 class Samples(keras.callbacks.Callback):

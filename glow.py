@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import flow_score
 from flow_cli import non_negative, positive
 from flow_data import folder_pixels, load_folder, mnist_pixels
 from flow_density import BitsPerDim, bits_per_dim, dequantized, prior_nll
@@ -129,7 +130,7 @@ def train(args, strategy):
                            *run.chief_only(Samples(decoder, args.out, args.std, args.seed)), *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
-        write_grid(decoder, args)
+        flow_score.report(write_grid(decoder, args), args)
     if run.code:
         return run.code
     nll = encoder.evaluate(test, verbose=0, return_dict=True)["loss"]
@@ -154,6 +155,7 @@ def write_grid(decoder, args):
     path = os.path.join(args.out, "glow_samples.png")
     save_png(path, sample_grid(decoder, args.std, args.seed))
     print(f"wrote {path}")
+    return path
 
 
 class Samples(keras.callbacks.Callback):

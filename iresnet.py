@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import flow_score
 from flow_cli import positive
 from flow_data import load_mnist
 from flow_density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
@@ -148,7 +149,7 @@ def train(args, strategy):
                 initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
-        write_grid(decoder, args)
+        flow_score.report(write_grid(decoder, args), args)
     if run.code:
         return run.code
     return report_bpd(flow, k_test[: args.eval_images], args)
@@ -202,6 +203,7 @@ def write_grid(decoder, args):
     x = sample(decoder, GRID * GRID, args.std, args.seed or 0)
     save_png(path, image_grid(np.clip(x[..., 0], 0, 1), GRID))
     print(f"wrote {path}", flush=True)
+    return path
 
 
 # --- experiments --------------------------------------------------------------------------------

