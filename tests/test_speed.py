@@ -99,6 +99,12 @@ def run_adam(cls, steps=5, **kwargs):
     return [v.numpy() for v in variables] + [v.numpy() for v in opt.variables]
 
 
+def assert_same(ours, theirs):
+    assert [a.shape for a in ours] == [b.shape for b in theirs]
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_adam_updates_exactly_as_keras_adam():
     """flow_run.Adam swaps Keras' element-wise update for TensorFlow's fused kernel; the numbers (weights,
     first and second moments after 5 steps) are Keras' to float32 rounding, and its variables are
@@ -120,12 +126,14 @@ def test_fused_adam_updates_exactly_as_keras_adam():
 def test_fused_adamw_updates_as_keras_adamw():
     """flow_run.AdamW (TarFlow's settings: β₂ 0.95, a large decay to make it count, the gradient clipped
     to global norm 1) gives Keras AdamW's weights and moments after 5 steps, to float32 rounding; a
-    variable excluded by name is not decayed, as in Keras; and the decay does act (without it the
-    weights differ)."""
+    variable excluded by name is not decayed, as in Keras; with use_ema the weights' averages match too;
+    and the decay does act (without it the weights differ)."""
     settings = dict(beta_1=0.9, beta_2=0.95, weight_decay=0.5, global_clipnorm=1.0)
-    ours, theirs = run_adam(AdamW, **settings), run_adam(keras.optimizers.AdamW, **settings)
-    for a, b in zip(ours, theirs):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    ours = run_adam(AdamW, **settings)
+    assert_same(ours, run_adam(keras.optimizers.AdamW, **settings))
+    ema = {**settings, "use_ema": True, "ema_momentum": 0.5}  # Keras' moving average of the weights, as in Keras
+    assert_same(run_adam(AdamW, **ema), run_adam(keras.optimizers.AdamW, **ema))
+    assert len(run_adam(AdamW, **ema)) == len(ours) + 2  # the two weights' averages
     no_decay = run_adam(AdamW, **{**settings, "weight_decay": 0.0})
     assert np.abs(no_decay[0] - ours[0]).max() > 1e-3
     assert AdamW.from_config(AdamW(**settings).get_config()).decay == 0.5
@@ -140,9 +148,8 @@ def test_fused_adamw_updates_as_keras_adamw():
             self.exclude_from_weight_decay(var_names=["bias"])
             super().build(var_list)
 
-    ours, theirs = run_adam(Excluding, **settings), run_adam(KerasExcluding, **settings)
-    for a, b in zip(ours, theirs):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    ours = run_adam(Excluding, **settings)
+    assert_same(ours, run_adam(KerasExcluding, **settings))
     np.testing.assert_allclose(ours[0], run_adam(AdamW, **settings)[0], rtol=1e-6)  # the kernel still decays
     assert np.abs(ours[1] - run_adam(AdamW, **settings)[1]).max() > 1e-4  # the bias does not
 
