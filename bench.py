@@ -177,6 +177,7 @@ def bench_model(key, cfg, repeats, peaks, variants, min_s, script_key=None):
     out["shape_peak"] = shape_peak(kernel_shapes(model, cfg["batch"]), repeats, min_s)
     del model
     default, fp32_default = default_variants(lambda: make(init=False), s.parse([]).bf16_default)
+    made.clear()  # the probes' samplers would keep their models alive
     timed_variants = [v for v in VARIANTS if v in variants or v[0] in (default, fp32_default)]
     out["variants"] = bench_training(make, s.data, cfg["batch"], cfg["steps"], repeats, timed_variants, flops,
                                      {**peaks, "shape": out["shape_peak"]["gflops"]})
