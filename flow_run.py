@@ -326,28 +326,9 @@ class WarmupCosine(keras.callbacks.Callback):
 
 # --- speed: the optimizer's update in one pass -------------------------------------------------------
 
-class Adam(keras.optimizers.Adam):
-    """Keras' Adam with TensorFlow's fused update kernel (ResourceApplyAdam) for each variable: the
-    same formula (m, v, bias-corrected step, ε outside the square root) in one pass over the variable,
-    m and v, where Keras' update is five element-wise ops, each a pass through memory. Measured on a
-    NICE step (19 M parameters, docs/running.md#performance): Keras' update was about half of the
-    step's time without XLA. Elsewhere — another backend, a tf.distribute strategy (whose mirrored
-    variables Keras updates replica by replica), amsgrad, sparse gradients — Keras' own update."""
-
-    def update_step(self, gradient, variable, learning_rate):
-        import tensorflow as tf
-
-        if (keras.backend.backend() != "tensorflow" or self.amsgrad or tf.distribute.has_strategy()
-                or isinstance(gradient, tf.IndexedSlices)):
-            return super().update_step(gradient, variable, learning_rate)
-        dtype = variable.dtype
-        step = tf.cast(self.iterations + 1, dtype)
-        i = self._get_variable_index(variable)
-        tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle, m=self._momentums[i].handle, v=self._velocities[i].handle,
-            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step), beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
-            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype), beta2=tf.cast(self.beta_2, dtype),
-            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
+# Adam and AdamW with the fused update live in flow_optim (public Keras API only); imported here,
+# where the scripts have always found them
+from flow_optim import Adam, AdamW  # noqa: E402,F401
 
 
 def build_optimizer(model):

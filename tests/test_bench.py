@@ -1,70 +1,148 @@
-"""bench.py --quick runs end to end and writes the JSON it promises: every figure present, positive
-and finite. No timing thresholds (docs/design.md §4): how fast is the benchmark's business, not the tests'."""
+"""bench.py --quick runs end to end and writes the JSON it promises for all five models: every figure
+present, positive and finite, each model's default variant the one its script would train with. No
+timing thresholds (docs/design.md §4): how fast is the benchmark's business, not the tests'."""
 import json
 import math
 import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
 
-MODEL_KEYS = ("img_per_s", "utilisation", "first_step_s", "sample_grid_s", "sample_first_s",
-              "sample_img_per_s", "peak_rss_mib")
-VARIANT_KEYS = ("img_per_s", "step_s", "cpu_step_s", "utilisation", "utilisation_own_peak", "first_step_s",
-                "speedup_vs_fp32", "cpu_speedup_vs_fp32")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("nice", "glow", "tarflow", "fvae", "iresnet")
+MODEL_KEYS = ("img_per_s", "utilisation", "first_step_s", "cpu_speedup_vs_fp32", "peak_rss_mib",
+              "train_mflop_per_image", "parameters")
+SAMPLE_KEYS = ("sample_grid_s", "sample_first_s", "sample_img_per_s")
+VARIANT_KEYS = ("img_per_s", "step_s", "cpu_step_s", "utilisation", "utilisation_bf16_peak", "utilisation_own_peak",
+                "utilisation_shape_peak", "first_step_s", "speedup_vs_fp32", "cpu_speedup_vs_fp32")
 
 
 def positive(value):
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_quick_bench_writes_every_figure(tmp_path):
-    out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One `bench.py --quick` run, its quality runs on 256 + 64 real digits (no download)."""
+    from helpers import mnist_digits, mnist_npz
+
+    folder = tmp_path_factory.mktemp("bench")
+    out, data = folder / "bench.json", mnist_npz(folder / "mnist.npz", mnist_digits(), 256, 64)
+    run = subprocess.run([sys.executable, "bench.py", "--quick", "--data", str(data), "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    r = json.loads(out.read_text())
+    return json.loads(out.read_text()), run.stdout
+
+
+def test_quick_bench_writes_every_figure(quick):
+    r, stdout = quick
     assert [m["dtype"] for m in r["matmul"]] == ["float32", "float32", "bfloat16", "bfloat16"]
     assert all(positive(m["gflops"]) for m in r["matmul"])
     assert positive(r["peak_rss_mib"]) and positive(r["total_s"])
-    assert r["nice"]["train_mflop_per_image"] == 3 * r["nice"]["forward_mflop_per_image"] > 0
-    assert positive(r["glow"]["train_gflop_per_image"])
-    for model in ("nice", "glow"):
+    assert r["models"] == list(MODELS)
+    for model in MODELS:
         m = r[model]
-        for key in MODEL_KEYS:
+        for key in MODEL_KEYS + (SAMPLE_KEYS if model in ("nice", "glow", "fvae") else ()):
             assert positive(m[key]), (model, key, m.get(key))
-        assert set(m["variants"]) == {"fp32", "bf16"}  # --quick: the two without an XLA compile
-        assert m["default_variant"] in m["variants"] and m["fp32_default_variant"] == "fp32"
-        assert m["utilisation"] == m["variants"]["fp32"]["utilisation"]  # the float32 default path's
+        assert m["train_mflop_per_image"] == pytest.approx(3 * m["forward_mflop_per_image"])
+        assert {"fp32", "bf16"} <= set(m["variants"])  # --quick: the two without an XLA compile, and
+        assert {m["default_variant"], m["fp32_default_variant"]} <= set(m["variants"])  # the defaults
+        assert [n for n, v in m["variants"].items() if v["is_default"]] == [m["default_variant"]]
+        assert m["fp32_default_variant"].startswith("fp32")
+        assert m["utilisation"] == m["variants"][m["fp32_default_variant"]]["utilisation"]
+        assert m["img_per_s"] == m["variants"][m["default_variant"]]["img_per_s"]
+        sp = m["shape_peak"]  # the peak at the model's own matmul shapes, in both dtypes
+        assert 1 <= len(sp["shapes"]) <= 3 and 0 < sp["flop_share_timed"] <= 1 + 1e-9
+        assert all(positive(g) for s in sp["shapes"] for g in s["gflops"].values())
+        assert all(positive(m["shape_peak_img_per_s"][p]) for p in ("none", "bfloat16"))
         for name, v in m["variants"].items():
             for key in VARIANT_KEYS:
                 assert positive(v[key]), (model, name, key, v.get(key))
             assert v["loss_finite"] is True
-            lo, hi = v["speedup_spread"]
-            assert lo <= v["speedup_vs_fp32"] <= hi
-        assert m["variants"]["fp32"]["speedup_vs_fp32"] == 1
+            for ratio, (lo, hi) in ((v["speedup_vs_fp32"], v["speedup_spread"]),
+                                    (v["cpu_speedup_vs_fp32"], v["cpu_speedup_spread"])):
+                assert lo <= ratio <= hi
+            assert v["utilisation_bf16_peak"] == pytest.approx(v["utilisation"] * r["matmul"][0]["gflops"]
+                                                               / r["matmul"][2]["gflops"])
+        assert m["variants"]["fp32"]["speedup_vs_fp32"] == 1 == m["variants"]["fp32"]["cpu_speedup_vs_fp32"]
         assert m["variants"]["bf16"]["mixed_precision"] == "bfloat16"
-        q = m["quality"]  # test bits/dim at equal steps, per variant, and the difference to fp32
-        assert set(q["test_bpd"]) == {"fp32", "bf16"} and all(positive(b) for b in q["test_bpd"].values())
+    for model in ("nice", "glow"):
+        q = r[model]["quality"]  # test bits/dim at equal steps, per variant, and the difference to fp32
+        assert {"fp32", "bf16"} <= set(q["test_bpd"]) and all(positive(b) for b in q["test_bpd"].values())
         assert q["minus_fp32"]["bf16"] == q["test_bpd"]["bf16"] - q["test_bpd"]["fp32"]
     assert "glow_64" not in r  # --quick never runs the article's 64² Glow
-    assert "utilisation" in run.stdout  # the table is printed too
+    assert "utilisation" in stdout and "peak at its own matmul shapes" in stdout  # the table is printed too
+
+
+def test_default_variant_is_the_scripts_choice(quick):
+    """The precision each script trains with by default on this machine (choose_precision with the
+    script's bf16_default), and XLA as NICE's compile picks it for a long float32 run."""
+    import fvae
+    import glow
+    import iresnet
+    import nice
+    import tarflow
+    from flow_devices import choose_precision
+
+    r, _ = quick
+    for name, module in (("nice", nice), ("glow", glow), ("tarflow", tarflow), ("fvae", fvae), ("iresnet", iresnet)):
+        precision = choose_precision(None, module.parse_args([]).bf16_default)[0]
+        assert r[name]["default_variant"].startswith("bf16" if precision else "fp32"), name
+    assert r["nice"]["fp32_default_variant"] == "fp32_xla"  # nice.default_jit_compile for a long run
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        assert r["glow"]["fp32_default_variant"] == "fp32"  # Keras' "auto": no XLA on TensorFlow's CPU
+
+
+def test_models_flag_picks_a_subset():
+    import bench
+
+    assert bench.parse_args(["--models", "tarflow,fvae"]).models == ["tarflow", "fvae"]
+    assert bench.parse_args(["--skip-glow"]).models == ["nice", "tarflow", "fvae", "iresnet"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "nice,realnvp"])
 
 
 def test_nice_flops_are_counted_from_the_layer_shapes():
-    import bench
+    import flow_bench
     import nice
 
     encoder, _, _ = nice.build_nice(hidden=10, hidden_layers=2, couplings=3)
     per_coupling = 2 * (392 * 10 + 10 * 10 + 10 * 392)  # Dense kernels of m, 2 FLOPs per multiply-add
-    assert bench.forward_flops(encoder) == 3 * per_coupling
+    assert flow_bench.forward_flops(encoder) == 3 * per_coupling
+    shapes = flow_bench.kernel_shapes(encoder, batch=8)  # FLOP shares of the matmul shapes at batch 8
+    assert shapes == pytest.approx({(8, 392, 10): 3920 / 7940, (8, 10, 10): 100 / 7940, (8, 10, 392): 3920 / 7940})
 
 
 def test_glow_flops_are_counted_at_each_level_spatial_size():
-    import bench
+    import flow_bench
     import glow
 
     encoder, _ = glow.build_glow(4, 1, level=1, depth=1, hidden=4)
     # after the squeeze: 2×2 pixels, 4 channels, the coupling net sees 2 of them
     net = 2 * (3 * 3 * 2 * 4 + 4 * 4 + 3 * 3 * 4 * 2)  # conv3×3 2→4, conv1×1 4→4, conv3×3 4→2
-    assert bench.forward_flops(encoder) == net * 2 * 2
+    assert flow_bench.forward_flops(encoder) == net * 2 * 2
+    assert (2 * 2, 3 * 3 * 2, 4) in flow_bench.kernel_shapes(encoder, batch=1)  # a 3×3 conv as its im2col matmul
+
+
+def test_tarflow_flops_count_every_dense_per_token_and_the_attention():
+    import flow_bench
+    import tarflow
+
+    encoder, _, _ = tarflow.build_tarflow(img_size=4, channels=1, patch=2, width=4, blocks=1, layers=1, heads=2)
+    # 4 tokens of 4: proj_in 4→4, qkv 4→12, attention_out 4→4, mlp 4→16→4, proj_out 4→8 per token
+    dense = 2 * (16 + 48 + 16 + 64 + 64 + 32) * 4
+    attention = 2 * 2 * 4 ** 2 * 4  # QKᵀ and AV: 2·T²·width each
+    assert flow_bench.forward_flops(encoder) == dense + attention
+
+
+def test_iresnet_flops_count_the_log_det_series():
+    import flow_bench
+    import iresnet
+
+    encoder, _, _ = iresnet.build_iresnet((4, 4, 1), stages=1, blocks=1, width=2, terms=3)
+    # after the squeeze 2×2×4; g: conv3×3 4→2, conv1×1 2→2, conv3×3 2→4; 1 + 3 passes (3 VJPs)
+    g = 2 * (9 * 4 * 2 + 2 * 2 + 9 * 2 * 4) * 2 * 2
+    assert flow_bench.forward_flops(encoder) == g * (1 + 3)

@@ -1,5 +1,6 @@
 """Issue 14's choices, tested for what they do, not how fast: the precision default (with the CPU's
-bfloat16 detection forced either way), --mixed-precision none, and the fused Adam's arithmetic."""
+bfloat16 detection forced either way), --mixed-precision none, and the fused Adam's and AdamW's
+arithmetic."""
 import keras
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import flow_devices
 import glow
 import nice
 from flow_devices import choose_precision, cpu_bfloat16, make_strategy, set_mixed_precision
-from flow_run import Adam
+from flow_run import Adam, AdamW
 
 
 def fake_cpuinfo(tmp_path, flags):
@@ -84,29 +85,77 @@ def test_training_prints_the_precision_once_and_none_forces_float32(monkeypatch,
     assert lines == ["precision: float32 (--mixed-precision none)"]
 
 
-def run_adam(cls, steps=5):
+def run_adam(cls, steps=5, **kwargs):
+    """The weights after `steps` steps of `cls` on seeded gradients, then every optimizer variable
+    (iterations, learning rate, each weight's first and second moments: public `variables`)."""
     rng = np.random.RandomState(0)
-    variables = [keras.Variable(rng.standard_normal((30, 20)).astype("float32")),
-                 keras.Variable(rng.standard_normal((7,)).astype("float32"))]
-    opt = cls(1e-2)
+    variables = [keras.Variable(rng.standard_normal((30, 20)).astype("float32"), name="kernel"),
+                 keras.Variable(rng.standard_normal((7,)).astype("float32"), name="bias")]
+    opt = cls(1e-2, **kwargs)
     opt.build(variables)
     step = tf.function(lambda grads: opt.apply(grads, variables))
     for _ in range(steps):
         step([tf.constant(rng.standard_normal(v.shape).astype("float32")) for v in variables])
-    return [v.numpy() for v in variables] + [opt._momentums[0].numpy(), opt._velocities[1].numpy()]
+    return [v.numpy() for v in variables] + [v.numpy() for v in opt.variables]
+
+
+def assert_same(ours, theirs):
+    assert [a.shape for a in ours] == [b.shape for b in theirs]
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_adam_updates_exactly_as_keras_adam():
     """flow_run.Adam swaps Keras' element-wise update for TensorFlow's fused kernel; the numbers (weights,
-    first and second moments after 5 steps) are Keras' to float32 rounding."""
-    for ours, theirs in zip(run_adam(Adam), run_adam(keras.optimizers.Adam)):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    first and second moments after 5 steps) are Keras' to float32 rounding, and its variables are
+    Keras Adam's, in the same order (a weights file of one loads into the other)."""
+    ours, theirs = run_adam(Adam), run_adam(keras.optimizers.Adam)
+    assert [a.shape for a in ours] == [b.shape for b in theirs] and len(ours) == 2 + 2 + 2 * 2
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     moved = run_adam(Adam, steps=1)[0] - run_adam(Adam, steps=0)[0]
     assert np.abs(moved).max() > 1e-3  # it does update
+    for cls in (Adam, AdamW):  # and through the fused kernel, one per variable
+        variable = keras.Variable(np.ones(4, "float32"))
+        opt = cls(0.1)
+        opt.build([variable])
+        graph = tf.function(lambda g: opt.apply([g], [variable])).get_concrete_function(tf.ones(4)).graph
+        assert [op.type for op in graph.get_operations()].count("ResourceApplyAdam") == 1, cls
+
+
+def test_fused_adamw_updates_as_keras_adamw():
+    """flow_run.AdamW (TarFlow's settings: β₂ 0.95, a large decay to make it count, the gradient clipped
+    to global norm 1) gives Keras AdamW's weights and moments after 5 steps, to float32 rounding; a
+    variable excluded by name is not decayed, as in Keras; with use_ema the weights' averages match too;
+    and the decay does act (without it the weights differ)."""
+    settings = dict(beta_1=0.9, beta_2=0.95, weight_decay=0.5, global_clipnorm=1.0)
+    ours = run_adam(AdamW, **settings)
+    assert_same(ours, run_adam(keras.optimizers.AdamW, **settings))
+    ema = {**settings, "use_ema": True, "ema_momentum": 0.5}  # Keras' moving average of the weights, as in Keras
+    assert_same(run_adam(AdamW, **ema), run_adam(keras.optimizers.AdamW, **ema))
+    assert len(run_adam(AdamW, **ema)) == len(ours) + 2  # the two weights' averages
+    no_decay = run_adam(AdamW, **{**settings, "weight_decay": 0.0})
+    assert np.abs(no_decay[0] - ours[0]).max() > 1e-3
+    assert AdamW.from_config(AdamW(**settings).get_config()).decay == 0.5
+
+    class Excluding(AdamW):  # exclude_from_weight_decay, as a script calls it before the build
+        def build(self, var_list):
+            self.exclude_from_weight_decay(var_names=["bias"])
+            super().build(var_list)
+
+    class KerasExcluding(keras.optimizers.AdamW):
+        def build(self, var_list):
+            self.exclude_from_weight_decay(var_names=["bias"])
+            super().build(var_list)
+
+    ours = run_adam(Excluding, **settings)
+    assert_same(ours, run_adam(KerasExcluding, **settings))
+    np.testing.assert_allclose(ours[0], run_adam(AdamW, **settings)[0], rtol=1e-6)  # the kernel still decays
+    assert np.abs(ours[1] - run_adam(AdamW, **settings)[1]).max() > 1e-4  # the bias does not
 
 
 def test_fused_adam_is_keras_adam_under_a_strategy():
-    """Under a tf.distribute strategy the mirrored variables go through Keras' own update."""
+    """Under a tf.distribute strategy the mirrored variables go through Keras' element-wise formula."""
     strategy = make_strategy("mirrored", "CPU:0")
     with strategy.scope():
         variable = keras.Variable(np.ones(4, "float32"))

@@ -1,0 +1,268 @@
+"""The measurements of bench.py: matmul peaks (2048² and at a model's own shapes), FLOPs counted from
+a model's layer shapes, training speed of precision/XLA variants interleaved round by round, the
+script's own default variant, and where a NICE step goes (--profile). bench.py holds the models and
+the report; docs/running.md#performance says how to read the figures."""
+import math
+import resource
+import statistics
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from flow_devices import choose_precision, set_mixed_precision
+from flow_layers import (InvDense, ResidualFlow, SpectralConv2D, SpectralDense, TarBlock, flow_layers_of)
+from flow_run import Adam, build_optimizer
+
+# (name, --mixed-precision, jit_compile): float32 and mixed bfloat16, each without and with XLA
+VARIANTS = [("fp32", None, False), ("fp32_xla", None, True), ("bf16", "bfloat16", False),
+            ("bf16_xla", "bfloat16", True)]
+BASE = "fp32"  # every ratio is against plain float32 in the same run
+KERNELS = (keras.layers.Dense, keras.layers.Conv2D, InvDense, SpectralDense, SpectralConv2D)
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def spread(values):
+    return [min(values), max(values)]
+
+
+# --- matmul peaks -----------------------------------------------------------------------------
+
+def matmul_gflops(m, k, n, repeats, dtype="float32", min_s=0.2):
+    """GFLOP/s of keras.ops.matmul (m×k)·(k×n) in `dtype`, median of `repeats` runs of ≥ min_s each."""
+    a = keras.ops.cast(keras.random.normal((m, k), seed=1), dtype)
+    b = keras.ops.cast(keras.random.normal((k, n), seed=2), dtype)
+    keras.ops.convert_to_numpy(keras.ops.matmul(a, b))  # warm-up
+    inner = max(1, int(min_s / max(timed(lambda: keras.ops.convert_to_numpy(keras.ops.matmul(a, b))), 1e-6)))
+
+    def run():
+        for _ in range(inner):
+            c = keras.ops.matmul(a, b)
+        keras.ops.convert_to_numpy(c)
+
+    seconds = statistics.median(timed(run) for _ in range(repeats)) / inner
+    return 2 * m * k * n / seconds / 1e9
+
+
+def shape_peak(shapes, repeats, min_s=0.2, top=3):
+    """The peak at a model's own matmul shapes: the `top` shapes that carry the most of its FLOPs
+    (`kernel_shapes`), each timed as one keras.ops.matmul in float32 and bfloat16; `gflops` per dtype
+    ("none", "bfloat16") is their FLOP-weighted rate (Σ share ÷ Σ share/rate), what the model would
+    reach if every counted matmul ran as fast as it does alone."""
+    timed_shapes = []
+    for (m, k, n), share in sorted(shapes.items(), key=lambda s: -s[1])[:top]:
+        timed_shapes.append({"shape": f"({m}×{k})·({k}×{n})", "flop_share": share,
+                             "gflops": {p: matmul_gflops(m, k, n, repeats, d, min_s)
+                                        for p, d in (("none", "float32"), ("bfloat16", "bfloat16"))}})
+    weight = sum(s["flop_share"] for s in timed_shapes)
+    rate = {p: weight / sum(s["flop_share"] / s["gflops"][p] for s in timed_shapes) for p in ("none", "bfloat16")}
+    return {"shapes": timed_shapes, "flop_share_timed": weight, "gflops": rate}
+
+
+# --- FLOPs from the layer shapes --------------------------------------------------------------
+
+def _zeros(model):
+    x = [np.zeros((1, *i.shape[1:]), i.dtype) for i in model.inputs]
+    return x[0] if len(x) == 1 else x
+
+
+def kernel_calls(model):
+    """[(layer, pixels, passes)] for every matmul layer inside the model (Dense, Conv2D — stride 1,
+    'same' padding, as all of ours are —, InvDense, the spectral ones): `pixels` the spatial size of the
+    input it sees (H·W on images, T on token sequences, 1 on vectors), recorded by one eager call on a
+    zero example (the layers sit inside flows and coupling networks whose inputs have no fixed size);
+    `passes` 1, or 1 + terms inside an i-ResNet block whose log-det series adds one vector-Jacobian
+    product through g per term (roulette: its mean number of terms)."""
+    counted = [l for l in flow_layers_of(model) if isinstance(l, KERNELS)]
+    passes = {}
+    for block in (l for l in flow_layers_of(model) if isinstance(l, ResidualFlow)):
+        terms = {"truncated": block.terms, "roulette": block.terms + (1 - block.p) / block.p}.get(block.logdet, 0)
+        passes.update({id(l): 1 + terms for l in flow_layers_of(block.g)})
+    pixels = {}
+    for layer in counted:
+        def record(x, *args, layer=layer, call=layer.call, **kwargs):
+            pixels.setdefault(id(layer), math.prod(x.shape[1:-1]))
+            return call(x, *args, **kwargs)
+        object.__setattr__(layer, "call", record)  # an instance attribute, removed below
+    try:
+        model(_zeros(model), training=False)
+    finally:
+        for layer in counted:
+            del layer.__dict__["call"]
+    return [(l, pixels[id(l)], passes.get(id(l), 1)) for l in counted if id(l) in pixels]
+
+
+def _matmul(layer, pixels):
+    """(m per example, k, n) of the layer as one matmul (a k×k convolution as its im2col product)."""
+    if isinstance(layer, InvDense):
+        c = layer.l.shape[0]
+        return pixels, c, c
+    shape = layer.kernel.shape
+    return pixels, math.prod(shape[:-1]), shape[-1]
+
+
+def forward_flops(model):
+    """Forward matmul FLOPs per example (2 per multiply-add) of every kernel of `kernel_calls`, times its
+    passes, plus a TarBlock's attention products (QKᵀ and AV, 2·T²·width each, per layer)."""
+    total = sum(2 * math.prod(_matmul(l, p)) * passes for l, p, passes in kernel_calls(model))
+    for block in (l for l in flow_layers_of(model) if isinstance(l, TarBlock)):
+        total += block.depth * 2 * 2 * block.tokens ** 2 * block.width
+    return total
+
+
+def kernel_shapes(model, batch):
+    """{(m, k, n): share of the kernels' forward FLOPs} of the model's matmuls at batch `batch`."""
+    shapes = {}
+    for layer, pixels, passes in kernel_calls(model):
+        m, k, n = _matmul(layer, pixels)
+        shapes[(m * batch, k, n)] = shapes.get((m * batch, k, n), 0) + 2 * m * k * n * passes
+    total = sum(shapes.values()) or 1
+    return {s: f / total for s, f in shapes.items()}
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def recompile(model, jit):
+    """The script's optimizer (its type and settings, fresh) and loss, XLA on or off."""
+    opt = model.optimizer
+    model.compile(optimizer=type(opt).from_config(opt.get_config()), loss=model.loss, jit_compile=jit)
+    build_optimizer(model)  # as flow_run.Run does before fit
+
+
+def built(make, precision):
+    """make() under the --mixed-precision policy `precision` (None: float32); the policy is put back."""
+    set_mixed_precision(precision)
+    try:
+        return make()
+    finally:
+        set_mixed_precision(None)
+
+
+def default_variants(make, bf16_default):
+    """(default variant, float32 default variant) of a script's long training run: its precision as
+    `choose_precision` picks it with the script's `bf16_default` on this machine, XLA as its compile
+    resolves it under that precision (`model.jit_compile` after make(), which compiles as the script)."""
+    def name(precision):
+        return ("bf16" if precision else "fp32") + ("_xla" if built(make, precision).jit_compile is True else "")
+    precision = choose_precision(None, bf16_default)[0]
+    fp32 = name(None)
+    return (name(precision) if precision else fp32), fp32
+
+
+def bench_training(make, data, batch, steps, repeats, variants, flops_per_image, peaks):
+    """Every variant (a fresh model of the same seed under its policy, XLA on or off): first-step
+    latency, then `repeats` rounds (after one warm-up round) in which the variants run `fit` for
+    `steps` steps each, back to back. Seconds per step: the median over rounds. Ratios against fp32
+    are paired: the median over rounds of the two times within a round, with their spread (min, max),
+    so that load from other processes, which drifts over seconds, largely cancels. `peaks`: GFLOP/s
+    of "none" (float32) and "bfloat16", and "shape" {the same at the model's own shapes}."""
+    dataset = tf.data.Dataset.from_tensors(data).repeat()
+    models, results = {}, {}
+    for name, precision, jit in variants:
+        model = built(make, precision)
+        # the first step as a script takes it: compile, the optimizer's slots, the first fit call
+        first = timed(lambda: (recompile(model, jit),
+                               model.fit(dataset, steps_per_epoch=1, epochs=1, verbose=0, shuffle=False)))
+        models[name] = model
+        results[name] = {"mixed_precision": precision or "none", "jit_compile": jit, "first_step_s": first}
+    times = {name: [] for name in models}
+    cpu = {name: [] for name in models}
+    losses = {}
+    for round_ in range(repeats + 1):
+        for name, model in models.items():
+            c = time.process_time()
+            t = timed(lambda: losses.update({name: model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0,
+                                                             shuffle=False).history["loss"][-1]}))
+            if round_:  # round 0 is the warm-up
+                times[name].append(t / steps)
+                cpu[name].append((time.process_time() - c) / steps)
+    for name, secs in times.items():
+        step, own = statistics.median(secs), results[name]["mixed_precision"]
+        flops = 3 * flops_per_image * batch / step / 1e9
+        results[name].update(step_s=step, best_step_s=min(secs), rounds_step_s=secs,
+                             cpu_step_s=statistics.median(cpu[name]), img_per_s=batch / step, gflops=flops,
+                             utilisation=flops / peaks["none"], utilisation_bf16_peak=flops / peaks["bfloat16"],
+                             utilisation_own_peak=flops / peaks[own],
+                             utilisation_shape_peak=flops / peaks["shape"][own])
+        results[name]["loss_finite"] = bool(np.isfinite(losses[name]))  # the last round's training loss
+    base, base_cpu = times[BASE], cpu[BASE]
+    for name, secs in times.items():
+        ratios = [b / t for b, t in zip(base, secs)]
+        cpu_ratios = [b / t for b, t in zip(base_cpu, cpu[name])]
+        results[name].update(speedup_vs_fp32=statistics.median(ratios), speedup_spread=spread(ratios),
+                             cpu_speedup_vs_fp32=statistics.median(cpu_ratios), cpu_speedup_spread=spread(cpu_ratios))
+        results[name]["is_default"] = False
+    return results
+
+
+def summarise(out, default, fp32_default):
+    """The model's headline figures: its default path's, and `utilisation` of its float32 default path."""
+    v = out["variants"]
+    out["default_variant"], out["fp32_default_variant"] = default, fp32_default
+    v[default]["is_default"] = True
+    out.update({k: v[default][k] for k in ("img_per_s", "step_s", "first_step_s", "speedup_vs_fp32",
+                                           "cpu_speedup_vs_fp32")})
+    out["utilisation"] = v[fp32_default]["utilisation"]
+
+
+# --- where a NICE step goes ------------------------------------------------------------------
+
+def profile_nice(repeats=15):
+    """Seconds (median of `repeats` calls) of separate tf.functions over the article's NICE at batch
+    128, without and with XLA: forward, forward + backward, Keras' Adam update and flow_run.Adam's
+    fused one over all weights, a whole step with each, and the non-matmul layers alone (permutations,
+    interleaved splits and concats, the scale layer)."""
+    import nice
+    from flow_density import prior_nll
+    from flow_layers import AffineCouple
+
+    keras.utils.set_random_seed(0)
+    encoder, _, flow = nice.build_nice()
+    x = tf.constant((np.random.RandomState(0).randint(0, 256, (128, nice.DIM)) / 255).astype("float32"))
+    weights = encoder.trainable_variables
+
+    def loss():
+        z = encoder(x, training=True)
+        return tf.reduce_mean(prior_nll(None, z)) + tf.add_n(encoder.losses)
+
+    def grads():
+        with tf.GradientTape() as tape:
+            value = loss()
+        return tape.gradient(value, weights)
+
+    def layout():
+        h = x
+        for layer in flow:
+            h = h if isinstance(layer, AffineCouple) else layer(h)
+        return h
+
+    def median_s(fn):
+        keras.ops.convert_to_numpy(tf.nest.flatten(fn())[0])
+        return statistics.median(timed(lambda: keras.ops.convert_to_numpy(tf.nest.flatten(fn())[0]))
+                                 for _ in range(repeats))
+
+    out = {}
+    for jit in (False, True):
+        g = tf.function(grads, jit_compile=jit)()
+        r = {"forward_s": median_s(tf.function(loss, jit_compile=jit)),
+             "forward_backward_s": median_s(tf.function(grads, jit_compile=jit)),
+             "layout_ops_s": median_s(tf.function(layout, jit_compile=jit))}
+        for name, cls in (("keras_adam", keras.optimizers.Adam), ("fused_adam", Adam)):
+            opt = cls(1e-3)
+            opt.build(weights)
+            r[f"{name}_update_s"] = median_s(tf.function(lambda: (opt.apply(g, weights), opt.iterations)[1],
+                                                         jit_compile=jit))
+            r[f"step_{name}_s"] = median_s(tf.function(lambda: (opt.apply(grads(), weights), opt.iterations)[1],
+                                                       jit_compile=jit))
+        out["xla" if jit else "plain"] = r
+    return out
