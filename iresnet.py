@@ -6,13 +6,11 @@ Lip(g) < 1: the block is invertible (by fixed-point iteration) without any coupl
 trick. Its log-det, log det(I + J_g) = Σ (−1)^{k+1} tr(J_g^k)/k, is estimated with Hutchinson's trace
 estimator, truncated at --terms terms (i-ResNet) or with Russian-roulette re-weighting (Residual
 Flows, unbiased); in 2-D it is exact. MNIST: x = (k + u)/256 -> Actnorm -> stages × [Squeeze ->
-blocks × (ResidualFlow, Actnorm)] -> flatten. Loss 0.5‖z‖² + 0.5·D·log 2π (compiled) plus each
-layer's −log|det| (add_loss). The encoder runs one Flow, the decoder its inverse.
+blocks × (ResidualFlow, Actnorm)] -> flatten; the loss is the prior term plus each layer's −log|det|.
 
     python iresnet.py                          # MNIST, writes samples/iresnet_samples.png, test bits/dim
     python iresnet.py --toy moons              # data / i-ResNet density / coupling-flow density, one PNG
-    python iresnet.py --inverse --weights iresnet.weights.h5   # fixed-point iterations and error
-    python iresnet.py --bias-table --weights iresnet.weights.h5  # estimator bias against terms
+    python iresnet.py --inverse --weights W    # fixed-point iterations and error (--bias-table: estimators)
 """
 import math
 import os
