@@ -204,7 +204,7 @@ def cached_images(paths, img_size, cache_dir, seed=None, memory=CACHE_MEMORY):
     ds = decoded.cache(prefix)
     if seed is None:
         return ds, where
-    return ds.shuffle(min(n, memory // (size // n)), seed=seed, reshuffle_each_iteration=True).repeat(), where
+    return ds.shuffle(max(1, min(n, memory // (size // n))), seed=seed, reshuffle_each_iteration=True).repeat(), where
 
 
 def mnist_pixels(path=None):
