@@ -352,6 +352,10 @@ def test_script_end_to_end_then_sample_reconstruct_and_wrong_architecture(tmp_pa
     assert "--hidden 8 (this run: --hidden 16)" in err and "--permute conv (this run: --permute random)" in err
     assert "--depth" not in err and not os.path.exists("out2")
 
+    rc = glow.main(["--resume", "--epochs", "3", "--steps-per-epoch", "2", "--batch-size", "4", "--out", "out",
+                    "--weights", "out/g.weights.h5"])  # --resume reads the recorded folder too
+    assert rc == 0 and f"31 training images, 8 held out, from {tmp_path / 'imgs'}; " in capsys.readouterr().out
+
     os.rename("imgs", "gone")  # the folder it was trained on is not there: one line names the --data to give
     rc = glow.main(["--reconstruct", "--out", "out3", "--weights", "out/g.weights.h5"])
     err = capsys.readouterr().err
