@@ -215,7 +215,8 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
                 args.config.update(data=os.path.abspath(args.data), split_seed=args.seed)
         elif args.config.setdefault("channels", channels) != channels and reads:
             raise UserError(f"--weights {args.weights} holds a model of {args.config['channels']} channel(s); "
-                            f"--data {args.data or 'MNIST'} has {channels}")
+                            f"--data {args.data or 'MNIST'} has {channels}: give the kind of images it was trained on "
+                            f"with --data ({'a folder of images' if args.config['channels'] == 3 else 'an mnist.npz file'})")
     return args
 
 

@@ -12,6 +12,7 @@ experiments, the command line.
 
     python glow.py                       # MNIST zero-padded to 32×32 (the article's net: slow on CPU)
     python glow.py --data ~/celeba/img_align_celeba
+    python glow.py --data ~/photos --img-size 32 --level 3 --depth 8 --hidden 64 --coupling affine  # a CPU run
     python glow.py --sample-only --weights glow.weights.h5   # the architecture is recorded in the file
 """
 import os
