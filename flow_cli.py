@@ -142,7 +142,19 @@ def _say(dest, value):
     return f"--{dest.replace('_', '-')} {value}"
 
 
-def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=()):
+FOLDER_RECORD = ("data", "split_seed", "held_out")  # what the record keeps of a training folder (records_folder)
+
+
+def recorded_folder(record, source):
+    """The image folder a record names, when it is still there; else one line naming the --data to give."""
+    folder = record["data"]
+    if not os.path.isdir(folder):
+        raise UserError(f"{source} was trained on the images in {folder}, which is not there any more: "
+                        f"give --data {folder} once it is back, or --data with another folder of such images")
+    return folder
+
+
+def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=(), records_folder=False):
     """Parses and checks the shared flags, then resolves the model's shape into `args.config`
     ({dest: value} of every shape flag, plus what the record holds besides): an explicit flag, else
     the record in --weights (modes that load weights: --sample-only and the `uses_weights` dests)
@@ -150,7 +162,9 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
     record is a one-line error naming each difference. Sets args.model, args.loads_weights.
     `images` = (MNIST's side, a folder's default side): an image script's --data and --img-size
     (flow_data.image_data); the data's channels go into the record, and a run that reads data (it
-    trains, or one of the `reads_data` dests is set) must match a loaded model's."""
+    trains, or one of the `reads_data` dests is set) must match a loaded model's. With `records_folder`
+    a run on an image folder records it (FOLDER_RECORD: its absolute path and the split's seed; the
+    script adds the held-out count), and a run that reads data without --data reads that folder."""
     args = parser.parse_args(argv)
     args.model = model
     args.shape_flags = list(getattr(parser, "shape_defaults", {}))
@@ -191,13 +205,18 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
         args.config[d] = v
     if images is not None:
         reads = not args.loads_weights or any(getattr(args, d) for d in reads_data)
+        if records_folder and args.data is None and reads and (record or {}).get("data"):
+            args.data = recorded_folder(record, source)
         args.img_size, channels = image_data(args.data, args.img_size, reads, *images)
         args.config["img_size"] = args.img_size
         if not args.loads_weights:
             args.config["channels"] = channels
+            if records_folder and channels == 3:
+                args.config.update(data=os.path.abspath(args.data), split_seed=args.seed)
         elif args.config.setdefault("channels", channels) != channels and reads:
             raise UserError(f"--weights {args.weights} holds a model of {args.config['channels']} channel(s); "
-                            f"--data {args.data or 'MNIST'} has {channels}")
+                            f"--data {args.data or 'MNIST'} has {channels}: give the kind of images it was trained on "
+                            f"with --data ({'a folder of images' if args.config['channels'] == 3 else 'an mnist.npz file'})")
     return args
 
 

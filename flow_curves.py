@@ -30,6 +30,32 @@ def read_curve(path):
     raise UserError(f"{path}: no column among {', '.join(k for k, _ in CURVE_KEYS)}")
 
 
+def epoch_column(path, key):
+    """{epoch counted from 1: figure} of one column of an epoch log (the last row of an epoch wins, as
+    after a --resume); {} when the log or the column is missing."""
+    try:
+        with open(path, newline="") as f:
+            return {int(r["epoch"]) + 1: float(r[key]) for r in csv.DictReader(f) if r.get(key) not in (None, "")}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def kept(log, epoch, monitor, key="val_bpd"):
+    """The last lines of a run: which epoch's weights were kept (`epoch`, from 1), by which rule
+    (`monitor`), and their held-out figure `key` from the epoch log; under the training-loss rule also the
+    best held-out figure the log saw, and its epoch (a small training set overfits)."""
+    if epoch is None:
+        return "no epoch's weights were kept (no finite figure to keep them by)"
+    held_out = epoch_column(log, key)
+    rule = "the lowest training loss, the article's rule" if monitor == "loss" else "the lowest held-out loss"
+    line = f"kept the weights of epoch {epoch} ({rule}): {held_out.get(epoch, math.nan):.3f} held-out bits/dim"
+    if monitor == "loss" and held_out:
+        best = min(held_out, key=held_out.get)
+        line += (f"\nthe best held-out figure was epoch {best}'s: {held_out[best]:.3f} bits/dim"
+                 + (" (the same)" if best == epoch else "; --monitor val_loss keeps that one"))
+    return line
+
+
 def curve_table(curves, marks):
     """Markdown: per run, the best figure reached by each time mark (minutes)."""
     lines = ["| minutes | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]

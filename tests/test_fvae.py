@@ -189,7 +189,7 @@ def test_tiny_run_on_mnist_then_the_experiments(digits, tmp_path):
 
 def test_tiny_run_on_an_image_folder(tmp_path, capsys):
     rng = np.random.RandomState(0)
-    for i in range(12):
+    for i in range(16):  # the fewest a folder may hold: 8 held out, 8 to train on
         imageio.imwrite(tmp_path / f"im{i}.png", rng.randint(0, 256, (20, 24, 3)).astype(np.uint8))
     code = fvae.main(["--data", str(tmp_path), "--img-size", "16", *FAST, "--epochs", "1",
                       "--batch-size", "4", "--out", str(tmp_path / "pics"),

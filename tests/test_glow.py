@@ -2,7 +2,10 @@
 Jacobian for every --permute/--coupling, Actnorm's data-dependent init, training on real digits, the
 collapse callback, the image-folder loader and the script end to end. Per-layer properties are in
 test_layers.py."""
+import csv
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 
 import glow
-from flow_data import folder_pixels, load_folder, mnist_pixels
+from flow_data import MIN_HELD_OUT, cached_images, folder_pixels, load_folder, mnist_pixels
 from flow_io import UserError
 from flow_layers import Actnorm, flow_layers_of, initialize_actnorms
 from flow_run import KeepBest
@@ -170,15 +173,20 @@ def make_folder(root):
 
 def test_loader_loads_the_good_images_and_warns_about_the_bad(tmp_path, capsys):
     good = make_folder(tmp_path)
-    train, test = load_folder(str(tmp_path))
+    with pytest.raises(UserError, match=f"9 decodable image.s. are too few to split: {MIN_HELD_OUT} are held out"):
+        load_folder(str(tmp_path))  # the floor: 8 held out and as many to train on
     err = capsys.readouterr().err
     assert "skipping 3 of 12 files" in err
     for bad in ("truncated.png", "empty.jpg", "notes.png"):
         assert bad in err
     assert err.count("\n") == 1  # one warning
+    for i in range(2 * MIN_HELD_OUT - len(good)):
+        imageio.imwrite(tmp_path / f"more{i}.png", np.full((8, 8, 3), i, np.uint8))
+        good.append(f"more{i}.png")
+    train, test = load_folder(str(tmp_path))
     loaded = sorted(os.path.relpath(p, tmp_path) for p in train + test)
-    assert loaded == good
-    assert len(test) == 1 and len(train) == 8
+    assert loaded == sorted(good)
+    assert len(test) == MIN_HELD_OUT == len(train)  # 5 % of 16 is 1: the floor holds out 8
 
     files, load = folder_pixels([str(tmp_path / n) for n in good], 8)
     pixels = {n: p.numpy() for n, p in zip(good, files.map(load))}
@@ -197,7 +205,38 @@ def test_loader_loads_the_good_images_and_warns_about_the_bad(tmp_path, capsys):
     assert x.shape == (4, 8, 8, 3) and -1 <= x.numpy().min() and x.numpy().max() <= 1
     x_test = np.concatenate([b[0].numpy() for b in test_ds])
     k = (x_test + 1) / glow.BIN  # test images fill their bins: k + u, u ~ U(0, 1)
-    assert x_test.shape == (1, 8, 8, 3) and np.all(k - np.floor(k) > 0) and k.max() < 256
+    assert x_test.shape == (MIN_HELD_OUT, 8, 8, 3) and np.all(k - np.floor(k) > 0) and k.max() < 256
+    again = np.concatenate([b[0].numpy() for b in test_ds])  # the images are cached, the noise is fresh
+    np.testing.assert_array_equal(np.floor((again + 1) / glow.BIN), np.floor(k))
+    assert np.all(again != x_test)
+
+
+def test_images_are_decoded_once_in_memory_or_into_a_cache_file_a_second_run_reads(tmp_path):
+    paths = [str(tmp_path / "imgs" / name) for name in make_folder(tmp_path / "imgs")]
+    files, load = folder_pixels(paths, 8)
+    direct = np.stack([k.numpy() for k in files.map(load)]).astype(np.uint8)
+
+    in_memory, where = cached_images(paths, 8, str(tmp_path / "cache"))
+    assert "kept in memory" in where and not (tmp_path / "cache").exists()
+    np.testing.assert_array_equal(np.stack([k.numpy() for k in in_memory]), direct)
+
+    on_disk, where = cached_images(paths, 8, str(tmp_path / "cache"), memory=0)  # over the limit: a file
+    assert where.startswith("decoded in ") and "cached in" in where
+    written = sorted(os.listdir(tmp_path / "cache"))
+    assert len(written) == 2 and written[1].endswith(".index")  # the data and its index, no temporary left
+    np.testing.assert_array_equal(np.stack([k.numpy() for k in on_disk]), direct)
+    again, where = cached_images(paths, 8, str(tmp_path / "cache"), memory=0)  # a second run reads it back
+    assert where.startswith("read back from ") and sorted(os.listdir(tmp_path / "cache")) == written
+    np.testing.assert_array_equal(np.stack([k.numpy() for k in again]), direct)
+    cached_images(paths, 4, str(tmp_path / "cache"), memory=0)  # another size is another cache
+    assert len(os.listdir(tmp_path / "cache")) == 4
+
+    shuffled, _ = cached_images(paths, 8, str(tmp_path / "cache"), seed=0, memory=4 * 8 * 8 * 3)  # a 4-image buffer
+    first, second = (np.stack([k.numpy() for k in part]) for part in
+                     (shuffled.take(len(paths)), shuffled.skip(len(paths)).take(len(paths))))
+    for part in (first, second):  # every pass is the whole set, in a new order
+        assert sorted(map(bytes, part)) == sorted(map(bytes, direct))
+    assert not np.array_equal(first, second)
 
 
 def test_loader_empty_folder_is_a_user_error(tmp_path):
@@ -281,17 +320,26 @@ def test_script_end_to_end_then_sample_reconstruct_and_wrong_architecture(tmp_pa
     assert (tmp_path / "out" / "g.weights.h5").stat().st_size > 0
     bpd = float(r.stdout.split("test bits/dim: ")[1].split()[0])
     assert 0 < bpd < 20
+    assert "31 training images, 8 held out, from imgs; training images decoded in " in r.stdout
+    assert "kept in memory" in r.stdout
+    kept = [line for line in r.stdout.splitlines() if line.startswith(("kept the weights", "the best held-out"))]
+    assert len(kept) == 2
+    assert re.fullmatch(r"kept the weights of epoch [12] \(the lowest training loss, the article's rule\): "
+                        r"\d+\.\d{3} held-out bits/dim", kept[0])
+    assert re.fullmatch(r"the best held-out figure was epoch [12]'s: \d+\.\d{3} bits/dim"
+                        r"( \(the same\)|; --monitor val_loss keeps that one)", kept[1])
 
-    # in-process from here: every mode that loads the weights, with --weights (and the data) only:
-    # the architecture comes from the record in the file
+    # in-process from here: every mode that loads the weights, with --weights only: the architecture and
+    # the folder (with its split) come from the record in the file
     monkeypatch.chdir(tmp_path)
     os.remove("out/glow_samples.png")
-    rc = glow.main(["--data", "imgs", "--sample-only", "--reconstruct", "--temperatures", "0,0.5,1",
+    rc = glow.main(["--sample-only", "--reconstruct", "--temperatures", "0,0.5,1",
                     "--interpolate", "1", "--out", "out", "--weights", "out/g.weights.h5"])
     out = capsys.readouterr().out
     assert rc == 0
+    assert f"31 training images, 8 held out, from {tmp_path / 'imgs'}; held-out images decoded" in out
     assert imageio.imread("out/glow_samples.png").shape == (72, 72, 3)
-    assert imageio.imread("out/glow_reconstruct.png").shape == (16, 16, 3)  # 2 held-out images over themselves
+    assert imageio.imread("out/glow_reconstruct.png").shape == (16, 8 * 8, 3)  # 8 held-out images over themselves
     assert float(out.split("max abs error ")[1].split(")")[0]) <= 1e-4
     assert imageio.imread("out/glow_temperatures.png").shape == (3 * 8, glow.GRID * 8, 3)
     assert imageio.imread("out/glow_interpolate.png").shape == (2 * 8, glow.GRID * 8, 3)
@@ -303,3 +351,53 @@ def test_script_end_to_end_then_sample_reconstruct_and_wrong_architecture(tmp_pa
     assert err.startswith("error: --weights out/g.weights.h5 was trained with ")
     assert "--hidden 8 (this run: --hidden 16)" in err and "--permute conv (this run: --permute random)" in err
     assert "--depth" not in err and not os.path.exists("out2")
+
+    rc = glow.main(["--resume", "--epochs", "3", "--steps-per-epoch", "2", "--batch-size", "4", "--out", "out",
+                    "--weights", "out/g.weights.h5"])  # --resume reads the recorded folder too
+    assert rc == 0 and f"31 training images, 8 held out, from {tmp_path / 'imgs'}; " in capsys.readouterr().out
+
+    os.rename("imgs", "gone")  # the folder it was trained on is not there: one line names the --data to give
+    rc = glow.main(["--reconstruct", "--out", "out3", "--weights", "out/g.weights.h5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"error: --weights out/g.weights.h5 was trained on the images in {tmp_path / 'imgs'}, "
+                               f"which is not there any more: give --data {tmp_path / 'imgs'} once it is back, or "
+                               f"--data with another folder of such images\n")
+    assert glow.main(["--sample-only", "--out", "out3", "--weights", "out/g.weights.h5"]) == 0  # reads no images
+    assert glow.main(["--reconstruct", "--data", "gone", "--out", "out3", "--weights", "out/g.weights.h5"]) == 0
+
+
+def test_monitor_val_loss_keeps_the_epoch_with_the_lowest_held_out_loss(tmp_path, capsys):
+    """Nine training images overfit within a few epochs: the training loss falls at every epoch while
+    the held-out loss turns back up, so the article's rule would keep the last epoch; --monitor val_loss
+    keeps the epoch of the lowest held-out loss in the epoch log, and those are the weights in the file."""
+    rng = np.random.RandomState(0)
+    xx = np.mgrid[0:8, 0:8][1][..., None] / 8
+    (tmp_path / "imgs").mkdir()
+    for i in range(2 * MIN_HELD_OUT + 1):  # smooth stripes (something to learn) plus noise (something to overfit)
+        img = 128 + 60 * np.sin(3 * xx + rng.uniform(0, 6, 3)) + rng.normal(0, 25, (8, 8, 3))
+        imageio.imwrite(tmp_path / "imgs" / f"i{i}.png", np.clip(img, 0, 255).astype(np.uint8))
+    weights = str(tmp_path / "w" / "g.weights.h5")
+    rc = glow.main(["--data", str(tmp_path / "imgs"), "--img-size", "8", "--level", "2", "--depth", "2",
+                    "--hidden", "32", "--coupling", "affine", "--lr", "1e-3", "--batch-size", "4",
+                    "--steps-per-epoch", "3", "--epochs", "8", "--monitor", "val_loss", "--mixed-precision", "none",
+                    "--weights", weights, "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    with open(weights[: -len(".weights.h5")] + ".csv") as f:
+        log = list(csv.DictReader(f))
+    loss, val_loss, val_bpd = ([float(r[k]) for r in log] for k in ("loss", "val_loss", "val_bpd"))
+    best = int(np.argmin(val_loss))
+    assert len(log) == 8 and 0 < best < 7  # the held-out loss fell, then rose: a middle epoch is the best
+    assert np.argmin(loss) == 7  # the training loss still fell: the default rule would have kept epoch 8
+    assert f"kept the weights of epoch {best + 1} (the lowest held-out loss): {val_bpd[best]:.3f} held-out " \
+           f"bits/dim" in out
+    with open(os.path.join(weights[: -len(".weights.h5")] + ".run", "state.json")) as f:
+        assert json.load(f)["best_epoch"] == best + 1
+    final = float(out.split("test bits/dim: ")[1].split()[0])  # the file's weights, evaluated afresh
+    assert abs(final - val_bpd[best]) < 0.01 < abs(final - val_bpd[-1])
+
+
+def test_help_shows_the_monitor_option(capsys):
+    assert glow.main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--monitor {loss,val_loss}" in out and "the lowest held-out loss" in out

