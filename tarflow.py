@@ -159,8 +159,7 @@ def flow_of(model):
     return next(f for f in (getattr(l, "flow", l) for l in model.layers) if isinstance(f, Flow))
 
 
-def tar_blocks(model):
-    """The TarBlocks of an encoder's or decoder's flow (`use_cache` and `guidance` are read per call)."""
+def tar_blocks(model):  # their `use_cache` and `guidance` are read at each call
     return [step for step in flow_of(model).steps if isinstance(step, TarBlock)]
 
 
@@ -234,31 +233,35 @@ class EpochGrid(keras.callbacks.Callback):
 
 
 def write_grids(encoder, decoder, args):
-    """OUT/tarflow_samples.png (a conditional model: OUT/tarflow_guided.png, row i digit i, at
-    --guidance); for a Gaussian-noise model with --denoise also OUT/tarflow_denoise.png, the same
-    samples before (left) and after (right) the denoising step. On digits, prints the `sample score:`
-    of the grid, and of the samples before denoising."""
+    """OUT/tarflow_samples.png (conditional: OUT/tarflow_guided.png, row i digit i, at --guidance); with
+    Gaussian noise and --denoise also OUT/tarflow_denoise.png, the samples before | after the denoising
+    step. On digits, prints the `sample score:` of the grid, and of the samples before denoising."""
     z, labels = grid_inputs(args)
     noisy_x, x = sample(encoder, decoder, args, z, labels)
     path = os.path.join(args.out, "tarflow_guided.png" if args.conditional else "tarflow_samples.png")
     save_png(path, image_grid(x, GRID, low=-1, high=1))
     print(f"wrote {path}", flush=True)
     if args.noise == "gaussian" and args.denoise:
-        gap = np.ones((GRID * noisy_x.shape[1], 4 * noisy_x.shape[2] // 7 or 4), np.uint8) * 255
-        pair = [image_grid(noisy_x, GRID, low=-1, high=1), image_grid(x, GRID, low=-1, high=1)]
-        gap = gap if pair[0].ndim == 2 else np.repeat(gap[..., None], 3, axis=-1)
+        pair = [image_grid(v, GRID, low=-1, high=1) for v in (noisy_x, x)]
+        gap = np.full((pair[0].shape[0], 4 * noisy_x.shape[2] // 7 or 4, *pair[0].shape[2:]), 255, np.uint8)
         path = os.path.join(args.out, "tarflow_denoise.png")
         save_png(path, np.concatenate([pair[0], gap, pair[1]], axis=1))
         print(f"wrote {path} (before | after the denoising step)", flush=True)
     if flow_score.digits(args):
         print(flow_score.score_line(unit(x), labels), flush=True)
         if args.noise == "gaussian" and args.denoise:
-            print(f"before denoising: {flow_score.describe(flow_score.score(unit(noisy_x), labels))}", flush=True)
+            print(f"before denoising: {flow_score.describe(flow_score.score(unit(noisy_x), labels))}; grey pixels "
+                  f"{grey_share(noisy_x):.2f} before, {grey_share(x):.2f} after", flush=True)
 
 
 def unit(x):
     """Images in [−1, 1] (unclipped samples) -> [0, 1]."""
     return (np.clip(x, -1, 1) + 1) / 2
+
+
+def grey_share(x):
+    """The share of pixels strictly between 2 % and 98 %: on digits, mostly the noise's speckle."""
+    return float(np.mean((unit(x) > 0.02) & (unit(x) < 0.98)))
 
 
 def guidance_sweep(encoder, decoder, args):
