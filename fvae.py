@@ -271,8 +271,9 @@ class Samples(keras.callbacks.Callback):
 # --- the article's experiments ------------------------------------------------------------------
 
 def test_images(test, n):
-    """The first n dequantized held-out images (fewer if there are fewer)."""
-    return np.concatenate([b[0][0].numpy() for b in test.unbatch().batch(n).take(1)])
+    """The first n held-out images (fewer if there are fewer) from the integer-pixel dataset `test`,
+    each pixel at its bin's centre, −1 + (k + ½)·2/256: the same pictures at every run."""
+    return np.concatenate([-1 + (b.numpy().astype(np.float32) + 0.5) * BIN for b in test.batch(n).take(1)])
 
 
 def reconstruct(fvae, x):
@@ -293,18 +294,18 @@ def experiments(args):
     fvae = build_fvae(**args.config)
     compile_fvae(fvae)  # evaluate() of the --iw report needs the compiled loss
     cli.load_weights(fvae.model, args)
-    test = None
-    if args.reconstruct or args.interpolate or args.iw:
-        _, test, _ = datasets(args, fvae.latent_dims)
+    test = datasets(args, fvae.latent_dims)[1] if args.iw else None
+    if args.reconstruct or args.interpolate:
+        pixels_test = pixels(args)[1]
     if args.sample_only:
         write_samples(fvae.sampler, args, "fvae_samples", (args.std,) if args.std_given else TEMPERATURES)
     if args.reconstruct:
-        x, x_rec = reconstruct(fvae, test_images(test, RECONSTRUCT))
+        x, x_rec = reconstruct(fvae, test_images(pixels_test, RECONSTRUCT))
         path = os.path.join(args.out, "fvae_reconstruct.png")
         save_png(path, row_grid(np.stack([x, x_rec]), low=-1, high=1))
         print(f"wrote {path} (held-out images over G(E(x)); mean abs error {np.mean(np.abs(x - x_rec)):.3f})")
     if args.interpolate:
-        x = test_images(test, 2 * args.interpolate)
+        x = test_images(pixels_test, 2 * args.interpolate)
         if len(x) < 2 * args.interpolate:
             raise UserError(f"--interpolate {args.interpolate}: needs {2 * args.interpolate} held-out images, "
                             f"there are {len(x)}")
