@@ -10,6 +10,7 @@ import signal
 import statistics
 import sys
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -18,6 +19,14 @@ from flow_curves import plot_log
 from flow_density import prior_constant
 from flow_devices import is_chief, worker_path
 from flow_io import UserError, atomic_write, read_config, save_weights_atomic
+
+
+def load_weights(model, path):
+    """model.load_weights(path). A weights-only file (`Run.end` writes one) leaves the optimizer's state
+    as it is, which Keras announces with a warning for every such load: expected here, so not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
 
 
 class KeepBest(keras.callbacks.Callback):
@@ -56,7 +65,7 @@ class KeepBest(keras.callbacks.Callback):
     def _collapse(self, where, value):
         self.collapses += 1
         if os.path.exists(self.path):
-            self.model.load_weights(self.path)
+            load_weights(self.model, self.path)
             source = self.path
         else:  # nothing saved yet: back to the weights training started from
             self.model.set_weights(self._start)
@@ -413,7 +422,7 @@ class Run:
             self.code = 3
             return False
         if os.path.isfile(self.path):
-            self.model.load_weights(self.path)
+            load_weights(self.model, self.path)
             if self.chief:  # the optimizer's state stays in the backups for --resume; the weights file is the model
                 save_weights_atomic(self.model, self.path, self.keep_best.config, optimizer=False)
         if self.plot and self.chief and os.path.isfile(self.log):

@@ -178,22 +178,23 @@ def describe(s):
     return line + (f", row accuracy {s['row_accuracy']:.2f}" if "row_accuracy" in s else "")
 
 
-_ceiling = None
+_ceilings = {}
 
 
-def real_digit_ceiling():
-    """The score of load_mnist's held-out real digits (computed once per process)."""
-    global _ceiling
-    if _ceiling is None:
+def real_digit_ceiling(data=None):
+    """The score of the real held-out digits (computed once per process): those of `data` (an npz in
+    keras' mnist.npz layout), else load_mnist's."""
+    if data not in _ceilings:
         with contextlib.redirect_stdout(io.StringIO()):  # a training run has already said where MNIST came from
-            _, (x_test, _) = load_mnist(labels=True)
-        _ceiling = score(x_test)
-    return _ceiling
+            _, x_test = load_mnist(data)
+        _ceilings[data] = score(x_test)
+    return _ceilings[data]
 
 
-def score_line(images, rows=None):
-    """`sample score: ... (real held-out digits: ...)`: the line a training run prints."""
-    return f"sample score: {describe(score(images, rows))} (real held-out digits: {describe(real_digit_ceiling())})"
+def score_line(images, rows=None, data=None):
+    """`sample score: ... (real held-out digits: ...)`: the line a training run prints (`data`: its npz)."""
+    return (f"sample score: {describe(score(images, rows))} "
+            f"(real held-out digits: {describe(real_digit_ceiling(data))})")
 
 
 def digits(args):
@@ -205,7 +206,7 @@ def digits(args):
 def report(path, args, by_rows=False):
     """After a training run on digits: prints the `sample score:` line of the grid at `path`."""
     if digits(args):
-        print(score_png(path, by_rows=by_rows), flush=True)
+        print(score_png(path, by_rows=by_rows, data=args.data), flush=True)
 
 
 # --- grids and the command line ------------------------------------------------------------------
@@ -238,7 +239,7 @@ def grid_tiles(picture, grid=None):
     return (tiles.astype(np.uint8) if picture.dtype == np.uint8 else tiles / 255.0), r
 
 
-def score_png(path, grid=None, by_rows=False):
+def score_png(path, grid=None, by_rows=False, data=None):
     """The score line of a grid PNG; by_rows: row i of the grid is digit i."""
     import imageio.v2 as imageio
 
@@ -254,7 +255,7 @@ def score_png(path, grid=None, by_rows=False):
         if r > 10:
             raise UserError(f"--rows: the grid has {r} rows; a class-conditional grid has at most 10 (one per digit)")
         rows = np.repeat(np.arange(r), len(tiles) // r)
-    return score_line(tiles, rows)
+    return score_line(tiles, rows, data)
 
 
 def parse_args(argv=None):

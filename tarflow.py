@@ -248,7 +248,7 @@ def write_grids(encoder, decoder, args):
         save_png(path, np.concatenate([pair[0], gap, pair[1]], axis=1))
         print(f"wrote {path} (before | after the denoising step)", flush=True)
     if flow_score.digits(args):
-        print(flow_score.score_line(unit(x), labels), flush=True)
+        print(flow_score.score_line(unit(x), labels, args.data), flush=True)
         if args.noise == "gaussian" and args.denoise:
             print(f"before denoising: {flow_score.describe(flow_score.score(unit(noisy_x), labels))}; grey pixels "
                   f"{grey_share(noisy_x):.2f} before, {grey_share(x):.2f} after", flush=True)

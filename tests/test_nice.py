@@ -212,6 +212,9 @@ def test_nice_py_end_to_end(tmp_path, npz):
     assert re.fullmatch(r"test bits/dim: \d+\.\d{3}", lines[-1]), lines[-3:]
     assert 0 < float(lines[-1].split()[-1]) < 16
     assert "100 training images, 100 test images" in proc.stdout
+    # the grid's sample score, beside the ceiling: the real held-out digits of the run's own data
+    assert re.search(r"^sample score: confident \d\.\d\d, IS \d+\.\d\d, \d+ classes \(real held-out digits: "
+                     r"confident \d\.\d\d, IS \d+\.\d\d, \d+ classes\)$", proc.stdout, flags=re.M), proc.stdout[-800:]
     grid = imageio.imread(out / "nice_samples.png")
     assert grid.shape == (420, 420)
     assert weights.exists()

@@ -221,6 +221,7 @@ def test_tiny_run_prints_its_last_line(tmp_path, digits):
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("test bits/dim: ") and 0 < float(last.split()[-1]) < 20, last
+    assert "sample score: confident " in out.stdout and "(real held-out digits: confident " in out.stdout
     assert os.path.isfile(tmp_path / "pics" / "tarflow_samples.png")
     assert os.path.isfile(tmp_path / "pics" / "tarflow_epoch_001.png")
 
