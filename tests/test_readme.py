@@ -66,7 +66,7 @@ RESUME = {"nice.py": ["--epochs", "2", "--limit", "256", "--batch-size", "32"],
           "tarflow.py": ["--epochs", "2", "--limit", "64", "--batch-size", "16"],
           "iresnet.py": ["--epochs", "2", "--limit", "128", "--batch-size", "32"]}
 LOADS_WEIGHTS = {"--sample-only", "--temperatures", "--interpolate", "--walk", "--reconstruct", "--inverse",
-                 "--bias-table"}
+                 "--bias-table", "--guidance-sweep"}
 FOLDER = ["--img-size", "16", "--batch-size", "8"]  # after TRAIN: a tiny image folder of 20: 12 to train, 8 held out
 
 
