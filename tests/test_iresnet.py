@@ -13,8 +13,7 @@ import tensorflow as tf
 
 import iresnet
 from flow_density import dequantize, prior_nll
-from flow_layers import (ResidualFlow, SpectralConv2D, SpectralDense, banach_iterations, initialize_actnorms,
-                         log_det_estimator)
+from flow_layers import ResidualFlow, SpectralConv2D, SpectralDense, banach_iterations, initialize_actnorms
 from helpers import jacobian_log_det, mnist_npz, perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

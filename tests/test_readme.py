@@ -32,7 +32,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import mnist_digits, mnist_npz
+from helpers import mnist_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
