@@ -71,5 +71,7 @@ def test_committed_picture_is_drawn_again_from_committed_weights(script, flags, 
         drawn = imageio.imread(tmp_path / name).astype(np.int16)
         assert drawn.shape == committed.shape, name
         off = np.abs(drawn - committed)
-        # float32 kernels may differ in the last bits between CPUs: a few pixels one level apart
-        assert np.mean(off > 2) < 0.01 and off.mean() < 0.5, (name, off.mean(), np.mean(off > 2))
+        # float32 kernels may differ in their last bits between CPUs (oneDNN picks them by instruction set),
+        # and TarFlow's token-by-token decoding carries such differences along: a few pixels a few levels
+        # apart pass; another model's or another seed's picture differs by tens of levels on average
+        assert np.mean(off > 8) < 0.02 and off.mean() < 1.0, (name, off.mean(), np.mean(off > 8))
