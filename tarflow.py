@@ -264,6 +264,17 @@ def grey_share(x):
     return float(np.mean((unit(x) > 0.02) & (unit(x) < 0.98)))
 
 
+# --- the article's experiments ------------------------------------------------------------------
+
+def temperature_rows(encoder, decoder, args, columns=GRID):
+    """(temperatures, columns, h, w, c): the same ε_j in every row at rising temperature (a conditional
+    model: column j is digit j); denoised like the grids."""
+    z = temperature_codes(args.temperatures, columns, args.dims, args.seed or 0)
+    labels = np.tile(np.arange(columns) % CLASSES, len(z)).astype(np.int32) if args.conditional else None
+    _, x = sample(encoder, decoder, args, z.reshape(-1, args.dims), labels)
+    return x.reshape(len(z), columns, *x.shape[1:])
+
+
 def guidance_sweep(encoder, decoder, args):
     """For each --guidance-sweep weight w, the score of a 10×10 grid (row i digit i) at w: rows of
     (w, row accuracy, IS, confident); written to OUT/tarflow_guidance_sweep.md and printed."""
@@ -278,17 +289,6 @@ def guidance_sweep(encoder, decoder, args):
     path = os.path.join(args.out, "tarflow_guidance_sweep.md")
     atomic_write(path, lambda tmp: open(tmp, "w").write("\n".join(lines) + "\n"))
     print(f"wrote {path}", flush=True)
-
-
-# --- the article's experiments ------------------------------------------------------------------
-
-def temperature_rows(encoder, decoder, args, columns=GRID):
-    """(temperatures, columns, h, w, c): the same ε_j in every row at rising temperature (a conditional
-    model: column j is digit j); denoised like the grids."""
-    z = temperature_codes(args.temperatures, columns, args.dims, args.seed or 0)
-    labels = np.tile(np.arange(columns) % CLASSES, len(z)).astype(np.int32) if args.conditional else None
-    _, x = sample(encoder, decoder, args, z.reshape(-1, args.dims), labels)
-    return x.reshape(len(z), columns, *x.shape[1:])
 
 
 def experiments(args):
