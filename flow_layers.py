@@ -970,6 +970,18 @@ class Flip(FlowLayer):
     def reverse(self, z):
         return ops.flip(z, axis=1)
 
+@ops.custom_gradient
+def gelu(x):
+    """GELU(x) = x·Φ(x), Φ(x) = 0.5·(1 + erf(x/√2)) (Hendrycks & Gimpel 2016), exact, in x's dtype (TarFlow's
+    MLP computes it in float32 under a mixed policy: 16-bit elementwise ops are slow on a CPU). Its
+    derivative Φ(x) + x·φ(x), φ the normal density, reuses Φ: fewer passes than autodiff's."""
+    cdf = 0.5 + 0.5 * ops.erf(x * (1 / math.sqrt(2)))
+
+    def grad(*args, upstream=None):
+        upstream = args[0] if upstream is None else upstream
+        return upstream * (cdf + x * ops.exp(-0.5 * ops.square(x)) * (1 / math.sqrt(2 * math.pi)))
+    return x * cdf, grad
+
 class TarBlock(FlowLayer):
     """One TarFlow block on tokens x (T, D): z_t = (x_t − μ_t) ⊗ exp(−a_t), (a_t, μ_t) = f(x_<t)
     (Zhai et al. 2024, the TarFlow block), log-det −Σ_t Σ a_t.
@@ -1004,20 +1016,22 @@ class TarBlock(FlowLayer):
     def build(self, input_shape):
         x_shape = input_shape[0] if self.classes else input_shape
         self.tokens, self.dims = x_shape[1], x_shape[2]
-        width, policy = self.width, self.dtype_policy
+        # the Transformer's layers compute in 16 bits under a mixed policy; the tokens' way in and (a, μ)'s
+        # way out stay in float32: a 16-bit μ would be off by half a pixel level, 2⁻⁸ of values near 1
+        width, policy, exact = self.width, keras.config.dtype_policy(), self.dtype_policy
 
-        def dense(units, name, **kw):
-            layer = keras.layers.Dense(units, dtype=policy, name=name, **kw)
-            layer.build((None, None, width if name != "proj_in" else self.dims))
+        def dense(units, name, inputs=width, dtype=policy, **kw):
+            layer = keras.layers.Dense(units, dtype=dtype, name=name, **kw)
+            layer.build((None, inputs))
             return layer
 
-        def norm(name):
-            layer = keras.layers.LayerNormalization(epsilon=1e-6, dtype=policy, name=name)
-            layer.build((None, None, width))
+        def norm(name, dtype=policy):
+            layer = keras.layers.LayerNormalization(epsilon=1e-6, dtype=dtype, name=name)
+            layer.build((None, width))
             return layer
 
         small = keras.initializers.RandomNormal(stddev=0.01, seed=self.seed)
-        self.proj_in = dense(width, "proj_in")
+        self.proj_in = dense(width, "proj_in", self.dims, exact)
         self.position = self.add_weight(shape=(self.tokens, width), initializer=small, name="position")
         if self.classes:  # row `classes` is "no class" (label dropout, guidance)
             self.class_embedding = self.add_weight(shape=(self.classes + 1, width), initializer=small,
@@ -1029,68 +1043,72 @@ class TarBlock(FlowLayer):
             self.qkv.append(dense(3 * width, f"qkv_{i}"))
             self.attention_out.append(dense(width, f"attention_out_{i}"))
             self.mlp_norms.append(norm(f"mlp_norm_{i}"))
-            self.mlp_in.append(dense(4 * width, f"mlp_in_{i}", activation="gelu"))
-            mlp_out = keras.layers.Dense(width, dtype=policy, name=f"mlp_out_{i}")
-            mlp_out.build((None, None, 4 * width))
-            self.mlp_out.append(mlp_out)
-        self.out_norm = norm("out_norm")
-        self.proj_out = dense(2 * self.dims, "proj_out", kernel_initializer="zeros")
+            self.mlp_in.append(dense(4 * width, f"mlp_in_{i}"))
+            self.mlp_out.append(dense(width, f"mlp_out_{i}", 4 * width))
+        self.out_norm = norm("out_norm", exact)
+        self.proj_out = dense(2 * self.dims, "proj_out", dtype=exact, kernel_initializer="zeros")
 
     # f: the causal Transformer ------------------------------------------------------------------
 
     def _embed(self, x, y, start):
-        """Dense(width) of tokens x (B, t, D) at positions start.. + position (+ class) embedding;
-        `start` may be a tensor when t = 1 (the cached loop)."""
-        if x.shape[1] == 1:
-            position = ops.take(self.position, start, axis=0)[None, None, :]
-        else:
-            position = self.position[start:start + x.shape[1]]
-        h = self.proj_in(x) + position
+        """Dense(width) of tokens x (B, t, D) at positions start.. + position (+ class) embedding, as
+        (B·t, width): the Transformer's Dense layers then run one plain matmul each. `start` may be a
+        tensor when t = 1 (the cached loop)."""
+        t = x.shape[1]
+        position = ops.take(self.position, start, axis=0)[None] if t == 1 else self.position[start:start + t]
+        h = ops.reshape(self.proj_in(x), (-1, t, self.width)) + position  # the residual stream: float32
         if self.classes:
             h = h + ops.take(self.class_embedding, y, axis=0)[:, None, :]
-        return h
+        return ops.reshape(h, (-1, self.width))
 
-    def _heads(self, h):
-        """(B, t, width) -> (B, heads, t, width/heads)."""
-        h = ops.reshape(h, (-1, h.shape[1], self.heads, self.width // self.heads))
-        return ops.transpose(h, (0, 2, 1, 3))
+    def _heads(self, h, t):
+        """(B·t, width) -> (B, heads, t, width/heads)."""
+        return ops.transpose(ops.reshape(h, (-1, t, self.heads, self.width // self.heads)), (0, 2, 1, 3))
 
-    def _transformer_layer(self, i, h, cache=None):
-        """One pre-norm layer on h (B, t, width). cache None: the whole sequence with a causal mask.
-        Else h is the one token at position `cache["t"]` and cache holds fixed-size key and value
-        buffers (B, heads, T, width/heads): its key and value are written at that position and it
-        attends to the positions up to it (a fixed shape, so the loop over t compiles once)."""
+    def _attention(self, i, h, t, cache=None):
+        """Layer i's causal self-attention on LayerNorm(h), h (B·t, width), t tokens an example; returns
+        its output projection. cache None: the whole sequence with a causal mask. Else t = 1, the token
+        at position `cache["t"]`, and cache holds fixed-size key and value buffers (B, heads, T,
+        width/heads): its key and value are written at that position and it attends to the positions
+        up to it (a fixed shape, so the token loop compiles once)."""
         q, k, v = ops.split(self.qkv[i](self.attention_norms[i](h)), 3, axis=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        scores_mask = None
-        if cache is None:
-            t = h.shape[1]
-            scores_mask = ops.cast(ops.tril(ops.ones((t, t))), "bool")
+        # 1/√d folded into q: one multiply of (t, d), not of every (t, t) score
+        q, k, v = self._heads(q * (1 / math.sqrt(self.width // self.heads)), t), self._heads(k, t), self._heads(v, t)
+        if cache is None:  # causal: −1e9 above the diagonal, a constant added to the scores
+            mask = np.triu(np.full((t, t), -1e9), 1)
         else:
             here = ops.one_hot(cache["t"], self.tokens, dtype=k.dtype)[None, None, :, None]
             k = cache[f"k{i}"] = cache[f"k{i}"] + here * k  # the buffer is zero at and after t
             v = cache[f"v{i}"] = cache[f"v{i}"] + here * v
-            scores_mask = (ops.arange(self.tokens, dtype="int32") <= ops.cast(cache["t"], "int32"))[None, :]
-        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.width // self.heads)
-        scores = ops.where(scores_mask, scores, ops.cast(-1e9, scores.dtype))
-        weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))  # softmax
-        out = ops.matmul(weights / ops.sum(weights, axis=-1, keepdims=True), v)
-        out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (-1, h.shape[1], self.width))
-        h = h + self.attention_out[i](out)
-        return h + self.mlp_out[i](self.mlp_in[i](self.mlp_norms[i](h)))
+            mask = ops.where(ops.arange(self.tokens, dtype="int32") <= ops.cast(cache["t"], "int32"), 0, -1e9)[None]
+        out = ops.transpose(self._attend(q, k, v, mask), (0, 2, 1, 3))
+        return self.attention_out[i](ops.reshape(out, (-1, self.width)))
 
-    def _outputs(self, h):
-        """(a, μ), each (B, t, D), from the Transformer's hidden states."""
-        return ops.split(self.proj_out(self.out_norm(h)), 2, axis=-1)
+    def _attend(self, q, k, v, mask):
+        """softmax(q·kᵀ + mask)·v per head, q (B, heads, t, d) already scaled; the softmax in float32."""
+        scores = ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), self.dtype) + ops.cast(mask, self.dtype)
+        return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), v.dtype), v)
+
+    def _mlp(self, i, h):
+        """Layer i's MLP on LayerNorm(h): Dense(4·width), GELU (in float32), Dense(width)."""
+        return self.mlp_out[i](gelu(ops.cast(self.mlp_in[i](self.mlp_norms[i](h)), h.dtype)))
+
+    def _transformer_layer(self, i, h, t, cache=None):
+        """One pre-norm layer on h (B·t, width): h + attention, then + MLP, the residual stream in float32."""
+        h = h + ops.cast(self._attention(i, h, t, cache), h.dtype)
+        return h + ops.cast(self._mlp(i, h), h.dtype)
+
+    def _outputs(self, h, t):
+        """(a, μ) side by side, (B, t, 2D), from the Transformer's hidden states (B·t, width): float32."""
+        return ops.reshape(self.proj_out(self.out_norm(h)), (-1, t, 2 * self.dims))
 
     def params(self, x, y=None):
         """(a, μ) of every token of x (B, T, D): f over the whole sequence, shifted right by one."""
+        t = x.shape[1]
         h = self._embed(x, y, 0)
         for i in range(self.depth):
-            h = self._transformer_layer(i, h)
-        p = self.proj_out(self.out_norm(h))
-        p = ops.concatenate([ops.zeros_like(p[:, :1]), p[:, :-1]], axis=1)
-        return ops.split(p, 2, axis=-1)
+            h = self._transformer_layer(i, h, t)
+        return ops.split(ops.pad(self._outputs(h, t)[:, :-1], ((0, 0), (1, 0), (0, 0))), 2, axis=-1)
 
     # the flow ------------------------------------------------------------------------------------
 
@@ -1138,16 +1156,16 @@ class TarBlock(FlowLayer):
                 cache = {**cache, "t": t - 1}
                 h = self._embed(double(ops.take(x, t - 1, axis=1)[:, None]), y, t - 1)
                 for i in range(self.depth):
-                    h = self._transformer_layer(i, h, cache)
+                    h = self._transformer_layer(i, h, 1, cache)
                 del cache["t"]
-                a, mu = (p[:, 0] for p in self._outputs(h))
+                a, mu = ops.split(self._outputs(h, 1)[:, 0], 2, axis=-1)
             return put(x, t, ops.take(z, t, axis=1) * ops.exp(self._mix(a)) + self._mix(mu)), cache
 
         x = put(ops.zeros_like(z), 0, z[:, 0])  # token 0 has a = μ = 0
         cache = {}  # stays empty without the cache
         if self.use_cache:
             rows = ops.shape(z)[0] * (2 if guided else 1)
-            empty = ops.zeros((rows, self.heads, self.tokens, self.width // self.heads), dtype=z.dtype)
+            empty = ops.zeros((rows, self.heads, self.tokens, self.width // self.heads), dtype=self.qkv[0].compute_dtype)
             cache = {f"{kv}{i}": empty for i in range(self.depth) for kv in "kv"}
         return ops.fori_loop(1, self.tokens, step, (x, cache))[0]
 

@@ -38,6 +38,7 @@ BIN = 2 / 256      # one pixel level once images are mapped to [−1, 1]
 GRID = 10          # 10×10 sample grids; a conditional grid has one row per class
 CLASSES = 10       # MNIST's digits
 GUIDANCE = 3.0     # a conditional model's default guidance weight (README: the sweep that chose it)
+BF16_DEFAULT = True  # mixed bfloat16 on a CPU with bfloat16 instructions: bench.py measured it (docs/running.md)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -352,7 +353,7 @@ def parse_args(argv=None):
     p.add_argument("--speed", type=positive(int), default=0, metavar="N",
                    help="no training: time sampling N images with and without the key-value cache "
                         "(an untrained model of the given shape; with --sample-only the trained one)")
-    cli.add_run_args(p, weights="tarflow.weights.h5", epochs=20, batch_size=64, lr=2e-3, seed=0)
+    cli.add_run_args(p, weights="tarflow.weights.h5", epochs=20, batch_size=64, lr=2e-3, seed=0, bf16_default=BF16_DEFAULT)
     args = cli.parse(p, argv, model="tarflow", uses_weights=("temperatures", "guidance_sweep"), images=(28, 32))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)

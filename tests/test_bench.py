@@ -67,7 +67,7 @@ def test_quick_bench_writes_every_figure(quick):
                                                                / r["matmul"][2]["gflops"])
         assert m["variants"]["fp32"]["speedup_vs_fp32"] == 1 == m["variants"]["fp32"]["cpu_speedup_vs_fp32"]
         assert m["variants"]["bf16"]["mixed_precision"] == "bfloat16"
-    for model in ("nice", "glow"):
+    for model in ("nice", "glow", "tarflow"):
         q = r[model]["quality"]  # test bits/dim at equal steps, per variant, and the difference to fp32
         assert {"fp32", "bf16"} <= set(q["test_bpd"]) and all(positive(b) for b in q["test_bpd"].values())
         assert q["minus_fp32"]["bf16"] == q["test_bpd"]["bf16"] - q["test_bpd"]["fp32"]
@@ -146,3 +146,18 @@ def test_iresnet_flops_count_the_log_det_series():
     # after the squeeze 2×2×4; g: conv3×3 4→2, conv1×1 2→2, conv3×3 2→4; 1 + 3 passes (3 VJPs)
     g = 2 * (9 * 4 * 2 + 2 * 2 + 9 * 2 * 4) * 2 * 2
     assert flow_bench.forward_flops(encoder) == g * (1 + 3)
+
+
+@pytest.mark.parametrize("precision", [None, "bfloat16"])
+def test_tarflow_profile_times_every_part(precision):
+    """`bench.py --profile tarflow` on the quick configuration: the step, its update and every part of
+    the Transformer timed (positive), the parts within forward + backward, the data pipeline's batch."""
+    import bench
+    import flow_bench
+
+    assert bench.parse_args(["--profile"]).profile == "nice" and bench.parse_args(["--profile", "tarflow"]).profile == "tarflow"
+    r = flow_bench.profile_tarflow(bench.QUICK["tarflow"], repeats=1, precision=precision)
+    assert set(r["parts_s"]) == {"layer norms", "QKV and output projections", "attention core", "MLP Dense layers", "GELU"}
+    assert all(positive(r[k]) for k in ("step_s", "forward_backward_s", "adamw_update_s", "data_batch_s"))
+    assert all(positive(v) for v in r["parts_s"].values())
+    assert math.isclose(r["rest_s"], r["forward_backward_s"] - sum(r["parts_s"].values()))

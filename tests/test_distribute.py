@@ -259,7 +259,7 @@ def runs(tmp_path_factory):
     return results, dirs
 
 
-@pytest.mark.parametrize("name", ["nice", "glow"])
+@pytest.mark.parametrize("name", ["nice", "glow", "tarflow"])
 def test_mirrored_on_two_devices_trains_like_one_device(runs, name):
     runs = runs[0]
     loss, weight = _differences(runs["single"], runs["mirrored"], name)
@@ -271,7 +271,7 @@ def test_mirrored_on_two_devices_trains_like_one_device(runs, name):
     assert runs["single"][f"{name}_loss"][steps] < runs["single"][f"{name}_loss"][0]
 
 
-@pytest.mark.parametrize("name", ["nice", "glow"])
+@pytest.mark.parametrize("name", ["nice", "glow", "tarflow"])
 def test_two_workers_train_like_one_device(runs, name):
     runs = runs[0]
     loss, weight = _differences(runs["single"], runs["worker0"], name)
@@ -310,14 +310,20 @@ def test_only_the_chief_writes_under_multiworker(runs):
 # --- mixed precision (in this process) ----------------------------------------------------------
 
 def _tiny(name):
-    """A tiny NICE or Glow built under the current dtype policy, weights from seed 0, nudged so that
-    Glow's zero-initialised coupling outputs are not trivially exact."""
+    """A tiny NICE, Glow or TarFlow built under the current dtype policy, weights from seed 0, nudged so
+    that the zero-initialised coupling (or TarBlock) outputs are not trivially exact."""
     import keras
 
     import glow
     import nice
+    import tarflow
 
     keras.utils.set_random_seed(0)
+    if name == "tarflow":
+        model, decoder, _ = tarflow.build_tarflow(img_size=8, channels=1, patch=2, width=16, blocks=2, layers=1, heads=2)
+        tarflow.compile_tarflow(model)
+        x = np.random.RandomState(0).uniform(-1, 1, (16, 8, 8, 1)).astype("float32")
+        return model, decoder, x, tarflow.prior_nll
     if name == "nice":
         model, decoder, _ = nice.build_nice(hidden=32, hidden_layers=1, couplings=2)
         nice.compile_nice(model)
@@ -343,7 +349,7 @@ def restore_policy():
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
-@pytest.mark.parametrize("name", ["nice", "glow"])
+@pytest.mark.parametrize("name", ["nice", "glow", "tarflow"])
 def test_mixed_precision_is_close_to_float32_at_init(name, precision, restore_policy):
     import keras
 
@@ -364,13 +370,15 @@ def test_mixed_precision_is_close_to_float32_at_init(name, precision, restore_po
     nll16, z = _nll(model, x, prior)
     print(f"{name} {precision}: NLL {nll16:.4f} vs float32 {nll32:.4f} (relative {abs(nll16 / nll32 - 1):.1e})")
     assert np.isfinite(nll16) and abs(nll16 - nll32) <= 1e-3 * abs(nll32)
-    # 16-bit compute in the coupling networks only; variables, data path, log-dets and loss in float32
+    # 16-bit compute in the coupling networks (TarFlow: the Transformer f) only; variables, data path,
+    # (a, μ) and exp(−a), log-dets and loss in float32
     layers = flow_layers_of(model)
     assert any(l.compute_dtype == precision for l in layers)
     assert all(l.compute_dtype == "float32" for l in layers if isinstance(l, FlowLayer))
     assert all(v.dtype == "float32" for v in model.weights if "float" in str(v.dtype))
     assert z.dtype == "float32" and all(l.dtype == "float32" for l in model.losses)
-    # the coupling recomputes the same 16-bit m(x1) going back: the flow still inverts in float32
+    # the coupling recomputes the same 16-bit m(x1) going back (TarFlow: f of the tokens decoded so far,
+    # with its key-value cache): the flow still inverts in float32
     assert np.max(np.abs(keras.ops.convert_to_numpy(decoder(z)) - x)) <= 1e-4
     # float16 needs loss scaling; compile adds it (bfloat16 has float32's range: none)
     scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
