@@ -109,7 +109,7 @@ def shape_arg(parser, flag, default, **kwargs):
 
 def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_default=False):
     """The flags of a training run, the same in every script: --epochs --batch-size --lr --weights
-    --resume --max-collapses --seed --out --sample-only, and the scale-out flags. `bf16_default`: the
+    --resume --max-collapses --seed --out --sample-only --minutes --xla --plot, and the scale-out flags. `bf16_default`: the
     model computes in mixed bfloat16 unless told otherwise, on a CPU with bfloat16 instructions
     (`choose_precision`; bench.py measured where it pays and costs no likelihood)."""
     p = parser
@@ -132,6 +132,9 @@ def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_def
     p.add_argument("--minutes", type=positive(float), default=None, metavar="M",
                    help="a wall-clock budget: stop at the first epoch end at or past M minutes of training "
                         "(the epoch log's `minutes`, continued across --resume); --epochs still caps it")
+    p.add_argument("--xla", action="store_true",
+                   help="compile the training step with XLA (jit_compile=True). Off: on the CPUs measured it "
+                        "slowed every model's default path (docs/running.md); on a GPU Keras compiles with it anyway")
     p.add_argument("--plot", action="store_true",
                    help="after training, plot the epoch log NAME.csv (test bits/dim against minutes) to NAME.png; "
                         "several runs together: python flow_curves.py A.csv B.csv")

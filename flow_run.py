@@ -382,6 +382,8 @@ class Run:
     def __init__(self, model, args, strategy, monitor="val_loss", after_epoch=10, prints_epochs=False):
         if getattr(args, "precision_why", None):
             print(f"precision: {keras.config.dtype_policy().name} ({args.precision_why})", flush=True)
+        if getattr(args, "xla", False):
+            model.jit_compile = True  # --xla: the train step compiles with XLA (Keras resets its functions)
         self.model, self.weights, self.max_collapses = model, args.weights, args.max_collapses
         self.plot, self.chief, self.resumed = getattr(args, "plot", False), is_chief(strategy), bool(args.resume)
         record = {"model": args.model, **args.config}

@@ -90,24 +90,11 @@ def build_nice(hidden=1000, hidden_layers=5, couplings=4, permute="reverse"):
 # --- training -----------------------------------------------------------------------------------
 
 BF16_DEFAULT = True  # on a CPU with bfloat16 instructions; measured in bench.py (docs/running.md)
-XLA_STEPS = 1000  # XLA's compile (several seconds here) pays for itself only over a long run
 
 
-def default_jit_compile(steps=None):
-    """XLA on TensorFlow in float32 outside a tf.distribute strategy, for runs of at least XLA_STEPS
-    steps: bench.py measured ~20 % less CPU time per NICE step with it (docs/running.md), but its
-    compile doubles a quick try's first epoch; elsewhere Keras' "auto"."""
-    if keras.backend.backend() != "tensorflow" or keras.config.dtype_policy().name != "float32":
-        return "auto"
-    if tf.distribute.has_strategy() or (steps is not None and steps < XLA_STEPS):
-        return "auto"
-    return True
-
-
-def compile_nice(encoder, lr=1e-3, jit_compile=None, steps=None):
-    """Adam on the prior term (the layers add −log|det|); jit_compile None = `default_jit_compile(steps)`."""
-    encoder.compile(optimizer=Adam(lr), loss=prior_nll,
-                    jit_compile=default_jit_compile(steps) if jit_compile is None else jit_compile)
+def compile_nice(encoder, lr=1e-3, jit_compile="auto"):
+    """Adam on the prior term (the layers add −log|det|); Keras' "auto": XLA on a GPU only (--xla)."""
+    encoder.compile(optimizer=Adam(lr), loss=prior_nll, jit_compile=jit_compile)
 
 
 def train(args, strategy):
@@ -120,7 +107,7 @@ def train(args, strategy):
     print(f"{len(k_train)} training images, {len(k_test)} test images", flush=True)
     with strategy.scope():  # variables mirrored on every replica, the optimizer's too
         encoder, decoder, _ = build_nice(args.hidden, args.hidden_layers, args.couplings)
-        compile_nice(encoder, args.lr, steps=args.epochs * (len(k_train) // args.batch_size))
+        compile_nice(encoder, args.lr)
     print(f"{encoder.count_params():,} parameters", flush=True)
     data = train_data(k_train, args.batch_size, args.seed)
     run = Run(encoder, args, strategy, monitor="val_loss", prints_epochs=True)

@@ -11,7 +11,7 @@ import flow_devices
 import glow
 import nice
 from flow_devices import choose_precision, cpu_bfloat16, make_strategy, set_mixed_precision
-from flow_run import Adam, AdamW
+from flow_run import Adam, AdamW, Run
 
 
 def fake_cpuinfo(tmp_path, flags):
@@ -167,3 +167,18 @@ def test_fused_adam_is_keras_adam_under_a_strategy():
         strategy.run(lambda: opt.apply([tf.ones(4)], [variable]))
     step()
     np.testing.assert_allclose(variable.numpy(), 0.9, rtol=1e-5)  # Adam's first step: lr · sign(g)
+
+
+@pytest.mark.parametrize("flags, jit", [([], False), (["--xla"], True)])
+def test_xla_flag_compiles_the_training_step(flags, jit, tmp_path):
+    """--xla (every script's run flag) sets jit_compile on the model Run trains; without it Keras'
+    "auto" leaves a CPU-only run without XLA (bench.py measured it slower here)."""
+    args = nice.parse_args([*flags, "--weights", str(tmp_path / "n.weights.h5"), "--hidden", "8",
+                            "--hidden-layers", "1", "--couplings", "2", "--mixed-precision", "none"])
+    encoder, _, _ = nice.build_nice(hidden=8, hidden_layers=1, couplings=2)
+    nice.compile_nice(encoder)
+    Run(encoder, args, tf.distribute.get_strategy())
+    if not tf.config.list_physical_devices("GPU"):
+        assert encoder.jit_compile is jit
+    x = nice.train_inputs(np.random.RandomState(0).randint(0, 256, (8, 28, 28)))
+    assert np.isfinite(encoder.fit(x, x, batch_size=4, epochs=1, verbose=0).history["loss"][-1])
