@@ -182,6 +182,8 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
         parser.error(f"--out {args.out}: exists and is not a folder")
     if args.resume and args.loads_weights:
         parser.error(f"--resume continues training; it does not go with {named}")
+    if args.xla and args.distribute != "none":  # docs/running.md: XLA's variables on one device
+        parser.error(f"--xla does not go with --distribute {args.distribute}")
     if args.loads_weights and not os.path.isfile(args.weights):
         parser.error(f"--weights {args.weights}: no such file (train first; {named} use trained weights)")
     if args.loads_weights:

@@ -85,6 +85,7 @@ NICE_CASES = [
     (["--weights", "nprev.weights.h5", "--resume", "--epochs", "2"],
      "error: --resume: the run in nprev.run/ has completed 2 epochs already (--epochs 2 is the total)"),
     (["--weights", "nprev.weights.h5", "--resume", "--sample-only"], "--resume continues training"),
+    (["--xla", "--distribute", "mirrored"], "--xla does not go with --distribute mirrored"),
     (["--weights", "lone.weights.h5", "--sample-only"], "error: --weights lone.weights.h5: cannot load it"),
     (["--weights", "nprev.weights.h5", "--walk", "--couplings", "4"],
      "error: --weights nprev.weights.h5 was trained with --couplings 2 (this run: --couplings 4)"),
