@@ -329,22 +329,20 @@ def profile_tarflow(cfg, repeats=15, precision=None):
                                  for _ in range(repeats))
 
     g = tf.function(grads)()
-    mask = np.triu(np.full((t, t), -1e9), 1)
-    qkv = [(b, heads, t, w // heads)] * 3
-    cast = lambda v, layer: tf.cast(v, layer.compute_dtype)
+    mask, qkv = TarBlock.causal_mask(t), [(b, heads, t, w // heads)] * 3
+    to_16 = lambda v: tf.cast(v, blocks[0].qkv[0].compute_dtype)  # q, k, v as the qkv Dense returns them
     r = {"step_s": median_s(tf.function(lambda: (opt.apply(grads(), weights), opt.iterations)[1])),
          "forward_backward_s": median_s(tf.function(grads)),
          "adamw_update_s": median_s(tf.function(lambda: (opt.apply(g, weights), opt.iterations)[1]))}
     r["parts_s"] = {
         "layer norms": median_s(parts(lambda k, i, v: k.mlp_norms[i](k.attention_norms[i](v)), [h],
                                       lambda k, i: [k.attention_norms[i], k.mlp_norms[i]])),
-        "QKV and output projections": median_s(parts(
-            lambda k, i, v: (k.qkv[i](cast(v, k.qkv[i])), k.attention_out[i](cast(v, k.qkv[i]))), [h],
-            lambda k, i: [k.qkv[i], k.attention_out[i]])),
-        "attention core": median_s(parts(lambda k, i, q, kk, v: k._attend(*(cast(a, k.qkv[i]) for a in (q, kk, v)), mask),
+        "QKV and output projections": median_s(parts(lambda k, i, v: (k.qkv[i](v), k.attention_out[i](v)), [h],
+                                                     lambda k, i: [k.qkv[i], k.attention_out[i]])),
+        "attention core": median_s(parts(lambda k, i, q, kk, v: k._attend(to_16(q), to_16(kk), to_16(v), mask),
                                          qkv, lambda k, i: [])),
-        "MLP Dense layers": median_s(parts(lambda k, i, v, u: (k.mlp_in[i](cast(v, k.mlp_in[i])), k.mlp_out[i](cast(u, k.mlp_out[i]))),
-                                           [h, wide], lambda k, i: [k.mlp_in[i], k.mlp_out[i]])),
+        "MLP Dense layers": median_s(parts(lambda k, i, v, u: (k.mlp_in[i](v), k.mlp_out[i](u)), [h, wide],
+                                           lambda k, i: [k.mlp_in[i], k.mlp_out[i]])),
         "GELU": median_s(parts(lambda k, i, u: gelu(u), [wide], lambda k, i: []))}
     r["rest_s"] = r["forward_backward_s"] - sum(r["parts_s"].values())
     args = tarflow.parse_args(["--conditional", "--batch-size", str(b), "--epochs", "1"])

@@ -61,7 +61,8 @@ def kept(log, epoch, monitor, key="val_bpd"):
 def grid_scores(folder, log):
     """[(minutes, inception score, epoch)] of the per-epoch sample grids a run wrote to `folder`
     (NAME_epoch_NNN.png; f-VAE's first temperature, NAME_epoch_NNN_T1.png), each at the minutes its
-    epoch ended in the epoch log, scored with flow_score's digit classifier (a tarflow grid unguided)."""
+    epoch ended in the epoch log, scored with flow_score's digit classifier (a conditional TarFlow's
+    grids are drawn at its --guidance)."""
     import re
 
     import imageio.v2 as imageio
@@ -115,20 +116,20 @@ def plot_curves(curves, path, xlabel="wall-clock minutes", title=None, ymax=None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def draw(ax, series):
+        for name, rows in series.items():
+            ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", ms=2.5, lw=1.2, label=name)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+
     fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(11 if scores else 6, 3.6), dpi=100, squeeze=False)
     ax = axes[0, 0]
     if scores:
-        right = axes[0, 1]
-        for name, rows in scores.items():
-            right.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", ms=2.5, lw=1.2, label=name)
-        right.axhline(5, color="grey", lw=0.8, ls="--")
-        right.set_xlabel(xlabel)
-        right.set_ylabel("sample inception score (digit classifier)")
-        right.legend(fontsize=8)
-        right.grid(alpha=0.3)
-    for name, (_, rows) in curves.items():
-        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", ms=2.5, lw=1.2, label=name)
-    ax.set_xlabel(xlabel)
+        draw(axes[0, 1], scores)
+        axes[0, 1].axhline(5, color="grey", lw=0.8, ls="--")
+        axes[0, 1].set_ylabel("sample inception score (digit classifier)")
+        axes[0, 1].legend(fontsize=8)
+    draw(ax, {name: rows for name, (_, rows) in curves.items()})
     ax.set_ylabel(" / ".join(dict.fromkeys(label for label, _ in curves.values())))
     if title:
         ax.set_title(title, fontsize=9)
@@ -136,7 +137,6 @@ def plot_curves(curves, path, xlabel="wall-clock minutes", title=None, ymax=None
         ax.set_ylim(top=ymax)
     if curves:
         ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -1074,8 +1074,8 @@ class TarBlock(FlowLayer):
         q, k, v = ops.split(self.qkv[i](self.attention_norms[i](h)), 3, axis=-1)
         # 1/√d folded into q: one multiply of (t, d), not of every (t, t) score
         q, k, v = self._heads(q * (1 / math.sqrt(self.width // self.heads)), t), self._heads(k, t), self._heads(v, t)
-        if cache is None:  # causal: −1e9 above the diagonal, a constant added to the scores
-            mask = np.triu(np.full((t, t), -1e9), 1)
+        if cache is None:
+            mask = self.causal_mask(t)
         else:
             here = ops.one_hot(cache["t"], self.tokens, dtype=k.dtype)[None, None, :, None]
             k = cache[f"k{i}"] = cache[f"k{i}"] + here * k  # the buffer is zero at and after t
@@ -1083,6 +1083,11 @@ class TarBlock(FlowLayer):
             mask = ops.where(ops.arange(self.tokens, dtype="int32") <= ops.cast(cache["t"], "int32"), 0, -1e9)[None]
         out = ops.transpose(self._attend(q, k, v, mask), (0, 2, 1, 3))
         return self.attention_out[i](ops.reshape(out, (-1, self.width)))
+
+    @staticmethod
+    def causal_mask(t):
+        """(t, t): −1e9 above the diagonal, 0 elsewhere, a constant added to the scores (token i sees j ≤ i)."""
+        return np.triu(np.full((t, t), -1e9), 1)
 
     def _attend(self, q, k, v, mask):
         """softmax(q·kᵀ + mask)·v per head, q (B, heads, t, d) already scaled; the softmax in float32."""
