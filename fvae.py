@@ -13,9 +13,9 @@ The loss, from the ELBO  −log p(x) ≤ E_q(z|x)[ −log p(x|z) − log p(z) + 
     +log q(z|x) = −0.5·‖u‖² − 0.5·d·log 2π − Σ log σ              (log N(u) − log|det ∂z/∂u|, z = E(x) + σ⊙u)
 (D pixels, d latent dimensions.) (x, z) -> (r, ε) is a flow with a triangular Jacobian, so the first
 two lines are −log N([ε, r]; 0, I) − log|det|: the model's output is [ε, r] with the compiled loss
-flow_density.prior_nll (docs/design.md §2), and the layers add the rest as batch means (add_loss): F's
+flowkit.density.prior_nll (docs/design.md §2), and the layers add the rest as batch means (add_loss): F's
 −log|det ∂F/∂z|, a Scale on r (log-scale −log σ_x) Σ log σ_x, a Scale on u (log-scale log σ) −Σ log σ,
-and flow_density.NormalNLL(sign=−1) −0.5‖u‖² − 0.5·d·log 2π. So `fit` minimises this Monte-Carlo −ELBO
+and flowkit.density.NormalNLL(sign=−1) −0.5‖u‖² − 0.5·d·log 2π. So `fit` minimises this Monte-Carlo −ELBO
 in nats per image; the test figure is the ELBO bound in bits/dim on (k + u)-dequantized images
 (docs/design.md §3), an upper bound on the NLL. The `elbo` model is the same sum per image (the same
 layers with return_log_det=True); `--iw K` adds from it the importance-weighted bound
@@ -30,20 +30,20 @@ import os
 import sys
 from types import SimpleNamespace
 
-import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
+from flowkit import cli
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
 
-import flow_score
-from flow_cli import non_negative, positive
-from flow_data import folder_pixels, load_folder, mnist_pixels
-from flow_density import BitsPerDim, NormalNLL, bits_per_dim, dequantize, prior_nll
-from flow_io import UserError, save_png
+from flowkit import score as sample_score
+from flowkit.cli import non_negative, positive
+from flowkit.data import folder_pixels, load_folder, mnist_pixels
+from flowkit.density import BitsPerDim, NormalNLL, bits_per_dim, dequantize, prior_nll
+from flowkit.files import UserError, save_png
 from flow_layers import Concat, Reshape, Scale, Squeeze, glow_flow, initialize_actnorms
-from flow_run import Adam, Run
-from flow_sample import decode_codes, image_grid, interpolation_codes, row_grid, sample
+from flowkit.run import Adam, Run
+from flowkit.sample import decode_codes, image_grid, interpolation_codes, row_grid, sample
 
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
 GRID = 9               # 9×9 sample grids
@@ -56,7 +56,7 @@ INIT_STD = 0.1         # σ and σ_x at the start
 
 def pixels(args):
     """(train, test, channels): tf.data datasets of integer pixels k (h, w, c), MNIST padded to 32×32
-    or an image folder (glow's loaders in flow_data); --limit keeps the first N of each."""
+    or an image folder (glow's loaders in flowkit.data); --limit keeps the first N of each."""
     AUTO = tf.data.AUTOTUNE
     if args.data and os.path.isdir(args.data):
         train_paths, test_paths = load_folder(args.data, args.seed)
@@ -221,7 +221,7 @@ def train(args, strategy):
                               *run.chief_only(Samples(fvae.sampler, args.out, args.seed)), *run.callbacks],
                    shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
-        flow_score.report(write_samples(fvae.sampler, args, "fvae_samples")[0], args)
+        sample_score.report(write_samples(fvae.sampler, args, "fvae_samples")[0], args)
     if run.code:
         return run.code
     report(fvae, test, args)

@@ -18,27 +18,27 @@ experiments, the command line.
 import os
 import sys
 
-import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
+from flowkit import cli
 import keras
 import numpy as np
 import tensorflow as tf
 
-import flow_score
-from flow_cli import non_negative, positive
-from flow_curves import kept
-from flow_data import cached_images, load_folder, mnist_pixels
-from flow_density import BitsPerDim, bits_per_dim, dequantized, prior_nll
-from flow_io import UserError, save_png
+from flowkit import score as sample_score
+from flowkit.cli import non_negative, positive
+from flowkit.curves import kept
+from flowkit.data import cached_images, load_folder, mnist_pixels
+from flowkit.density import BitsPerDim, bits_per_dim, dequantized, prior_nll
+from flowkit.files import UserError, save_png
 from flow_layers import UniformNoise, glow_flow, initialize_actnorms
-from flow_run import Adam, Run
-from flow_sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
+from flowkit.run import Adam, Run
+from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
                          temperature_codes)
 
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
 GRID = 9               # the article's 9×9 sample grid
 BF16_DEFAULT = True  # on a CPU with bfloat16 instructions; measured in bench.py (docs/running.md)
 RECONSTRUCT = 8        # held-out images shown by --reconstruct
-CACHE = "image_cache"  # beside --weights: a folder's decoded images when they exceed flow_data.CACHE_MEMORY
+CACHE = "image_cache"  # beside --weights: a folder's decoded images when they exceed flowkit.data.CACHE_MEMORY
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def check_batch(args, n):
 def datasets(args, training=True):
     """(train, test, channels): tf.data pipelines of (x, dummy y); train repeats forever (None when not
     `training`), the test images are dequantized over the whole bin with fresh noise each pass
-    (docs/design.md §3). A folder's images are decoded once, before training (flow_data.cached_images)."""
+    (docs/design.md §3). A folder's images are decoded once, before training (flowkit.data.cached_images)."""
     AUTO, train = tf.data.AUTOTUNE, None
     if args.data and os.path.isdir(args.data):
         train_paths, test_paths = load_folder(args.data, args.config.get("split_seed", args.seed))
@@ -139,7 +139,7 @@ def train(args, strategy):
                            *run.chief_only(Samples(decoder, args.out, args.std, args.seed)), *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
-        flow_score.report(write_grid(decoder, args), args)
+        sample_score.report(write_grid(decoder, args), args)
     if run.code:
         return run.code
     nll = encoder.evaluate(test, verbose=0, return_dict=True)["loss"]
@@ -150,7 +150,7 @@ def train(args, strategy):
 
 
 def shape(config):
-    """The model's shape: the record less what it keeps of the data (flow_cli.FOLDER_RECORD)."""
+    """The model's shape: the record less what it keeps of the data (flowkit.cli.FOLDER_RECORD)."""
     return {k: v for k, v in config.items() if k not in cli.FOLDER_RECORD}
 
 

@@ -17,20 +17,20 @@ import os
 import sys
 import time
 
-import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
+from flowkit import cli
 import keras
 import numpy as np
 import tensorflow as tf
 
-import flow_score
-from flow_cli import positive
-from flow_data import load_mnist
-from flow_density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
-from flow_io import UserError, save_png
+from flowkit import score as sample_score
+from flowkit.cli import positive
+from flowkit.data import load_mnist
+from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
+from flowkit.files import UserError, save_png
 from flow_layers import (Actnorm, AffineCouple, Concat, Flow, Permute, Reshape, ResidualFlow, SpectralConv2D,
                          SpectralDense, Split, Squeeze, initialize_actnorms, log_det_estimator)
-from flow_run import Adam, Run
-from flow_sample import image_grid, sample
+from flowkit.run import Adam, Run
+from flowkit.sample import image_grid, sample
 
 DIM = 28 * 28
 BIN = 1 / 256      # x = (k + u)/256, u ~ U(0,1), for training and test (docs/design.md §3)
@@ -147,7 +147,7 @@ def train(args, strategy):
                 initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
-        flow_score.report(write_grid(decoder, args), args)
+        sample_score.report(write_grid(decoder, args), args)
     if run.code:
         return run.code
     return report_bpd(flow, k_test[: args.eval_images], args)

@@ -13,21 +13,21 @@ script: data, model, training, sampling; then the article's experiments and the 
 import os
 import sys
 
-import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
+from flowkit import cli
 import keras
 import numpy as np
 import tensorflow as tf
 from scipy.stats import spearmanr
 
-import flow_score
+from flowkit import score as sample_score
 
-from flow_cli import non_negative, positive
-from flow_data import load_mnist
-from flow_density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_constant, prior_nll
-from flow_io import UserError, save_png
+from flowkit.cli import non_negative, positive
+from flowkit.data import load_mnist
+from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_constant, prior_nll
+from flowkit.files import UserError, save_png
 from flow_layers import AffineCouple, Concat, Flow, Permute, Scale, Split, UniformNoise, initialize_scales
-from flow_run import Adam, EpochLine, Run
-from flow_sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
+from flowkit.run import Adam, EpochLine, Run
+from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
                          temperature_codes)
 
 DIM = 28 * 28
@@ -120,7 +120,7 @@ def train(args, strategy):
                 initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), EpochLine(DIM), *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
-        flow_score.report(write_grid(decoder, args), args)
+        sample_score.report(write_grid(decoder, args), args)
     if run.code:
         return run.code
     const = prior_constant(DIM)
@@ -181,7 +181,7 @@ def temperature_rows(decoder, temperatures, seed=0):
 
 def interpolation_rows(encoder, decoder, k):
     """(len(k), COLUMNS, 28, 28): for each pair of images k[2i], k[2i+1], the straight line between their
-    codes over the great circle (flow_sample.slerp); the end columns decode back to the two images."""
+    codes over the great circle (flowkit.sample.slerp); the end columns decode back to the two images."""
     z = encode_images(encoder, k)
     return images(decode_codes(decoder, np.concatenate([interpolation_codes(z[i], z[i + 1], COLUMNS)
                                                   for i in range(0, len(z) - 1, 2)])))

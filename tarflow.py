@@ -20,19 +20,19 @@ import argparse
 import os
 import sys
 
-import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
+from flowkit import cli
 import keras
 import numpy as np
 import tensorflow as tf
 
-import flow_score
-from flow_cli import non_negative, positive
-from flow_data import folder_arrays, load_mnist
-from flow_density import BitsPerDim, bits_per_dim, dequantize, prior_nll
-from flow_io import UserError, atomic_write, save_png
+from flowkit import score as sample_score
+from flowkit.cli import non_negative, positive
+from flowkit.data import folder_arrays, load_mnist
+from flowkit.density import BitsPerDim, bits_per_dim, dequantize, prior_nll
+from flowkit.files import UserError, atomic_write, save_png
 from flow_layers import ConditionalFlow, Flip, Flow, Patchify, Reshape, TarBlock
-from flow_run import AdamW, Run, WarmupCosine
-from flow_sample import cache_speed, image_grid, parse_temperatures, row_grid, temperature_codes
+from flowkit.run import AdamW, Run, WarmupCosine
+from flowkit.sample import cache_speed, image_grid, parse_temperatures, row_grid, temperature_codes
 
 BIN = 2 / 256      # one pixel level once images are mapped to [−1, 1]
 GRID = 10          # 10×10 sample grids; a conditional grid has one row per class
@@ -45,7 +45,7 @@ BF16_DEFAULT = True  # mixed bfloat16 on a CPU with bfloat16 instructions: bench
 
 def load_data(args):
     """(k_train, y_train, k_test, y_test): integer pixels (n, h, w, c) and labels (zeros without any),
-    from --data (an npz in keras' mnist.npz layout, or an image folder: flow_data's loader, as glow.py) or MNIST."""
+    from --data (an npz in keras' mnist.npz layout, or an image folder: flowkit.data's loader, as glow.py) or MNIST."""
     if args.data and os.path.isdir(args.data):
         if args.conditional:
             raise UserError(f"--conditional needs class labels; --data {args.data} is a folder of images "
@@ -113,7 +113,7 @@ def build_tarflow(img_size=28, channels=1, patch=4, width=128, blocks=4, layers=
 # --- training -----------------------------------------------------------------------------------
 
 def compile_tarflow(encoder, lr=2e-3):
-    """AdamW(β = 0.9, 0.95, weight decay 1e-4; flow_run's fused update) on the prior term, as the official
+    """AdamW(β = 0.9, 0.95, weight decay 1e-4; flowkit.run's fused update) on the prior term, as the official
     code (the blocks add Σa); the gradient clipped to global norm 1, which ports of that code needed."""
     encoder.compile(optimizer=AdamW(lr, beta_1=0.9, beta_2=0.95, weight_decay=1e-4, global_clipnorm=1.0),
                     loss=prior_nll)
@@ -248,10 +248,10 @@ def write_grids(encoder, decoder, args):
         path = os.path.join(args.out, "tarflow_denoise.png")
         save_png(path, np.concatenate([pair[0], gap, pair[1]], axis=1))
         print(f"wrote {path} (before | after the denoising step)", flush=True)
-    if flow_score.digits(args):
-        print(flow_score.score_line(unit(x), labels, args.data), flush=True)
+    if sample_score.digits(args):
+        print(sample_score.score_line(unit(x), labels, args.data), flush=True)
         if args.noise == "gaussian" and args.denoise:
-            print(f"before denoising: {flow_score.describe(flow_score.score(unit(noisy_x), labels))}; grey pixels "
+            print(f"before denoising: {sample_score.describe(sample_score.score(unit(noisy_x), labels))}; grey pixels "
                   f"{grey_share(noisy_x):.2f} before, {grey_share(x):.2f} after", flush=True)
 
 
@@ -284,7 +284,7 @@ def guidance_sweep(encoder, decoder, args):
     lines = ["| guidance w | row i is digit i | IS | confident |", "|---|---|---|---|"]
     for w in args.guidance_sweep:
         args.guidance = w
-        s = flow_score.score(unit(sample(encoder, decoder, args, z, labels)[1]), labels)
+        s = sample_score.score(unit(sample(encoder, decoder, args, z, labels)[1]), labels)
         lines.append(f"| {w:g} | {s['row_accuracy']:.2f} | {s['inception']:.2f} | {s['confident']:.2f} |")
         print(lines[-1], flush=True)
     path = os.path.join(args.out, "tarflow_guidance_sweep.md")

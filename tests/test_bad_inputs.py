@@ -10,7 +10,7 @@ import pytest
 
 import glow
 import nice
-from flow_io import CONFIG_ATTR
+from flowkit.files import CONFIG_ATTR
 
 NICE_ARCH = ["--hidden", "8", "--hidden-layers", "1", "--couplings", "2"]
 GLOW_ARCH = ["--level", "1", "--depth", "1", "--hidden", "4"]

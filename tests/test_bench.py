@@ -29,7 +29,7 @@ def quick(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("bench")
     out, data = folder / "bench.json", mnist_npz(folder / "mnist.npz", mnist_digits(), 256, 64)
-    run = subprocess.run([sys.executable, "bench.py", "--quick", "--data", str(data), "--json", str(out)],
+    run = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--data", str(data), "--json", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(out.read_text()), run.stdout
@@ -83,7 +83,7 @@ def test_default_variant_is_the_scripts_choice(quick):
     import iresnet
     import nice
     import tarflow
-    from flow_devices import choose_precision
+    from flowkit.devices import choose_precision
 
     r, _ = quick
     for name, module in (("nice", nice), ("glow", glow), ("tarflow", tarflow), ("fvae", fvae), ("iresnet", iresnet)):
@@ -96,7 +96,7 @@ def test_default_variant_is_the_scripts_choice(quick):
 
 
 def test_models_flag_picks_a_subset():
-    import bench
+    import tools.bench as bench
 
     assert bench.parse_args(["--models", "tarflow,fvae"]).models == ["tarflow", "fvae"]
     assert bench.parse_args(["--skip-glow"]).models == ["nice", "tarflow", "fvae", "iresnet"]
@@ -105,7 +105,7 @@ def test_models_flag_picks_a_subset():
 
 
 def test_nice_flops_are_counted_from_the_layer_shapes():
-    import flow_bench
+    import tools.measure as flow_bench
     import nice
 
     encoder, _, _ = nice.build_nice(hidden=10, hidden_layers=2, couplings=3)
@@ -116,7 +116,7 @@ def test_nice_flops_are_counted_from_the_layer_shapes():
 
 
 def test_glow_flops_are_counted_at_each_level_spatial_size():
-    import flow_bench
+    import tools.measure as flow_bench
     import glow
 
     encoder, _ = glow.build_glow(4, 1, level=1, depth=1, hidden=4)
@@ -127,7 +127,7 @@ def test_glow_flops_are_counted_at_each_level_spatial_size():
 
 
 def test_tarflow_flops_count_every_dense_per_token_and_the_attention():
-    import flow_bench
+    import tools.measure as flow_bench
     import tarflow
 
     encoder, _, _ = tarflow.build_tarflow(img_size=4, channels=1, patch=2, width=4, blocks=1, layers=1, heads=2)
@@ -138,7 +138,7 @@ def test_tarflow_flops_count_every_dense_per_token_and_the_attention():
 
 
 def test_iresnet_flops_count_the_log_det_series():
-    import flow_bench
+    import tools.measure as flow_bench
     import iresnet
 
     encoder, _, _ = iresnet.build_iresnet((4, 4, 1), stages=1, blocks=1, width=2, terms=3)
@@ -151,8 +151,8 @@ def test_iresnet_flops_count_the_log_det_series():
 def test_tarflow_profile_times_every_part(precision):
     """`bench.py --profile tarflow` on the quick configuration: the step, its update and every part of
     the Transformer timed (positive), the parts within forward + backward, the data pipeline's batch."""
-    import bench
-    import flow_bench
+    import tools.bench as bench
+    import tools.measure as flow_bench
 
     assert bench.parse_args(["--profile"]).profile == "nice" and bench.parse_args(["--profile", "tarflow"]).profile == "tarflow"
     r = flow_bench.profile_tarflow(bench.QUICK["tarflow"], repeats=1, precision=precision)

@@ -1,5 +1,5 @@
-"""Likelihood against time: the epoch logs NAME.csv, `flow_curves.read_curve`, the table, and
-`python flow_curves.py A.csv B.csv` writing one PNG."""
+"""Likelihood against time: the epoch logs NAME.csv, `flowkit.curves.read_curve`, the table, and
+`python -m tools.curves A.csv B.csv` writing one PNG."""
 import os
 import subprocess
 import sys
@@ -7,7 +7,8 @@ import sys
 import imageio.v2 as imageio
 import pytest
 
-import flow_curves
+from flowkit import curves as flow_curves
+from tools import curves as curves_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,7 @@ def test_bad_logs_are_one_line_errors(tmp_path, capsys, content, says):
     if content is not None:
         path.write_text(content)
     png = tmp_path / "c.png"
-    assert flow_curves.main([str(path), "--png", str(png)]) == 2
+    assert curves_tool.main([str(path), "--png", str(png)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {path}") and says in err[0], err
     assert not png.exists()
@@ -53,9 +54,9 @@ def test_plot_two_runs_from_the_command_line(tmp_path):
     a = write_log(tmp_path / "glorot.csv", [(i, 0, i + 1.0, 10 * i, 9 - i / 2, 0) for i in range(4)])
     b = write_log(tmp_path / "data.csv", [(i, 0, i + 0.5, 10 * i, 7 - i / 2, 0) for i in range(4)])
     png = tmp_path / "both.png"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "flow_curves.py"), a, b,
+    proc = subprocess.run([sys.executable, "-m", "tools.curves", a, b,
                            "--labels", "glorot s,data s", "--ymax", "8", "--png", str(png)],
-                          capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| minutes | glorot s | data s |" in proc.stdout
     assert "| 4 | 7.500 | 5.500 |" in proc.stdout
@@ -87,8 +88,8 @@ def test_grids_put_the_sample_score_against_minutes_beside_the_figure(tmp_path, 
     a score column in the table, a second panel in the picture."""
     import numpy as np
 
-    from flow_io import save_png
-    from flow_sample import image_grid
+    from flowkit.files import save_png
+    from flowkit.sample import image_grid
 
     log = write_log(tmp_path / "tarflow.csv", [(i, 0, 2.0 * (i + 1), 10 * i, 9 - i, 0) for i in range(3)],
                     header="epoch,loss,minutes,steps,val_bpd,val_loss")
@@ -102,9 +103,9 @@ def test_grids_put_the_sample_score_against_minutes_beside_the_figure(tmp_path, 
     assert [(t, e) for t, _, e in scores] == [(2.0, 1), (4.0, 2), (6.0, 3)]
     assert scores[0][1] < 5 <= scores[1][1]
     png = tmp_path / "c.png"
-    assert flow_curves.main([log, "--grids", str(out), "--labels", "run", "--marks", "3", "6", "--png", str(png)]) == 0
+    assert curves_tool.main([log, "--grids", str(out), "--labels", "run", "--marks", "3", "6", "--png", str(png)]) == 0
     printed = capsys.readouterr().out
     assert "run: IS 5 after 4.0 min (epoch 2)" in printed
     assert "| minutes | run | run IS |" in printed and f"| 3 | 9.000 | {scores[0][1]:.2f} |" in printed
     assert imageio.imread(png).shape[1] > 1000  # two panels side by side
-    assert flow_curves.main([log, "--grids", f"{out},{out}", "--png", str(png)]) == 2  # one folder per log
+    assert curves_tool.main([log, "--grids", f"{out},{out}", "--png", str(png)]) == 2  # one folder per log

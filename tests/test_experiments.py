@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import ablation
+import tools.ablation as ablation
 import glow
 import nice
-from flow_io import UserError
+from flowkit.files import UserError
 from flow_layers import initialize_actnorms
-from flow_sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, sample, slerp,
+from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, sample, slerp,
                          temperature_codes)
 from helpers import jacobian_log_det, mnist_npz, perturb, reported_log_det
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import fvae
-from flow_density import NormalNLL
+from flowkit.density import NormalNLL
 from flow_layers import initialize_actnorms
-from flow_sample import sample
+from flowkit.sample import sample
 from helpers import jacobian_log_det, mnist_npz, perturb, reported_log_det
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

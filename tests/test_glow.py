@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import glow
-from flow_data import MIN_HELD_OUT, cached_images, folder_pixels, load_folder, mnist_pixels
-from flow_io import UserError
+from flowkit.data import MIN_HELD_OUT, cached_images, folder_pixels, load_folder, mnist_pixels
+from flowkit.files import UserError
 from flow_layers import Actnorm, flow_layers_of, initialize_actnorms
-from flow_run import KeepBest
+from flowkit.run import KeepBest
 from helpers import jacobian_log_det, mnist_digits, perturb, reported_log_det
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from flow_io import atomic_write, read_config, save_png, save_weights_atomic
+from flowkit.files import atomic_write, read_config, save_png, save_weights_atomic
 
 
 def _model():

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import iresnet
-from flow_density import dequantize, prior_nll
+from flowkit.density import dequantize, prior_nll
 from flow_layers import ResidualFlow, SpectralConv2D, SpectralDense, banach_iterations, initialize_actnorms
 from helpers import jacobian_log_det, mnist_npz, perturb
 

@@ -15,10 +15,10 @@ import pytest
 import tensorflow as tf
 
 import nice
-from flow_density import bits_per_dim, dequantize
-from flow_io import save_weights_atomic
+from flowkit.density import bits_per_dim, dequantize
+from flowkit.files import save_weights_atomic
 from flow_layers import Permute, Scale
-from flow_sample import sample
+from flowkit.sample import sample
 from helpers import jacobian_log_det, mnist_npz, perturb, reported_log_det
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

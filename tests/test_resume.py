@@ -18,7 +18,7 @@ import tensorflow as tf
 import glow
 import nice
 from flow_layers import initialize_actnorms
-from flow_run import Backup, Interrupt, KeepBest
+from flowkit.run import Backup, Interrupt, KeepBest
 
 pytestmark = pytest.mark.slow  # minutes: see pytest.ini
 

@@ -8,10 +8,10 @@ import keras
 import numpy as np
 import pytest
 
-import flow_score as fs
-import flow_data
-import flow_io
-import flow_sample
+from flowkit import score as fs
+from flowkit import data as flow_data
+from flowkit import files as flow_io
+from flowkit import sample as flow_sample
 
 
 @pytest.fixture(scope="module", autouse=True)

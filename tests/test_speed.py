@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import flow_cli
-import flow_devices
+from flowkit import cli as flow_cli
+from flowkit import devices as flow_devices
 import glow
 import nice
-from flow_devices import choose_precision, cpu_bfloat16, make_strategy, set_mixed_precision
-from flow_run import Adam, AdamW, Run
+from flowkit.devices import choose_precision, cpu_bfloat16, make_strategy, set_mixed_precision
+from flowkit.run import Adam, AdamW, Run
 
 
 def fake_cpuinfo(tmp_path, flags):

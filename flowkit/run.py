@@ -15,10 +15,10 @@ import warnings
 import keras
 import numpy as np
 
-from flow_curves import plot_log
-from flow_density import prior_constant
-from flow_devices import is_chief, worker_path
-from flow_io import UserError, atomic_write, read_config, save_weights_atomic
+from flowkit.curves import plot_log
+from flowkit.density import prior_constant
+from flowkit.devices import is_chief, worker_path
+from flowkit.files import UserError, atomic_write, read_config, save_weights_atomic
 
 
 def load_weights(model, path):
@@ -201,7 +201,7 @@ def check_run(weights, resume, epochs):
     """Before anything is written, what a training run may do with what is on disk; returns the
     run's folder. Without `resume` an earlier run (best weights or backups) is never overwritten;
     with it there must be a completed epoch to resume and fewer than `epochs` epochs done (the
-    total, as fit counts). The architecture was checked against the record by flow_cli.parse."""
+    total, as fit counts). The architecture was checked against the record by flowkit.cli.parse."""
     folder = run_folder(weights)
     state = Backup.read_state(folder)
     if not resume:
@@ -338,9 +338,9 @@ class WarmupCosine(keras.callbacks.Callback):
 
 # --- speed: the optimizer's update in one pass -------------------------------------------------------
 
-# Adam and AdamW with the fused update live in flow_optim (public Keras API only); imported here,
+# Adam and AdamW with the fused update live in flowkit.optim (public Keras API only); imported here,
 # where the scripts have always found them
-from flow_optim import Adam, AdamW  # noqa: E402,F401
+from flowkit.optim import Adam, AdamW  # noqa: E402,F401
 
 
 def build_optimizer(model):
@@ -376,7 +376,7 @@ class Run:
     the script `prints_epochs` itself.
 
     `args`: model, config (the architecture record), weights, epochs, resume, max_collapses, and
-    optionally minutes, plot, precision_why, as flow_cli.parse and start fill them.
+    optionally minutes, plot, precision_why, as flowkit.cli.parse and start fill them.
     """
 
     def __init__(self, model, args, strategy, monitor="val_loss", after_epoch=10, prints_epochs=False):

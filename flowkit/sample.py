@@ -6,7 +6,7 @@ import time
 import keras
 import numpy as np
 
-from flow_io import UserError
+from flowkit.files import UserError
 
 
 def cache_speed(decode, blocks, n):

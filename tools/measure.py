@@ -11,9 +11,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_devices import choose_precision, set_mixed_precision
+from flowkit.devices import choose_precision, set_mixed_precision
 from flow_layers import (InvDense, ResidualFlow, SpectralConv2D, SpectralDense, TarBlock, flow_layers_of, gelu)
-from flow_run import Adam, build_optimizer
+from flowkit.run import Adam, build_optimizer
 
 # (name, --mixed-precision, jit_compile): float32 and mixed bfloat16, each without and with XLA
 VARIANTS = [("fp32", None, False), ("fp32_xla", None, True), ("bf16", "bfloat16", False),
@@ -136,7 +136,7 @@ def recompile(model, jit):
     """The script's optimizer (its type and settings, fresh) and loss, XLA on or off."""
     opt = model.optimizer
     model.compile(optimizer=type(opt).from_config(opt.get_config()), loss=model.loss, jit_compile=jit)
-    build_optimizer(model)  # as flow_run.Run does before fit
+    build_optimizer(model)  # as flowkit.run.Run does before fit
 
 
 def built(make, precision):
@@ -219,11 +219,11 @@ def summarise(out, default, fp32_default):
 
 def profile_nice(repeats=15):
     """Seconds (median of `repeats` calls) of separate tf.functions over the article's NICE at batch
-    128, without and with XLA: forward, forward + backward, Keras' Adam update and flow_run.Adam's
+    128, without and with XLA: forward, forward + backward, Keras' Adam update and flowkit.run.Adam's
     fused one over all weights, a whole step with each, and the non-matmul layers alone (permutations,
     interleaved splits and concats, the scale layer)."""
     import nice
-    from flow_density import prior_nll
+    from flowkit.density import prior_nll
     from flow_layers import AffineCouple
 
     keras.utils.set_random_seed(0)
@@ -279,7 +279,7 @@ def profile_tarflow(cfg, repeats=15, precision=None):
     and one batch of tarflow.dataset (noise drawn in the pipeline). "rest" is forward + backward less the
     parts: embeddings, the shift, exp(−a), the log-det and loss, and the layout ops around the heads."""
     import tarflow
-    from flow_density import prior_nll
+    from flowkit.density import prior_nll
 
     set_mixed_precision(precision)
     try:

@@ -7,7 +7,7 @@ import tempfile
 
 import keras
 
-from flow_io import UserError
+from flowkit.files import UserError
 
 DISTRIBUTE = ("none", "mirrored", "multiworker")
 PRECISIONS = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}

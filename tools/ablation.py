@@ -4,28 +4,28 @@ additive vs affine coupling (Glow paper, Fig. 3) and RealNVP's checkerboard mask
 The article quotes Glow's result "loss: reversal > shuffle > 1×1 conv" and warns that the 1×1 conv
 needs many more epochs to pay off. Every configuration here gets the same seed, data, steps and
 CPU-sized network (built by glow.py: `glow.build_glow`, `glow.datasets`); train and test bits/dim per
-epoch go to a CSV per configuration (flow_run's epoch log), then one markdown table and one
+epoch go to a CSV per configuration (flowkit.run's epoch log), then one markdown table and one
 loss-curve plot to --out.
 
-    python ablation.py                                # the default budget: ~25 min on 2 busy CPU cores
-    python ablation.py --configs reverse/additive/channel,conv/additive/channel --epochs 2
+    python -m tools.ablation                                # the default budget: ~25 min on 2 busy CPU cores
+    python -m tools.ablation --configs reverse/additive/channel,conv/additive/channel --epochs 2
 """
 import argparse
 import os
 import sys
 import time
 
-import flow_cli as cli  # first: TensorFlow loads there, its start-up notices off stderr
+from flowkit import cli
 import glow
 import keras
 import numpy as np
 
-from flow_cli import positive
-from flow_density import BitsPerDim
-from flow_devices import make_strategy
-from flow_io import UserError, save_png
+from flowkit.cli import positive
+from flowkit.density import BitsPerDim
+from flowkit.devices import make_strategy
+from flowkit.files import UserError, save_png
 from flow_layers import initialize_actnorms
-from flow_run import Run
+from flowkit.run import Run
 
 # permute/coupling/mask: Glow's Fig. 3 grid (3 mixings × 2 couplings) and RealNVP's checkerboard row
 CONFIGS = ["reverse/additive/channel", "random/additive/channel", "conv/additive/channel",
@@ -69,7 +69,7 @@ def parse_args(argv=None):
 
 
 def train_one(config, args):
-    """Trains one configuration from the common seed with a flow_run.Run (best weights by test loss and
+    """Trains one configuration from the common seed with a flowkit.run.Run (best weights by test loss and
     the epoch log NAME.csv in --logs, the collapse rule, Ctrl-C); returns its row of figures."""
     permute, coupling, mask = config.split("/")
     keras.utils.set_random_seed(args.seed)  # same weights init stream, same data order for every row

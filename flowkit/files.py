@@ -1,5 +1,5 @@
 """Files on disk: the one-line UserError, atomic writes, weights files with their architecture record,
-PNG pictures. No TensorFlow here: `python flow_curves.py` starts without it."""
+PNG pictures. No TensorFlow here: `python -m tools.curves` starts without it."""
 import json
 import os
 import tempfile

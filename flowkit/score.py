@@ -8,8 +8,8 @@ and the samples cover the digits (p(y) flat): between 1 and 10. Alongside it: th
 samples (max p(y|x) ≥ 0.9), the number of distinct classes, and for a class-conditional grid the
 share classified as the intended digit. The real held-out digits give the ceiling to compare with.
 
-    python flow_score.py IMAGE.png [--grid N] [--rows]   score a sample grid (image_grid's layout)
-    python flow_score.py --train [--seed S]              retrain the classifier, rewrite its weights
+    python -m flowkit.score IMAGE.png [--grid N] [--rows]   score a sample grid (image_grid's layout)
+    python -m flowkit.score --train [--seed S]              retrain the classifier, rewrite its weights
 
 The trained weights are committed (weights/digit_classifier.weights.h5); loading never trains.
 """
@@ -20,15 +20,14 @@ import math
 import os
 import sys
 
-import flow_cli  # noqa: F401  first: TensorFlow loads there, its start-up notices off stderr
 import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_data import load_mnist
-from flow_io import UserError, save_weights_atomic
+from flowkit.data import load_mnist
+from flowkit.files import UserError, save_weights_atomic
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "digit_classifier.weights.h5")
+WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "digit_classifier.weights.h5")
 CONFIDENT = 0.9   # max p(y|x) at or above this counts as a confident sample
 STEPS = 4000      # optimizer steps of --train, whatever the training set's size
 BATCH = 64
@@ -62,7 +61,7 @@ def classifier():
     global _classifier
     if _classifier is None:
         if not os.path.isfile(WEIGHTS):
-            raise UserError(f"{WEIGHTS}: no classifier weights; run `python flow_score.py --train`")
+            raise UserError(f"{WEIGHTS}: no classifier weights; run `python -m flowkit.score --train`")
         model = build_classifier()
         model.load_weights(WEIGHTS)
         _classifier = model
@@ -212,7 +211,7 @@ def report(path, args, by_rows=False):
 # --- grids and the command line ------------------------------------------------------------------
 
 def grid_tiles(picture, grid=None):
-    """A grid picture (flow_sample.image_grid / row_grid: tiles side by side, no gaps) -> (tiles
+    """A grid picture (flowkit.sample.image_grid / row_grid: tiles side by side, no gaps) -> (tiles
     (r·c, t, t) in row-major order, r rows). The tile side t is the picture's side / `grid` (an
     N×N grid), else the one of 28 and 32 that divides both sides."""
     picture = np.asarray(picture)
@@ -261,7 +260,7 @@ def score_png(path, grid=None, by_rows=False, data=None):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Score generated digits with an MNIST classifier "
                                             "(inception score, confident share, classes).")
-    p.add_argument("image", nargs="?", help="a grid PNG of digits (as written by flow_sample.image_grid)")
+    p.add_argument("image", nargs="?", help="a grid PNG of digits (as written by flowkit.sample.image_grid)")
     p.add_argument("--grid", type=int, help="the picture is an N×N grid (default: tiles of 28 or 32 pixels)")
     p.add_argument("--rows", action="store_true", help="class-conditional grid: row i holds digit i")
     p.add_argument("--train", action="store_true", help=f"retrain the classifier and rewrite {os.path.relpath(WEIGHTS)}")

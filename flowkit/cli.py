@@ -1,6 +1,6 @@
-"""The command line every script shares: TensorFlow imported quietly (so import this module first), the
-flags of a training run and the flags that shape a model (recorded in the weights file, read back
-from it), their checks, the start of a run, and a script's main with its exit codes.
+"""The command line every script shares: the flags of a training run and the flags that shape a model
+(recorded in the weights file, read back from it), their checks, the start of a run, and a script's
+main with its exit codes.
 """
 import argparse
 import math
@@ -9,39 +9,12 @@ import sys
 import tempfile
 import warnings
 
+import keras
 
-def _load_tensorflow_quietly():
-    """Imports TensorFlow and lets it probe the devices with stderr sent to /dev/null. TensorFlow
-    2.21 writes its C++ start-up notices (oneDNN, CUDA stub, CPU features, cuInit) through absl
-    before any log level applies, so TF_CPP_MIN_LOG_LEVEL no longer silences them; a run's stderr
-    should hold only our own lines. TF_CPP_MIN_LOG_LEVEL=0 keeps them. Python errors still show:
-    stderr is restored before they propagate."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
-        import tensorflow
-        return tensorflow
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow
-
-        tensorflow.config.list_physical_devices()
-        return tensorflow
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-_load_tensorflow_quietly()  # before keras, which imports TensorFlow
-
-import keras  # noqa: E402
-
-from flow_data import image_data  # noqa: E402
-from flow_devices import add_scale_out_args, choose_precision, make_strategy, set_mixed_precision  # noqa: E402
-from flow_io import UserError, read_config  # noqa: E402
-from flow_run import check_run, run_folder, run_record  # noqa: E402
+from flowkit.data import image_data
+from flowkit.devices import add_scale_out_args, choose_precision, make_strategy, set_mixed_precision
+from flowkit.files import UserError, read_config
+from flowkit.run import check_run, run_folder, run_record
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -137,7 +110,7 @@ def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_def
                         "slowed every model's default path (docs/running.md); on a GPU Keras compiles with it anyway")
     p.add_argument("--plot", action="store_true",
                    help="after training, plot the epoch log NAME.csv (test bits/dim against minutes) to NAME.png; "
-                        "several runs together: python flow_curves.py A.csv B.csv")
+                        "several runs together: python -m tools.curves A.csv B.csv")
     add_scale_out_args(p)
 
 
@@ -164,7 +137,7 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
     or in the run folder (--resume), else the flag's default. An explicit flag that contradicts the
     record is a one-line error naming each difference. Sets args.model, args.loads_weights.
     `images` = (MNIST's side, a folder's default side): an image script's --data and --img-size
-    (flow_data.image_data); the data's channels go into the record, and a run that reads data (it
+    (flowkit.data.image_data); the data's channels go into the record, and a run that reads data (it
     trains, or one of the `reads_data` dests is set) must match a loaded model's. With `records_folder`
     a run on an image folder records it (FOLDER_RECORD: its absolute path and the split's seed; the
     script adds the held-out count), and a run that reads data without --data reads that folder."""

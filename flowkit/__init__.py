@@ -1,0 +1,45 @@
+"""flowkit: the machinery the five article scripts share, so that each script holds only its article.
+
+    cli      the command line: common flags and their checks, the start of a run, a script's main
+    run      `Run`, the callbacks handed to `encoder.fit`: best weights, the collapse rule, --resume, logs
+    optim    Adam and AdamW with TensorFlow's fused update
+    devices  tf.distribute strategies, the precision choice, which worker writes files
+    data     MNIST (offline fallback) and image folders
+    density  dequantization, the prior term, bits/dim
+    sample   temperature codes, batched decoding, slerp, picture grids
+    files    UserError, atomic writes, weights files with their architecture record, pictures
+    score    the sample score: a small digit classifier's verdict on a model's samples
+    curves   epoch logs drawn and tabled
+
+Importing the package imports TensorFlow with its start-up notices kept off stderr.
+It never imports an article script or a tool (tests/test_imports.py).
+"""
+import os
+import sys
+
+
+def _load_tensorflow_quietly():
+    """Imports TensorFlow and lets it probe the devices with stderr sent to /dev/null. TensorFlow
+    2.21 writes its C++ start-up notices (oneDNN, CUDA stub, CPU features, cuInit) through absl
+    before any log level applies, so TF_CPP_MIN_LOG_LEVEL no longer silences them; a run's stderr
+    should hold only our own lines. TF_CPP_MIN_LOG_LEVEL=0 keeps them. Python errors still show:
+    stderr is restored before they propagate."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
+        import tensorflow
+        return tensorflow
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow
+
+        tensorflow.config.list_physical_devices()
+        return tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+_load_tensorflow_quietly()
