@@ -36,12 +36,12 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from flow_layers import Concat, Reshape, Scale, Squeeze, glow_flow, initialize_actnorms
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.data import folder_pixels, load_folder, mnist_pixels
 from flowkit.density import BitsPerDim, NormalNLL, bits_per_dim, dequantize, prior_nll
 from flowkit.files import UserError, save_png
-from flow_layers import Concat, Reshape, Scale, Squeeze, glow_flow, initialize_actnorms
 from flowkit.run import Adam, Run
 from flowkit.sample import decode_codes, image_grid, interpolation_codes, row_grid, sample
 

@@ -23,16 +23,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from flow_layers import UniformNoise, glow_flow, initialize_actnorms
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.curves import kept
 from flowkit.data import cached_images, load_folder, mnist_pixels
 from flowkit.density import BitsPerDim, bits_per_dim, dequantized, prior_nll
 from flowkit.files import UserError, save_png
-from flow_layers import UniformNoise, glow_flow, initialize_actnorms
 from flowkit.run import Adam, Run
 from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
-                         temperature_codes)
+                            temperature_codes)
 
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
 GRID = 9               # the article's 9×9 sample grid

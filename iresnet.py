@@ -22,13 +22,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from flow_layers import (Actnorm, AffineCouple, Concat, Flow, Permute, Reshape, ResidualFlow, SpectralConv2D,
+                         SpectralDense, Split, Squeeze, initialize_actnorms, log_det_estimator)
 from flowkit import score as sample_score
 from flowkit.cli import positive
 from flowkit.data import load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
 from flowkit.files import UserError, save_png
-from flow_layers import (Actnorm, AffineCouple, Concat, Flow, Permute, Reshape, ResidualFlow, SpectralConv2D,
-                         SpectralDense, Split, Squeeze, initialize_actnorms, log_det_estimator)
 from flowkit.run import Adam, Run
 from flowkit.sample import image_grid, sample
 

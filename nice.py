@@ -19,16 +19,15 @@ import numpy as np
 import tensorflow as tf
 from scipy.stats import spearmanr
 
+from flow_layers import AffineCouple, Concat, Flow, Permute, Scale, Split, UniformNoise, initialize_scales
 from flowkit import score as sample_score
-
 from flowkit.cli import non_negative, positive
 from flowkit.data import load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_constant, prior_nll
 from flowkit.files import UserError, save_png
-from flow_layers import AffineCouple, Concat, Flow, Permute, Scale, Split, UniformNoise, initialize_scales
 from flowkit.run import Adam, EpochLine, Run
 from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
-                         temperature_codes)
+                            temperature_codes)
 
 DIM = 28 * 28
 BIN = 1 / 256  # evaluation bins: x = (k + u)/256, u ~ U(0,1) (docs/design.md §3)

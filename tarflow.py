@@ -25,12 +25,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from flow_layers import ConditionalFlow, Flip, Flow, Patchify, Reshape, TarBlock
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.data import folder_arrays, load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, prior_nll
 from flowkit.files import UserError, atomic_write, save_png
-from flow_layers import ConditionalFlow, Flip, Flow, Patchify, Reshape, TarBlock
 from flowkit.run import AdamW, Run, WarmupCosine
 from flowkit.sample import cache_speed, image_grid, parse_temperatures, row_grid, temperature_codes
 

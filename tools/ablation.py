@@ -16,15 +16,15 @@ import sys
 import time
 
 from flowkit import cli
-import glow
 import keras
 import numpy as np
 
+import glow
+from flow_layers import initialize_actnorms
 from flowkit.cli import positive
 from flowkit.density import BitsPerDim
 from flowkit.devices import make_strategy
 from flowkit.files import UserError, save_png
-from flow_layers import initialize_actnorms
 from flowkit.run import Run
 
 # permute/coupling/mask: Glow's Fig. 3 grid (3 mixings × 2 couplings) and RealNVP's checkerboard row

@@ -48,6 +48,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+from flowkit.data import load_mnist, mnist_pixels
 import keras
 import numpy as np
 import tensorflow as tf
@@ -58,7 +59,6 @@ import iresnet
 import nice
 import tarflow
 from flow_layers import initialize_actnorms
-from flowkit.data import load_mnist, mnist_pixels
 from flowkit.density import bits_per_dim, dequantize
 from flowkit.devices import cpu_bfloat16, cpu_model
 from flowkit.run import WarmupCosine, build_optimizer
