@@ -13,7 +13,7 @@ import keras
 
 from flowkit.data import image_data
 from flowkit.devices import add_scale_out_args, choose_precision, make_strategy, set_mixed_precision
-from flowkit.files import UserError, read_config
+from flowkit.files import UserError, check_readable, read_config
 from flowkit.run import check_run, run_folder, run_record
 
 
@@ -160,6 +160,7 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
     if args.loads_weights and not os.path.isfile(args.weights):
         parser.error(f"--weights {args.weights}: no such file (train first; {named} use trained weights)")
     if args.loads_weights:
+        check_readable(args.weights, "--weights")
         record, source, hint = read_config(args.weights), f"--weights {args.weights}", \
             "leave the flags out (they are read from the file) or pass the same values"
     elif args.resume:

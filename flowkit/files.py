@@ -58,6 +58,19 @@ def save_weights_atomic(model, path, config=None, optimizer=True):
     atomic_write(path, write)
 
 
+def check_readable(path, flag):
+    """UserError unless `path` opens as an HDF5 file. A truncated download or another kind of file is
+    called unreadable at once: Keras' own failure would read like a model that does not fit."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as e:
+        why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"{flag} {path}: unreadable: not an HDF5 weights file, or a truncated one ({why})") from None
+
+
 def read_config(path):
     """The architecture record saved in a weights file, or None (no record, or not an HDF5 file)."""
     import h5py

@@ -45,6 +45,11 @@ def folder(tmp_path, monkeypatch):
     _run(tmp_path, "gprev", {"model": "glow", "img_size": 32, "level": 1, "depth": 1, "hidden": 4,
                              "permute": "random", "coupling": "additive", "mask": "channel", "channels": 1})
     (tmp_path / "lone.weights.h5").write_bytes(b"weights without a run folder")
+    with h5py.File(tmp_path / "cut.weights.h5", "w") as f:  # a download cut short: half an HDF5 file
+        f.attrs[CONFIG_ATTR] = json.dumps({"model": "nice", "hidden": 8, "hidden_layers": 1, "couplings": 2})
+        f["layers/dense/vars/0"] = np.ones((64, 64), np.float32)
+    whole = (tmp_path / "cut.weights.h5").read_bytes()
+    (tmp_path / "cut.weights.h5").write_bytes(whole[:len(whole) // 2])
     monkeypatch.chdir(tmp_path)
     return snapshot(tmp_path)
 
@@ -86,7 +91,9 @@ NICE_CASES = [
      "error: --resume: the run in nprev.run/ has completed 2 epochs already (--epochs 2 is the total)"),
     (["--weights", "nprev.weights.h5", "--resume", "--sample-only"], "--resume continues training"),
     (["--xla", "--distribute", "mirrored"], "--xla does not go with --distribute mirrored"),
-    (["--weights", "lone.weights.h5", "--sample-only"], "error: --weights lone.weights.h5: cannot load it"),
+    (["--weights", "lone.weights.h5", "--sample-only"], "error: --weights lone.weights.h5: unreadable: not an HDF5"),
+    (["--weights", "cut.weights.h5", "--sample-only"], "error: --weights cut.weights.h5: unreadable: not an HDF5 "
+                                                       "weights file, or a truncated one"),
     (["--weights", "nprev.weights.h5", "--walk", "--couplings", "4"],
      "error: --weights nprev.weights.h5 was trained with --couplings 2 (this run: --couplings 4)"),
 ]
@@ -121,8 +128,8 @@ GLOW_CASES = [
     (["--weights", "gprev.weights.h5", "--resume", "--epochs", "1"],
      "error: --resume: the run in gprev.run/ has completed 2 epochs already (--epochs 1 is the total)"),
     (["--weights", "gprev.weights.h5", "--resume", "--reconstruct"], "--resume continues training"),
-    (["--weights", "lone.weights.h5", "--sample-only"],
-     "error: --weights lone.weights.h5: cannot load it into this glow model"),
+    (["--weights", "lone.weights.h5", "--sample-only"], "error: --weights lone.weights.h5: unreadable: not an HDF5"),
+    (["--weights", "cut.weights.h5", "--temperatures", "0,1"], "error: --weights cut.weights.h5: unreadable"),
     (["--weights", "gprev.weights.h5", "--sample-only", "--hidden", "16"],
      "error: --weights gprev.weights.h5 was trained with --hidden 4 (this run: --hidden 16); leave the flags out"),
     (["--weights", "nprev.weights.h5", "--temperatures", "0,1"],
