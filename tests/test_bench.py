@@ -160,3 +160,45 @@ def test_tarflow_profile_times_every_part(precision):
     assert all(positive(r[k]) for k in ("step_s", "forward_backward_s", "adamw_update_s", "data_batch_s"))
     assert all(positive(v) for v in r["parts_s"].values())
     assert math.isclose(r["rest_s"], r["forward_backward_s"] - sum(r["parts_s"].values()))
+
+
+def test_gpu_check_runs_every_model_and_the_float32_loss_falls(tmp_path):
+    """`bench --gpu-check --quick` (tiny sizes, wherever it runs): every model × variant asked for,
+    each with its figures, and the float32 training loss falls over its few dozen steps (epoch means).
+    Whether the 16-bit loss falls is the check's finding, not the test's."""
+    from tools.gpu_check import TINY
+
+    out = tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, "-m", "tools.bench", "--gpu-check", "--quick", "--variants", "fp32,mixed",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["precision"] == "bfloat16" and r["device"] and r["epochs"] >= 2
+    assert list(r["models"]) == list(MODELS)
+    for model, variants in r["models"].items():
+        assert list(variants) == ["fp32", "mixed"]
+        for name, v in variants.items():
+            assert all(positive(v[k]) for k in ("img_per_s", "step_s", "cpu_step_s", "first_step_s")), (model, name)
+            assert v["img_per_s"] * v["step_s"] == pytest.approx(TINY[model]["batch"])  # img/s from the wall time
+            assert math.isfinite(v["loss_first_epoch"]) and math.isfinite(v["loss_last_epoch"])
+            assert v["loss_fell"] == (v["loss_last_epoch"] < v["loss_first_epoch"])
+            assert v["jit_compile"] is False and v["mixed_precision"] == ("none" if name == "fp32" else "bfloat16")
+        assert variants["fp32"]["loss_fell"], (model, variants["fp32"])
+        line = next(line for line in run.stdout.splitlines() if line.startswith(f"{model} ") and " fp32 " in line)
+        assert "img/s" in line and "first step" in line and "(fell)" in line
+
+
+def test_gpu_check_compiles_with_xla_when_asked():
+    import tools.gpu_check as gpu
+
+    r = gpu.gpu_check(quick=True, models=("nice",), variants=("fp32_xla",), steps=5, epochs=3)
+    v = r["models"]["nice"]["fp32_xla"]
+    assert v["jit_compile"] is True and positive(v["img_per_s"]) and v["loss_fell"]
+
+
+def test_peers_says_one_line_when_the_scripts_are_not_there(tmp_path, capsys):
+    import tools.bench as bench
+
+    assert bench.peers(str(tmp_path / "compare.sh")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "compare.sh" in err[0]

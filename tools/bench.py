@@ -352,7 +352,7 @@ def parse_args(argv):
     p.add_argument("--skip-glow", action="store_true", help="skip both Glow measurements")
     p.add_argument("--variants", default=",".join(n for n, _, _ in VARIANTS),
                    help="comma-separated variants to time (fp32, the ratios' base, and each model's default "
-                        "variants are always among them)")
+                        "variants are always among them); with --gpu-check some of fp32,fp32_xla,mixed,mixed_xla")
     p.add_argument("--quality-steps", type=int, nargs="+", default=None, metavar="STEPS",
                    help="NICE GLOW [TARFLOW]: test bits/dim of every variant after this many training steps on "
                         "MNIST, the mean of the last 3 of 10 evaluations; 0 skips a model, TARFLOW is GLOW's "
@@ -367,6 +367,15 @@ def parse_args(argv):
                    help="only where a step goes: nice (the default; float32: forward, backward, Adam's update, "
                         "the layout ops) or tarflow (its CPU recipe in float32 and mixed bfloat16: the "
                         "Transformer's parts, AdamW's update, the data pipeline)")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="only each model's article configuration for a few dozen steps, float32 and mixed 16 bits, "
+                        "XLA off and on: img/s, the first step, whether the loss fell (tools/gpu_check.py; under 5 "
+                        "minutes on a GPU; with --quick tiny sizes)")
+    p.add_argument("--gpu-precision", choices=("bfloat16", "float16"), default="bfloat16",
+                   help="--gpu-check's mixed precision")
+    p.add_argument("--peers", action="store_true",
+                   help="only run ../shared/peers/compare.sh (the PyTorch code a reader could pick instead, timed "
+                        "beside our scripts) when it is there, and print its table")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - set(MODELS)
@@ -387,9 +396,40 @@ def machine():
             f"bfloat16 instructions: {', '.join(cpu_bfloat16()) or 'none'}")
 
 
+PEERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "peers", "compare.sh")
+
+
+def peers(script=PEERS):
+    """Runs the peers' comparison script from the project's root with this Python, its table printed as
+    it comes; 2 with one line when the script is not there (it lives beside the project, not in it)."""
+    import subprocess
+
+    if not os.path.isfile(script):
+        print(f"error: {os.path.normpath(script)} is not there: --peers needs the peers' timing scripts beside "
+              f"the project", file=sys.stderr)
+        return 2
+    print(f"{machine()}; {datetime.date.today().isoformat()}; bash {os.path.normpath(script)}", flush=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(["bash", script], cwd=root, env={**os.environ, "PY": sys.executable}).returncode
+
+
 def main(argv=None):
     args = parse_args(argv)
-    command = " ".join(["python", "bench.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python", "-m", "tools.bench", *(sys.argv[1:] if argv is None else argv)])
+    if args.peers:
+        return peers()
+    if args.gpu_check:
+        from tools.gpu_check import VARIANTS as GPU_VARIANTS, gpu_check
+        gpu_variants = GPU_VARIANTS if args.default_variants else args.variants.split(",")
+        if set(gpu_variants) - set(GPU_VARIANTS):
+            print(f"error: --gpu-check --variants: choose from {','.join(GPU_VARIANTS)}", file=sys.stderr)
+            return 2
+        r = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
+             "tensorflow": tf.__version__, "keras": keras.__version__,
+             **gpu_check(args.quick, args.models, args.gpu_precision, gpu_variants)}
+        write_json(r, args.json)
+        print(f"wrote {args.json}")
+        return 0
     if args.profile:
         if args.profile == "tarflow":
             r = {"command": command, "machine": machine(), "profile_tarflow": {
