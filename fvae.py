@@ -41,7 +41,7 @@ from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.data import folder_pixels, load_folder, mnist_pixels
 from flowkit.density import BitsPerDim, NormalNLL, bits_per_dim, dequantize, prior_nll
-from flowkit.files import UserError, save_png
+from flowkit.files import UserError, save_png, write_png
 from flowkit.run import Adam, Run
 from flowkit.sample import decode_codes, image_grid, interpolation_codes, row_grid, sample
 
@@ -250,8 +250,7 @@ def write_samples(sampler, args, stem, temperatures=TEMPERATURES):
     """OUT/STEM_T{t}.png for each temperature t; returns their paths."""
     paths = [os.path.join(args.out, f"{stem}_T{t:g}.png") for t in temperatures]
     for t, path in zip(temperatures, paths):
-        save_png(path, sample_grid(sampler, t, args.seed))
-        print(f"wrote {path}")
+        write_png(path, sample_grid(sampler, t, args.seed))
     return paths
 
 
@@ -302,16 +301,15 @@ def experiments(args):
     if args.reconstruct:
         x, x_rec = reconstruct(fvae, test_images(pixels_test, RECONSTRUCT))
         path = os.path.join(args.out, "fvae_reconstruct.png")
-        save_png(path, row_grid(np.stack([x, x_rec]), low=-1, high=1))
-        print(f"wrote {path} (held-out images over G(E(x)); mean abs error {np.mean(np.abs(x - x_rec)):.3f})")
+        write_png(path, row_grid(np.stack([x, x_rec]), low=-1, high=1),
+                  f"held-out images over G(E(x)); mean abs error {np.mean(np.abs(x - x_rec)):.3f}")
     if args.interpolate:
         x = test_images(pixels_test, 2 * args.interpolate)
         if len(x) < 2 * args.interpolate:
             raise UserError(f"--interpolate {args.interpolate}: needs {2 * args.interpolate} held-out images, "
                             f"there are {len(x)}")
         path = os.path.join(args.out, "fvae_interpolate.png")
-        save_png(path, row_grid(interpolation_rows(fvae, x), low=-1, high=1))
-        print(f"wrote {path}")
+        write_png(path, row_grid(interpolation_rows(fvae, x), low=-1, high=1))
     if args.iw:
         report(fvae, test, args)
     return 0

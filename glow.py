@@ -29,7 +29,7 @@ from flowkit.cli import non_negative, positive
 from flowkit.curves import kept
 from flowkit.data import cached_images, load_folder, mnist_pixels
 from flowkit.density import BitsPerDim, bits_per_dim, dequantized, prior_nll
-from flowkit.files import UserError, save_png
+from flowkit.files import UserError, save_png, write_png
 from flowkit.run import Adam, Run
 from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
                             temperature_codes)
@@ -167,10 +167,7 @@ def sample_grid(decoder, std, seed=0, n=GRID):
 
 
 def write_grid(decoder, args):
-    path = os.path.join(args.out, "glow_samples.png")
-    save_png(path, sample_grid(decoder, args.std, args.seed))
-    print(f"wrote {path}")
-    return path
+    return write_png(os.path.join(args.out, "glow_samples.png"), sample_grid(decoder, args.std, args.seed))
 
 
 class Samples(keras.callbacks.Callback):
@@ -226,17 +223,14 @@ def experiments(args):
     if args.reconstruct:
         pic, err = reconstruct(encoder, decoder, test)
         path = os.path.join(args.out, "glow_reconstruct.png")
-        save_png(path, pic)
-        print(f"wrote {path} (held-out images over their reconstructions; max abs error {err:.2e})")
+        write_png(path, pic, f"held-out images over their reconstructions; max abs error {err:.2e}")
     pictures = {}
     if args.temperatures:
         pictures["glow_temperatures.png"] = temperature_rows(decoder, args.temperatures, args.seed)
     if args.interpolate:
         pictures["glow_interpolate.png"] = interpolation_rows(encoder, decoder, test, args.interpolate)[1]
     for name, rows in pictures.items():
-        path = os.path.join(args.out, name)
-        save_png(path, row_grid(rows, low=-1, high=1))
-        print(f"wrote {path}")
+        write_png(os.path.join(args.out, name), row_grid(rows, low=-1, high=1))
     return 0
 
 

@@ -28,7 +28,7 @@ from flowkit import score as sample_score
 from flowkit.cli import positive
 from flowkit.data import load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
-from flowkit.files import UserError, save_png
+from flowkit.files import UserError, write_png
 from flowkit.run import Adam, Run
 from flowkit.sample import image_grid, sample
 
@@ -199,8 +199,7 @@ def write_grid(decoder, args):
     """A 10×10 grid of decoder(std·ε): each block inverted by its fixed-point iteration."""
     path = os.path.join(args.out, "iresnet_samples.png")
     x = sample(decoder, GRID * GRID, args.std, args.seed or 0)
-    save_png(path, image_grid(np.clip(x[..., 0], 0, 1), GRID))
-    print(f"wrote {path}", flush=True)
+    write_png(path, image_grid(np.clip(x[..., 0], 0, 1), GRID))
     return path
 
 

@@ -24,7 +24,7 @@ from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.data import load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_constant, prior_nll
-from flowkit.files import UserError, save_png
+from flowkit.files import UserError, write_png
 from flowkit.run import Adam, EpochLine, Run
 from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
                             temperature_codes)
@@ -156,10 +156,8 @@ def images(x):
 
 def write_grid(decoder, args):
     """The article's 15×15 grid of decoder(0.75·ε) (--std: its annealing parameter)."""
-    path = os.path.join(args.out, "nice_samples.png")
-    save_png(path, image_grid(images(sample(decoder, GRID * GRID, args.std, args.seed or 0)), GRID))
-    print(f"wrote {path}", flush=True)
-    return path
+    return write_png(os.path.join(args.out, "nice_samples.png"),
+                     image_grid(images(sample(decoder, GRID * GRID, args.std, args.seed or 0)), GRID))
 
 
 # --- the article's experiments ------------------------------------------------------------------
@@ -233,9 +231,7 @@ def experiments(args):
               f"{spearmanr(s, effect).statistic:.2f}", flush=True)
         pictures["nice_walk.png"] = rows
     for name, rows in pictures.items():
-        path = os.path.join(args.out, name)
-        save_png(path, row_grid(rows))
-        print(f"wrote {path}", flush=True)
+        write_png(os.path.join(args.out, name), row_grid(rows))
     return 0
 
 

@@ -30,7 +30,7 @@ from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.data import folder_arrays, load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, prior_nll
-from flowkit.files import UserError, atomic_write, save_png
+from flowkit.files import UserError, atomic_write, save_png, write_png
 from flowkit.run import AdamW, Run, WarmupCosine
 from flowkit.sample import cache_speed, image_grid, parse_temperatures, row_grid, temperature_codes
 
@@ -240,14 +240,12 @@ def write_grids(encoder, decoder, args):
     z, labels = grid_inputs(args)
     noisy_x, x = sample(encoder, decoder, args, z, labels)
     path = os.path.join(args.out, "tarflow_guided.png" if args.conditional else "tarflow_samples.png")
-    save_png(path, image_grid(x, GRID, low=-1, high=1))
-    print(f"wrote {path}", flush=True)
+    write_png(path, image_grid(x, GRID, low=-1, high=1))
     if args.noise == "gaussian" and args.denoise:
         pair = [image_grid(v, GRID, low=-1, high=1) for v in (noisy_x, x)]
         gap = np.full((pair[0].shape[0], 4 * noisy_x.shape[2] // 7 or 4, *pair[0].shape[2:]), 255, np.uint8)
-        path = os.path.join(args.out, "tarflow_denoise.png")
-        save_png(path, np.concatenate([pair[0], gap, pair[1]], axis=1))
-        print(f"wrote {path} (before | after the denoising step)", flush=True)
+        write_png(os.path.join(args.out, "tarflow_denoise.png"), np.concatenate([pair[0], gap, pair[1]], axis=1),
+                  "before | after the denoising step")
     if sample_score.digits(args):
         print(sample_score.score_line(unit(x), labels, args.data), flush=True)
         if args.noise == "gaussian" and args.denoise:
@@ -310,9 +308,8 @@ def experiments(args):
     if args.sample_only:
         write_grids(encoder, decoder, args)
     if args.temperatures:
-        path = os.path.join(args.out, "tarflow_temperatures.png")
-        save_png(path, row_grid(temperature_rows(encoder, decoder, args), low=-1, high=1))
-        print(f"wrote {path}")
+        write_png(os.path.join(args.out, "tarflow_temperatures.png"),
+                  row_grid(temperature_rows(encoder, decoder, args), low=-1, high=1))
     if args.guidance_sweep:
         guidance_sweep(encoder, decoder, args)
     return 0

@@ -88,3 +88,10 @@ def save_png(path, image):
     import imageio.v2 as imageio
 
     atomic_write(path, lambda tmp: imageio.imwrite(tmp, image, format="png"))
+
+
+def write_png(path, image, about=None):
+    """save_png, then the line that says where the picture went: `wrote PATH[ (about)]`."""
+    save_png(path, image)
+    print(f"wrote {path}" + (f" ({about})" if about else ""), flush=True)
+    return path
