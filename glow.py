@@ -127,7 +127,7 @@ def train(args, strategy):
         encoder, decoder = build_glow(**shape(args.config))
         compile_glow(encoder, args.lr)
     dims = args.img_size ** 2 * channels
-    print(f"Glow: {describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}")
+    print(f"Glow: {cli.describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}")
     run = Run(encoder, args, strategy, monitor=args.monitor, after_epoch=10 if args.monitor == "loss" else None)
     with strategy.scope():  # one eager pass over the global batch: every replica gets its statistics
         # after a --resume the Actnorms' `initialized` flag came back: none is initialised again
@@ -152,11 +152,6 @@ def train(args, strategy):
 def shape(config):
     """The model's shape: the record less what it keeps of the data (flowkit.cli.FOLDER_RECORD)."""
     return {k: v for k, v in config.items() if k not in cli.FOLDER_RECORD}
-
-
-def describe(config):
-    return (", ".join(f"--{k.replace('_', '-')} {v}" for k, v in shape(config).items() if k != "channels")
-            + f", {config['channels']} channel(s)")
 
 
 # --- sampling -----------------------------------------------------------------------------------

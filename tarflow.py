@@ -249,7 +249,7 @@ def write_grids(encoder, decoder, args):
     if sample_score.digits(args):
         print(sample_score.score_line(unit(x), labels, args.data), flush=True)
         if args.noise == "gaussian" and args.denoise:
-            print(f"before denoising: {sample_score.describe(sample_score.score(unit(noisy_x), labels))}; grey pixels "
+            print(f"before denoising: {sample_score.in_words(sample_score.score(unit(noisy_x), labels))}; grey pixels "
                   f"{grey_share(noisy_x):.2f} before, {grey_share(x):.2f} after", flush=True)
 
 

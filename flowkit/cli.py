@@ -250,8 +250,9 @@ def load_weights(model, args):
 
 def describe(config):
     """An architecture record as the flags that give it: `--width 64, --blocks 4, ...`; channels
-    (from the data, not a flag) at the end."""
-    flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k != "channels")
+    (from the data, not a flag) at the end; what it keeps of a training folder (FOLDER_RECORD) left out."""
+    flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.items()
+                      if k != "channels" and k not in FOLDER_RECORD)
     return flags + (f", {config['channels']} channel(s)" if "channels" in config else "")
 
 

@@ -171,7 +171,7 @@ def score(images, rows=None):
     return result
 
 
-def describe(s):
+def in_words(s):
     """A score dict as one line: `confident 0.94, IS 9.41, 10 classes[, row accuracy 0.97]`."""
     line = f"confident {s['confident']:.2f}, IS {s['inception']:.2f}, {s['classes']} classes"
     return line + (f", row accuracy {s['row_accuracy']:.2f}" if "row_accuracy" in s else "")
@@ -192,8 +192,8 @@ def real_digit_ceiling(data=None):
 
 def score_line(images, rows=None, data=None):
     """`sample score: ... (real held-out digits: ...)`: the line a training run prints (`data`: its npz)."""
-    return (f"sample score: {describe(score(images, rows))} "
-            f"(real held-out digits: {describe(real_digit_ceiling(data))})")
+    return (f"sample score: {in_words(score(images, rows))} "
+            f"(real held-out digits: {in_words(real_digit_ceiling(data))})")
 
 
 def digits(args):
@@ -280,7 +280,7 @@ def main(argv=None):
             accuracy = train(args.seed)
             print(f"held-out accuracy {accuracy:.4f}; wrote {os.path.relpath(WEIGHTS)} "
                   f"({os.path.getsize(WEIGHTS) / 1024:.0f} KiB)")
-            print(f"real held-out digits: {describe(real_digit_ceiling())}")
+            print(f"real held-out digits: {in_words(real_digit_ceiling())}")
         else:
             print(score_png(args.image, args.grid, args.rows))
         return 0

@@ -112,10 +112,10 @@ def test_bad_inputs_are_user_errors(held_out):
         fs.score(x[:10], y[:9])
 
 
-def test_describe_format():
+def test_a_score_in_words():
     s = {"confident": 0.944, "inception": 9.412, "classes": 10}
-    assert fs.describe(s) == "confident 0.94, IS 9.41, 10 classes"
-    assert fs.describe({**s, "row_accuracy": 0.971}) == "confident 0.94, IS 9.41, 10 classes, row accuracy 0.97"
+    assert fs.in_words(s) == "confident 0.94, IS 9.41, 10 classes"
+    assert fs.in_words({**s, "row_accuracy": 0.971}) == "confident 0.94, IS 9.41, 10 classes, row accuracy 0.97"
 
 
 LINE = re.compile(r"sample score: confident \d\.\d\d, IS \d+\.\d\d, \d+ classes(, row accuracy \d\.\d\d)? "
