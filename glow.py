@@ -36,7 +36,7 @@ from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse
 
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
 GRID = 9               # the article's 9×9 sample grid
-BF16_DEFAULT = True  # on a CPU with bfloat16 instructions; measured in bench.py (docs/running.md)
+BF16_DEFAULT = True  # on a CPU with bfloat16 instructions; measured by tools/bench.py (docs/running.md)
 RECONSTRUCT = 8        # held-out images shown by --reconstruct
 CACHE = "image_cache"  # beside --weights: a folder's decoded images when they exceed flowkit.data.CACHE_MEMORY
 

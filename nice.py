@@ -88,7 +88,7 @@ def build_nice(hidden=1000, hidden_layers=5, couplings=4, permute="reverse"):
 
 # --- training -----------------------------------------------------------------------------------
 
-BF16_DEFAULT = True  # on a CPU with bfloat16 instructions; measured in bench.py (docs/running.md)
+BF16_DEFAULT = True  # on a CPU with bfloat16 instructions; measured by tools/bench.py (docs/running.md)
 
 
 def compile_nice(encoder, lr=1e-3, jit_compile="auto"):

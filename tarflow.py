@@ -38,7 +38,7 @@ BIN = 2 / 256      # one pixel level once images are mapped to [−1, 1]
 GRID = 10          # 10×10 sample grids; a conditional grid has one row per class
 CLASSES = 10       # MNIST's digits
 GUIDANCE = 3.0     # a conditional model's default guidance weight (README: the sweep that chose it)
-BF16_DEFAULT = True  # mixed bfloat16 on a CPU with bfloat16 instructions: bench.py measured it (docs/running.md)
+BF16_DEFAULT = True  # mixed bfloat16 on a CPU with bfloat16 instructions: tools/bench.py measured it (docs/running.md)
 
 
 # --- data ---------------------------------------------------------------------------------------

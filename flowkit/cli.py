@@ -84,7 +84,7 @@ def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_def
     """The flags of a training run, the same in every script: --epochs --batch-size --lr --weights
     --resume --max-collapses --seed --out --sample-only --minutes --xla --plot, and the scale-out flags. `bf16_default`: the
     model computes in mixed bfloat16 unless told otherwise, on a CPU with bfloat16 instructions
-    (`choose_precision`; bench.py measured where it pays and costs no likelihood)."""
+    (`choose_precision`; tools/bench.py measured where it pays and costs no likelihood)."""
     p = parser
     p.set_defaults(bf16_default=bf16_default)
     p.add_argument("--epochs", type=positive(int), default=epochs, help="training epochs (the total with --resume)")

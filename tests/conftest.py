@@ -31,6 +31,6 @@ def digits():
 @pytest.fixture(autouse=True)
 def plain_policy_after():
     """A script run in-process may choose mixed bfloat16 (its default on a CPU with bfloat16
-    instructions, flow_devices.choose_precision): every test starts from the plain float policy."""
+    instructions, flowkit.devices.choose_precision): every test starts from the plain float policy."""
     yield
     keras.config.set_dtype_policy(keras.config.floatx())

@@ -1,6 +1,6 @@
-"""The measurements of bench.py: matmul peaks (2048² and at a model's own shapes), FLOPs counted from
+"""The measurements of tools/bench.py: matmul peaks (2048² and at a model's own shapes), FLOPs counted from
 a model's layer shapes, training speed of precision/XLA variants interleaved round by round, the
-script's own default variant, and where a NICE step goes (--profile). bench.py holds the models and
+script's own default variant, and where a NICE step goes (--profile). tools/bench.py holds the models and
 the report; docs/running.md#performance says how to read the figures."""
 import math
 import resource
@@ -271,7 +271,7 @@ def profile_nice(repeats=15):
 # --- where a TarFlow step goes ----------------------------------------------------------------
 
 def profile_tarflow(cfg, repeats=15, precision=None):
-    """Seconds (median of `repeats` calls) of separate tf.functions over TarFlow's CPU recipe `cfg` (bench.py's
+    """Seconds (median of `repeats` calls) of separate tf.functions over TarFlow's CPU recipe `cfg` (tools/bench.py's
     FULL["tarflow"]) under `precision` (None: float32): a whole training step (forward, backward, the
     fused AdamW update), forward + backward alone, the update alone; each part of the Transformer over
     all blocks and layers, forward + backward at the recipe's shapes: the layer norms, the QKV and output
