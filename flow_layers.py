@@ -12,6 +12,7 @@ vector-Jacobian products (GradientTape inside `forward`).
 """
 import contextlib
 import math
+import re
 
 import keras
 import numpy as np
@@ -94,17 +95,6 @@ class FlowLayer(keras.layers.Layer):
     def inverse(self):
         return Inverse(self)
 
-    def children(self):
-        """The layers this one holds (attributes that are layers or lists of layers)."""
-        found = []
-        for name, value in vars(self).items():
-            if name.startswith("_"):
-                continue
-            for v in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(v, keras.layers.Layer) and all(v is not f for f in found):
-                    found.append(v)
-        return found
-
 class Inverse(keras.layers.Layer):
     """z -> x of a flow layer, reading the forward layer's variables (never a copy).
 
@@ -174,14 +164,26 @@ class Flow(FlowLayer):
         config["steps"] = [keras.saving.deserialize_keras_object(s) for s in config["steps"]]
         return cls(**config)
 
+def children(layer):
+    """The layers a layer holds as attributes, alone or in lists (a flow layer's steps and networks, a
+    Transformer's layers); none for an Inverse, whose forward layer is a reference, not a part."""
+    found = []
+    for name, value in ([] if isinstance(layer, Inverse) else vars(layer).items()):
+        if name.startswith("_"):
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, keras.layers.Layer) and all(v is not f for f in found):
+                found.append(v)
+    return found
+
+
 def flow_layers_of(model):
-    """Every layer inside a model or a flow layer, nested ones included: a Model's `layers`, a
-    flow layer's `children()`, recursively (Keras 3 has no public recursive listing)."""
+    """Every layer inside a model or a layer, nested ones included: a Model's `layers`, another
+    layer's `children`, recursively (Keras 3 has no public recursive listing)."""
     found, todo = [], [model]
     while todo:
         layer = todo.pop()
-        inner = layer.layers if isinstance(layer, keras.Model) else (
-            layer.children() if isinstance(layer, FlowLayer) else [])
+        inner = layer.layers if isinstance(layer, keras.Model) else children(layer)
         for child in reversed(inner):
             if all(child is not f for f in found):
                 found.append(child)
@@ -982,78 +984,141 @@ def gelu(x):
         return upstream * (cdf + x * ops.exp(-0.5 * ops.square(x)) * (1 / math.sqrt(2 * math.pi)))
     return x * cdf, grad
 
-class TarBlock(FlowLayer):
-    """One TarFlow block on tokens x (T, D): z_t = (x_t − μ_t) ⊗ exp(−a_t), (a_t, μ_t) = f(x_<t)
-    (Zhai et al. 2024, the TarFlow block), log-det −Σ_t Σ a_t.
 
-    f is a causal Transformer: Dense(width) + a learned positional embedding (+ a class embedding
-    when `classes` > 0), `layers` pre-norm layers of causal self-attention and an MLP (4·width,
-    GELU), a final LayerNorm and a zero-initialised Dense(2D) giving (a, μ) per token; its outputs
-    are shifted right by one token with zeros for the first, so token t's parameters see only x_<t
-    and the block starts as the identity.
+def _dense(units, inputs, dtype, name, **kwargs):
+    """A Dense(units) built on `inputs` features, in the dtype policy `dtype`."""
+    layer = keras.layers.Dense(units, dtype=dtype, name=name, **kwargs)
+    layer.build((None, inputs))
+    return layer
 
-    `reverse` is the sequential inverse x_t = z_t ⊗ exp(a_t) + μ_t, token by token (T − 1 passes,
-    one `ops.fori_loop`, so a compiled decoder traces one pass, not T). With `use_cache` (default)
-    each pass runs only the newest token through f and keeps every layer's keys and values in
-    fixed-size buffers (a key-value cache); without it each pass runs f over the whole sequence.
-    Class-conditional: inputs [x, y] with integer labels y; while training a label is replaced by the
-    "no class" index `classes` with probability `label_drop`; `reverse` with `guidance` w ≠ 0 uses
-    (1 + w)·f(x, y) − w·f(x, no class) (classifier-free guidance). `use_cache` and `guidance` are
-    plain attributes read when `reverse` runs (a compiled decoder reads them when it traces, so
-    tarflow.decode keeps one compiled decoder per setting).
-    Attention is written with keras.ops (not keras' MultiHeadAttention) for the cache.
+
+def _layer_norm(width, dtype, name):
+    layer = keras.layers.LayerNormalization(epsilon=1e-6, dtype=dtype, name=name)
+    layer.build((None, width))
+    return layer
+
+
+class Attention(keras.layers.Layer):
+    """The causal multi-head self-attention of a pre-norm Transformer layer, on h (B·t, width) with t
+    tokens an example: LayerNorm, one Dense to q, k, v, softmax(q·kᵀ/√d + causal mask)·v per head
+    (d = width/heads), the output Dense. Its layers compute in the global policy (16 bits under a mixed
+    one), the softmax in float32. Written with keras.ops, not keras' MultiHeadAttention, for the
+    key-value cache of `cached`."""
+
+    def __init__(self, width, heads, **kwargs):
+        super().__init__(**_flow_dtype(kwargs))
+        self.width, self.heads = int(width), int(heads)
+
+    def build(self, input_shape=None):
+        policy, width = keras.config.dtype_policy(), self.width
+        self.norm = _layer_norm(width, policy, "norm")
+        self.qkv = _dense(3 * width, width, policy, "qkv")
+        self.out = _dense(width, width, policy, "out")
+
+    def _heads(self, h, t):
+        """(B·t, width) -> (B, heads, t, d)."""
+        return ops.transpose(ops.reshape(h, (-1, t, self.heads, self.width // self.heads)), (0, 2, 1, 3))
+
+    def _qkv(self, h, t):
+        q, k, v = ops.split(self.qkv(self.norm(h)), 3, axis=-1)
+        # 1/√d folded into q: one multiply of (t, d), not of every (t, t) score
+        return self._heads(q * (1 / math.sqrt(self.width // self.heads)), t), self._heads(k, t), self._heads(v, t)
+
+    def _out(self, heads):
+        """(B, heads, t, d) -> the output Dense of (B·t, width)."""
+        return self.out(ops.reshape(ops.transpose(heads, (0, 2, 1, 3)), (-1, self.width)))
+
+    def call(self, h, tokens):
+        """All `tokens` at once, each attending to itself and the tokens before it."""
+        q, k, v = self._qkv(h, tokens)
+        return self._out(self.attend(q, k, v, self.causal_mask(tokens)))
+
+    def cached(self, h, keys, values, position):
+        """One token an example, h (B, width), at `position` (a tensor), against fixed-size key and value
+        buffers (B, heads, T, d) that hold the tokens before it and zeros from `position` on: its key and
+        value are written at `position` and it attends to the positions up to it (fixed shapes, so a
+        token loop compiles once). Returns (output, keys, values)."""
+        q, k, v = self._qkv(h, 1)
+        tokens = keys.shape[2]
+        here = ops.one_hot(position, tokens, dtype=k.dtype)[None, None, :, None]
+        keys, values = keys + here * k, values + here * v
+        mask = ops.where(ops.arange(tokens, dtype="int32") <= ops.cast(position, "int32"), 0, -1e9)[None]
+        return self._out(self.attend(q, keys, values, mask)), keys, values
+
+    @staticmethod
+    def causal_mask(t):
+        """(t, t): −1e9 above the diagonal, 0 elsewhere, a constant added to the scores (token i sees j ≤ i)."""
+        return np.triu(np.full((t, t), -1e9), 1)
+
+    def attend(self, q, k, v, mask):
+        """softmax(q·kᵀ + mask)·v per head, q (B, heads, t, d) already scaled; the softmax in float32."""
+        scores = ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), self.dtype) + ops.cast(mask, self.dtype)
+        return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), v.dtype), v)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "heads": self.heads}
+
+
+class MLP(keras.layers.Layer):
+    """The MLP of a pre-norm Transformer layer, on h (B·t, width): LayerNorm, Dense(4·width), GELU (in
+    float32), Dense(width); the layers in the global policy."""
+
+    def __init__(self, width, **kwargs):
+        super().__init__(**_flow_dtype(kwargs))
+        self.width = int(width)
+
+    def build(self, input_shape=None):
+        policy, width = keras.config.dtype_policy(), self.width
+        self.norm = _layer_norm(width, policy, "norm")
+        self.dense_in = _dense(4 * width, width, policy, "dense_in")
+        self.dense_out = _dense(width, 4 * width, policy, "dense_out")
+
+    def call(self, h):
+        return self.dense_out(gelu(ops.cast(self.dense_in(self.norm(h)), h.dtype)))
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width}
+
+
+class CausalTransformer(keras.layers.Layer):
+    """TarFlow's network f on tokens x (B, T, D): output t, (a_t, μ_t) side by side (B, T, 2D), depends on
+    x_≤t only (TarBlock shifts it by one token). Dense(width) + a learned position embedding (+ a class
+    embedding of labels y when `classes` > 0, row `classes` being "no class"), then `layers` pre-norm
+    layers h += Attention(h); h += MLP(h), a final LayerNorm and a zero-initialised Dense(2D), so that a
+    block starts as the identity.
+
+    Precision: the layers' insides compute in the global policy (16 bits under a mixed one); the way in,
+    the residual stream and the way out stay in float32 (the layer's own dtype): a 16-bit μ would be off
+    by half a pixel level, 2⁻⁸ of values near 1. `step` runs one token against a key-value cache.
     """
 
-    def __init__(self, width=128, layers=4, heads=4, classes=0, label_drop=0.1, seed=None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, width=128, layers=4, heads=4, classes=0, seed=None, **kwargs):
+        super().__init__(**_flow_dtype(kwargs))
         if width % heads:
-            raise ValueError(f"TarBlock width {width} is not a multiple of heads {heads}")
+            raise ValueError(f"CausalTransformer width {width} is not a multiple of heads {heads}")
         self.width, self.depth, self.heads = int(width), int(layers), int(heads)
-        self.classes, self.label_drop, self.seed = int(classes), float(label_drop), seed
-        self.use_cache, self.guidance = True, 0.0
-        self.label_seed = keras.random.SeedGenerator(seed)
+        self.classes, self.seed = int(classes), seed
 
     def build(self, input_shape):
-        x_shape = input_shape[0] if self.classes else input_shape
-        self.tokens, self.dims = x_shape[1], x_shape[2]
-        # the Transformer's layers compute in 16 bits under a mixed policy; the tokens' way in and (a, μ)'s
-        # way out stay in float32: a 16-bit μ would be off by half a pixel level, 2⁻⁸ of values near 1
-        width, policy, exact = self.width, keras.config.dtype_policy(), self.dtype_policy
-
-        def dense(units, name, inputs=width, dtype=policy, **kw):
-            layer = keras.layers.Dense(units, dtype=dtype, name=name, **kw)
-            layer.build((None, inputs))
-            return layer
-
-        def norm(name, dtype=policy):
-            layer = keras.layers.LayerNormalization(epsilon=1e-6, dtype=dtype, name=name)
-            layer.build((None, width))
-            return layer
-
+        self.tokens, self.dims = input_shape[1], input_shape[2]
+        width, exact = self.width, self.dtype_policy
         small = keras.initializers.RandomNormal(stddev=0.01, seed=self.seed)
-        self.proj_in = dense(width, "proj_in", self.dims, exact)
+        self.proj_in = _dense(width, self.dims, exact, "proj_in")
         self.position = self.add_weight(shape=(self.tokens, width), initializer=small, name="position")
-        if self.classes:  # row `classes` is "no class" (label dropout, guidance)
+        if self.classes:
             self.class_embedding = self.add_weight(shape=(self.classes + 1, width), initializer=small,
                                                    name="class_embedding")
-        self.attention_norms, self.qkv, self.attention_out = [], [], []
-        self.mlp_norms, self.mlp_in, self.mlp_out = [], [], []
-        for i in range(self.depth):
-            self.attention_norms.append(norm(f"attention_norm_{i}"))
-            self.qkv.append(dense(3 * width, f"qkv_{i}"))
-            self.attention_out.append(dense(width, f"attention_out_{i}"))
-            self.mlp_norms.append(norm(f"mlp_norm_{i}"))
-            self.mlp_in.append(dense(4 * width, f"mlp_in_{i}"))
-            self.mlp_out.append(dense(width, f"mlp_out_{i}", 4 * width))
-        self.out_norm = norm("out_norm", exact)
-        self.proj_out = dense(2 * self.dims, "proj_out", dtype=exact, kernel_initializer="zeros")
-
-    # f: the causal Transformer ------------------------------------------------------------------
+        self.attentions = [Attention(width, self.heads, name=f"attention_{i}") for i in range(self.depth)]
+        self.mlps = [MLP(width, name=f"mlp_{i}") for i in range(self.depth)]
+        for layer in (*self.attentions, *self.mlps):
+            layer.build((None, width))
+        self.out_norm = _layer_norm(width, exact, "out_norm")
+        self.proj_out = _dense(2 * self.dims, width, exact, "proj_out", kernel_initializer="zeros")
 
     def _embed(self, x, y, start):
         """Dense(width) of tokens x (B, t, D) at positions start.. + position (+ class) embedding, as
-        (B·t, width): the Transformer's Dense layers then run one plain matmul each. `start` may be a
-        tensor when t = 1 (the cached loop)."""
+        (B·t, width): the Dense layers then run one plain matmul each. `start` may be a tensor when
+        t = 1 (the cached token loop)."""
         t = x.shape[1]
         position = ops.take(self.position, start, axis=0)[None] if t == 1 else self.position[start:start + t]
         h = ops.reshape(self.proj_in(x), (-1, t, self.width)) + position  # the residual stream: float32
@@ -1061,67 +1126,89 @@ class TarBlock(FlowLayer):
             h = h + ops.take(self.class_embedding, y, axis=0)[:, None, :]
         return ops.reshape(h, (-1, self.width))
 
-    def _heads(self, h, t):
-        """(B·t, width) -> (B, heads, t, width/heads)."""
-        return ops.transpose(ops.reshape(h, (-1, t, self.heads, self.width // self.heads)), (0, 2, 1, 3))
-
-    def _attention(self, i, h, t, cache=None):
-        """Layer i's causal self-attention on LayerNorm(h), h (B·t, width), t tokens an example; returns
-        its output projection. cache None: the whole sequence with a causal mask. Else t = 1, the token
-        at position `cache["t"]`, and cache holds fixed-size key and value buffers (B, heads, T,
-        width/heads): its key and value are written at that position and it attends to the positions
-        up to it (a fixed shape, so the token loop compiles once)."""
-        q, k, v = ops.split(self.qkv[i](self.attention_norms[i](h)), 3, axis=-1)
-        # 1/√d folded into q: one multiply of (t, d), not of every (t, t) score
-        q, k, v = self._heads(q * (1 / math.sqrt(self.width // self.heads)), t), self._heads(k, t), self._heads(v, t)
-        if cache is None:
-            mask = self.causal_mask(t)
-        else:
-            here = ops.one_hot(cache["t"], self.tokens, dtype=k.dtype)[None, None, :, None]
-            k = cache[f"k{i}"] = cache[f"k{i}"] + here * k  # the buffer is zero at and after t
-            v = cache[f"v{i}"] = cache[f"v{i}"] + here * v
-            mask = ops.where(ops.arange(self.tokens, dtype="int32") <= ops.cast(cache["t"], "int32"), 0, -1e9)[None]
-        out = ops.transpose(self._attend(q, k, v, mask), (0, 2, 1, 3))
-        return self.attention_out[i](ops.reshape(out, (-1, self.width)))
-
     @staticmethod
-    def causal_mask(t):
-        """(t, t): −1e9 above the diagonal, 0 elsewhere, a constant added to the scores (token i sees j ≤ i)."""
-        return np.triu(np.full((t, t), -1e9), 1)
-
-    def _attend(self, q, k, v, mask):
-        """softmax(q·kᵀ + mask)·v per head, q (B, heads, t, d) already scaled; the softmax in float32."""
-        scores = ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), self.dtype) + ops.cast(mask, self.dtype)
-        return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), v.dtype), v)
-
-    def _mlp(self, i, h):
-        """Layer i's MLP on LayerNorm(h): Dense(4·width), GELU (in float32), Dense(width)."""
-        return self.mlp_out[i](gelu(ops.cast(self.mlp_in[i](self.mlp_norms[i](h)), h.dtype)))
-
-    def _transformer_layer(self, i, h, t, cache=None):
-        """One pre-norm layer on h (B·t, width): h + attention, then + MLP, the residual stream in float32."""
-        h = h + ops.cast(self._attention(i, h, t, cache), h.dtype)
-        return h + ops.cast(self._mlp(i, h), h.dtype)
+    def _residual(h, attended, mlp):
+        """The rest of a pre-norm layer: h + the attention's output, then + the MLP's, in float32."""
+        h = h + ops.cast(attended, h.dtype)
+        return h + ops.cast(mlp(h), h.dtype)
 
     def _outputs(self, h, t):
-        """(a, μ) side by side, (B, t, 2D), from the Transformer's hidden states (B·t, width): float32."""
+        """(a, μ) side by side, (B, t, 2D), from the hidden states (B·t, width): float32."""
         return ops.reshape(self.proj_out(self.out_norm(h)), (-1, t, 2 * self.dims))
 
-    def params(self, x, y=None):
-        """(a, μ) of every token of x (B, T, D): f over the whole sequence, shifted right by one."""
+    def call(self, x, y=None):
         t = x.shape[1]
         h = self._embed(x, y, 0)
-        for i in range(self.depth):
-            h = self._transformer_layer(i, h, t)
-        return ops.split(ops.pad(self._outputs(h, t)[:, :-1], ((0, 0), (1, 0), (0, 0))), 2, axis=-1)
+        for attention, mlp in zip(self.attentions, self.mlps):
+            h = self._residual(h, attention(h, tokens=t), mlp)
+        return self._outputs(h, t)
 
-    # the flow ------------------------------------------------------------------------------------
+    def empty_cache(self, batch):
+        """Zero key and value buffers (batch, heads, T, width/heads) of every layer, in its 16-bit dtype."""
+        shape = (batch, self.heads, self.tokens, self.width // self.heads)
+        empty = ops.zeros(shape, dtype=self.attentions[0].qkv.compute_dtype)
+        return [(empty, empty)] * self.depth
+
+    def step(self, x, y, position, cache):
+        """The output (B, 2D) of token `position` (a tensor), x (B, 1, D), computed against the key-value
+        cache of the tokens before it, and the cache with this token's keys and values added."""
+        h, kept = self._embed(x, y, position), []
+        for attention, mlp, (keys, values) in zip(self.attentions, self.mlps, cache):
+            attended, keys, values = attention.cached(h, keys, values, position)
+            h = self._residual(h, attended, mlp)
+            kept.append((keys, values))
+        return self._outputs(h, 1)[:, 0], kept
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "layers": self.depth, "heads": self.heads,
+                "classes": self.classes, "seed": self.seed}
+
+
+class TarBlock(FlowLayer):
+    """One TarFlow block on tokens x (T, D): z_t = (x_t − μ_t) ⊗ exp(−a_t), (a_t, μ_t) = f(x_<t)
+    (Zhai et al. 2024, the TarFlow block), log-det −Σ_t Σ a_t. f is the `network` passed in (a
+    CausalTransformer, as a coupling takes its networks): its outputs are shifted right by one token,
+    with zeros for the first, so token t's parameters see only x_<t.
+
+    `reverse` is the sequential inverse x_t = z_t ⊗ exp(a_t) + μ_t, token by token (T − 1 passes,
+    one `ops.fori_loop`, so a compiled decoder traces one pass, not T). With `use_cache` (default)
+    each pass runs only the newest token through f (`network.step`), against its layers' keys and
+    values kept in fixed-size buffers (a key-value cache); without it each pass runs f over the whole
+    sequence. Class-conditional when the network has `classes`: inputs [x, y] with integer labels y;
+    while training a label is replaced by the "no class" index `classes` with probability
+    `label_drop`; `reverse` with `guidance` w ≠ 0 uses (1 + w)·f(x, y) − w·f(x, no class)
+    (classifier-free guidance). `use_cache` and `guidance` are plain attributes read when `reverse`
+    runs (a compiled decoder reads them when it traces, so tarflow.decode keeps one compiled decoder
+    per setting).
+    """
+
+    def __init__(self, network, label_drop=0.1, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.label_drop, self.seed = float(label_drop), seed
+        self.use_cache, self.guidance = True, 0.0
+        self.label_seed = keras.random.SeedGenerator(seed)
+
+    @property
+    def classes(self):
+        return self.network.classes
+
+    def build(self, input_shape):
+        x_shape = input_shape[0] if self.classes else input_shape
+        self.tokens = x_shape[1]
+        if not self.network.built:
+            self.network.build(tuple(x_shape))
 
     def _unpack(self, inputs):
         if self.classes:
             x, y = inputs
             return x, ops.cast(y, "int32")
         return inputs, None
+
+    def params(self, x, y=None):
+        """(a, μ) of every token of x (B, T, D): f over the whole sequence, shifted right by one."""
+        f = self.network(x) if y is None else self.network(x, y)
+        return ops.split(ops.pad(f[:, :-1], ((0, 0), (1, 0), (0, 0))), 2, axis=-1)
 
     def forward(self, inputs, training=None):
         x, y = self._unpack(inputs)
@@ -1158,25 +1245,43 @@ class TarBlock(FlowLayer):
             if not cache:  # f over the whole sequence; the tokens not known yet are zero
                 a, mu = (ops.take(p, t, axis=1) for p in self.params(double(x), y))
             else:  # only the newest token x_{t−1} goes through f, against the cached keys and values
-                cache = {**cache, "t": t - 1}
-                h = self._embed(double(ops.take(x, t - 1, axis=1)[:, None]), y, t - 1)
-                for i in range(self.depth):
-                    h = self._transformer_layer(i, h, 1, cache)
-                del cache["t"]
-                a, mu = ops.split(self._outputs(h, 1)[:, 0], 2, axis=-1)
+                out, cache = self.network.step(double(ops.take(x, t - 1, axis=1)[:, None]), y, t - 1, cache)
+                a, mu = ops.split(out, 2, axis=-1)
             return put(x, t, ops.take(z, t, axis=1) * ops.exp(self._mix(a)) + self._mix(mu)), cache
 
         x = put(ops.zeros_like(z), 0, z[:, 0])  # token 0 has a = μ = 0
-        cache = {}  # stays empty without the cache
-        if self.use_cache:
-            rows = ops.shape(z)[0] * (2 if guided else 1)
-            empty = ops.zeros((rows, self.heads, self.tokens, self.width // self.heads), dtype=self.qkv[0].compute_dtype)
-            cache = {f"{kv}{i}": empty for i in range(self.depth) for kv in "kv"}
+        cache = self.network.empty_cache(ops.shape(z)[0] * (2 if guided else 1)) if self.use_cache else []
         return ops.fori_loop(1, self.tokens, step, (x, cache))[0]
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "layers": self.depth, "heads": self.heads,
-                "classes": self.classes, "label_drop": self.label_drop, "seed": self.seed}
+        return {**super().get_config(), "network": keras.saving.serialize_keras_object(self.network),
+                "label_drop": self.label_drop, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config):
+        config["network"] = keras.saving.deserialize_keras_object(config["network"])
+        return cls(**config)
+
+
+_OLD_TARBLOCK = {"attention_norms": ("attentions/attention", "norm"), "qkv": ("attentions/attention", "qkv"),
+                 "attention_out": ("attentions/attention", "out"), "mlp_norms": ("mlps/mlp", "norm"),
+                 "mlp_in": ("mlps/mlp", "dense_in"), "mlp_out": ("mlps/mlp", "dense_out")}
+
+
+def old_tarblock_path(path):
+    """A variable's path in a .weights.h5 file written before TarBlock took its Transformer as a network
+    (lists such as `tar_block/qkv/dense_1/vars/0`), as it is now (`tar_block/network/attentions/
+    attention_1/qkv/vars/0`); any other path unchanged."""
+    found = re.fullmatch(r"(.*/tar_block(?:_\d+)?)/(\w+)/(.*)", path)
+    if not found or found[2] == "network":
+        return path
+    block, attr, rest = found.groups()
+    if attr in _OLD_TARBLOCK:
+        item = re.fullmatch(r"[a-z_]+?(_\d+)?/(vars/.*)", rest)
+        where, leaf = _OLD_TARBLOCK[attr]
+        return f"{block}/network/{where}{item[1] or ''}/{leaf}/{item[2]}"
+    return f"{block}/network/{attr}/{rest}"  # its own variables (vars/) and proj_in, out_norm, proj_out
+
 
 class ConditionalFlow(Flow):
     """A Flow on [x, y], y one integer label per example (class-conditional TarFlow): every step with

@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_layers import ConditionalFlow, Flip, Flow, Patchify, Reshape, TarBlock
+from flow_layers import CausalTransformer, ConditionalFlow, Flip, Flow, Patchify, Reshape, TarBlock, old_tarblock_path
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.data import folder_arrays, load_mnist
@@ -91,14 +91,16 @@ def dataset(k, y, args, shuffle):
 
 def build_tarflow(img_size=28, channels=1, patch=4, width=128, blocks=4, layers=4, heads=4,
                   conditional=False, **_):
-    """(encoder, decoder, flow). The flow x (or [x, y]) -> z: Patchify, `blocks` TarBlocks (odd ones
-    between two Flips, so their order alternates identity/reversed), flattened; conditional, it hands
-    y to every block. The decoder z (or [z, y]) -> x is `flow.inverse()`. Other config entries (noise,
-    sigma) are not the model's shape and are ignored."""
+    """(encoder, decoder, flow). The flow x (or [x, y]) -> z: Patchify, `blocks` TarBlocks, each with its
+    own causal Transformer of `layers` layers of `width` (odd blocks between two Flips, so their order
+    alternates identity/reversed), flattened; conditional, it hands y to every block. The decoder z
+    (or [z, y]) -> x is `flow.inverse()`. Other config entries (noise, sigma) are not the model's shape
+    and are ignored."""
     classes = CLASSES if conditional else 0
     steps = [Patchify(patch, name="patchify")]
     for b in range(blocks):
-        block = TarBlock(width, layers, heads, classes=classes, name=f"tarblock_{b}")
+        transformer = CausalTransformer(width, layers, heads, classes, name=f"transformer_{b}")
+        block = TarBlock(transformer, name=f"tarblock_{b}")
         steps += [Flip(name=f"flip_{b}"), block, Flip(name=f"unflip_{b}")] if b % 2 else [block]
     flow = (ConditionalFlow if classes else Flow)([*steps, Reshape(name="flatten")], name="tarflow")
     x_in = keras.Input((img_size, img_size, channels), name="x")
@@ -295,7 +297,7 @@ def experiments(args):
     encoder, decoder, _ = build_tarflow(**args.config)
     if args.speed:  # a timing needs no trained weights: the same network, fresh
         if os.path.isfile(args.weights) and args.sample_only:
-            cli.load_weights(encoder, args)
+            cli.load_weights(encoder, args, rename=old_tarblock_path)
         z = temperature_codes([args.std], args.speed, args.dims, 0)[0]
         inputs = [z, (np.arange(args.speed) % CLASSES).astype(np.int32)] if args.conditional else z
         rates, diff = cache_speed(lambda: decode(decoder, inputs), tar_blocks(decoder), args.speed)
@@ -304,7 +306,7 @@ def experiments(args):
               f"key-value cache, {plain:.2f} img/s without (×{cached / plain:.1f}); first calls (tracing) "
               f"{trace_c:.1f} s and {trace_p:.1f} s; largest difference between the two {diff:.1e}")
         return 0
-    cli.load_weights(encoder, args)
+    cli.load_weights(encoder, args, rename=old_tarblock_path)
     if args.sample_only:
         write_grids(encoder, decoder, args)
     if args.temperatures:

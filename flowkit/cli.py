@@ -13,7 +13,7 @@ import keras
 
 from flowkit.data import image_data
 from flowkit.devices import add_scale_out_args, choose_precision, make_strategy, set_mixed_precision
-from flowkit.files import UserError, check_readable, read_config
+from flowkit.files import UserError, check_readable, read_config, renamed_weights
 from flowkit.run import check_run, run_folder, run_record
 
 
@@ -231,12 +231,13 @@ def check_training(args):
     check_writable(os.path.dirname(args.weights), f"--weights {args.weights}")
 
 
-def load_weights(model, args):
-    """--weights into `model`, built from args.config; a file that does not fit is one line."""
+def load_weights(model, args, rename=None):
+    """--weights into `model`, built from args.config; a file that does not fit is one line. `rename`
+    maps a variable's path in a file an earlier version wrote to its path now (files.renamed_weights)."""
     try:
-        with warnings.catch_warnings():  # Keras warns per object before raising; we say it in one line
-            warnings.simplefilter("ignore")
-            model.load_weights(args.weights)
+        with warnings.catch_warnings(), renamed_weights(args.weights, rename) as path:
+            warnings.simplefilter("ignore")  # Keras warns per object before raising; we say it in one line
+            model.load_weights(path)
         return
     except Exception as e:  # noqa: BLE001 - any failure is reported as one line below
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

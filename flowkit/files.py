@@ -1,7 +1,9 @@
 """Files on disk: the one-line UserError, atomic writes, weights files with their architecture record,
 PNG pictures. No TensorFlow here: `python -m tools.curves` starts without it."""
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 
 
@@ -81,6 +83,35 @@ def read_config(path):
         return json.loads(text) if text is not None else None
     except (OSError, ValueError):
         return None
+
+
+@contextlib.contextmanager
+def renamed_weights(path, rename=None):
+    """`path` itself, or, when rename(name) moves some variable of that .weights.h5 file (the layout of
+    an earlier version), a temporary copy with those variables at their new names: the architecture
+    record kept, the optimizer's state left out (its order followed the old layout)."""
+    import h5py
+
+    names = []
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    except OSError:  # not there, or not HDF5: the loader says so
+        pass
+    moves = {old: new for old, new in ((n, rename(n)) for n in names) if new != old} if rename else {}
+    if not moves:
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        copy = os.path.join(folder, os.path.basename(path))
+        shutil.copyfile(path, copy)
+        with h5py.File(copy, "a") as f:
+            for old, new in moves.items():
+                f.create_dataset(new, data=f[old][()])
+                del f[old]
+            if "optimizer" in f:
+                del f["optimizer"]
+        yield copy
 
 
 def save_png(path, image):

@@ -237,12 +237,12 @@ CASES = {
     # and class-conditional)
     "patchify": Case(lambda s: fl.Patchify(2), (4, 2, 1), formula=zero, stateful=False),
     "flip": Case(lambda s: fl.Flip(), (4, 3), formula=zero, stateful=False),
-    "tarblock": Case(lambda s: fl.TarBlock(width=8, layers=1, heads=2, seed=s), (4, 3), formula=by_formula()),
-    "tarblock_classes": Case(lambda s: fl.TarBlock(width=8, layers=1, heads=2, classes=3, seed=s), (4, 3),
+    "tarblock": Case(lambda s: fl.TarBlock(fl.CausalTransformer(8, 1, 2, seed=s), seed=s), (4, 3), formula=by_formula()),
+    "tarblock_classes": Case(lambda s: fl.TarBlock(fl.CausalTransformer(8, 1, 2, 3, seed=s), seed=s), (4, 3),
                              apply=lambda L, x: L([x, labels(x)]), unapply=lambda Li, z: Li([z, labels(z)]),
                              formula=by_formula(lambda x: [x, labels(x)])),
-    "conditional_flow": Case(lambda s: fl.ConditionalFlow([fl.TarBlock(width=8, layers=1, heads=2, classes=3, seed=s),
-                                                            fl.Flip()]), (4, 3),
+    "conditional_flow": Case(lambda s: fl.ConditionalFlow([fl.TarBlock(fl.CausalTransformer(8, 1, 2, 3, seed=s),
+                                                                       seed=s), fl.Flip()]), (4, 3),
                              apply=lambda L, x: L([x, labels(x)]),
                              unapply=lambda Li, z: Li([z, labels(z[:, ::-1])]), formula=None),
     # i-ResNet: y = x + g(x) with spectrally normalised g (how SpectralDense and SpectralConv2D go through

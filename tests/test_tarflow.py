@@ -30,7 +30,7 @@ def np_(x):
 
 def block(classes=0, tokens=4, dims=3, seed=0):
     """A built, perturbed TarBlock (its zero-initialised output layer made non-zero) and an input."""
-    layer = fl.TarBlock(width=8, layers=2, heads=2, classes=classes)
+    layer = fl.TarBlock(fl.CausalTransformer(width=8, layers=2, heads=2, classes=classes))
     x = np.random.RandomState(seed).standard_normal((2, tokens, dims)).astype(keras.config.floatx())
     y = np.array([1, 2], np.int32)
     layer([x, y] if classes else x)
@@ -52,7 +52,7 @@ def test_block_logdet_equals_the_brute_force_jacobian(classes, float64):
 
 
 def test_block_starts_as_the_identity():
-    layer = fl.TarBlock(width=8, layers=1, heads=2)
+    layer = fl.TarBlock(fl.CausalTransformer(width=8, layers=1, heads=2))
     x = np.random.standard_normal((2, 5, 3)).astype("float32")
     assert np.array_equal(np_(layer(x)), x) and float(np_(layer.losses[-1])) == 0
 
@@ -198,6 +198,54 @@ def test_save_load_gives_identical_samples(tmp_path, flags):
     after = tarflow.sample(encoder2, decoder2, args, *tarflow.grid_inputs(args, n=3))
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
     assert np.max(np.abs(before[1] - before[0])) > 1e-4  # denoising did something
+
+
+def old_layout(encoder):
+    """{path: variable} of a TarFlow encoder's blocks as files written before TarBlock took its Transformer
+    as a network held them: each block's variables by kind, one list per kind (qkv/dense_1 is layer 1's
+    qkv Dense), the position embedding among the block's own variables."""
+    paths = {}
+    for b, block in enumerate(tarflow.tar_blocks(encoder)):
+        net, at = block.network, "layers/flow/steps/tar_block" + (f"_{b}" if b else "")
+        paths[f"{at}/vars/0"] = net.position
+        for name in ("proj_in", "out_norm", "proj_out"):
+            paths.update({f"{at}/{name}/vars/{j}": w for j, w in enumerate(getattr(net, name).weights)})
+        for i, (att, mlp) in enumerate(zip(net.attentions, net.mlps)):
+            for kind, layer in (("attention_norms/layer_normalization", att.norm), ("qkv/dense", att.qkv),
+                                ("attention_out/dense", att.out), ("mlp_norms/layer_normalization", mlp.norm),
+                                ("mlp_in/dense", mlp.dense_in), ("mlp_out/dense", mlp.dense_out)):
+                paths.update({f"{at}/{kind}{f'_{i}' if i else ''}/vars/{j}": w for j, w in enumerate(layer.weights)})
+    return paths
+
+
+def test_weights_of_the_old_layout_load(tmp_path, capsys):
+    """A file written before the Transformer became TarBlock's network loads: its variables are moved to
+    their present paths (flow_layers.old_tarblock_path) in a temporary copy; the model is the same."""
+    import h5py
+    from flowkit import cli
+    from flowkit.files import UserError
+
+    assert fl.old_tarblock_path("layers/conditional_flow/steps/tar_block_2/qkv/dense_1/vars/0") == \
+        "layers/conditional_flow/steps/tar_block_2/network/attentions/attention_1/qkv/vars/0"
+    assert fl.old_tarblock_path("layers/flow/steps/tar_block/vars/1") == "layers/flow/steps/tar_block/network/vars/1"
+    args = tiny_args(tmp_path, "--layers", "2")
+    encoder, _, _ = tarflow.build_tarflow(**args.config)
+    perturb(encoder, 0.05)
+    old = old_layout(encoder)
+    assert len(old) == len(encoder.weights)  # every variable has its old path
+    with h5py.File(args.weights, "w") as f:
+        for path, w in old.items():
+            f.create_dataset(path, data=np_(w))
+    x = np.random.RandomState(3).uniform(-1, 1, (2, 28, 28, 1)).astype("float32")
+    fresh, _, _ = tarflow.build_tarflow(**args.config)
+    with pytest.raises(UserError):  # as it is, the file does not fit
+        cli.load_weights(fresh, args)
+    cli.load_weights(fresh, args, rename=fl.old_tarblock_path)
+    assert np.array_equal(np_(fresh(x)), np_(encoder(x)))
+    with h5py.File(args.weights, "r") as f:  # the file is left as it was
+        kinds = ["vars", "proj_in", "out_norm", "proj_out", "attention_norms", "qkv", "attention_out", "mlp_norms",
+                 "mlp_in", "mlp_out"]
+        assert sorted(f["layers/flow/steps/tar_block_1"]) == sorted(kinds)
 
 
 def test_short_training_lowers_the_loss(tmp_path, digits):

@@ -12,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from flowkit.devices import choose_precision, set_mixed_precision
-from flow_layers import (InvDense, ResidualFlow, SpectralConv2D, SpectralDense, TarBlock, flow_layers_of, gelu)
+from flow_layers import (Attention, InvDense, ResidualFlow, SpectralConv2D, SpectralDense, TarBlock, flow_layers_of,
+                         gelu)
 from flowkit.run import Adam, build_optimizer
 
 # (name, --mixed-precision, jit_compile): float32 and mixed bfloat16, each without and with XLA
@@ -115,8 +116,8 @@ def forward_flops(model):
     """Forward matmul FLOPs per example (2 per multiply-add) of every kernel of `kernel_calls`, times its
     passes, plus a TarBlock's attention products (QKᵀ and AV, 2·T²·width each, per layer)."""
     total = sum(2 * math.prod(_matmul(l, p)) * passes for l, p, passes in kernel_calls(model))
-    for block in (l for l in flow_layers_of(model) if isinstance(l, TarBlock)):
-        total += block.depth * 2 * 2 * block.tokens ** 2 * block.width
+    for net in (l.network for l in flow_layers_of(model) if isinstance(l, TarBlock)):
+        total += net.depth * 2 * 2 * net.tokens ** 2 * net.width
     return total
 
 
@@ -295,7 +296,8 @@ def profile_tarflow(cfg, repeats=15, precision=None):
     y = tf.constant(rng.randint(0, tarflow.CLASSES, b).astype("int32"))
     weights, opt = encoder.trainable_variables, encoder.optimizer
     blocks = tarflow.tar_blocks(encoder)
-    t, w, heads = blocks[0].tokens, blocks[0].width, blocks[0].heads
+    nets = [block.network for block in blocks]
+    t, w, heads = nets[0].tokens, nets[0].width, nets[0].heads
     h, wide = (b * t, w), (b * t, 4 * w)  # the shapes of the residual stream and of the MLP's inside
 
     def grads():
@@ -304,22 +306,20 @@ def profile_tarflow(cfg, repeats=15, precision=None):
         return tape.gradient(loss, weights)
 
     def parts(fn, shapes, layers):
-        """forward + backward of fn(block, i, *inputs) for every (block, i), on inputs of `shapes` drawn
-        anew for each (equal inputs would let grappler compute a weightless part once), gradients to
-        the inputs and the layers' weights."""
-        draws = [[tf.constant(rng.standard_normal(s).astype("float32")) for s in shapes]
-                 for block in blocks for _ in range(block.depth)]
+        """forward + backward of fn(attention, mlp, *inputs) for every Transformer layer of every block, on
+        inputs of `shapes` drawn anew for each (equal inputs would let grappler compute a weightless part
+        once), gradients to the inputs and the weights of layers(attention, mlp)."""
+        pairs = [(a, m) for net in nets for a, m in zip(net.attentions, net.mlps)]
+        draws = [[tf.constant(rng.standard_normal(s).astype("float32")) for s in shapes] for _ in pairs]
 
         def run():
-            out, draw = [], iter(draws)
-            for block in blocks:
-                for i in range(block.depth):
-                    variables = [v for l in layers(block, i) for v in l.trainable_variables]
-                    inputs = next(draw)
-                    with tf.GradientTape() as tape:
-                        tape.watch(inputs)
-                        value = tf.add_n([tf.reduce_sum(tf.cast(o, "float32")) for o in tf.nest.flatten(fn(block, i, *inputs))])
-                    out += tape.gradient(value, [*inputs, *variables])
+            out = []
+            for (a, m), inputs in zip(pairs, draws):
+                variables = [v for l in layers(a, m) for v in l.trainable_variables]
+                with tf.GradientTape() as tape:
+                    tape.watch(inputs)
+                    value = tf.add_n([tf.reduce_sum(tf.cast(o, "float32")) for o in tf.nest.flatten(fn(a, m, *inputs))])
+                out += tape.gradient(value, [*inputs, *variables])
             return out
         return tf.function(run)
 
@@ -329,21 +329,20 @@ def profile_tarflow(cfg, repeats=15, precision=None):
                                  for _ in range(repeats))
 
     g = tf.function(grads)()
-    mask, qkv = TarBlock.causal_mask(t), [(b, heads, t, w // heads)] * 3
-    to_16 = lambda v: tf.cast(v, blocks[0].qkv[0].compute_dtype)  # q, k, v as the qkv Dense returns them
+    mask, qkv = Attention.causal_mask(t), [(b, heads, t, w // heads)] * 3
+    to_16 = lambda v: tf.cast(v, nets[0].attentions[0].qkv.compute_dtype)  # q, k, v as the qkv Dense returns them
     r = {"step_s": median_s(tf.function(lambda: (opt.apply(grads(), weights), opt.iterations)[1])),
          "forward_backward_s": median_s(tf.function(grads)),
          "adamw_update_s": median_s(tf.function(lambda: (opt.apply(g, weights), opt.iterations)[1]))}
     r["parts_s"] = {
-        "layer norms": median_s(parts(lambda k, i, v: k.mlp_norms[i](k.attention_norms[i](v)), [h],
-                                      lambda k, i: [k.attention_norms[i], k.mlp_norms[i]])),
-        "QKV and output projections": median_s(parts(lambda k, i, v: (k.qkv[i](v), k.attention_out[i](v)), [h],
-                                                     lambda k, i: [k.qkv[i], k.attention_out[i]])),
-        "attention core": median_s(parts(lambda k, i, q, kk, v: k._attend(to_16(q), to_16(kk), to_16(v), mask),
-                                         qkv, lambda k, i: [])),
-        "MLP Dense layers": median_s(parts(lambda k, i, v, u: (k.mlp_in[i](v), k.mlp_out[i](u)), [h, wide],
-                                           lambda k, i: [k.mlp_in[i], k.mlp_out[i]])),
-        "GELU": median_s(parts(lambda k, i, u: gelu(u), [wide], lambda k, i: []))}
+        "layer norms": median_s(parts(lambda a, m, v: m.norm(a.norm(v)), [h], lambda a, m: [a.norm, m.norm])),
+        "QKV and output projections": median_s(parts(lambda a, m, v: (a.qkv(v), a.out(v)), [h],
+                                                     lambda a, m: [a.qkv, a.out])),
+        "attention core": median_s(parts(lambda a, m, q, k, v: a.attend(to_16(q), to_16(k), to_16(v), mask),
+                                         qkv, lambda a, m: [])),
+        "MLP Dense layers": median_s(parts(lambda a, m, v, u: (m.dense_in(v), m.dense_out(u)), [h, wide],
+                                           lambda a, m: [m.dense_in, m.dense_out])),
+        "GELU": median_s(parts(lambda a, m, u: gelu(u), [wide], lambda a, m: []))}
     r["rest_s"] = r["forward_backward_s"] - sum(r["parts_s"].values())
     args = tarflow.parse_args(["--conditional", "--batch-size", str(b), "--epochs", "1"])
     k = rng.randint(0, 256, (b * 20, cfg["img"], cfg["img"], 1)).astype("uint8")
