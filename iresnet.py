@@ -28,7 +28,7 @@ from flowkit import score as sample_score
 from flowkit.cli import positive
 from flowkit.data import load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
-from flowkit.files import UserError, write_png
+from flowkit.files import UserError, atomic_write, write_png
 from flowkit.run import Adam, Run
 from flowkit.sample import image_grid, sample
 
@@ -290,8 +290,7 @@ def toy_picture(path, data, flows, lim=4.5, n=160):
     for ax, title in zip(axes, ["data", *(title for title, _ in flows)]):
         ax.set(title=title, xticks=[], yticks=[])
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=60)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=60))
     plt.close(fig)
 
 
