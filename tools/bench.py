@@ -11,10 +11,11 @@ code is tools/measure.py; this file holds the models and the report):
     NICE's shape (128×1000)·(1000×1000);
   - five models (--models): NICE at the article's configuration (batch 128, 5 × Dense(1000), 4
     couplings), Glow CPU-sized, TarFlow's CPU recipe (patch 4, width 64, 4 blocks of 2 layers, 4 heads,
-    class-conditional), f-VAE and i-ResNet at their scripts' defaults; random inputs of each model's
-    shape, no download. Each in the variants float32 and mixed bfloat16 (`--mixed-precision bfloat16`:
+    class-conditional), f-VAE and i-ResNet at their scripts' defaults; each fed by its script's own
+    tf.data pipeline on generated images (tools.gpu_check.pipeline), no download. Each in the variants float32 and mixed bfloat16 (`--mixed-precision bfloat16`:
     the networks in bfloat16, the flow in float32), each without and with XLA: training img/s through
-    `fit`, interleaved round by round so that load from other processes hits every variant alike;
+    `fit` from the steady-state wall time of its steps (fit's start and first batch left out),
+    interleaved round by round so that load from other processes hits every variant alike;
     ratios against plain float32, in wall time and in CPU time (time.process_time: on a shared machine
     the wall time of a step swings, the work it costs does not), the median of the per-round ratios
     with their spread (min, max);
@@ -63,6 +64,7 @@ from flowkit.density import bits_per_dim, dequantize
 from flowkit.devices import cpu_bfloat16, cpu_model
 from flowkit.run import WarmupCosine, build_optimizer
 from flowkit.sample import sample
+from tools.gpu_check import pipeline
 from tools.measure import (BASE, VARIANTS, bench_training, built, default_variants, forward_flops, kernel_shapes,
                            matmul_gflops, peak_rss_mib, profile_nice, profile_tarflow, recompile, shape_peak,
                            summarise, timed)
@@ -177,7 +179,8 @@ def bench_model(key, cfg, repeats, peaks, variants, min_s, script_key=None):
     default, fp32_default = default_variants(lambda: make(init=False), s.parse([]).bf16_default)
     made.clear()  # the probes' samplers would keep their models alive
     timed_variants = [v for v in VARIANTS if v in variants or v[0] in (default, fp32_default)]
-    out["variants"] = bench_training(make, s.data, cfg["batch"], cfg["steps"], repeats, timed_variants, flops,
+    data = pipeline(script_key or key, cfg)[1]  # the script's own tf.data pipeline, on generated images
+    out["variants"] = bench_training(make, data, cfg["batch"], cfg["steps"], repeats, timed_variants, flops,
                                      {**peaks, "shape": out["shape_peak"]["gflops"]})
     summarise(out, default, fp32_default)
     sp = out["shape_peak"]["gflops"]

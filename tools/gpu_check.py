@@ -59,7 +59,8 @@ def pictures(n, side, channels, seed=0):
 
 def pipeline(key, c, seed=0):
     """(model's example batch x for its data-dependent init, the training dataset): the script's own
-    tf.data pipeline over POOL batches of generated images, repeated."""
+    tf.data pipeline over POOL batches of generated images (random labels for a conditional TarFlow),
+    repeated. `c`: a configuration of ARTICLE's or bench's kind."""
     b = c["batch"]
     k = pictures(POOL * b, c.get("img", 28), c.get("channels", 1), seed)
     if key == "nice":
@@ -70,8 +71,9 @@ def pipeline(key, c, seed=0):
                 .prefetch(tf.data.AUTOTUNE))
         return next(iter(data))[0], data
     if key == "tarflow":
-        args = tarflow.parse_args(["--batch-size", str(b), "--seed", str(seed)])
-        return None, tarflow.dataset(k, np.zeros(len(k), "int32"), args, shuffle=True).repeat()
+        args = tarflow.parse_args(["--batch-size", str(b), "--seed", str(seed)] + ["--conditional"] * c["conditional"])
+        y = np.random.RandomState(seed).randint(0, tarflow.CLASSES, len(k)).astype("int32")
+        return None, tarflow.dataset(k, y, args, shuffle=True).repeat()
     if key == "fvae":
         latent = c["img"] ** 2  # E keeps as many dimensions as the image (fvae.build_encoder_net)
         batches = tf.data.Dataset.from_tensor_slices(k).shuffle(len(k), seed=seed).repeat().batch(b, drop_remainder=True)

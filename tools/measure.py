@@ -160,14 +160,26 @@ def default_variants(make, bf16_default):
     return (name(precision) if precision else fp32), fp32
 
 
-def bench_training(make, data, batch, steps, repeats, variants, flops_per_image, peaks):
-    """Every variant (a fresh model of the same seed under its policy, XLA on or off): first-step
-    latency, then `repeats` rounds (after one warm-up round) in which the variants run `fit` for
-    `steps` steps each, back to back. Seconds per step: the median over rounds. Ratios against fp32
-    are paired: the median over rounds of the two times within a round, with their spread (min, max),
-    so that load from other processes, which drifts over seconds, largely cancels. `peaks`: GFLOP/s
-    of "none" (float32) and "bfloat16", and "shape" {the same at the model's own shapes}."""
-    dataset = tf.data.Dataset.from_tensors(data).repeat()
+class StepClock(keras.callbacks.Callback):
+    """Wall and CPU time (time.process_time: every thread of the process) at the end of every step."""
+
+    def on_train_begin(self, logs=None):
+        self.marks = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+
+def bench_training(make, dataset, batch, steps, repeats, variants, flops_per_image, peaks):
+    """Every variant (a fresh model of the same seed under its policy, XLA on or off) fed by `dataset`,
+    the script's own tf.data pipeline: first-step latency, then `repeats` rounds (after one warm-up
+    round) in which the variants run `fit` for 1 + `steps` steps each, back to back. A step's time is
+    what the user waits for in a long run: the wall time from the end of fit's first step to the end of
+    its last, over `steps` (fit's start and the iterator's first batch left out); CPU time beside it.
+    Seconds per step: the median over rounds. Ratios against fp32 are paired: the median over rounds of
+    the two times within a round, with their spread (min, max), so that load from other processes, which
+    drifts over seconds, largely cancels. `peaks`: GFLOP/s of "none" (float32) and "bfloat16", and
+    "shape" {the same at the model's own shapes}."""
     models, results = {}, {}
     for name, precision, jit in variants:
         model = built(make, precision)
@@ -178,15 +190,15 @@ def bench_training(make, data, batch, steps, repeats, variants, flops_per_image,
         results[name] = {"mixed_precision": precision or "none", "jit_compile": jit, "first_step_s": first}
     times = {name: [] for name in models}
     cpu = {name: [] for name in models}
-    losses = {}
+    losses, clock = {}, StepClock()
     for round_ in range(repeats + 1):
         for name, model in models.items():
-            c = time.process_time()
-            t = timed(lambda: losses.update({name: model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0,
-                                                             shuffle=False).history["loss"][-1]}))
+            losses[name] = model.fit(dataset, steps_per_epoch=1 + steps, epochs=1, verbose=0, shuffle=False,
+                                     callbacks=[clock]).history["loss"][-1]
             if round_:  # round 0 is the warm-up
-                times[name].append(t / steps)
-                cpu[name].append((time.process_time() - c) / steps)
+                (w0, c0), (w1, c1) = clock.marks[0], clock.marks[-1]
+                times[name].append((w1 - w0) / steps)
+                cpu[name].append((c1 - c0) / steps)
     for name, secs in times.items():
         step, own = statistics.median(secs), results[name]["mixed_precision"]
         flops = 3 * flops_per_image * batch / step / 1e9
