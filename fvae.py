@@ -289,7 +289,7 @@ def interpolation_rows(fvae, x, steps=GRID):
 
 
 def experiments(args):
-    """--sample-only / --reconstruct / --interpolate / --iw: load --weights, write PNGs and figures."""
+    """--sample-only / --score / --reconstruct / --interpolate / --iw: load --weights, write PNGs and figures."""
     fvae = build_fvae(**args.config)
     compile_fvae(fvae)  # evaluate() of the --iw report needs the compiled loss
     cli.load_weights(fvae.model, args)
@@ -298,6 +298,9 @@ def experiments(args):
         pixels_test = pixels(args)[1]
     if args.sample_only:
         write_samples(fvae.sampler, args, "fvae_samples", (args.std,) if args.std_given else TEMPERATURES)
+    if args.score:  # at --std, else T = 1 (the README's grid)
+        sample_score.score_samples(args, "fvae", lambda z, _: (decode_codes(fvae.sampler, z) + 1) / 2,
+                                   fvae.sampler.input_shape[-1], args.std if args.std_given else TEMPERATURES[0])
     if args.reconstruct:
         x, x_rec = reconstruct(fvae, test_images(pixels_test, RECONSTRUCT))
         path = os.path.join(args.out, "fvae_reconstruct.png")

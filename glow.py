@@ -207,7 +207,7 @@ def interpolation_rows(encoder, decoder, test, pairs, steps=GRID):
 
 
 def experiments(args):
-    """--sample-only / --reconstruct / --temperatures / --interpolate: load --weights, write PNGs."""
+    """--sample-only / --score / --reconstruct / --temperatures / --interpolate: load --weights, write PNGs."""
     test = None
     if args.reconstruct or args.interpolate:
         _, test, _ = datasets(args, training=False)
@@ -215,6 +215,9 @@ def experiments(args):
     cli.load_weights(encoder, args)
     if args.sample_only:
         write_grid(decoder, args)
+    if args.score:
+        sample_score.score_samples(args, "glow", lambda z, _: (decode_codes(decoder, z) + 1) / 2,
+                                   decoder.input.shape[-1], args.std)
     if args.reconstruct:
         pic, err = reconstruct(encoder, decoder, test)
         path = os.path.join(args.out, "glow_reconstruct.png")

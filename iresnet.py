@@ -30,7 +30,7 @@ from flowkit.data import load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
 from flowkit.files import UserError, atomic_write, write_png
 from flowkit.run import Adam, Run
-from flowkit.sample import image_grid, sample
+from flowkit.sample import decode_codes, image_grid, sample
 
 DIM = 28 * 28
 BIN = 1 / 256      # x = (k + u)/256, u ~ U(0,1), for training and test (docs/design.md §3)
@@ -295,11 +295,13 @@ def toy_picture(path, data, flows, lim=4.5, n=160):
 
 
 def experiments(args):
-    """--sample-only / --inverse / --bias-table: load --weights."""
+    """--sample-only / --score / --inverse / --bias-table: load --weights."""
     encoder, decoder, flow = build_iresnet(**model_config(args))
     cli.load_weights(encoder, args)
     if args.sample_only:
         write_grid(decoder, args)
+    if args.score:
+        sample_score.score_samples(args, "iresnet", lambda z, _: decode_codes(decoder, z), DIM, args.std)
     if args.inverse or args.bias_table:
         _, k_test = mnist(args)
         x = fixed_dequantization(k_test[:args.images], args.seed or 0)
@@ -364,7 +366,7 @@ def parse_args(argv=None):
     if not args.coeff < 1:
         raise UserError(f"--coeff must be below 1 (the blocks are invertible only when Lip(g) < 1), got {args.coeff}")
     if args.toy and args.loads_weights:
-        raise UserError("--toy trains its own models; it does not go with --sample-only, --inverse or --bias-table")
+        raise UserError("--toy trains its own models; it does not go with --sample-only, --score, --inverse or --bias-table")
     if args.data and not os.path.isfile(args.data):
         raise UserError(f"--data {args.data}: no such file")
     return args

@@ -206,11 +206,13 @@ def walk_rows(encoder, decoder, scale, k_image):
 
 
 def experiments(args):
-    """--sample-only / --temperatures / --interpolate / --walk: load --weights, write one PNG per mode."""
+    """--sample-only / --score / --temperatures / --interpolate / --walk: load --weights, write one PNG per mode."""
     encoder, decoder, flow = build_nice(args.hidden, args.hidden_layers, args.couplings)
     cli.load_weights(encoder, args)
     if args.sample_only:
         write_grid(decoder, args)
+    if args.score:
+        sample_score.score_samples(args, "nice", lambda z, _: images(decode_codes(decoder, z)), DIM, args.std)
     pictures = {}
     if args.temperatures:
         pictures["nice_temperatures.png"] = temperature_rows(decoder, args.temperatures, args.seed or 0)

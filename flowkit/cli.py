@@ -15,6 +15,7 @@ from flowkit.data import image_data
 from flowkit.devices import add_scale_out_args, choose_precision, make_strategy, set_mixed_precision
 from flowkit.files import UserError, check_readable, read_config, renamed_weights
 from flowkit.run import check_run, run_folder, run_record
+from flowkit.score import SAMPLES
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -82,7 +83,7 @@ def shape_arg(parser, flag, default, **kwargs):
 
 def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_default=False):
     """The flags of a training run, the same in every script: --epochs --batch-size --lr --weights
-    --resume --max-collapses --seed --out --sample-only --minutes --xla --plot, and the scale-out flags. `bf16_default`: the
+    --resume --max-collapses --seed --out --sample-only --score --minutes --xla --plot, and the scale-out flags. `bf16_default`: the
     model computes in mixed bfloat16 unless told otherwise, on a CPU with bfloat16 instructions
     (`choose_precision`; tools/bench.py measured where it pays and costs no likelihood)."""
     p = parser
@@ -94,6 +95,10 @@ def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_def
                    help="the best weights are kept here, with the architecture record; read back by "
                         "every mode that does not train. Must end in .weights.h5")
     p.add_argument("--sample-only", action="store_true", help="no training: load --weights, write the sample grid")
+    p.add_argument("--score", type=positive(int), nargs="?", const=SAMPLES, default=None, metavar="N",
+                   help=f"no training: draw N samples (default {SAMPLES:,}) from --weights at the default temperature "
+                        f"(and guidance), write them to OUT/NAME_scored.npz, print their sample score: FID against "
+                        f"the held-out digits (with real digits' FID beside it), precision, recall, IS (flowkit.score)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run of --weights from its last completed epoch (backups in "
                         "NAME.run/ beside NAME.weights.h5); --epochs is the total")
@@ -144,7 +149,7 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
     args = parser.parse_args(argv)
     args.model = model
     args.shape_flags = list(getattr(parser, "shape_defaults", {}))
-    modes = ["sample_only", *uses_weights]
+    modes = ["sample_only", "score", *uses_weights]
     args.loads_weights = any(getattr(args, m) for m in modes)
     named = ", ".join("--" + m.replace("_", "-") for m in modes)
     if not args.weights.endswith(".weights.h5"):
@@ -196,6 +201,10 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
             raise UserError(f"--weights {args.weights} holds a model of {args.config['channels']} channel(s); "
                             f"--data {args.data or 'MNIST'} has {channels}: give the kind of images it was trained on "
                             f"with --data ({'a folder of images' if args.config['channels'] == 3 else 'an mnist.npz file'})")
+    if args.score and (args.config.get("channels", 1) != 1 or (args.data and os.path.isdir(args.data))):
+        raise UserError(f"--score: the sample score's classifier reads MNIST digits, and --weights {args.weights} "
+                        f"holds a model of {args.config.get('channels', 1)}-channel images"
+                        + (f" from {args.config['data']}" if args.config.get("data") else ""))
     return args
 
 

@@ -7,8 +7,12 @@ the expectations over the samples. It is high when each sample is one clear digi
 and the samples cover the digits (p(y) flat): between 1 and 10. Alongside it: the share of confident
 samples (max p(y|x) ≥ 0.9), the number of distinct classes, and for a class-conditional grid the
 share classified as the intended digit. The real held-out digits give the ceiling to compare with.
+For many samples (a script's --score N), on the classifier's features: the Fréchet distance to the
+held-out digits (FID, with real training digits' as its floor), and precision and recall
+(Kynkäänniemi et al. 2019: are the samples real-looking digits; are all the real digits drawn).
 
     python -m flowkit.score IMAGE.png [--grid N] [--rows]   score a sample grid (image_grid's layout)
+    python -m flowkit.score OUT/NAME_scored.npz             score a script's --score samples again
     python -m flowkit.score --train [--seed S]              retrain the classifier, rewrite its weights
 
 The trained weights are committed (weights/digit_classifier.weights.h5); loading never trains.
@@ -19,13 +23,15 @@ import io
 import math
 import os
 import sys
+import zipfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from flowkit.data import load_mnist
-from flowkit.files import UserError, save_weights_atomic
+from flowkit.files import UserError, atomic_write, save_weights_atomic
+from flowkit.sample import temperature_codes
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "digit_classifier.weights.h5")
 CONFIDENT = 0.9   # max p(y|x) at or above this counts as a confident sample
@@ -208,6 +214,141 @@ def report(path, args, by_rows=False):
         print(score_png(path, by_rows=by_rows, data=args.data), flush=True)
 
 
+# --- many samples against the held-out digits: FID, precision and recall ---------------------------
+
+SAMPLES = 1000      # --score's default number of samples
+SAMPLE_BATCH = 250  # --score draws and decodes this many at a time: memory stays small
+K_NEAREST = 3       # the neighbourhood of precision and recall (Kynkäänniemi et al. 2019's k = 3)
+_features = None    # (the classifier, its feature model)
+
+
+def features(images, batch=1000):
+    """The classifier's features of digit images (any form `score` accepts): (n, 3136) float64, the
+    flattened second pooling that its last Dense layer reads, as FID reads Inception's pool features."""
+    global _features
+    model = classifier()
+    if _features is None or _features[0] is not model:
+        flat = next(layer for layer in model.layers if isinstance(layer, keras.layers.Flatten))
+        _features = (model, keras.Model(model.input, flat.output))
+    x = _as_digits(images)
+    return np.concatenate([keras.ops.convert_to_numpy(_features[1](x[i:i + batch], training=False))
+                           for i in range(0, len(x), batch)]).astype(np.float64)
+
+
+def frechet_distance(a, b):
+    """The Fréchet distance between Gaussians fitted to two sets of features a (n, d), b (m, d), FID
+    (Heusel et al. 2017):  ‖μ_a − μ_b‖² + tr Σ_a + tr Σ_b − 2·tr (Σ_a Σ_b)^½.
+    With A, B the centred features, Σ_a = AᵀA/(n−1), Σ_b = BᵀB/(m−1); Σ_a Σ_b = Aᵀ(ABᵀB)/c has the
+    non-zero eigenvalues of (ABᵀB)Aᵀ/c = (ABᵀ)(ABᵀ)ᵀ/c (XY and YX share them), c = (n−1)(m−1): the
+    squared singular values of ABᵀ/√c. So the last trace is the nuclear norm of ABᵀ/√c, exact and
+    real, from an n×m SVD instead of the square root of a d×d matrix."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise UserError(f"FID needs at least 2 images in each set, got {len(a)} and {len(b)}")
+    A, B = a - a.mean(axis=0), b - b.mean(axis=0)
+    c = (len(a) - 1) * (len(b) - 1)
+    cross = np.linalg.svd(A @ B.T, compute_uv=False).sum() / math.sqrt(c)
+    mean = np.sum((a.mean(axis=0) - b.mean(axis=0)) ** 2)
+    return float(max(0.0, mean + np.sum(A * A) / (len(a) - 1) + np.sum(B * B) / (len(b) - 1) - 2 * cross))
+
+
+def _distances(a, b):
+    """Euclidean distances (len(a), len(b)) between rows."""
+    d2 = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None] - 2 * a @ b.T
+    return np.sqrt(np.maximum(d2, 0.0))
+
+
+def knn_radii(f, k=K_NEAREST, chunk=1000):
+    """Each row's distance to its k-th nearest other row of f (itself, at distance 0, is the 0-th)."""
+    if len(f) <= k:
+        raise UserError(f"precision and recall with k = {k} need more than {k} images, got {len(f)}")
+    return np.concatenate([np.partition(_distances(f[i:i + chunk], f), k, axis=1)[:, k]
+                           for i in range(0, len(f), chunk)])
+
+
+def manifold_share(points, ref, radii, chunk=1000):
+    """The share of `points` inside the k-NN manifold of `ref`: the union of the balls around each
+    ref[j] of radius radii[j] (its k-th neighbour's distance)."""
+    return float(np.mean(np.concatenate([np.any(_distances(points[i:i + chunk], ref) <= radii[None], axis=1)
+                                         for i in range(0, len(points), chunk)])))
+
+
+def precision_recall(real, fake, k=K_NEAREST):
+    """(precision, recall) of Kynkäänniemi et al. 2019 on features: the share of `fake` inside the
+    real k-NN manifold (good samples), and the share of `real` inside the samples' (all digits drawn)."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    return manifold_share(fake, real, knn_radii(real, k)), manifold_share(real, fake, knn_radii(fake, k))
+
+
+_real = {}
+
+
+def real_features(data=None):
+    """(the held-out digits' features, the training digits) of `data` (load_mnist's), once per process."""
+    if data not in _real:
+        with contextlib.redirect_stdout(io.StringIO()):  # where MNIST came from was said, or does not matter
+            x_train, x_test = load_mnist(data)
+        _real[data] = (features(x_test), x_train)
+    return _real[data]
+
+
+def fidelity(images, data=None):
+    """FID, precision and recall of n digit images against the held-out digits (of `data`, else
+    load_mnist's), and `fid_real`, the floor: the FID of n real training digits (all, if fewer)
+    against the same held-out digits. FID's bias grows as n shrinks, so the floor takes as many."""
+    fake = features(images)
+    real, x_train = real_features(data)
+    precision, recall = precision_recall(real, fake)
+    return {"fid": frechet_distance(fake, real), "fid_real": frechet_distance(features(x_train[:len(fake)]), real),
+            "precision": precision, "recall": recall}
+
+
+def sample_line(images, data=None):
+    """`sample score (N samples): FID F (real digits: F0), precision P, recall R, IS I, confident C`."""
+    f, s = fidelity(images, data), score(images)
+    return (f"sample score ({len(images)} samples): FID {f['fid']:.1f} (real digits: {f['fid_real']:.1f}), "
+            f"precision {f['precision']:.3f}, recall {f['recall']:.3f}, IS {s['inception']:.2f}, "
+            f"confident {s['confident']:.2f}")
+
+
+def as_uint8(x):
+    """Images in [0, 1] (b, h, w[, 1]) -> uint8 (b, h, w), rounded; NaN as 0, clipped."""
+    x = np.asarray(x, np.float64)
+    x = x[..., 0] if x.ndim == 4 and x.shape[-1] == 1 else x
+    return np.round(np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def score_samples(args, name, draw, dims, std, conditional=False, batch=SAMPLE_BATCH):
+    """--score N of every script: N samples x = draw(z, y) in [0, 1], z = std·ε (ε ~ N(0, I) of `dims`,
+    seeded by --seed: the grid's samples come first), y = i mod 10 for a conditional model (else
+    None), `batch` at a time; writes them to OUT/NAME_scored.npz (uint8 `x` (N, h, w), and `y`)
+    atomically and prints its path and the sample-score line (which the file scores again:
+    `python -m flowkit.score OUT/NAME_scored.npz`). Returns the line."""
+    n = args.score
+    z = temperature_codes([std], n, dims, args.seed or 0)[0]
+    y = (np.arange(n) % 10).astype(np.int32) if conditional else None
+    x = np.concatenate([as_uint8(draw(z[i:i + batch], None if y is None else y[i:i + batch]))
+                        for i in range(0, n, batch)])
+    arrays = {"x": x} if y is None else {"x": x, "y": y.astype(np.uint8)}
+    path = os.path.join(args.out, f"{name}_scored.npz")
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
+    print(f"wrote {path} ({n} samples, uint8 {'x and labels y' if conditional else 'x'})", flush=True)
+    line = sample_line(x, args.data)
+    print(line, flush=True)
+    return line
+
+
+def scored_npz(path):
+    """The images `x` of an npz that --score wrote, checked."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f.files:
+                raise UserError(f"{path}: no array `x` (found: {', '.join(f.files) or 'none'}); expected --score's npz")
+            return f["x"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"{path}: not a readable .npz file ({type(e).__name__})") from None
+
+
 # --- grids and the command line ------------------------------------------------------------------
 
 def grid_tiles(picture, grid=None):
@@ -260,7 +401,8 @@ def score_png(path, grid=None, by_rows=False, data=None):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Score generated digits with an MNIST classifier "
                                             "(inception score, confident share, classes).")
-    p.add_argument("image", nargs="?", help="a grid PNG of digits (as written by flowkit.sample.image_grid)")
+    p.add_argument("image", nargs="?", help="a grid PNG of digits (as written by flowkit.sample.image_grid), "
+                                            "or the NAME_scored.npz of a script's --score")
     p.add_argument("--grid", type=int, help="the picture is an N×N grid (default: tiles of 28 or 32 pixels)")
     p.add_argument("--rows", action="store_true", help="class-conditional grid: row i holds digit i")
     p.add_argument("--train", action="store_true", help=f"retrain the classifier and rewrite {os.path.relpath(WEIGHTS)}")
@@ -281,6 +423,12 @@ def main(argv=None):
             print(f"held-out accuracy {accuracy:.4f}; wrote {os.path.relpath(WEIGHTS)} "
                   f"({os.path.getsize(WEIGHTS) / 1024:.0f} KiB)")
             print(f"real held-out digits: {in_words(real_digit_ceiling())}")
+        elif args.image.endswith(".npz"):
+            if args.grid is not None or args.rows:
+                raise UserError("--grid and --rows go with a grid PNG, not with --score's npz")
+            if not os.path.isfile(args.image):
+                raise UserError(f"{args.image}: no such file")
+            print(sample_line(scored_npz(args.image)))
         else:
             print(score_png(args.image, args.grid, args.rows))
         return 0

@@ -1,6 +1,7 @@
 """flow_score: the digit classifier's committed weights and the sample score (inception score,
 confident share, classes, row accuracy) on real digits, noise, one repeated digit, 32×32 padding,
-and the command line on a grid PNG. Nothing here trains."""
+and the command line on a grid PNG; FID, precision and recall on real digits, noise and one class.
+Nothing here trains."""
 import os
 import re
 
@@ -150,3 +151,64 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert fs.main([str(tmp_path / "missing.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("error: ") for e in err)
+
+
+# --- FID, precision and recall -------------------------------------------------------------------
+
+def test_frechet_distance_is_the_matrix_square_root_formula():
+    from scipy.linalg import sqrtm
+
+    rng = np.random.RandomState(0)
+    a, b = rng.standard_normal((40, 6)) @ rng.standard_normal((6, 6)), rng.standard_normal((60, 6)) + 0.5
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(sa) + np.trace(sb)
+                - 2 * np.trace(sqrtm(sa @ sb)).real)
+    assert fs.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    wide = rng.standard_normal((10, 50))  # fewer points than dimensions: Σ singular, the SVD route still exact
+    assert fs.frechet_distance(wide, wide[::-1]) == pytest.approx(0, abs=1e-8)
+    assert fs.frechet_distance(wide, wide + 1) == pytest.approx(50, rel=1e-9)  # a shift: ‖μ_a − μ_b‖² only
+
+
+def test_held_out_digits_against_themselves(held_out):
+    x, _ = held_out
+    real = fs.features(x)
+    assert fs.frechet_distance(real, real) == pytest.approx(0, abs=1e-6)
+    assert fs.precision_recall(real, real) == (1.0, 1.0)
+
+
+def test_real_training_digits_are_the_floor(held_out):
+    x_train, _ = flow_data.load_mnist()
+    f = fs.fidelity(x_train[1000:2000])
+    assert f["fid"] < 1.3 * f["fid_real"]  # other training digits: as far as the floor's
+    assert f["fid_real"] == pytest.approx(fs.fidelity(x_train[:1000])["fid"])  # the floor: the first n
+    assert f["precision"] > 0.75 and f["recall"] > 0.75
+
+
+def test_noise_is_far_from_the_digits():
+    noise = np.random.RandomState(0).uniform(size=(500, 28, 28)).astype(np.float32)
+    f = fs.fidelity(noise)
+    assert f["fid"] > 5 * f["fid_real"]
+    assert f["precision"] < 0.02 and f["recall"] < 0.02
+
+
+def test_one_digit_class_is_precise_but_recalls_little(held_out):
+    """Precision and recall tell apart what IS mixes: real 1s are real digits, but only one kind."""
+    x_train, y_train = flow_data.load_mnist(labels=True)[0]
+    f = fs.fidelity(x_train[y_train == 1][:300])
+    assert f["precision"] > 0.7 and f["recall"] < 0.3
+
+
+def test_sample_line_and_the_npz_command(tmp_path, held_out, capsys):
+    x, _ = held_out
+    line = fs.sample_line(x[:200])
+    assert re.fullmatch(r"sample score \(200 samples\): FID \d+\.\d \(real digits: \d+\.\d\), precision 1\.000, "
+                        r"recall \d\.\d{3}, IS \d+\.\d\d, confident \d\.\d\d", line), line
+    path = tmp_path / "nice_scored.npz"
+    np.savez(path, x=x[:200])
+    assert fs.main([str(path)]) == 0
+    assert capsys.readouterr().out.strip() == line
+    np.savez(tmp_path / "bad.npz", images=x[:10])
+    assert fs.main([str(tmp_path / "bad.npz")]) == 2
+    assert fs.main([str(tmp_path / "missing.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("error: ") for e in err)
