@@ -713,6 +713,20 @@ class _SpectralNorm(keras.layers.Layer):
 def _largest_singular_value(matrices):
     return ops.max(ops.svd(matrices, compute_uv=False))
 
+
+class LipSwish(keras.layers.Layer):
+    """LipSwish(x) = x·σ(βx) / 1.1 (Residual Flows, Chen et al. 2019, §4), β = softplus(b) ≥ 0 learned per
+    channel. d/dx x·σ(βx) = σ(t) + t·σ(t)(1 − σ(t)) at t = βx lies in [−0.0998, 1.0998] whatever β, so
+    the activation is 1-Lipschitz; unlike ELU its derivative does not saturate at 0 for negative x."""
+
+    def build(self, input_shape):
+        self.b = self.add_weight(shape=(input_shape[-1],), initializer=keras.initializers.Constant(0.5), name="b")
+
+    def call(self, x):
+        beta = ops.cast(ops.softplus(self.b), x.dtype)
+        return x * ops.sigmoid(beta * x) / 1.1
+
+
 class SpectralDense(_SpectralNorm):
     """Dense layer x W + b with ‖W‖₂ ≤ c (soft spectral normalisation, see _SpectralNorm)."""
 

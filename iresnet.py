@@ -22,14 +22,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_layers import (Actnorm, AffineCouple, Concat, Flow, Permute, Reshape, ResidualFlow, SpectralConv2D,
-                         SpectralDense, Split, Squeeze, initialize_actnorms, log_det_estimator)
+from flow_layers import (Actnorm, AffineCouple, Concat, Flow, LipSwish, Permute, Reshape, ResidualFlow,
+                         SpectralConv2D, SpectralDense, Split, Squeeze, initialize_actnorms, log_det_estimator)
 from flowkit import score as sample_score
 from flowkit.cli import positive
 from flowkit.data import load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
-from flowkit.files import UserError, atomic_write, write_png
-from flowkit.run import Adam, Run
+from flowkit.files import UserError, atomic_write, read_config, save_png, write_png
+from flowkit.run import Adam, Run, WarmupCosine
 from flowkit.sample import decode_codes, image_grid, sample
 
 DIM = 28 * 28
@@ -76,17 +76,22 @@ def toy_data(name, n, rng):
 
 # --- the model ----------------------------------------------------------------------------------
 
-def residual_net(shape, width, coeff, name):
+ACTIVATIONS = ("elu", "lipswish")
+
+
+def residual_net(shape, width, coeff, name, activation="elu"):
     """g of one block: ELU → SN-conv3×3 → ELU → SN-conv1×1 → ELU → SN-conv3×3 (i-ResNet's block),
-    or the same with SN-dense layers on vectors. ELU is 1-Lipschitz, so Lip(g) ≤ c³ < c."""
+    or the same with SN-dense layers on vectors; `activation` "lipswish" puts Residual Flows' LipSwish
+    in place of each ELU. Both are 1-Lipschitz, so Lip(g) ≤ c³ < c."""
     h = x_in = keras.Input(shape)
     for units, k in [(width, 3), (width, 1), (shape[-1], 3)]:
         layer = SpectralDense(units, coeff) if len(shape) == 1 else SpectralConv2D(units, k, coeff)
-        h = layer(keras.layers.Activation("elu")(h))
+        h = layer(keras.layers.Activation("elu")(h) if activation == "elu" else LipSwish()(h))
     return keras.Model(x_in, h, name=name)
 
 
-def build_iresnet(shape=(28, 28, 1), stages=2, blocks=2, width=32, coeff=0.9, logdet="truncated", terms=4):
+def build_iresnet(shape=(28, 28, 1), stages=2, blocks=2, width=32, coeff=0.9, logdet="truncated", terms=4,
+                  activation="elu"):
     """(encoder, decoder, flow), both models from the one flow x -> z: Actnorm, per stage Squeeze (images
     only) and `blocks` × (ResidualFlow, Actnorm), flatten; a vector (2-D toys) has one stage."""
     steps, image, inner = [Actnorm(name="actnorm_in")], len(shape) == 3, tuple(shape)
@@ -95,7 +100,7 @@ def build_iresnet(shape=(28, 28, 1), stages=2, blocks=2, width=32, coeff=0.9, lo
             steps.append(Squeeze(name=f"squeeze_{s}"))
             inner = (inner[0] // 2, inner[1] // 2, 4 * inner[2])
         for b in range(blocks):
-            g = residual_net(inner, width, coeff, name=f"g_{s}_{b}")
+            g = residual_net(inner, width, coeff, name=f"g_{s}_{b}", activation=activation)
             steps += [ResidualFlow(g, logdet=logdet, terms=terms, name=f"block_{s}_{b}"),
                       Actnorm(name=f"actnorm_{s}_{b}")]
     flow = Flow([*steps, Reshape(name="flatten")], name="iresnet")
@@ -121,6 +126,37 @@ def build_coupling_flow(steps=8, width=64):
     return keras.Model(x, flow(x), name="coupling_flow"), flow
 
 
+def grow(flow, path, config):
+    """--init-from: the flow starts as the trained i-ResNet in `path` (the same stages, width and
+    activation, at most as many blocks per stage): its blocks and Actnorms are copied by name, each new
+    block's g starts near 0 (its last kernel scaled by 1e-3) and each new Actnorm as the identity, so
+    the grown model's density starts as the trained one's, up to those tiny g. Raw kernels are copied,
+    so a different --coeff normalises them to the new bound."""
+    record = read_config(path) or {}
+    if record.get("model") != "iresnet":
+        raise UserError(f"--init-from {path}: holds no trained i-ResNet's architecture record")
+    old = {"activation": "elu", **{k: v for k, v in record.items() if k != "model"}}
+    diff = [f"--{k} {old[k]}" for k in ("stages", "width", "activation") if old[k] != config[k]]
+    if old["blocks"] > config["blocks"]:
+        diff.append(f"--blocks {old['blocks']}")
+    if diff:
+        raise UserError(f"--init-from {path} was trained with {', '.join(diff)}: it grows only into the same "
+                        f"stages, width and activation with as many blocks per stage or more")
+    encoder, _, source = build_iresnet(**{**config, **old})
+    encoder.load_weights(path)
+    trained = {step.name: step for step in source.steps}
+    for step in flow.steps:
+        if step.name in trained:
+            for mine, theirs in zip(step.weights, trained[step.name].weights):
+                mine.assign(theirs)
+        elif isinstance(step, ResidualFlow):
+            last = step.g.layers[-1]
+            last.kernel.assign(last.kernel * 1e-3)
+        elif isinstance(step, Actnorm):
+            step.initialized.assign(1.0)  # log s = 0, b = 0: the identity
+    return len([s for s in flow.steps if s.name in trained])
+
+
 def compile_flow(model, lr):
     model.compile(optimizer=Adam(lr), loss=prior_nll)
 
@@ -140,11 +176,17 @@ def train(args, strategy):
         compile_flow(encoder, args.lr)
     print(f"i-ResNet: {encoder.count_params():,} parameters, log-det {model_config(args)['logdet']} "
           f"({args.terms} terms), c = {args.coeff}", flush=True)
+    if args.init_from and not args.resume:
+        print(f"--init-from {args.init_from}: {grow(flow, args.init_from, model_config(args))} of "
+              f"{len(flow.steps)} layers trained, the rest start as the identity", flush=True)
     run = Run(encoder, args, strategy, monitor="val_loss")
     initialize_actnorms(encoder, dequantize(k_train[: args.batch_size], 0, BIN))  # after a --resume: kept
+    schedule = [WarmupCosine(args.lr, args.epochs * (len(k_train) // args.batch_size), args.warmup)] \
+        if args.warmup else []
+    grids = run.chief_only(EpochGrids(decoder, args)) if args.epoch_grids else []
     encoder.fit(batches(k_train, args.batch_size, args.seed or 0),
                 validation_data=batches(k_test[: args.eval_images], args.batch_size), epochs=args.epochs,
-                initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), *run.callbacks],
+                initial_epoch=run.initial_epoch, callbacks=[*schedule, BitsPerDim(DIM, BIN), *grids, *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
         sample_score.report(write_grid(decoder, args), args)
@@ -195,12 +237,23 @@ def report_bpd(flow, k_test, args):
 
 # --- sampling -----------------------------------------------------------------------------------
 
-def write_grid(decoder, args):
+def write_grid(decoder, args, name="iresnet_samples.png", say=True):
     """A 10×10 grid of decoder(std·ε): each block inverted by its fixed-point iteration."""
-    path = os.path.join(args.out, "iresnet_samples.png")
+    path = os.path.join(args.out, name)
     x = sample(decoder, GRID * GRID, args.std, args.seed or 0)
-    write_png(path, image_grid(np.clip(x[..., 0], 0, 1), GRID))
+    (write_png if say else save_png)(path, image_grid(np.clip(x[..., 0], 0, 1), GRID))
     return path
+
+
+class EpochGrids(keras.callbacks.Callback):
+    """--epoch-grids: after each epoch the grid at --std to OUT/iresnet_epoch_NNN.png (tools.curves --grids)."""
+
+    def __init__(self, decoder, args):
+        super().__init__()
+        self.decoder, self.args = decoder, args
+
+    def on_epoch_end(self, epoch, logs=None):
+        write_grid(self.decoder, self.args, f"iresnet_epoch_{epoch + 1:03d}.png", say=False)
 
 
 # --- experiments --------------------------------------------------------------------------------
@@ -248,7 +301,7 @@ def toy(args):
     rng = np.random.RandomState(args.seed or 0)
     data = toy_data(args.toy, args.limit or TOY_POINTS, rng)
     encoder, _, flow = build_iresnet((2,), blocks=args.toy_blocks, width=args.width, coeff=args.coeff,
-                                     logdet=args.logdet or "exact", terms=args.terms)
+                                     logdet=args.logdet or "exact", terms=args.terms, activation=args.activation)
     coupling = build_coupling_flow(steps=args.toy_blocks, width=round(args.width / math.sqrt(2)))  # two nets
     models = {"i-ResNet": (encoder, flow), "coupling flow": coupling}
     results = {}
@@ -328,7 +381,7 @@ def experiments(args):
 
 def model_config(args):
     return dict(stages=args.stages, blocks=args.blocks, width=args.width, coeff=args.coeff,
-                logdet=args.logdet or "truncated", terms=args.terms)
+                logdet=args.logdet or "truncated", terms=args.terms, activation=args.activation)
 
 
 def parse_args(argv=None):
@@ -337,6 +390,8 @@ def parse_args(argv=None):
     cli.shape_arg(p, "--blocks", 2, type=positive(int), help="MNIST: residual blocks per stage")
     cli.shape_arg(p, "--width", 32, type=positive(int), help="hidden channels (units on a toy) of each g")
     cli.shape_arg(p, "--coeff", 0.9, type=positive(float), help="spectral-norm bound c < 1 of each linear map")
+    cli.shape_arg(p, "--activation", "elu", choices=ACTIVATIONS,
+                  help="of each g: ELU (i-ResNet) or LipSwish (Residual Flows)")
     p.add_argument("--logdet", choices=ResidualFlow.ESTIMATORS, default=None,
                    help="training log-det: truncated series (i-ResNet), roulette (Residual Flows, unbiased) "
                         "or exact (brute-force Jacobian; small dimensions). Default truncated; exact on a toy")
@@ -355,6 +410,14 @@ def parse_args(argv=None):
     p.add_argument("--eval-draws", type=positive(int), default=4, metavar="R",
                    help="log-det draws per test image in the final estimate (its s.e. comes from them)")
     p.add_argument("--std", type=float, default=1.0, help="standard deviation of z when sampling")
+    p.add_argument("--warmup", type=positive(int), default=None, metavar="STEPS",
+                   help="learning rate: linear warm-up over STEPS steps, then a cosine to 0 at --epochs "
+                        "(flowkit.run.WarmupCosine); default: constant --lr")
+    p.add_argument("--init-from", metavar="W.weights.h5", default=None,
+                   help="start training from this trained i-ResNet (same stages, width, activation; fewer or "
+                        "as many blocks per stage): its layers copied, new blocks and Actnorms as the identity")
+    p.add_argument("--epoch-grids", action="store_true",
+                   help="write the grid after every epoch, OUT/iresnet_epoch_NNN.png")
     p.add_argument("--inverse", action="store_true",
                    help="no training: fixed-point iterations and errors per block on --images test images")
     p.add_argument("--bias-table", action="store_true",
@@ -367,6 +430,8 @@ def parse_args(argv=None):
         raise UserError(f"--coeff must be below 1 (the blocks are invertible only when Lip(g) < 1), got {args.coeff}")
     if args.toy and args.loads_weights:
         raise UserError("--toy trains its own models; it does not go with --sample-only, --score, --inverse or --bias-table")
+    if args.init_from and not os.path.isfile(args.init_from):
+        raise UserError(f"--init-from {args.init_from}: no such file")
     if args.data and not os.path.isfile(args.data):
         raise UserError(f"--data {args.data}: no such file")
     return args

@@ -13,28 +13,33 @@ import tensorflow as tf
 
 import iresnet
 from flowkit.density import dequantize, prior_nll
-from flow_layers import ResidualFlow, SpectralConv2D, SpectralDense, banach_iterations, initialize_actnorms
+from flowkit.files import UserError, save_weights_atomic
+from flow_layers import LipSwish, ResidualFlow, SpectralConv2D, SpectralDense, banach_iterations, initialize_actnorms
 from helpers import jacobian_log_det, mnist_npz, perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(stages=2, blocks=1, width=8)
 
 
-def dense_g(d, hidden=16, coeff=0.9, scale=3.0, seed=0):
-    """g = SN-dense → ELU → SN-dense, kernels scaled up so the normalisation is active."""
+def activation(name):
+    return keras.layers.Activation("elu") if name == "elu" else LipSwish()
+
+
+def dense_g(d, hidden=16, coeff=0.9, scale=3.0, seed=0, act="elu"):
+    """g = SN-dense → ELU (or LipSwish) → SN-dense, kernels scaled up so the normalisation is active."""
     keras.utils.set_random_seed(seed)
     x = keras.Input((d,))
-    h = SpectralDense(d, coeff)(keras.layers.Activation("elu")(SpectralDense(hidden, coeff)(x)))
+    h = SpectralDense(d, coeff)(activation(act)(SpectralDense(hidden, coeff)(x)))
     g = keras.Model(x, h)
     for w in g.trainable_weights:
         w.assign(w * scale)
     return g
 
 
-def conv_g(shape, width=4, coeff=0.9, scale=3.0, seed=0):
+def conv_g(shape, width=4, coeff=0.9, scale=3.0, seed=0, act="elu"):
     keras.utils.set_random_seed(seed)
     x = keras.Input(shape)
-    h = SpectralConv2D(shape[-1], 3, coeff)(keras.layers.Activation("elu")(SpectralConv2D(width, 3, coeff)(x)))
+    h = SpectralConv2D(shape[-1], 3, coeff)(activation(act)(SpectralConv2D(width, 3, coeff)(x)))
     g = keras.Model(x, h)
     for w in g.trainable_weights:
         w.assign(w * scale)
@@ -108,13 +113,14 @@ def test_spectral_layers_under_mixed_precision():
         assert norm(operator(layer)) <= 0.9 * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("act", ["elu", "lipswish"])
 @pytest.mark.parametrize("kind", ["dense", "conv"])
-def test_lipschitz_bound_holds_during_training(kind, float64):
+def test_lipschitz_bound_holds_during_training(kind, act, float64):
     """Trained at a high learning rate, every normalised map has norm ≤ c at every step (the true
     largest singular value of its brute-force matrix), and so Lip(g) ≤ c²: the largest singular value
     of J_g at random inputs. (With power iteration's σ̂ the maps reached 1.13–1.29·c here.)"""
     shape = (4,) if kind == "dense" else (3, 3, 2)
-    g = dense_g(4, scale=1.0) if kind == "dense" else conv_g(shape, scale=1.0)
+    g = dense_g(4, scale=1.0, act=act) if kind == "dense" else conv_g(shape, scale=1.0, act=act)
     layers = [l for l in g.layers if isinstance(l, (SpectralDense, SpectralConv2D))]
     worst = {"map": 0.0, "sigma": 0.0}
 
@@ -134,6 +140,24 @@ def test_lipschitz_bound_holds_during_training(kind, float64):
     assert worst["map"] <= 1 + 1e-9
     jac = g_jacobians(g, rng.standard_normal((32, *shape)))
     assert np.linalg.svd(jac, compute_uv=False).max() <= 0.9 ** 2 + 1e-9
+
+
+def test_lipswish_is_one_lipschitz(float64):
+    """LipSwish(x) = x·σ(βx)/1.1, β = softplus(b): its derivative stays within [−1, 1] for every β, and
+    comes within 0.1 % of 1 (the bound is tight, so a wrong constant would fail it)."""
+    layer = LipSwish()
+    x = tf.constant(np.linspace(-30, 30, 20001)[:, None].repeat(5, axis=1))
+    layer.build(x.shape)
+    assert keras.ops.convert_to_numpy(layer.b) == pytest.approx(0.5)
+    layer.b.assign(np.array([-5.0, 0.0, 0.5, 3.0, 20.0]))  # β from 0.007 to 20
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    slope = tape.gradient(y, x).numpy()
+    beta = np.log1p(np.exp(layer.b.numpy()))
+    np.testing.assert_allclose(y.numpy(), x.numpy() / (1 + np.exp(-beta * x.numpy())) / 1.1, rtol=1e-12)
+    assert np.abs(slope).max() <= 1
+    assert slope[:, 1:].max() > 0.999
 
 
 # --- the fixed-point inverse --------------------------------------------------------------------
@@ -162,9 +186,10 @@ def test_fixed_point_inverse_within_banach_bound(float64):
 
 # --- the log-det estimators ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("act", ["elu", "lipswish"])
 @pytest.mark.parametrize("shape", [(4,), (3, 3, 2)])  # 4 dims: row by row; 18 dims: batch_jacobian
-def test_exact_log_det_equals_slogdet(shape, float64):
-    g = dense_g(4) if len(shape) == 1 else conv_g(shape)
+def test_exact_log_det_equals_slogdet(shape, act, float64):
+    g = dense_g(4, act=act) if len(shape) == 1 else conv_g(shape, act=act)
     block = ResidualFlow(g, logdet="exact")
     x = tf.constant(np.random.RandomState(3).randn(8, *shape))
     block(x)
@@ -200,18 +225,19 @@ def test_truncated_estimator_mean_approaches_exact(float64):
     assert biases[0] > 0.01 and biases[-1] < 1e-3 and biases == sorted(biases, reverse=True)
 
 
-def test_roulette_estimator_is_unbiased(float64):
+@pytest.mark.parametrize("act", ["elu", "lipswish"])
+def test_roulette_estimator_is_unbiased(act, float64):
     """Russian roulette: the mean over many draws (a random number of terms per batch) matches the
     exact log-det within a few standard errors, where the one term it always computes, truncated,
     is off by more than 5."""
-    g = dense_g(4, seed=4)
+    g = dense_g(4, seed=4, act=act)
     block = ResidualFlow(g, logdet="roulette", terms=1, p=0.5, seed=1)
     x0 = np.random.RandomState(4).randn(1, 4)
     jac = g_jacobians(g, x0)
     exact = np.linalg.slogdet(np.eye(4) + jac[0])[1]
     batch = tf.constant(np.repeat(x0, 32, axis=0))
     fn = tf.function(lambda x: roulette_draw(block, x))
-    means = np.array([fn(batch).numpy().mean() for _ in range(300)])  # one N per batch: batch means are the draws
+    means = np.array([fn(batch).numpy().mean() for _ in range(1000)])  # one N per batch: batch means are the draws
     se = means.std(ddof=1) / np.sqrt(len(means))
     assert means.mean() == pytest.approx(exact, abs=4 * se)
     assert abs(series(jac, 1)[0] - exact) > 5 * se
@@ -271,6 +297,24 @@ def test_short_training_lowers_the_loss(digits):
     assert hist[-1] < hist[0] - 20
 
 
+def test_grow_starts_from_the_trained_density(digits, tmp_path):
+    """--init-from: a 2-block-per-stage model grown from a trained 1-block one encodes as it did (new
+    blocks' g ≈ 0, new Actnorms the identity and left alone by the data-dependent init); its copied
+    layers equal the source's; a wider model does not grow from it (one-line error)."""
+    encoder, _, flow, x = tiny_model(digits, activation="lipswish")
+    path = str(tmp_path / "small.weights.h5")
+    save_weights_atomic(encoder, path, {"model": "iresnet", **TINY, "coeff": 0.9, "activation": "lipswish"})
+    config = dict(stages=2, blocks=2, width=8, coeff=0.9, logdet="truncated", terms=4, activation="lipswish")
+    big, _, big_flow = iresnet.build_iresnet(**config)
+    assert iresnet.grow(big_flow, path, config) == 8  # actnorm_in, 2 squeezes, 2 × (block, Actnorm), flatten
+    assert initialize_actnorms(big, x) == 0
+    z, z_big = encoder(x, training=False).numpy(), big(x, training=False).numpy()
+    assert 0 < np.abs(z_big - z).max() <= 1e-2 * np.abs(z).max()
+    np.testing.assert_array_equal(big_flow.steps[2].g.layers[-1].kernel.numpy(), flow.steps[2].g.layers[-1].kernel.numpy())
+    with pytest.raises(UserError, match="--width 8"):
+        iresnet.grow(iresnet.build_iresnet(**{**config, "width": 16})[2], path, {**config, "width": 16})
+
+
 def test_toy_density_integrates_to_one(float64):
     """Exact 2-D log-densities of an i-ResNet (untrained, perturbed; its own estimator the truncated
     series) and of the coupling flow: log N(f(x)) + the brute-force Jacobian's log-det, and q sums to
@@ -298,13 +342,16 @@ def test_tiny_run(digits, tmp_path):
     npz = mnist_npz(tmp_path / "mnist.npz", digits, 64, 32)
     run = subprocess.run([sys.executable, "iresnet.py", "--data", npz, "--epochs", "1", "--batch-size", "32",
                           "--width", "8", "--blocks", "1", "--terms", "2", "--eval-images", "32",
-                          "--eval-draws", "2", "--weights", str(tmp_path / "i.weights.h5"),
+                          "--eval-draws", "2", "--activation", "lipswish", "--warmup", "1", "--epoch-grids",
+                          "--weights", str(tmp_path / "i.weights.h5"),
                           "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     last = run.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"test bits/dim: \d+\.\d{3}", last), last
     assert os.path.getsize(tmp_path / "out" / "iresnet_samples.png") > 0
+    assert os.path.getsize(tmp_path / "out" / "iresnet_epoch_001.png") > 0
     assert "estimator s.e." in run.stdout
+    # the activation comes back from the weights' record: LipSwish's β would not load into ELU blocks
     inv = subprocess.run([sys.executable, "iresnet.py", "--data", npz, "--inverse", "--images", "4",
                           "--weights", str(tmp_path / "i.weights.h5")], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
@@ -326,6 +373,9 @@ def test_tiny_run(digits, tmp_path):
     (["--data", "missing.npz"], "missing.npz: no such file"),
     (["--toy", "spiral"], "invalid choice"),
     (["--inverse", "--weights", "none.weights.h5"], "no such file"),
+    (["--init-from", "none.weights.h5"], "--init-from none.weights.h5: no such file"),
+    (["--activation", "relu"], "invalid choice"),
+    (["--warmup", "0"], "must be positive"),
 ])
 def test_bad_input_one_line_exit_2(argv, message, tmp_path, capsys):
     out = tmp_path / "out"
