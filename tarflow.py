@@ -39,6 +39,7 @@ GRID = 10          # 10×10 sample grids; a conditional grid has one row per cla
 CLASSES = 10       # MNIST's digits
 GUIDANCE = 3.0     # a conditional model's default guidance weight (README: the sweep that chose it)
 BF16_DEFAULT = True  # mixed bfloat16 on a CPU with bfloat16 instructions: tools/bench.py measured it (docs/running.md)
+AMX_XLA = True       # but float32 with XLA on a CPU with AMX, where that step is the faster one (flowkit.devices.choose_xla)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -377,7 +378,8 @@ def parse_args(argv=None):
     p.add_argument("--speed", type=positive(int), default=0, metavar="N",
                    help="no training: time sampling N images with and without the key-value cache "
                         "(an untrained model of the given shape; with --sample-only the trained one)")
-    cli.add_run_args(p, weights="tarflow.weights.h5", epochs=20, batch_size=64, lr=2e-3, seed=0, bf16_default=BF16_DEFAULT)
+    cli.add_run_args(p, weights="tarflow.weights.h5", epochs=20, batch_size=64, lr=2e-3, seed=0, bf16_default=BF16_DEFAULT,
+                     amx_xla=AMX_XLA)
     args = cli.parse(p, argv, model="tarflow", uses_weights=("temperatures", "guidance_sweep", "classify"),
                      images=(28, 32), reads_data=("classify",))
     if args.temperatures is not None:

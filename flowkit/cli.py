@@ -12,7 +12,7 @@ import warnings
 import keras
 
 from flowkit.data import image_data
-from flowkit.devices import add_scale_out_args, choose_precision, make_strategy, set_mixed_precision
+from flowkit.devices import add_scale_out_args, choose_precision, choose_xla, make_strategy, set_mixed_precision
 from flowkit.files import UserError, check_readable, read_config, renamed_weights
 from flowkit.run import check_run, run_folder, run_record
 from flowkit.score import SAMPLES
@@ -81,13 +81,14 @@ def shape_arg(parser, flag, default, **kwargs):
     parser.shape_defaults[action.dest] = default
 
 
-def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_default=False):
+def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_default=False, amx_xla=False):
     """The flags of a training run, the same in every script: --epochs --batch-size --lr --weights
     --resume --max-collapses --seed --out --sample-only --score --minutes --xla --plot, and the scale-out flags. `bf16_default`: the
     model computes in mixed bfloat16 unless told otherwise, on a CPU with bfloat16 instructions
-    (`choose_precision`; tools/bench.py measured where it pays and costs no likelihood)."""
+    (`choose_precision`; tools/bench.py measured where it pays and costs no likelihood). `amx_xla`: on a CPU
+    with AMX it keeps float32 and compiles the step with XLA instead (`choose_xla`)."""
     p = parser
-    p.set_defaults(bf16_default=bf16_default)
+    p.set_defaults(bf16_default=bf16_default, amx_xla=amx_xla)
     p.add_argument("--epochs", type=positive(int), default=epochs, help="training epochs (the total with --resume)")
     p.add_argument("--batch-size", type=positive(int), default=batch_size, help="images per batch (global)")
     p.add_argument("--lr", type=positive(float), default=lr, help="learning rate")
@@ -110,9 +111,10 @@ def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_def
     p.add_argument("--minutes", type=positive(float), default=None, metavar="M",
                    help="a wall-clock budget: stop at the first epoch end at or past M minutes of training "
                         "(the epoch log's `minutes`, continued across --resume); --epochs still caps it")
-    p.add_argument("--xla", action="store_true",
-                   help="compile the training step with XLA (jit_compile=True). Off: on the CPUs measured it "
-                        "slowed every model's default path (docs/running.md); on a GPU Keras compiles with it anyway")
+    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the training step with XLA (jit_compile=True) or not. Default: off, except a "
+                        "float32 TarFlow on a CPU with AMX (flowkit.devices.choose_xla; docs/running.md); on a GPU "
+                        "Keras compiles with it anyway")
     p.add_argument("--plot", action="store_true",
                    help="after training, plot the epoch log NAME.csv (test bits/dim against minutes) to NAME.png; "
                         "several runs together: python -m tools.curves A.csv B.csv")
@@ -214,7 +216,10 @@ def start(args):
     strategy = make_strategy(args.distribute, args.devices)
     # the bfloat16 default is for training; sampling and the experiments keep float32 unless asked
     bf16_default = getattr(args, "bf16_default", False) and not args.loads_weights
-    args.mixed_precision, args.precision_why = choose_precision(args.mixed_precision, bf16_default)
+    amx_xla = getattr(args, "amx_xla", False) and not args.loads_weights
+    args.mixed_precision, args.precision_why = choose_precision(args.mixed_precision, bf16_default, amx_xla=amx_xla)
+    args.xla, xla_why = choose_xla(getattr(args, "xla", None), amx_xla, args.mixed_precision, args.distribute)
+    args.precision_why += f"; {xla_why}" if xla_why else ""
     set_mixed_precision(args.mixed_precision)
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)

@@ -28,7 +28,8 @@ def add_scale_out_args(parser):
                              "Ampere+ GPUs; float16 for older GPUs, with dynamic loss scaling); "
                              "variables, the flow's data path, log-dets and the loss stay float32. "
                              "none: float32 throughout. Default: the script's choice, printed at start "
-                             "(NICE and Glow training: mixed bfloat16 on a CPU with bfloat16 instructions, else float32)")
+                             "(NICE, Glow and TarFlow training: mixed bfloat16 on a CPU with bfloat16 instructions, else float32; "
+                             "TarFlow on a CPU with AMX: float32 with XLA, flowkit.devices.choose_xla)")
 
 
 _strategies = {}  # one per (name, devices) and process: two in one process clash in their collectives
@@ -123,26 +124,49 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
     return line.partition(":")[2].strip() or platform.processor() or platform.machine()
 
 
-def choose_precision(flag, bf16_default, cpu_bf16=None, gpus=None):
+def _gpus(gpus):
+    if gpus is None:
+        import tensorflow as tf
+        gpus = tf.config.list_physical_devices("GPU")
+    return gpus
+
+
+def choose_precision(flag, bf16_default, cpu_bf16=None, gpus=None, amx_xla=False):
     """(precision for `set_mixed_precision`, why) from --mixed-precision: an explicit value wins ("none"
     is float32); unset, a model whose default is bfloat16 gets it on a CPU-only machine whose CPU has
     bfloat16 instructions (oneDNN runs them at about twice the float32 matmul rate), float32 elsewhere:
-    on a GPU 16 bits stays the user's choice. cpu_bf16 and gpus: detected when None (tests force them)."""
+    on a GPU 16 bits stays the user's choice. A model with `amx_xla` keeps float32 on a CPU with AMX, where
+    its float32 step with XLA is the faster one (`choose_xla`). cpu_bf16 and gpus: detected when None
+    (tests force them)."""
     if flag == "none":
         return None, "--mixed-precision none"
     if flag:
         return flag, f"--mixed-precision {flag}"
     if not bf16_default:
         return None, "this model's default; --mixed-precision bfloat16 to try 16 bits"
-    if gpus is None:
-        import tensorflow as tf
-        gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
+    if _gpus(gpus):
         return None, "on a GPU 16 bits is opt-in: --mixed-precision"
     cpu_bf16 = cpu_bfloat16() if cpu_bf16 is None else cpu_bf16
+    if amx_xla and "AMX-BF16" in cpu_bf16:
+        return None, "CPU has AMX-BF16, where this model's float32 step with XLA beats bfloat16; --mixed-precision bfloat16 for 16 bits"
     if cpu_bf16:
         return "bfloat16", f"CPU has {', '.join(cpu_bf16)}; --mixed-precision none for float32"
     return None, "CPU has no bfloat16 instructions"
+
+
+def choose_xla(flag, amx_xla, precision, distribute="none", cpu_bf16=None, gpus=None):
+    """(jit_compile for the training step, why or None) from --xla/--no-xla: an explicit one wins; unset,
+    XLA compiles a float32 step of a model with `amx_xla` on one device of a CPU with AMX-BF16 (measured
+    on an Intel Xeon: TarFlow's float32 step ×1.41 less CPU with XLA, its bfloat16 one ×1.07 faster than
+    float32 without), and nothing else: on AMD Zen 4 (AVX512-BF16, no AMX) XLA slowed every model's
+    default path (docs/running.md), and on a GPU Keras compiles with XLA anyway."""
+    if flag is not None:
+        return bool(flag), None
+    if not amx_xla or precision is not None or distribute != "none" or _gpus(gpus):
+        return False, None
+    if "AMX-BF16" in (cpu_bfloat16() if cpu_bf16 is None else cpu_bf16):
+        return True, "XLA on: this model's float32 step is faster with it on AMX; --no-xla to leave it off"
+    return False, None
 
 
 def set_mixed_precision(name=None):

@@ -83,16 +83,19 @@ def test_default_variant_is_the_scripts_choice(quick):
     import iresnet
     import nice
     import tarflow
-    from flowkit.devices import choose_precision
+    from flowkit.devices import choose_precision, choose_xla
 
     r, _ = quick
     for name, module in (("nice", nice), ("glow", glow), ("tarflow", tarflow), ("fvae", fvae), ("iresnet", iresnet)):
-        precision = choose_precision(None, module.parse_args([]).bf16_default)[0]
+        parsed = module.parse_args([])
+        precision = choose_precision(None, parsed.bf16_default, amx_xla=parsed.amx_xla)[0]
         assert r[name]["default_variant"].startswith("bf16" if precision else "fp32"), name
     import tensorflow as tf
 
-    if not tf.config.list_physical_devices("GPU"):  # Keras' "auto": no XLA on TensorFlow's CPU; --xla asks for it
-        assert all(r[name]["fp32_default_variant"] == "fp32" for name in ("nice", "glow", "tarflow", "fvae", "iresnet"))
+    if not tf.config.list_physical_devices("GPU"):  # Keras' "auto": no XLA on TensorFlow's CPU, but the AMX rule
+        for name, module in (("nice", nice), ("glow", glow), ("tarflow", tarflow), ("fvae", fvae), ("iresnet", iresnet)):
+            xla = choose_xla(None, module.parse_args([]).amx_xla, None)[0]
+            assert r[name]["fp32_default_variant"] == ("fp32_xla" if xla else "fp32"), name
 
 
 def test_models_flag_picks_a_subset():

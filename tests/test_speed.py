@@ -10,7 +10,7 @@ from flowkit import cli as flow_cli
 from flowkit import devices as flow_devices
 import glow
 import nice
-from flowkit.devices import choose_precision, cpu_bfloat16, make_strategy, set_mixed_precision
+from flowkit.devices import choose_precision, choose_xla, cpu_bfloat16, make_strategy, set_mixed_precision
 from flowkit.run import Adam, AdamW, Run
 
 
@@ -38,6 +38,53 @@ def test_cpu_bfloat16_reads_the_flags_line(tmp_path):
 def test_choose_precision(flag, bf16_default, cpu, gpus, precision, why):
     got, reason = choose_precision(flag, bf16_default, cpu_bf16=cpu, gpus=gpus)
     assert got == precision and why in reason
+
+
+AMX = ["AVX512-BF16", "AMX-BF16"]  # an Intel Xeon of Sapphire Rapids' kind; AVX512-BF16 alone: AMD Zen 4
+
+
+@pytest.mark.parametrize("amx_xla, cpu, precision, why", [
+    (True, AMX, None, "CPU has AMX-BF16"),                     # TarFlow on AMX: float32 (with XLA)
+    (True, ["AVX512-BF16"], "bfloat16", "CPU has AVX512-BF16"),  # TarFlow on Zen 4: bfloat16
+    (False, AMX, "bfloat16", "CPU has AVX512-BF16, AMX-BF16"),   # NICE and Glow keep bfloat16 on AMX
+])
+def test_choose_precision_on_amx(amx_xla, cpu, precision, why):
+    got, reason = choose_precision(None, True, cpu_bf16=cpu, gpus=[], amx_xla=amx_xla)
+    assert got == precision and why in reason
+
+
+@pytest.mark.parametrize("flag, amx_xla, precision, distribute, cpu, gpus, xla", [
+    (None, True, None, "none", AMX, [], True),              # the rule's one case
+    (None, True, None, "none", ["AVX512-BF16"], [], False),  # Zen 4: XLA measured slower
+    (None, True, "bfloat16", "none", AMX, [], False),        # asked for 16 bits: no XLA unless --xla
+    (None, True, None, "mirrored", AMX, [], False),          # XLA's variables on one device
+    (None, True, None, "none", AMX, ["GPU:0"], False),       # a GPU: Keras' own choice
+    (None, False, None, "none", AMX, [], False),             # NICE and Glow
+    (False, True, None, "none", AMX, [], False),             # --no-xla
+    (True, False, "bfloat16", "none", [], [], True),         # --xla
+])
+def test_choose_xla(flag, amx_xla, precision, distribute, cpu, gpus, xla):
+    got, why = choose_xla(flag, amx_xla, precision, distribute, cpu_bf16=cpu, gpus=gpus)
+    assert got is xla and (why is not None) == (xla and flag is None)
+
+
+@pytest.mark.parametrize("cpu, flags, policy, xla", [
+    (AMX, [], "float32", True), (["AVX512-BF16"], [], "mixed_bfloat16", False),
+    (AMX, ["--no-xla"], "float32", False), (AMX, ["--mixed-precision", "bfloat16"], "mixed_bfloat16", False),
+])
+def test_tarflow_chooses_precision_and_xla_from_the_cpu(monkeypatch, tmp_path, cpu, flags, policy, xla):
+    import tarflow
+
+    monkeypatch.setattr(flow_devices, "cpu_bfloat16", lambda: cpu)
+    args = tarflow.parse_args([*flags, "--out", str(tmp_path / "out"), "--weights", str(tmp_path / "w.weights.h5")])
+    try:
+        flow_cli.start(args)
+        got = keras.config.dtype_policy().name
+    finally:
+        set_mixed_precision(None)
+    if not tf.config.list_physical_devices("GPU"):
+        assert (got, args.xla) == (policy, xla)
+        assert ("XLA on" in args.precision_why) == (xla and "--no-xla" not in flags)
 
 
 @pytest.mark.parametrize("script", [nice, glow])

@@ -176,7 +176,8 @@ def bench_model(key, cfg, repeats, peaks, variants, min_s, script_key=None):
            "train_mflop_per_image": 3 * flops / 1e6}
     out["shape_peak"] = shape_peak(kernel_shapes(model, cfg["batch"]), repeats, min_s)
     del model
-    default, fp32_default = default_variants(lambda: make(init=False), s.parse([]).bf16_default)
+    parsed = s.parse([])
+    default, fp32_default = default_variants(lambda: make(init=False), parsed.bf16_default, parsed.amx_xla)
     made.clear()  # the probes' samplers would keep their models alive
     timed_variants = [v for v in VARIANTS if v in variants or v[0] in (default, fp32_default)]
     data = pipeline(script_key or key, cfg)[1]  # the script's own tf.data pipeline, on generated images

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flowkit.devices import choose_precision, set_mixed_precision
+from flowkit.devices import choose_precision, choose_xla, set_mixed_precision
 from flow_layers import (Attention, InvDense, ResidualFlow, SpectralConv2D, SpectralDense, TarBlock, flow_layers_of,
                          gelu)
 from flowkit.run import Adam, build_optimizer
@@ -149,13 +149,15 @@ def built(make, precision):
         set_mixed_precision(None)
 
 
-def default_variants(make, bf16_default):
+def default_variants(make, bf16_default, amx_xla=False):
     """(default variant, float32 default variant) of a script's long training run: its precision as
-    `choose_precision` picks it with the script's `bf16_default` on this machine, XLA as its compile
-    resolves it under that precision (`model.jit_compile` after make(), which compiles as the script)."""
+    `choose_precision` picks it with the script's `bf16_default` and `amx_xla` on this machine, XLA as
+    `choose_xla` adds it or its compile resolves it under that precision (`model.jit_compile` after
+    make(), which compiles as the script)."""
     def name(precision):
-        return ("bf16" if precision else "fp32") + ("_xla" if built(make, precision).jit_compile is True else "")
-    precision = choose_precision(None, bf16_default)[0]
+        xla = choose_xla(None, amx_xla, precision)[0] or built(make, precision).jit_compile is True
+        return ("bf16" if precision else "fp32") + ("_xla" if xla else "")
+    precision = choose_precision(None, bf16_default, amx_xla=amx_xla)[0]
     fp32 = name(None)
     return (name(precision) if precision else fp32), fp32
 
