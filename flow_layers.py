@@ -1,6 +1,7 @@
 """Invertible layers of the "细水长 Flow" articles on Keras 3, one per equation, in the articles' order:
-the flow contract (FlowLayer, its Inverse, the composition Flow), then NICE, RealNVP and Glow, f-VAEs,
-i-ResNet, TarFlow.
+the flow contract (FlowLayer, its Inverse, the composition Flow), then NICE, RealNVP and Glow, i-ResNet,
+TarFlow (f-VAEs adds no layer of its own). The articles' models are assembled in their scripts: Glow's
+steps and levels in glow.py, TarFlow's blocks in tarflow.py.
 
 Contract (docs/design.md §2): `forward` is the encoder direction x -> z with its log-determinant per
 example; calling the layer adds the batch mean of −log|det| with `add_loss`; `reverse` computes z -> x;
@@ -18,6 +19,7 @@ import keras
 import numpy as np
 from keras import ops
 
+
 def _constant(value):
     """An initializer returning a fixed array (Keras 3 calls initializers as (shape, dtype))."""
     value = np.asarray(value)
@@ -27,12 +29,15 @@ def _constant(value):
 
     return init
 
+
 def _pixels(x):
     """Number of positions sharing one per-channel parameter: H·W for images, 1 for vectors."""
     return math.prod(x.shape[1:-1])
 
+
 def _per_image_sum(x):
     return ops.sum(x, axis=tuple(range(1, len(x.shape))))
+
 
 def _flow_dtype(kwargs):
     """Flow layers compute in their variables' dtype: float32 under a mixed policy ("mixed_bfloat16",
@@ -41,6 +46,7 @@ def _flow_dtype(kwargs):
     coupling inverts exactly all the same, since its reverse recomputes m(x1) from the same x1."""
     kwargs.setdefault("dtype", keras.config.dtype_policy().variable_dtype)
     return kwargs
+
 
 def _uniform(shape, dtype, generator):
     """U(0,1) from a SeedGenerator; on TensorFlow each replica of a tf.distribute strategy folds its
@@ -56,6 +62,7 @@ def _uniform(shape, dtype, generator):
         seed = seed + tf.cast(tf.stack([context.replica_id_in_sync_group, 0]), seed.dtype)
     seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), "int32")  # as Keras' TF backend does
     return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
+
 
 # --- the flow contract: a layer, its inverse, a composition ---------------------------------------
 
@@ -95,6 +102,7 @@ class FlowLayer(keras.layers.Layer):
     def inverse(self):
         return Inverse(self)
 
+
 class Inverse(keras.layers.Layer):
     """z -> x of a flow layer, reading the forward layer's variables (never a copy).
 
@@ -120,6 +128,7 @@ class Inverse(keras.layers.Layer):
     def from_config(cls, config):
         config["flow"] = keras.saving.deserialize_keras_object(config["flow"])
         return cls(**config)
+
 
 class Flow(FlowLayer):
     """A composition of flow layers as one flow layer: z = f_n(… f_1(x)), log-dets add (NICE eq. 10–11).
@@ -164,6 +173,7 @@ class Flow(FlowLayer):
         config["steps"] = [keras.saving.deserialize_keras_object(s) for s in config["steps"]]
         return cls(**config)
 
+
 def children(layer):
     """The layers a layer holds as attributes, alone or in lists (a flow layer's steps and networks, a
     Transformer's layers); none for an Inverse, whose forward layer is a reference, not a part."""
@@ -190,6 +200,7 @@ def flow_layers_of(model):
                 todo.append(child)
     return found
 
+
 # --- NICE ("NICE · 流模型的基本概念与实现"): input noise, shuffle, split, additive coupling, scale -----------
 
 class UniformNoise(keras.layers.Layer):
@@ -212,6 +223,7 @@ class UniformNoise(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "scale": self.scale}
+
 
 class Permute(FlowLayer):
     """Permutation of the last axis: NICE's Shuffle (reverse) or RealNVP's random shuffle.
@@ -245,6 +257,7 @@ class Permute(FlowLayer):
     def get_config(self):
         return {**super().get_config(), "mode": self.mode, "seed": self.seed}
 
+
 def _split(x, sizes, interleave):
     if interleave:
         pairs = ops.reshape(x, (-1, *x.shape[1:-1], x.shape[-1] // 2, 2))
@@ -253,11 +266,13 @@ def _split(x, sizes, interleave):
         return [x]
     return ops.split(x, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
+
 def _concat(parts, interleave):
     if interleave:
         pairs = ops.stack(parts, axis=-1)
         return ops.reshape(pairs, (-1, *pairs.shape[1:-2], pairs.shape[-2] * 2))
     return ops.concatenate(parts, axis=-1)
+
 
 class Split(FlowLayer):
     """x -> [x1, x2] along the last axis: halves (RealNVP/Glow channels) or, with interleave=True,
@@ -276,6 +291,7 @@ class Split(FlowLayer):
 
     def get_config(self):
         return {**super().get_config(), "interleave": self.interleave}
+
 
 class Concat(FlowLayer):
     """[x1, x2, ...] -> x along the last axis (the articles' Concat / ConcatVector); inverse splits
@@ -296,6 +312,7 @@ class Concat(FlowLayer):
 
     def get_config(self):
         return {**super().get_config(), "interleave": self.interleave}
+
 
 class AffineCouple(FlowLayer):
     """[x1, x2] -> [x1, h2] with h2 = exp(log s(x1)) ⊗ x2 + t(x1): RealNVP's affine coupling (eq. 01),
@@ -344,6 +361,7 @@ class AffineCouple(FlowLayer):
         config["log_scale_model"] = de(config["log_scale_model"])
         return cls(**config)
 
+
 class Scale(FlowLayer):
     """z = exp(s) ⊗ h, NICE's scale layer (eq. 15), log-det Σ s (× H·W on images). The original
     initialises s with glorot_normal on a (1, D) kernel; so do we.
@@ -368,6 +386,7 @@ class Scale(FlowLayer):
     def reverse(self, z):
         return z * ops.exp(-self.log_scale)
 
+
 # --- RealNVP and Glow ("RealNVP 与 Glow · 流模型的传承与升华") ----------------------------------------------
 
 class Squeeze(FlowLayer):
@@ -387,6 +406,7 @@ class Squeeze(FlowLayer):
         z = ops.reshape(z, (-1, h, w, c // 4, 2, 2))
         z = ops.transpose(z, (0, 1, 4, 2, 5, 3))
         return ops.reshape(z, (-1, 2 * h, 2 * w, c // 4))
+
 
 class CheckerSplit(FlowLayer):
     """(h, w, c) -> [x1, x2]: RealNVP's spatial checkerboard mask (Dinh et al. 2016, §3.4; the article's
@@ -424,6 +444,7 @@ class CheckerSplit(FlowLayer):
     def get_config(self):
         return {**super().get_config(), "parity": self.parity}
 
+
 class CheckerConcat(CheckerSplit):
     """[x1, x2] -> x: CheckerSplit's inverse as a step of its own (the squares put back). Log-det 0."""
 
@@ -446,6 +467,7 @@ class Reshape(FlowLayer):
 
     def reverse(self, z):
         return ops.reshape(z, (-1, *self.in_shape))
+
 
 class Actnorm(FlowLayer):
     """z = (x + b) ⊗ exp(log s), per channel (Glow's ActNorm, the scale layer generalised);
@@ -477,6 +499,7 @@ class Actnorm(FlowLayer):
 
     def reverse(self, z):
         return z * ops.exp(-self.log_scale) - self.bias
+
 
 class InvDense(FlowLayer):
     """Glow's invertible 1×1 convolution z = x W on the last axis, with W = P L (U + diag(sign·exp(log s)))
@@ -523,6 +546,7 @@ class InvDense(FlowLayer):
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
 
+
 class CondActnorm(FlowLayer):
     """[x2, x1] -> z' = (x2 − μ(x1)) ⊗ exp(−log σ(x1)): the conditional prior of a multi-scale output
     (RealNVP/Glow, article eq. 03–05), "a conditional ActNorm". μ and log σ come from a zero-initialised
@@ -550,6 +574,7 @@ class CondActnorm(FlowLayer):
         z, x1 = inputs
         mean, log_sigma = self._mean_log_scale(x1)
         return z * ops.exp(log_sigma) + mean
+
 
 class MultiScale(FlowLayer):
     """A level's exit in the multi-scale architecture (RealNVP; the article's "多尺度结构", eq. 03–05):
@@ -585,65 +610,6 @@ class MultiScale(FlowLayer):
         config["inner"] = keras.saving.deserialize_keras_object(config["inner"])
         return cls(**config)
 
-def glow_coupling_net(channels, hidden, name, log_scale=False, checker=None):
-    """The Glow article's coupling network f: Conv3×3(hidden)–ReLU–Conv1×1(hidden)–ReLU–Conv3×3, its
-    last layer zero-initialised so the step starts as the identity. As a log-scale net it ends in
-    tanh: |log s| ≤ 1 per step, so one step cannot blow a scale up.
-
-    With `checker` (the step's CheckerSplit) it is RealNVP's masked convolution: x1's squares go back
-    on the full grid with zeros on x2's (b ⊙ x), and the output is read on x2's squares."""
-    x_in = keras.Input((None, None, channels))
-    h = x_in if checker is None else checker.inverse()([x_in, ops.zeros_like(x_in)])
-    h = keras.layers.Conv2D(hidden, 3, padding="same", activation="relu")(h)
-    h = keras.layers.Conv2D(hidden, 1, padding="same", activation="relu")(h)
-    h = keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros")(h)
-    if checker is not None:
-        h = checker(h)[1]
-    if log_scale:
-        h = keras.layers.Activation("tanh")(h)
-    return keras.Model(x_in, h, name=name)
-
-def glow_step(channels, hidden, name, permute="random", coupling="additive", checker=None):
-    """One step of Glow's flow on `channels` channels (the article's loop body): Actnorm -> mix the
-    channels (InvDense for permute="conv", else a Permute) -> split -> coupling -> concat.
-    `checker` None splits the channels in halves (Glow); 0 or 1 is RealNVP's checkerboard mask of
-    that parity. `coupling` "affine" adds RealNVP's log-scale network to the shift."""
-    mix = InvDense(name=f"invdense_{name}") if permute == "conv" else Permute(permute, name=f"permute_{name}")
-    if checker is None:
-        half, mask = channels // 2, None
-        split, concat = Split(name=f"split_{name}"), Concat(name=f"concat_{name}")
-    else:
-        half, mask = channels, CheckerSplit(parity=checker, name=f"checker_{name}")
-        split, concat = mask, CheckerConcat(parity=checker, name=f"checker_concat_{name}")
-    log_s = glow_coupling_net(half, hidden, f"log_scale_{name}", True, mask) if coupling == "affine" else None
-    couple = AffineCouple(glow_coupling_net(half, hidden, f"shift_{name}", checker=mask), log_s, name=f"couple_{name}")
-    return Flow([Actnorm(name=f"actnorm_{name}"), mix, split, couple, concat], name=f"step_{name}")
-
-def glow_flow(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive", mask="channel"):
-    """Glow's multi-scale flow (the article's model) on images of `channels` channels, built from the
-    inside out: each level is squeeze -> `depth` × glow_step; every level but the last ends in a
-    MultiScale exit (half the channels leave through the conditional prior, the rest go on to the
-    next level); the last level ends in a learned Actnorm, flattened. f-VAE's prior is one too.
-    `mask`: how each coupling splits — "channel" (halves of the channels, Glow's), "checkerboard"
-    (RealNVP's spatial mask, parity alternating from step to step) or "alternate" (checkerboard and
-    channel steps in turn, as RealNVP alternates them)."""
-    def checker(j):  # None: channel halves; 0 or 1: the checkerboard's parity
-        if mask == "checkerboard":
-            return j % 2
-        return (j // 2) % 2 if mask == "alternate" and j % 2 == 0 else None
-
-    inner = None
-    for i in reversed(range(level)):  # the last level first: it is the innermost
-        c = channels * 2 ** (i + 2)  # 4× per squeeze, halved by every exit before this level
-        steps = [Squeeze(name=f"squeeze_{i}")]
-        steps += [glow_step(c, hidden, f"{i}_{j}", permute, coupling, checker(j)) for j in range(depth)]
-        if inner is None:
-            steps += [Actnorm(name="final_actnorm"), Reshape(name="final_reshape")]
-        else:
-            steps.append(MultiScale(inner, name=f"exit_{i}"))
-        inner = Flow(steps, name=f"level_{i}")
-    return inner
-
 
 # data-dependent initialisation (Glow's ActNorm; NICE's scale layer with --scale-init data)
 
@@ -658,11 +624,13 @@ def initialize_actnorms(model, x):
             if isinstance(l, Actnorm) and (not l.built or float(ops.convert_to_numpy(l.initialized)) == 0)]
     return _init_pass(model, x, todo, training=False)
 
+
 def initialize_scales(model, x, training=True):
     """The same data-dependent init for NICE's Scale layers: one eager pass over the batch x sets each
     s = −log std. In training mode by default, so the article's input noise is in the statistics:
     without it an always-black pixel has std 0 and s would be huge. Returns how many were set."""
     return _init_pass(model, x, [l for l in flow_layers_of(model) if isinstance(l, Scale)], training)
+
 
 def _init_pass(model, x, todo, training):
     if not todo:
@@ -676,7 +644,7 @@ def _init_pass(model, x, todo, training):
             layer.init_mode = False
     return len(todo)
 
-# --- f-VAEs ("f-VAEs: Glow 与 VAEs 的联姻") --------------------------------------------------------
+
 # --- invertible ResNet and Residual Flows (Behrmann et al. 2019; Chen et al. 2019) ----------------
 
 class _SpectralNorm(keras.layers.Layer):
@@ -709,6 +677,7 @@ class _SpectralNorm(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "coeff": self.coeff}
+
 
 def _largest_singular_value(matrices):
     return ops.max(ops.svd(matrices, compute_uv=False))
@@ -750,6 +719,7 @@ class SpectralDense(_SpectralNorm):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
+
 
 class SpectralConv2D(_SpectralNorm):
     """Convolution (stride 1, "same" zero padding, odd kernel size k) whose norm *as an operator on its
@@ -803,12 +773,14 @@ class SpectralConv2D(_SpectralNorm):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size}
 
+
 def banach_iterations(lipschitz, first_step, tol):
     """Fixed-point iterations after which ‖x_k − x*‖ ≤ tol by Banach's bound
     ‖x_k − x*‖ ≤ L^k / (1 − L) · ‖x_1 − x_0‖ (first_step = ‖x_1 − x_0‖ = ‖g(y)‖)."""
     if first_step <= 0:
         return 0
     return max(0, math.ceil(math.log(tol * (1 - lipschitz) / first_step) / math.log(lipschitz)))
+
 
 class ResidualFlow(FlowLayer):
     """y = x + g(x), invertible when Lip(g) < 1 (i-ResNet, Behrmann et al. 2019, eq. 1–2); g is a
@@ -926,6 +898,7 @@ class ResidualFlow(FlowLayer):
         config["g"] = keras.saving.deserialize_keras_object(config["g"])
         return cls(**config)
 
+
 @contextlib.contextmanager
 def log_det_estimator(model, logdet, terms):
     """Within the `with`, every ResidualFlow in `model` (a flow, a model or a block) estimates its
@@ -942,6 +915,7 @@ def log_det_estimator(model, logdet, terms):
     finally:
         for b, (kind, n) in zip(blocks, saved):
             b.logdet, b.terms = kind, n
+
 
 # --- TarFlow (Zhai et al. 2024, "Normalizing Flows are Capable Generative Models"; the series'
 # "TarFlow: 流模型满血归来?"): patches as tokens, causal-Transformer affine autoregressive blocks ---
@@ -976,6 +950,7 @@ class Patchify(FlowLayer):
     def get_config(self):
         return {**super().get_config(), "patch": self.patch}
 
+
 class Flip(FlowLayer):
     """Reverses the token order (axis 1): TarFlow's permutation, so that consecutive blocks are
     autoregressive in opposite directions. Log-det 0; its own inverse."""
@@ -985,6 +960,7 @@ class Flip(FlowLayer):
 
     def reverse(self, z):
         return ops.flip(z, axis=1)
+
 
 @ops.custom_gradient
 def gelu(x):

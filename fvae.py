@@ -5,7 +5,7 @@ The model. An encoder E (squeezes, each followed by residual blocks) maps an ima
 E(x); the posterior sample is z = E(x) + σ ⊙ u, u ~ N(0, I), with σ a learned scale per latent dimension;
 a decoder G mirroring E (residual blocks, inverse squeezes, tanh) gives the mean of a Gaussian
 p(x|z) = N(x; G(z), diag σ_x²) with a learned scale σ_x per pixel; the prior of z is a Glow flow F
-(flow_layers.glow_flow): p(z) = N(F(z); 0, I)·|det ∂F/∂z|. Sampling: ε ~ N(0, T²I), z = F⁻¹(ε), x = G(z).
+(glow.glow_flow): p(z) = N(F(z); 0, I)·|det ∂F/∂z|. Sampling: ε ~ N(0, T²I), z = F⁻¹(ε), x = G(z).
 
 The loss, from the ELBO  −log p(x) ≤ E_q(z|x)[ −log p(x|z) − log p(z) + log q(z|x) ], one u per image:
     −log p(x|z) = 0.5·‖r‖² + 0.5·D·log 2π + Σ log σ_x,          r = (x − G(z)) / σ_x
@@ -36,7 +36,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from flow_layers import Concat, Reshape, Scale, Squeeze, glow_flow, initialize_actnorms
+import glow  # F is Glow's flow: the article marries the two (the one script another script imports)
+from flow_layers import Concat, Reshape, Scale, Squeeze, initialize_actnorms
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.data import folder_pixels, load_folder, mnist_pixels
@@ -142,7 +143,7 @@ def build_fvae(img_size, channels, squeezes=2, blocks=2, width=64, level=2, dept
     latent_shape = tuple(encoder_net.output.shape[1:])
     d = int(np.prod(latent_shape))
     generator = build_generator(latent_shape, squeezes, blocks, width)
-    prior = glow_flow(latent_shape[-1], level, depth, hidden)  # F: Glow's flow on z (additive, random permute)
+    prior = glow.glow_flow(latent_shape[-1], level, depth, hidden)  # F: Glow's flow on z (additive, random permute)
     sigma, inv_sigma_x = Scale(name="posterior_scale"), Scale(name="pixel_scale")
     to_latent, flat = layers.Reshape(latent_shape), Reshape(name="flat_residual")
     x_in, u_in = keras.Input((img_size, img_size, channels), name="x"), keras.Input((d,), name="u")

@@ -23,7 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_layers import UniformNoise, glow_flow, initialize_actnorms
+from flow_layers import (Actnorm, AffineCouple, CheckerConcat, CheckerSplit, Concat, Flow, InvDense, MultiScale,
+                         Permute, Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.curves import kept
@@ -39,6 +40,10 @@ GRID = 9               # the article's 9×9 sample grid
 BF16_DEFAULT = True  # on a CPU with bfloat16 instructions; measured by tools/bench.py (docs/running.md)
 RECONSTRUCT = 8        # held-out images shown by --reconstruct
 CACHE = "image_cache"  # beside --weights: a folder's decoded images when they exceed flowkit.data.CACHE_MEMORY
+# the article's collapse rule, in its `Evaluate` callback: "在后面，loss一般为负数，一旦重新变成正数，就意味着模型已经崩溃，
+# 需要降低学习率" — a training loss above 0 after epoch 10 reloads the best weights, learning rate 1e-5
+COLLAPSE_AFTER_EPOCH = 10
+COLLAPSE_LR = 1e-5
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -88,12 +93,74 @@ def datasets(args, training=True):
 
 # --- the model ----------------------------------------------------------------------------------
 
+def coupling_net(channels, hidden, name, log_scale=False, checker=None):
+    """The article's coupling network f (its `build_basic_model`): Conv3×3(hidden)–ReLU–Conv1×1(hidden)–
+    ReLU–Conv3×3, the last layer zero-initialised so the step starts as the identity. As a log-scale
+    net it ends in tanh: |log s| ≤ 1 per step, so one step cannot blow a scale up.
+
+    With `checker` (the step's CheckerSplit) it is RealNVP's masked convolution: x1's squares go back
+    on the full grid with zeros on x2's (b ⊙ x), and the output is read on x2's squares."""
+    x_in = keras.Input((None, None, channels))
+    h = x_in if checker is None else checker.inverse()([x_in, keras.ops.zeros_like(x_in)])
+    h = keras.layers.Conv2D(hidden, 3, padding="same", activation="relu")(h)
+    h = keras.layers.Conv2D(hidden, 1, padding="same", activation="relu")(h)
+    h = keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros")(h)
+    if checker is not None:
+        h = checker(h)[1]
+    if log_scale:
+        h = keras.layers.Activation("tanh")(h)
+    return keras.Model(x_in, h, name=name)
+
+
+def glow_step(channels, hidden, name, permute="random", coupling="additive", checker=None):
+    """One step of the flow on `channels` channels (the article's loop body, 源码分析): Actnorm -> mix
+    the channels (InvDense for permute="conv", else a Permute) -> split -> coupling -> concat.
+    `checker` None splits the channels in halves (Glow); 0 or 1 is RealNVP's checkerboard mask of
+    that parity. `coupling` "affine" adds RealNVP's log-scale network to the shift."""
+    mix = InvDense(name=f"invdense_{name}") if permute == "conv" else Permute(permute, name=f"permute_{name}")
+    if checker is None:
+        half, mask = channels // 2, None
+        split, concat = Split(name=f"split_{name}"), Concat(name=f"concat_{name}")
+    else:
+        half, mask = channels, CheckerSplit(parity=checker, name=f"checker_{name}")
+        split, concat = mask, CheckerConcat(parity=checker, name=f"checker_concat_{name}")
+    log_s = coupling_net(half, hidden, f"log_scale_{name}", True, mask) if coupling == "affine" else None
+    couple = AffineCouple(coupling_net(half, hidden, f"shift_{name}", checker=mask), log_s, name=f"couple_{name}")
+    return Flow([Actnorm(name=f"actnorm_{name}"), mix, split, couple, concat], name=f"step_{name}")
+
+
+def glow_flow(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive", mask="channel"):
+    """The article's multi-scale flow on images of `channels` channels, built from the inside out: each
+    level is squeeze -> `depth` × glow_step; every level but the last ends in a MultiScale exit (half
+    the channels leave through the conditional prior, the rest go on to the next level); the last
+    level ends in a learned Actnorm, flattened (the article's `final_actnorm`). f-VAE's prior is one
+    too (fvae.py). `mask`: how each coupling splits — "channel" (halves of the channels, Glow's),
+    "checkerboard" (RealNVP's spatial mask, parity alternating from step to step) or "alternate"
+    (checkerboard and channel steps in turn, as RealNVP alternates them)."""
+    def checker(j):  # None: channel halves; 0 or 1: the checkerboard's parity
+        if mask == "checkerboard":
+            return j % 2
+        return (j // 2) % 2 if mask == "alternate" and j % 2 == 0 else None
+
+    inner = None
+    for i in reversed(range(level)):  # the last level first: it is the innermost
+        c = channels * 2 ** (i + 2)  # 4× per squeeze, halved by every exit before this level
+        steps = [Squeeze(name=f"squeeze_{i}")]
+        steps += [glow_step(c, hidden, f"{i}_{j}", permute, coupling, checker(j)) for j in range(depth)]
+        if inner is None:
+            steps += [Actnorm(name="final_actnorm"), Reshape(name="final_reshape")]
+        else:
+            steps.append(MultiScale(inner, name=f"exit_{i}"))
+        inner = Flow(steps, name=f"level_{i}")
+    return inner
+
+
 def build_glow(img_size, channels, level=3, depth=10, hidden=512, permute="random", coupling="additive",
                mask="channel"):
     """(encoder, decoder): the encoder x -> z (the article's noise, then the flow) and the decoder
     z -> x, the same layers inverted in reverse order (`flow.inverse()`). The flow is
-    flow_layers.glow_flow: `level` × [squeeze, `depth` × (Actnorm, permute, split, coupling, concat)],
-    every level but the last ending in a multi-scale exit."""
+    glow_flow: `level` × [squeeze, `depth` × (Actnorm, permute, split, coupling, concat)], every
+    level but the last ending in a multi-scale exit."""
     check_size(img_size, level, mask)
     flow = glow_flow(channels, level, depth, hidden, permute, coupling, mask)
     x_in = keras.Input((img_size, img_size, channels))
@@ -128,7 +195,11 @@ def train(args, strategy):
         compile_glow(encoder, args.lr)
     dims = args.img_size ** 2 * channels
     print(f"Glow: {cli.describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}")
-    run = Run(encoder, args, strategy, monitor=args.monitor, after_epoch=10 if args.monitor == "loss" else None)
+    # the article's `Evaluate`: the best weights by training loss and its collapse rule, applied by flowkit.run's
+    # KeepBest (which also takes a NaN loss for a collapse, at any epoch); a held-out loss (--monitor val_loss)
+    # has no sign to watch: only a NaN is a collapse then
+    collapse_after = COLLAPSE_AFTER_EPOCH if args.monitor == "loss" else None
+    run = Run(encoder, args, strategy, monitor=args.monitor, after_epoch=collapse_after, low_lr=COLLAPSE_LR)
     with strategy.scope():  # one eager pass over the global batch: every replica gets its statistics
         # after a --resume the Actnorms' `initialized` flag came back: none is initialised again
         print(f"initialised {initialize_actnorms(encoder, next(iter(train_data))[0])} Actnorm layers "

@@ -370,16 +370,17 @@ class Run:
     (weights, optimizer state, learning rate, best figure; `resumed`, `initial_epoch`). `callbacks`
     (after the script's own, which may add to the logs they read): the epoch log beside --weights
     with wall-clock minutes (--minutes stops there), the first step's time, KeepBest on `monitor` with
-    the collapse rule after `after_epoch` (None: only non-finite losses) into --weights, the backups
-    for --resume, Ctrl-C. Only the chief writes the user's files; the other workers write temporary
-    copies. `verbose` for fit: Keras' progress bar on a terminal, else one line per epoch, none when
-    the script `prints_epochs` itself.
+    the collapse rule after `after_epoch` (None: only non-finite losses; a collapse reloads the best
+    weights and sets the learning rate to `low_lr`) into --weights, the backups for --resume, Ctrl-C.
+    Only the chief writes the user's files; the other workers write temporary copies. `verbose` for
+    fit: Keras' progress bar on a terminal, else one line per epoch, none when the script
+    `prints_epochs` itself.
 
     `args`: model, config (the architecture record), weights, epochs, resume, max_collapses, and
     optionally minutes, plot, precision_why, as flowkit.cli.parse and start fill them.
     """
 
-    def __init__(self, model, args, strategy, monitor="val_loss", after_epoch=10, prints_epochs=False):
+    def __init__(self, model, args, strategy, monitor="val_loss", after_epoch=10, low_lr=1e-5, prints_epochs=False):
         if getattr(args, "precision_why", None):
             print(f"precision: {keras.config.dtype_policy().name} ({args.precision_why})", flush=True)
         if getattr(args, "xla", False):
@@ -388,7 +389,7 @@ class Run:
         self.plot, self.chief, self.resumed = getattr(args, "plot", False), is_chief(strategy), bool(args.resume)
         record = {"model": args.model, **args.config}
         self.path = worker_path(args.weights, strategy)  # the chief writes args.weights, other workers a copy
-        self.keep_best = KeepBest(self.path, monitor=monitor, after_epoch=after_epoch,
+        self.keep_best = KeepBest(self.path, monitor=monitor, after_epoch=after_epoch, low_lr=low_lr,
                                   max_collapses=args.max_collapses, config=record)
         self.interrupt = Interrupt()
         with strategy.scope():  # a resumed run builds the optimizer's variables

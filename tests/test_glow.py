@@ -124,7 +124,8 @@ def test_keep_best_reloads_best_weights_and_lowers_lr_on_collapse(tmp_path, bad_
     encoder, _ = glow.build_glow(4, 1, level=1, depth=1, hidden=4)
     glow.compile_glow(encoder, 1e-3)
     path = str(tmp_path / "best.weights.h5")
-    cb = KeepBest(path, monitor="loss", after_epoch=10, verbose=0)
+    # glow.py's collapse rule, as its train() hands it to flowkit.run.Run: the article's numbers
+    cb = KeepBest(path, monitor="loss", after_epoch=glow.COLLAPSE_AFTER_EPOCH, low_lr=glow.COLLAPSE_LR, verbose=0)
     cb.set_model(encoder)
     cb.on_epoch_end(0, {"loss": -5.0})
     best = [w.numpy() for w in encoder.weights]

@@ -3,7 +3,7 @@
 Every flow layer is described once by a `Case`: how to build it, an input, and how to wrap it into a
 square map x -> z of one tensor (so that multi-input/multi-output layers such as Split, AffineCouple,
 CondActnorm and a class-conditional TarBlock get a Jacobian with a determinant). The composites go
-through the same table: a Flow, glow_step, MultiScale, glow_flow, and ResidualFlow (which is how the
+through the same table: a Flow, glow.glow_step, MultiScale, glow.glow_flow, and ResidualFlow (which is how the
 spectrally normalised layers are checked). The generic tests then check, per case: round trip (float32
 and float64), inverse().inverse(), variable sharing, the reported log-det against autodiff + slogdet
 (batch mean from the added loss; per example from return_log_det=True, which adds no loss), the
@@ -19,6 +19,7 @@ import pytest
 from keras import ops
 
 import flow_layers as fl
+import glow
 from helpers import jacobian_log_det, perturb
 
 B = 3  # batch size of every test input
@@ -225,13 +226,13 @@ CASES = {
                            unapply=lambda Li, z: cat(Li(z)), formula=zero, stateful=False),
     # composites: a Flow's log-det is the sum of its steps', its inverse the steps' inverses reversed
     "flow_nice": Case(nice_flow, (8,), formula=by_formula()),
-    "glow_step": Case(lambda s: fl.glow_step(4, 4, "t", permute="conv", coupling="affine"), (2, 2, 4),
+    "glow_step": Case(lambda s: glow.glow_step(4, 4, "t", permute="conv", coupling="affine"), (2, 2, 4),
                       formula=by_formula()),
-    "glow_step_checker": Case(lambda s: fl.glow_step(2, 4, "c", coupling="affine", checker=1), (2, 4, 2),
+    "glow_step_checker": Case(lambda s: glow.glow_step(2, 4, "c", coupling="affine", checker=1), (2, 4, 2),
                               formula=by_formula()),
     "multiscale": Case(lambda s: fl.MultiScale(fl.Flow([fl.Actnorm(), fl.Reshape()])), (2, 2, 4),
                        formula=by_formula()),
-    "glow_flow": Case(lambda s: fl.glow_flow(1, level=2, depth=1, hidden=4, coupling="affine"), (4, 4, 1),
+    "glow_flow": Case(lambda s: glow.glow_flow(1, level=2, depth=1, hidden=4, coupling="affine"), (4, 4, 1),
                       formula=by_formula()),
     # TarFlow: tokens, their order reversed, a causal-Transformer autoregressive block (unconditional
     # and class-conditional)
