@@ -60,6 +60,7 @@ def test_quick_bench_writes_every_figure(quick):
             for key in VARIANT_KEYS:
                 assert positive(v[key]), (model, name, key, v.get(key))
             assert v["loss_finite"] is True
+            assert v["waiting_step_s"] >= 0  # thread-seconds runnable but waiting for a core
             for ratio, (lo, hi) in ((v["speedup_vs_fp32"], v["speedup_spread"]),
                                     (v["cpu_speedup_vs_fp32"], v["cpu_speedup_spread"])):
                 assert lo <= ratio <= hi

@@ -314,6 +314,8 @@ def model_rows(key, m):
                      f"{v['img_per_s']:.1f}, ×{v['speedup_vs_fp32']:.2f} [{v['speedup_spread'][0]:.2f}–"
                      f"{v['speedup_spread'][1]:.2f}], ×{v['cpu_speedup_vs_fp32']:.2f} [{v['cpu_speedup_spread'][0]:.2f}–"
                      f"{v['cpu_speedup_spread'][1]:.2f}], {v['first_step_s']:.1f} s"))
+        rows.append(("    a step: wall / CPU / thread-seconds runnable, waiting for a core",
+                     f"{1e3 * v['step_s']:.1f} / {1e3 * v['cpu_step_s']:.1f} / {1e3 * v['waiting_step_s']:.1f} ms"))
         rows.append(("    utilisation: fp32 peak / bf16 peak / its shapes' peak in its dtype",
                      f"{pct(v['utilisation'])} / {pct(v['utilisation_bf16_peak'])} / {pct(v['utilisation_shape_peak'])}"))
     for name, bpd in m.get("quality", {}).get("test_bpd", {}).items():

@@ -3,6 +3,7 @@ a model's layer shapes, training speed of precision/XLA variants interleaved rou
 script's own default variant, and where a NICE step goes (--profile). tools/bench.py holds the models and
 the report; docs/running.md#performance says how to read the figures."""
 import math
+import os
 import resource
 import statistics
 import time
@@ -162,14 +163,29 @@ def default_variants(make, bf16_default, amx_xla=False):
     return (name(precision) if precision else fp32), fp32
 
 
+def run_delay():
+    """Thread-seconds the process's threads have spent runnable but waiting for a core (Linux' schedstat,
+    summed over the threads alive now; two threads waiting at once count twice): on a shared machine,
+    mostly the time other processes held the cores. 0 where there is no /proc."""
+    total = 0
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
 class StepClock(keras.callbacks.Callback):
-    """Wall and CPU time (time.process_time: every thread of the process) at the end of every step."""
+    """Wall time, CPU time (time.process_time: every thread of the process) and `run_delay` at the end of
+    every step."""
 
     def on_train_begin(self, logs=None):
         self.marks = []
 
     def on_train_batch_end(self, batch, logs=None):
-        self.marks.append((time.perf_counter(), time.process_time()))
+        self.marks.append((time.perf_counter(), time.process_time(), run_delay()))
 
 
 def bench_training(make, dataset, batch, steps, repeats, variants, flops_per_image, peaks):
@@ -177,7 +193,8 @@ def bench_training(make, dataset, batch, steps, repeats, variants, flops_per_ima
     the script's own tf.data pipeline: first-step latency, then `repeats` rounds (after one warm-up
     round) in which the variants run `fit` for 1 + `steps` steps each, back to back. A step's time is
     what the user waits for in a long run: the wall time from the end of fit's first step to the end of
-    its last, over `steps` (fit's start and the iterator's first batch left out); CPU time beside it.
+    its last, over `steps` (fit's start and the iterator's first batch left out); CPU time beside it, and
+    the thread-seconds its threads waited for a core (`run_delay`: other processes' share on a busy machine).
     Seconds per step: the median over rounds. Ratios against fp32 are paired: the median over rounds of
     the two times within a round, with their spread (min, max), so that load from other processes, which
     drifts over seconds, largely cancels. `peaks`: GFLOP/s of "none" (float32) and "bfloat16", and
@@ -192,20 +209,23 @@ def bench_training(make, dataset, batch, steps, repeats, variants, flops_per_ima
         results[name] = {"mixed_precision": precision or "none", "jit_compile": jit, "first_step_s": first}
     times = {name: [] for name in models}
     cpu = {name: [] for name in models}
+    waits = {name: [] for name in models}
     losses, clock = {}, StepClock()
     for round_ in range(repeats + 1):
         for name, model in models.items():
             losses[name] = model.fit(dataset, steps_per_epoch=1 + steps, epochs=1, verbose=0, shuffle=False,
                                      callbacks=[clock]).history["loss"][-1]
             if round_:  # round 0 is the warm-up
-                (w0, c0), (w1, c1) = clock.marks[0], clock.marks[-1]
+                (w0, c0, d0), (w1, c1, d1) = clock.marks[0], clock.marks[-1]
                 times[name].append((w1 - w0) / steps)
                 cpu[name].append((c1 - c0) / steps)
+                waits[name].append((d1 - d0) / steps)
     for name, secs in times.items():
         step, own = statistics.median(secs), results[name]["mixed_precision"]
         flops = 3 * flops_per_image * batch / step / 1e9
         results[name].update(step_s=step, best_step_s=min(secs), rounds_step_s=secs,
-                             cpu_step_s=statistics.median(cpu[name]), img_per_s=batch / step, gflops=flops,
+                             cpu_step_s=statistics.median(cpu[name]), waiting_step_s=statistics.median(waits[name]),
+                             img_per_s=batch / step, gflops=flops,
                              utilisation=flops / peaks["none"], utilisation_bf16_peak=flops / peaks["bfloat16"],
                              utilisation_own_peak=flops / peaks[own],
                              utilisation_shape_peak=flops / peaks["shape"][own])
