@@ -1,5 +1,5 @@
 """Files on disk: the one-line UserError, atomic writes, weights files with their architecture record,
-PNG pictures. No TensorFlow here: `python -m tools.curves` starts without it."""
+PNG pictures. TensorFlow is not used here (h5py and imageio only); importing flowkit starts it anyway."""
 import contextlib
 import json
 import os
