@@ -40,7 +40,7 @@ import glow  # F is Glow's flow: the article marries the two (the one script ano
 from flow_layers import Concat, Reshape, Scale, Squeeze, initialize_actnorms
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
-from flowkit.data import folder_pixels, load_folder, mnist_pixels
+from flowkit.data import eval_batch, folder_pixels, load_folder, mnist_pixels
 from flowkit.density import BitsPerDim, NormalNLL, bits_per_dim, dequantize, prior_nll
 from flowkit.files import UserError, save_png, write_png
 from flowkit.run import Adam, Run
@@ -96,7 +96,7 @@ def datasets(args, latent_dims):
     if args.batch_size > n and not args.loads_weights:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training images")
     train = with_noise(train.repeat().batch(args.batch_size, drop_remainder=True), latent_dims)
-    test = with_noise(test.batch(args.batch_size), latent_dims)
+    test = with_noise(test.batch(eval_batch(args.batch_size)), latent_dims)
     return train.prefetch(tf.data.AUTOTUNE), test.prefetch(tf.data.AUTOTUNE), n
 
 

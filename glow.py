@@ -28,7 +28,7 @@ from flow_layers import (Actnorm, AffineCouple, CheckerConcat, CheckerSplit, Con
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.curves import kept
-from flowkit.data import cached_images, load_folder, mnist_pixels
+from flowkit.data import cached_images, eval_batch, load_folder, mnist_pixels
 from flowkit.density import BitsPerDim, bits_per_dim, dequantized, prior_nll
 from flowkit.files import UserError, save_png, write_png
 from flowkit.run import Adam, Run
@@ -87,7 +87,7 @@ def datasets(args, training=True):
         channels = 1
     if training:
         train = train.batch(args.batch_size, drop_remainder=True).map(train_x, num_parallel_calls=AUTO).prefetch(AUTO)
-    test = dequantized(test.batch(args.batch_size), -1, BIN).prefetch(AUTO)
+    test = dequantized(test.batch(eval_batch(args.batch_size)), -1, BIN).prefetch(AUTO)
     return train, test, channels
 
 

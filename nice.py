@@ -22,7 +22,7 @@ from scipy.stats import spearmanr
 from flow_layers import AffineCouple, Concat, Flow, Permute, Scale, Split, UniformNoise, initialize_scales
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
-from flowkit.data import load_mnist
+from flowkit.data import eval_batch, load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_constant, prior_nll
 from flowkit.files import UserError, write_png
 from flowkit.run import Adam, EpochLine, Run
@@ -115,7 +115,7 @@ def train(args, strategy):
             initialize_scales(encoder, next(iter(data))[0])
         s = keras.ops.convert_to_numpy(encoder.get_layer("nice").steps[-1].log_scale)
         print(f"scale layer initialised from one batch: s from {s.min():.2f} to {s.max():.2f}", flush=True)
-    encoder.fit(data, validation_data=test_data(k_test, args.batch_size), epochs=args.epochs,
+    encoder.fit(data, validation_data=test_data(k_test, eval_batch(args.batch_size)), epochs=args.epochs,
                 initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), EpochLine(DIM), *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():

