@@ -317,7 +317,8 @@ class Concat(FlowLayer):
 class AffineCouple(FlowLayer):
     """[x1, x2] -> [x1, h2] with h2 = exp(log s(x1)) ⊗ x2 + t(x1): RealNVP's affine coupling (eq. 01),
     log-det Σ log s. Without a log-scale network it is NICE's additive coupling h2 = x2 + m(x1)
-    (NICE eq. 07, log-det 0).
+    (NICE eq. 07, log-det 0). With `joint` one network gives both, [log s, t] along its last axis
+    (Glow's NN(x1), the article's f).
 
     subtract=True makes the encoder h2 = x2 − m(x1), NICE's inverse eq. (09), as the NICE article's
     code does: m ends in a ReLU, so m(x1) ≥ 0, and the decoder x2 = h2 + m(x1) then leans towards
@@ -325,34 +326,40 @@ class AffineCouple(FlowLayer):
     The networks are ordinary Keras models passed in (the original's CoupleWrapper).
     """
 
-    def __init__(self, shift_model, log_scale_model=None, subtract=False, **kwargs):
+    def __init__(self, shift_model, log_scale_model=None, subtract=False, joint=False, **kwargs):
         super().__init__(**kwargs)
         self.shift_model = shift_model
         self.log_scale_model = log_scale_model
         self.subtract = subtract
+        self.joint = bool(joint)
 
-    def _shift(self, x1):
-        t = ops.cast(self.shift_model(x1), x1.dtype)  # a network in 16 bits under mixed precision
-        return -t if self.subtract else t
+    def _scale_shift(self, x1):
+        """(log s or None, t) of x1, in x1's dtype (the networks compute in 16 bits under mixed precision)."""
+        out = ops.cast(self.shift_model(x1), x1.dtype)
+        if self.joint:
+            log_s, t = ops.split(out, 2, axis=-1)
+        else:
+            log_s = None if self.log_scale_model is None else ops.cast(self.log_scale_model(x1), x1.dtype)
+            t = out
+        return log_s, (-t if self.subtract else t)
 
     def forward(self, inputs, training=None):
         x1, x2 = inputs
-        if self.log_scale_model is None:
-            return [x1, x2 + self._shift(x1)], 0
-        log_s = ops.cast(self.log_scale_model(x1), x2.dtype)
-        return [x1, x2 * ops.exp(log_s) + self._shift(x1)], _per_image_sum(log_s)
+        log_s, t = self._scale_shift(x1)
+        if log_s is None:
+            return [x1, x2 + t], 0
+        return [x1, x2 * ops.exp(log_s) + t], _per_image_sum(log_s)
 
     def reverse(self, inputs):
         h1, h2 = inputs
-        x2 = h2 - self._shift(h1)
-        if self.log_scale_model is not None:
-            x2 = x2 * ops.exp(-ops.cast(self.log_scale_model(h1), h2.dtype))
-        return [h1, x2]
+        log_s, t = self._scale_shift(h1)
+        x2 = h2 - t
+        return [h1, x2 if log_s is None else x2 * ops.exp(-log_s)]
 
     def get_config(self):
         ser = keras.saving.serialize_keras_object
         return {**super().get_config(), "shift_model": ser(self.shift_model),
-                "log_scale_model": ser(self.log_scale_model), "subtract": self.subtract}
+                "log_scale_model": ser(self.log_scale_model), "subtract": self.subtract, "joint": self.joint}
 
     @classmethod
     def from_config(cls, config):

@@ -93,10 +93,12 @@ def datasets(args, training=True):
 
 # --- the model ----------------------------------------------------------------------------------
 
-def coupling_net(channels, hidden, name, log_scale=False, checker=None):
+def coupling_net(channels, hidden, name, log_scale=False, checker=None, joint=False):
     """The article's coupling network f (its `build_basic_model`): Conv3×3(hidden)–ReLU–Conv1×1(hidden)–
     ReLU–Conv3×3, the last layer zero-initialised so the step starts as the identity. As a log-scale
-    net it ends in tanh: |log s| ≤ 1 per step, so one step cannot blow a scale up.
+    net it ends in tanh: |log s| ≤ 1 per step, so one step cannot blow a scale up. `joint`: Glow's f
+    for an affine coupling, one network for both log s and t (the article's Fig. 11): its last layer
+    2·channels wide, read as [tanh(log s), t], half the convolutions of a log-scale and a shift network.
 
     With `checker` (the step's CheckerSplit) it is RealNVP's masked convolution: x1's squares go back
     on the full grid with zeros on x2's (b ⊙ x), and the output is read on x2's squares."""
@@ -104,19 +106,22 @@ def coupling_net(channels, hidden, name, log_scale=False, checker=None):
     h = x_in if checker is None else checker.inverse()([x_in, keras.ops.zeros_like(x_in)])
     h = keras.layers.Conv2D(hidden, 3, padding="same", activation="relu")(h)
     h = keras.layers.Conv2D(hidden, 1, padding="same", activation="relu")(h)
-    h = keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros")(h)
+    h = keras.layers.Conv2D(2 * channels if joint else channels, 3, padding="same", kernel_initializer="zeros")(h)
     if checker is not None:
         h = checker(h)[1]
-    if log_scale:
+    if joint:
+        h = keras.layers.Concatenate()([keras.layers.Activation("tanh")(h[..., :channels]), h[..., channels:]])
+    elif log_scale:
         h = keras.layers.Activation("tanh")(h)
     return keras.Model(x_in, h, name=name)
 
 
-def glow_step(channels, hidden, name, permute="random", coupling="additive", checker=None):
+def glow_step(channels, hidden, name, permute="random", coupling="additive", checker=None, affine_net="joint"):
     """One step of the flow on `channels` channels (the article's loop body, 源码分析): Actnorm -> mix
     the channels (InvDense for permute="conv", else a Permute) -> split -> coupling -> concat.
     `checker` None splits the channels in halves (Glow); 0 or 1 is RealNVP's checkerboard mask of
-    that parity. `coupling` "affine" adds RealNVP's log-scale network to the shift."""
+    that parity. `coupling` "affine" adds RealNVP's log scale: from the shift's own network
+    (`affine_net` "joint", Glow's f) or from a second network ("separate")."""
     mix = InvDense(name=f"invdense_{name}") if permute == "conv" else Permute(permute, name=f"permute_{name}")
     if checker is None:
         half, mask = channels // 2, None
@@ -124,12 +129,17 @@ def glow_step(channels, hidden, name, permute="random", coupling="additive", che
     else:
         half, mask = channels, CheckerSplit(parity=checker, name=f"checker_{name}")
         split, concat = mask, CheckerConcat(parity=checker, name=f"checker_concat_{name}")
-    log_s = coupling_net(half, hidden, f"log_scale_{name}", True, mask) if coupling == "affine" else None
-    couple = AffineCouple(coupling_net(half, hidden, f"shift_{name}", checker=mask), log_s, name=f"couple_{name}")
+    if coupling == "affine" and affine_net == "joint":
+        couple = AffineCouple(coupling_net(half, hidden, f"f_{name}", checker=mask, joint=True), joint=True,
+                              name=f"couple_{name}")
+    else:
+        log_s = coupling_net(half, hidden, f"log_scale_{name}", True, mask) if coupling == "affine" else None
+        couple = AffineCouple(coupling_net(half, hidden, f"shift_{name}", checker=mask), log_s, name=f"couple_{name}")
     return Flow([Actnorm(name=f"actnorm_{name}"), mix, split, couple, concat], name=f"step_{name}")
 
 
-def glow_flow(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive", mask="channel"):
+def glow_flow(channels, level=3, depth=10, hidden=512, permute="random", coupling="additive", mask="channel",
+              affine_net="joint"):
     """The article's multi-scale flow on images of `channels` channels, built from the inside out: each
     level is squeeze -> `depth` × glow_step; every level but the last ends in a MultiScale exit (half
     the channels leave through the conditional prior, the rest go on to the next level); the last
@@ -146,7 +156,7 @@ def glow_flow(channels, level=3, depth=10, hidden=512, permute="random", couplin
     for i in reversed(range(level)):  # the last level first: it is the innermost
         c = channels * 2 ** (i + 2)  # 4× per squeeze, halved by every exit before this level
         steps = [Squeeze(name=f"squeeze_{i}")]
-        steps += [glow_step(c, hidden, f"{i}_{j}", permute, coupling, checker(j)) for j in range(depth)]
+        steps += [glow_step(c, hidden, f"{i}_{j}", permute, coupling, checker(j), affine_net) for j in range(depth)]
         if inner is None:
             steps += [Actnorm(name="final_actnorm"), Reshape(name="final_reshape")]
         else:
@@ -156,13 +166,13 @@ def glow_flow(channels, level=3, depth=10, hidden=512, permute="random", couplin
 
 
 def build_glow(img_size, channels, level=3, depth=10, hidden=512, permute="random", coupling="additive",
-               mask="channel"):
+               mask="channel", affine_net="joint"):
     """(encoder, decoder): the encoder x -> z (the article's noise, then the flow) and the decoder
     z -> x, the same layers inverted in reverse order (`flow.inverse()`). The flow is
     glow_flow: `level` × [squeeze, `depth` × (Actnorm, permute, split, coupling, concat)], every
     level but the last ending in a multi-scale exit."""
     check_size(img_size, level, mask)
-    flow = glow_flow(channels, level, depth, hidden, permute, coupling, mask)
+    flow = glow_flow(channels, level, depth, hidden, permute, coupling, mask, affine_net)
     x_in = keras.Input((img_size, img_size, channels))
     encoder = keras.Model(x_in, flow(UniformNoise(1 / 256, name="noise")(x_in)), name="encoder")
     z_in = keras.Input(encoder.output.shape[1:])
@@ -316,6 +326,9 @@ def parse_args(argv=None):
                   help="channel mixing per step: reversal, the article's random shuffle, or Glow's 1×1 conv")
     cli.shape_arg(p, "--coupling", "additive", choices=("additive", "affine"),
                   help="additive (the article's) or affine coupling (log s through tanh)")
+    cli.shape_arg(p, "--affine-net", "joint", choices=("joint", "separate"), absent="separate",
+                  help="an affine coupling's networks: one f gives log s and t (Glow's, the article's Fig. 11) or "
+                       "a log-scale network beside the shift's (weights trained before 2026-12-06)")
     cli.shape_arg(p, "--mask", "channel", choices=("channel", "checkerboard", "alternate"),
                   help="how each coupling splits its input: halves of the channels (Glow's), RealNVP's spatial "
                        "checkerboard, or the two in turn (RealNVP's alternation)")

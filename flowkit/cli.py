@@ -70,15 +70,18 @@ def non_negative(text):
     return value
 
 
-def shape_arg(parser, flag, default, **kwargs):
+def shape_arg(parser, flag, default, absent=None, **kwargs):
     """A flag that shapes the model. Its value is recorded inside the weights file, so after training
     it is optional: `parse` takes it from the record, and an explicit value that contradicts the
-    record is an error. Without a record it falls back to `default`."""
+    record is an error. Without a record it falls back to `default`; a record written before the flag
+    existed means `absent` (when given: the shape those files have)."""
     action = parser.add_argument(flag, default=None, **kwargs)
     action.help = f"{action.help or ''} (default: {default}; read from --weights' record when not given)"
     if not hasattr(parser, "shape_defaults"):
-        parser.shape_defaults = {}
+        parser.shape_defaults, parser.shape_absent = {}, {}
     parser.shape_defaults[action.dest] = default
+    if absent is not None:
+        parser.shape_absent[action.dest] = absent
 
 
 def add_run_args(parser, *, weights, epochs, batch_size, lr, seed=None, bf16_default=False, amx_xla=False):
@@ -178,7 +181,8 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
     if record is not None and record.get("model", model) != model:
         raise UserError(f"{source} holds a {record['model']} model, not a {model} one")
     given = {d: getattr(args, d) for d in args.shape_flags}
-    if record is not None:
+    if record is not None:  # a record from before a flag existed holds that flag's `absent` shape
+        record = {**{d: v for d, v in getattr(parser, "shape_absent", {}).items() if d in given}, **record}
         diff = [f"{_say(d, record[d])} (this run: {_say(d, v)})" for d, v in given.items()
                 if v is not None and d in record and record[d] != v]
         if diff:

@@ -22,7 +22,13 @@ from flowkit.run import KeepBest
 from helpers import jacobian_log_det, mnist_digits, perturb, reported_log_det
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = [(p, c) for p in ("reverse", "random", "conv") for c in ("additive", "affine")]
+VARIANTS = [(p, c) for p in ("reverse", "random", "conv") for c in ("additive", "affine", "affine/separate")]
+
+
+def coupling_kwargs(coupling):
+    """"affine/separate" -> coupling "affine" with a log-scale network beside the shift's."""
+    kind, _, net = coupling.partition("/")
+    return {"coupling": kind, "affine_net": net or "joint"}
 
 
 def small_digits(n, size=16):
@@ -46,7 +52,7 @@ def nll(encoder, x):
 @pytest.mark.parametrize("permute, coupling", VARIANTS)
 def test_whole_glow_round_trip(permute, coupling):
     keras.utils.set_random_seed(1)
-    encoder, decoder = glow.build_glow(8, 3, level=2, depth=2, hidden=16, permute=permute, coupling=coupling)
+    encoder, decoder = glow.build_glow(8, 3, level=2, depth=2, hidden=16, permute=permute, **coupling_kwargs(coupling))
     x = np.random.RandomState(0).uniform(-1, 1, (5, 8, 8, 3)).astype("float32")
     assert initialize_actnorms(encoder, x) == 2 * 2 + 1
     perturb(encoder)
@@ -61,7 +67,7 @@ def test_whole_glow_round_trip(permute, coupling):
 def test_whole_glow_logdet_equals_autodiff_jacobian(permute, coupling, float64):
     keras.utils.set_random_seed(2)
     # 4×4×2 image (D = 32): squeeze -> 2×2×8, exit of 4 channels, squeeze -> 1×1×16
-    encoder, _ = glow.build_glow(4, 2, level=2, depth=2, hidden=8, permute=permute, coupling=coupling)
+    encoder, _ = glow.build_glow(4, 2, level=2, depth=2, hidden=8, permute=permute, **coupling_kwargs(coupling))
     x = np.random.RandomState(0).uniform(-1, 1, (8, 4, 4, 2))
     initialize_actnorms(encoder, x)
     perturb(encoder)

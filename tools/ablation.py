@@ -55,6 +55,8 @@ def parse_args(argv=None):
     for flag, default in (("--level", 3), ("--depth", 4), ("--hidden", 32), ("--batch-size", 64),
                           ("--steps-per-epoch", 100), ("--epochs", 5)):
         p.add_argument(flag, type=positive(int), default=default)
+    p.add_argument("--affine-net", choices=("joint", "separate"), default="joint",
+                   help="an affine coupling's networks, as glow.py's flag (samples/ablation.md: separate)")
     p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate (Glow's; glow.py's is 1e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples", help="folder for ablation.md and ablation.png")
@@ -76,7 +78,7 @@ def train_one(config, args):
     data_argv = ["--batch-size", str(args.batch_size), "--seed", str(args.seed), "--level", str(args.level)]
     train, test, channels = glow.datasets(glow.parse_args(data_argv + (["--data", args.data] if args.data else [])))
     shape = dict(img_size=args.img_size, channels=channels, level=args.level, depth=args.depth,
-                 hidden=args.hidden, permute=permute, coupling=coupling, mask=mask)
+                 hidden=args.hidden, permute=permute, coupling=coupling, mask=mask, affine_net=args.affine_net)
     encoder, _ = glow.build_glow(**shape)
     glow.compile_glow(encoder, args.lr)
     dims = args.img_size ** 2 * channels
@@ -105,7 +107,8 @@ def train_one(config, args):
 def table(rows, args):
     ranked = sorted(range(len(rows)), key=lambda i: rows[i]["test"][-1])
     lines = [f"Budget: {args.epochs} epochs × {args.steps_per_epoch} steps of batch {args.batch_size} "
-             f"(Adam {args.lr:g}, seed {args.seed}); model L{args.level}, K{args.depth}, hidden {args.hidden}; "
+             f"(Adam {args.lr:g}, seed {args.seed}); model L{args.level}, K{args.depth}, hidden {args.hidden}, "
+             f"affine coupling's networks {args.affine_net}; "
              f"MNIST 32×32.", "",
              "| permute / coupling / mask | parameters | train bits/dim | test bits/dim | best test (epoch) "
              "| rank | seconds |", "|---|---|---|---|---|---|---|"]
