@@ -206,3 +206,19 @@ def test_peers_says_one_line_when_the_scripts_are_not_there(tmp_path, capsys):
     assert bench.peers(str(tmp_path / "compare.sh")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "compare.sh" in err[0]
+
+
+def test_peers_repeats_end_with_the_medians(tmp_path, capsys):
+    """--peers --repeats 3: the script's table each time, then per model the median img/s and ratio."""
+    import tools.bench as bench
+
+    script = tmp_path / "compare.sh"
+    counter = tmp_path / "n"
+    counter.write_text("0")
+    script.write_text(f"""n=$(cat {counter}); n=$((n + 1)); echo $n > {counter}
+awk -v n=$n 'BEGIN {{printf "tarflow  ours %7.1f img/s, peer best %7.1f img/s, ratio %.2f\\n", 100 * n, 200, n / 2}}'
+""")
+    assert bench.peers(str(script), repeats=3) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("tarflow  ours") for line in out) == 3
+    assert out[-1] == "tarflow  median of 3 runs: ours 200.0 img/s, peer best 200.0 img/s, ratio 1.00 (runs 0.50 to 1.50)"

