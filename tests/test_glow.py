@@ -16,7 +16,7 @@ import pytest
 
 import glow
 from flowkit.data import MIN_HELD_OUT, cached_images, folder_pixels, load_folder, mnist_pixels
-from flowkit.files import UserError
+from flowkit.files import UserError, read_config
 from flow_layers import Actnorm, flow_layers_of, initialize_actnorms
 from flowkit.run import KeepBest
 from helpers import jacobian_log_det, mnist_digits, perturb, reported_log_det
@@ -408,3 +408,15 @@ def test_help_shows_the_monitor_option(capsys):
     assert glow.main(["--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--monitor {loss,val_loss}" in out and "the lowest held-out loss" in out
+
+
+def test_a_record_from_before_affine_net_reads_as_separate(tmp_path, capsys):
+    """A weights file whose record predates --affine-net (the committed one) is the two-network coupling;
+    a new run's default is Glow's one network f; contradicting the old record is one line."""
+    committed = os.path.join(ROOT, "weights", "glow.weights.h5")
+    assert "affine_net" not in read_config(committed)
+    assert glow.parse_args(["--sample-only", "--weights", committed]).config["affine_net"] == "separate"
+    fresh = glow.parse_args(["--coupling", "affine", "--weights", str(tmp_path / "g.weights.h5")])
+    assert fresh.config["affine_net"] == "joint"
+    with pytest.raises(UserError, match="--affine-net separate .this run: --affine-net joint."):
+        glow.parse_args(["--sample-only", "--affine-net", "joint", "--weights", committed])
