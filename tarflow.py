@@ -178,17 +178,14 @@ def log_density(encoder, x, y=None):
 
 def score(encoder, x, y=None):
     """∇ₓ log p(x) per image, by autodiff through the flow (TensorFlow's GradientTape), as one graph
-    kept on the encoder (traced once: the tape's graph runs ×3 faster than eager on a CPU)."""
-    gradient = encoder.__dict__.get("score_graph")
-    if gradient is None:
-        def log_p_gradient(x, y):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                logp = tf.reduce_sum(log_density(encoder, x, y))  # images are independent: one gradient, every score
-            return tape.gradient(logp, x)
+    kept on the encoder (flowkit.sample.compiled: ×3 faster than taped op by op on a CPU)."""
+    def log_p_gradient(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            logp = tf.reduce_sum(log_density(encoder, x, y))  # images are independent: one gradient, every score
+        return tape.gradient(logp, x)
 
-        gradient = tf.function(log_p_gradient, reduce_retracing=True)
-        object.__setattr__(encoder, "score_graph", gradient)  # untracked by Keras
+    gradient = compiled(encoder, "score", call=log_p_gradient)
     return gradient(tf.convert_to_tensor(x), None if y is None else tf.convert_to_tensor(y, tf.int32)).numpy()
 
 

@@ -48,7 +48,6 @@ class KeepBest(keras.callbacks.Callback):
         self.low_lr, self.max_collapses, self.verbose = low_lr, max_collapses, verbose
         self.best = math.inf
         self.best_epoch = None  # the epoch (counted from 1) whose weights are in `path`
-        self.saved_epoch = None  # the epoch whose end wrote `path` in this run (Backup copies that file)
         self.collapses = 0
         self.gave_up = False
         self._start = None
@@ -97,7 +96,6 @@ class KeepBest(keras.callbacks.Callback):
         if math.isfinite(value) and value < self.best:
             self.best, self.best_epoch = value, epoch + 1
             save_weights_atomic(self.model, self.path, self.config)
-            self.saved_epoch = epoch + 1
             self._say(f"\nepoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved {self.path}")
         elif not math.isfinite(value) or (self.after_epoch is not None and epoch + 1 > self.after_epoch
                                               and value > 0):
@@ -159,7 +157,7 @@ class Backup(keras.callbacks.Callback):
             return
         name = f"epoch-{epoch + 1:04d}.weights.h5"
         best = self.keep_best
-        if best is not None and best.saved_epoch == epoch + 1 and best.config == self.config:
+        if best is not None and best.best_epoch == epoch + 1 and best.config == self.config:
             # KeepBest has just written these very bytes (weights, optimizer state, record): copying them
             # costs milliseconds, serialising the model again most of a second (Keras walks every layer)
             atomic_write(os.path.join(self.folder, name), lambda tmp: shutil.copyfile(best.path, tmp))

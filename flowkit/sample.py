@@ -48,17 +48,17 @@ def temperature_codes(temperatures, n, dims, seed=0):
     return np.stack([t * eps for t in temperatures]).astype(keras.config.floatx())
 
 
-def compiled(model, key=(), jit_compile=False):
-    """model(inputs, training=False) as one TensorFlow graph: a tf.function kept on the model, one per
-    `key`, traced once (input shapes relaxed). A decoder's layers then run as one graph instead of op
-    by op: Glow's 9×9 epoch grid ×9 faster on a CPU. `key` names what the layers read in Python when
-    they trace (TarFlow's guidance and key-value cache), so another setting traces anew."""
+def compiled(model, key=(), jit_compile=False, call=None):
+    """model(inputs, training=False), or `call`, as one TensorFlow graph: a tf.function kept on the
+    model, one per `key`, traced once (input shapes relaxed). A decoder's layers then run as one graph
+    instead of op by op: Glow's 9×9 epoch grid ×9 faster on a CPU. `key` names what the layers read in
+    Python when they trace (TarFlow's guidance and key-value cache), so another setting traces anew."""
     cache = model.__dict__.get("compiled_calls")
     if cache is None:
         cache = {}
         object.__setattr__(model, "compiled_calls", cache)  # untracked by Keras
     if key not in cache:
-        cache[key] = tf.function(lambda v: model(v, training=False), reduce_retracing=True,
+        cache[key] = tf.function(call or (lambda v: model(v, training=False)), reduce_retracing=True,
                                  jit_compile=jit_compile)
     return cache[key]
 

@@ -142,7 +142,7 @@ def test_backup_copies_the_file_keep_best_just_wrote(tmp_path, monkeypatch):
         assert a.read() == b.read()
     best.best = -math.inf  # nothing improves now: the backup must save the model itself
     m.fit(_data(), epochs=2, initial_epoch=1, verbose=0, shuffle=False, callbacks=[best, backup])
-    assert len(saves) == 2 and best.saved_epoch == 1
+    assert len(saves) == 2 and best.best_epoch == 1
     fresh = _model(lr=5.0)
     backup2 = Backup(folder)
     backup2.set_model(fresh)
