@@ -7,11 +7,13 @@ Contract (docs/design.md §2): `forward` is the encoder direction x -> z with it
 example; calling the layer adds the batch mean of −log|det| with `add_loss`; `reverse` computes z -> x;
 `inverse()` returns a layer that runs `reverse` on the same variables, and `inverse().inverse()` is the
 layer itself.
-Only `keras.ops` is used, so the layers run on any Keras backend, with two TensorFlow-only
-exceptions, each said in its docstring: `_uniform`'s replica index and `ResidualFlow`'s
-vector-Jacobian products (GradientTape inside `forward`).
+Only `keras.ops` is used, so the layers run on any Keras backend, with three TensorFlow-only
+exceptions, each said in its docstring: `_uniform`'s replica index, `ResidualFlow`'s
+vector-Jacobian products (GradientTape inside `forward`), and `_fused`, which compiles the
+Transformer's element-wise chains with XLA on TensorFlow (elsewhere they run as plain ops).
 """
 import contextlib
+import functools
 import math
 import re
 
@@ -654,6 +656,33 @@ def _init_pass(model, x, todo, training):
 
 # --- invertible ResNet and Residual Flows (Behrmann et al. 2019; Chen et al. 2019) ----------------
 
+class Logit(FlowLayer):
+    """z = logit(y), y = α + (1 − 2α)·x, for x in [0, 1] (RealNVP's logit transform, Dinh et al. 2017
+    §4.1; α = 1e-6 on MNIST in MAF and Residual Flows); log-det Σ [log(1 − 2α) − log y − log(1 − y)].
+
+    The dequantised background, x in [0, 1/256), becomes a spread of several units instead of a sliver:
+    a Lipschitz-bounded residual block, which can squeeze a dimension by at most a fixed factor, need
+    not squeeze it that hard. The inverse is x = (σ(z) − α)/(1 − 2α)."""
+
+    def __init__(self, alpha=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < alpha < 0.5:
+            raise ValueError(f"alpha must lie in (0, 0.5), not {alpha!r}")
+        self.alpha = float(alpha)
+
+    def forward(self, x, training=None):
+        y = self.alpha + (1 - 2 * self.alpha) * x
+        log_y, log_1my = ops.log(y), ops.log1p(-y)
+        log_det = _per_image_sum(math.log(1 - 2 * self.alpha) - log_y - log_1my)
+        return log_y - log_1my, log_det
+
+    def reverse(self, z):
+        return (ops.sigmoid(z) - self.alpha) / (1 - 2 * self.alpha)
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha}
+
+
 class _SpectralNorm(keras.layers.Layer):
     """Shared part of the spectrally normalised layers: the kernel is used as W / max(1, σ/c)
     (i-ResNet §3, "soft" normalisation), where σ = `sigma()` ≥ the norm of the layer's linear map, so
@@ -969,17 +998,118 @@ class Flip(FlowLayer):
         return ops.flip(z, axis=1)
 
 
+def _fused(fn):
+    """`fn` as one XLA program on TensorFlow (`tf.function(jit_compile=True)`), `fn` itself elsewhere. For
+    the element-wise chains between the Transformer's matmuls (GELU, layer norm, the masked softmax, each
+    with its 16-bit casts): one pass through memory where op by op each step is one, while the matmuls
+    stay with the backend's own kernels (oneDNN on a CPU), which XLA's CPU matmuls do not match."""
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=True, autograph=False)
+
+
+_SQRT_HALF, _INV_SQRT_2PI = 1 / math.sqrt(2), 1 / math.sqrt(2 * math.pi)
+
+
+def _wide(x):
+    """x in at least float32 (float64 stays float64)."""
+    return x if x.dtype == "float64" else ops.cast(x, "float32")
+
+
+@_fused
+def _gelu(x):
+    f = _wide(x)
+    return ops.cast(f * (0.5 + 0.5 * ops.erf(f * _SQRT_HALF)), x.dtype)
+
+
+@_fused
+def _gelu_grad(x, upstream):
+    f = _wide(x)
+    slope = 0.5 + 0.5 * ops.erf(f * _SQRT_HALF) + f * ops.exp(-0.5 * ops.square(f)) * _INV_SQRT_2PI
+    return ops.cast(ops.cast(upstream, f.dtype) * slope, x.dtype)
+
+
 @ops.custom_gradient
 def gelu(x):
-    """GELU(x) = x·Φ(x), Φ(x) = 0.5·(1 + erf(x/√2)) (Hendrycks & Gimpel 2016), exact, in x's dtype (TarFlow's
-    MLP computes it in float32 under a mixed policy: 16-bit elementwise ops are slow on a CPU). Its
-    derivative Φ(x) + x·φ(x), φ the normal density, reuses Φ: fewer passes than autodiff's."""
-    cdf = 0.5 + 0.5 * ops.erf(x * (1 / math.sqrt(2)))
-
+    """GELU(x) = x·Φ(x), Φ(x) = 0.5·(1 + erf(x/√2)) (Hendrycks & Gimpel 2016), exact, computed in float32
+    (or float64) and returned in x's dtype (16-bit element-wise ops are slow on a CPU). Its derivative Φ(x) + x·φ(x),
+    φ the normal density, is written out; each direction is one fused program (`_fused`)."""
     def grad(*args, upstream=None):
-        upstream = args[0] if upstream is None else upstream
-        return upstream * (cdf + x * ops.exp(-0.5 * ops.square(x)) * (1 / math.sqrt(2 * math.pi)))
-    return x * cdf, grad
+        return _gelu_grad(x, args[0] if upstream is None else upstream)
+    return _gelu(x), grad
+
+
+@functools.lru_cache(maxsize=None)
+def layer_norm(epsilon, dtype):
+    """The function (x, γ, β) -> n·γ + β in `dtype`, n = (x − mean)/√(var + ε) over the last axis (Ba et
+    al. 2016), computed in x's dtype (float32: the residual stream). Its gradient is written out: with
+    g' = g·γ, ∂/∂x = (g' − mean g' − n·mean(g'·n))/√(var + ε), ∂/∂γ = Σ g·n, ∂/∂β = Σ g over the
+    other axes; each direction is one fused program (`_fused`)."""
+    def normalized(x):
+        centred = x - ops.mean(x, axis=-1, keepdims=True)
+        rstd = ops.rsqrt(ops.mean(ops.square(centred), axis=-1, keepdims=True) + epsilon)
+        return centred * rstd, rstd
+
+    @_fused
+    def forward(x, gamma, beta):
+        n, rstd = normalized(x)
+        return ops.cast(n * gamma + beta, dtype), rstd
+
+    @_fused
+    def backward(x, gamma, upstream):
+        n, rstd = normalized(x)
+        g = ops.cast(upstream, x.dtype)
+        rows = tuple(range(len(x.shape) - 1))
+        g_n = g * gamma
+        g_x = rstd * (g_n - ops.mean(g_n, axis=-1, keepdims=True) - n * ops.mean(g_n * n, axis=-1, keepdims=True))
+        return g_x, ops.sum(g * n, axis=rows), ops.sum(g, axis=rows)
+
+    @ops.custom_gradient
+    def norm(x, gamma, beta):
+        def grad(*args, upstream=None):
+            return backward(x, gamma, args[0] if upstream is None else upstream)
+        return forward(x, gamma, beta)[0], grad
+    return norm
+
+
+class LayerNorm(keras.layers.LayerNormalization):
+    """Keras' LayerNormalization (the same weights and names) over the last axis through `layer_norm`: it
+    takes its input as it comes (the float32 residual stream, not rounded to 16 bits first) and
+    returns the result in the layer's compute dtype."""
+
+    def __init__(self, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32") if inputs.dtype in ("float16", "bfloat16") else inputs
+        norm = layer_norm(float(self.epsilon), self.compute_dtype)
+        return norm(x, ops.cast(self.gamma, x.dtype), ops.cast(self.beta, x.dtype))
+
+
+@_fused
+def _softmax(scores, mask):
+    wide = _wide(scores)
+    return ops.cast(ops.softmax(wide + ops.cast(mask, wide.dtype), axis=-1), scores.dtype)
+
+
+@_fused
+def _softmax_grad(scores, mask, upstream):
+    wide = _wide(scores)
+    p = ops.softmax(wide + ops.cast(mask, wide.dtype), axis=-1)  # again, in float32: cheaper than keeping it
+    g = ops.cast(upstream, wide.dtype)
+    return ops.cast(p * (g - ops.sum(g * p, axis=-1, keepdims=True)), scores.dtype)
+
+
+@ops.custom_gradient
+def masked_softmax(scores, mask):
+    """softmax(scores + mask) over the last axis, computed in float32 (or float64), returned in the scores' dtype; its
+    gradient p ⊙ (g − Σ g·p) written out; each direction one fused program (`_fused`). The mask is a
+    constant: no gradient."""
+    def grad(*args, upstream=None):
+        return _softmax_grad(scores, mask, args[0] if upstream is None else upstream), None
+    return _softmax(scores, mask), grad
 
 
 def _dense(units, inputs, dtype, name, **kwargs):
@@ -990,7 +1120,7 @@ def _dense(units, inputs, dtype, name, **kwargs):
 
 
 def _layer_norm(width, dtype, name):
-    layer = keras.layers.LayerNormalization(epsilon=1e-6, dtype=dtype, name=name)
+    layer = LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
     layer.build((None, width))
     return layer
 
@@ -1049,8 +1179,8 @@ class Attention(keras.layers.Layer):
 
     def attend(self, q, k, v, mask):
         """softmax(q·kᵀ + mask)·v per head, q (B, heads, t, d) already scaled; the softmax in float32."""
-        scores = ops.cast(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), self.dtype) + ops.cast(mask, self.dtype)
-        return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), v.dtype), v)
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+        return ops.matmul(ops.cast(masked_softmax(scores, ops.cast(mask, self.dtype)), v.dtype), v)
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads}
@@ -1071,7 +1201,7 @@ class MLP(keras.layers.Layer):
         self.dense_out = _dense(width, 4 * width, policy, "dense_out")
 
     def call(self, h):
-        return self.dense_out(gelu(ops.cast(self.dense_in(self.norm(h)), h.dtype)))
+        return self.dense_out(gelu(self.dense_in(self.norm(h))))
 
     def get_config(self):
         return {**super().get_config(), "width": self.width}
@@ -1205,7 +1335,8 @@ class TarBlock(FlowLayer):
     def params(self, x, y=None):
         """(a, μ) of every token of x (B, T, D): f over the whole sequence, shifted right by one."""
         f = self.network(x) if y is None else self.network(x, y)
-        return ops.split(ops.pad(f[:, :-1], ((0, 0), (1, 0), (0, 0))), 2, axis=-1)
+        kept = ops.split(f, [f.shape[1] - 1], axis=1)[0]  # f[:, :-1], whose gradient is a concat, not a scatter
+        return ops.split(ops.concatenate([ops.zeros_like(kept[:, :1]), kept], axis=1), 2, axis=-1)
 
     def forward(self, inputs, training=None):
         x, y = self._unpack(inputs)

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_layers import (Actnorm, AffineCouple, Concat, Flow, LipSwish, Permute, Reshape, ResidualFlow,
+from flow_layers import (Actnorm, AffineCouple, Concat, Flow, LipSwish, Logit, Permute, Reshape, ResidualFlow,
                          SpectralConv2D, SpectralDense, Split, Squeeze, initialize_actnorms, log_det_estimator)
 from flowkit import score as sample_score
 from flowkit.cli import positive
@@ -91,10 +91,13 @@ def residual_net(shape, width, coeff, name, activation="elu"):
 
 
 def build_iresnet(shape=(28, 28, 1), stages=2, blocks=2, width=32, coeff=0.9, logdet="truncated", terms=4,
-                  activation="elu"):
-    """(encoder, decoder, flow), both models from the one flow x -> z: Actnorm, per stage Squeeze (images
-    only) and `blocks` × (ResidualFlow, Actnorm), flatten; a vector (2-D toys) has one stage."""
+                  activation="elu", logit=0.0):
+    """(encoder, decoder, flow), both models from the one flow x -> z: [Logit (logit > 0: its α)],
+    Actnorm, per stage Squeeze (images only) and `blocks` × (ResidualFlow, Actnorm), flatten; a vector
+    (2-D toys) has one stage."""
     steps, image, inner = [Actnorm(name="actnorm_in")], len(shape) == 3, tuple(shape)
+    if logit:
+        steps.insert(0, Logit(logit, name="logit_in"))
     for s in range(stages if image else 1):
         if image:
             steps.append(Squeeze(name=f"squeeze_{s}"))
@@ -135,13 +138,13 @@ def grow(flow, path, config):
     record = read_config(path) or {}
     if record.get("model") != "iresnet":
         raise UserError(f"--init-from {path}: holds no trained i-ResNet's architecture record")
-    old = {"activation": "elu", **{k: v for k, v in record.items() if k != "model"}}
-    diff = [f"--{k} {old[k]}" for k in ("stages", "width", "activation") if old[k] != config[k]]
+    old = {"activation": "elu", "logit": 0.0, **{k: v for k, v in record.items() if k != "model"}}
+    diff = [f"--{k} {old[k]}" for k in ("stages", "width", "activation", "logit") if old[k] != config[k]]
     if old["blocks"] > config["blocks"]:
         diff.append(f"--blocks {old['blocks']}")
     if diff:
         raise UserError(f"--init-from {path} was trained with {', '.join(diff)}: it grows only into the same "
-                        f"stages, width and activation with as many blocks per stage or more")
+                        f"stages, width, activation and logit with as many blocks per stage or more")
     encoder, _, source = build_iresnet(**{**config, **old})
     encoder.load_weights(path)
     trained = {step.name: step for step in source.steps}
@@ -381,7 +384,8 @@ def experiments(args):
 
 def model_config(args):
     return dict(stages=args.stages, blocks=args.blocks, width=args.width, coeff=args.coeff,
-                logdet=args.logdet or "truncated", terms=args.terms, activation=args.activation)
+                logdet=args.logdet or "truncated", terms=args.terms, activation=args.activation,
+                logit=args.logit)
 
 
 def parse_args(argv=None):
@@ -392,6 +396,8 @@ def parse_args(argv=None):
     cli.shape_arg(p, "--coeff", 0.9, type=positive(float), help="spectral-norm bound c < 1 of each linear map")
     cli.shape_arg(p, "--activation", "elu", choices=ACTIVATIONS,
                   help="of each g: ELU (i-ResNet) or LipSwish (Residual Flows)")
+    cli.shape_arg(p, "--logit", 0.0, absent=0.0, type=float, metavar="ALPHA",
+                  help="MNIST: the flow starts with RealNVP's logit transform, logit(α + (1 − 2α)x); 0: none")
     p.add_argument("--logdet", choices=ResidualFlow.ESTIMATORS, default=None,
                    help="training log-det: truncated series (i-ResNet), roulette (Residual Flows, unbiased) "
                         "or exact (brute-force Jacobian; small dimensions). Default truncated; exact on a toy")
@@ -428,6 +434,10 @@ def parse_args(argv=None):
     args = cli.parse(p, argv, model="iresnet", uses_weights=("inverse", "bias_table"))
     if not args.coeff < 1:
         raise UserError(f"--coeff must be below 1 (the blocks are invertible only when Lip(g) < 1), got {args.coeff}")
+    if not 0 <= args.logit < 0.5:
+        raise UserError(f"--logit must lie in [0, 0.5) (α of logit(α + (1 − 2α)x); 0: none), got {args.logit}")
+    if args.toy and args.logit:
+        raise UserError("--logit transforms pixels in [0, 1]; a toy's points are not")
     if args.toy and args.loads_weights:
         raise UserError("--toy trains its own models; it does not go with --sample-only, --score, --inverse or --bias-table")
     if args.init_from and not os.path.isfile(args.init_from):

@@ -81,6 +81,7 @@ class Case:
     settle: Callable = lambda layer: None  # run after the weights are perturbed (spectral norms)
     atol32: float = 1e-5  # round-trip tolerance in float32 ...
     atol64: float = 1e-12  # ... and float64: an iterative inverse stops at its own tolerance
+    domain: Callable = lambda x: x  # maps the normal test input into the layer's domain
 
 
 def zero(layer, x):
@@ -132,6 +133,9 @@ def closed_form(layer, inputs):
     if isinstance(layer, fl.CondActnorm):
         log_sigma = np_(layer.conv(inputs[1]))[..., layer.channels:]
         return outputs, -log_sigma.reshape(n, -1).sum(axis=1)
+    if isinstance(layer, fl.Logit):  # RealNVP §4.1: log(1 − 2α) − log y − log(1 − y) per dimension
+        y = layer.alpha + (1 - 2 * layer.alpha) * np.asarray(x, dtype="float64")
+        return outputs, (np.log(1 - 2 * layer.alpha) - np.log(y) - np.log1p(-y)).reshape(n, -1).sum(axis=1)
     if isinstance(layer, fl.TarBlock):
         x, y = inputs if layer.classes else (inputs, None)
         a, _ = layer.params(x, y)
@@ -259,6 +263,9 @@ CASES = {
     # the table), inverted by the fixed-point iteration down to its tolerance 1e-6 on the change, so the
     # error is ≤ L/(1 − L)·1e-6·(1 + |x|) by Banach, L = Lip(g) ≤ 0.81 here: looser round trips. The
     # exact log-det is slogdet(I + J_g): no closed form to compare
+    # the logit transform in front of an i-ResNet (--logit): inputs in (0, 1), pixels in [0, 1)
+    "logit": Case(lambda s: fl.Logit(0.05), (2, 2, 1), formula=by_formula(), stateful=False,
+                  domain=lambda x: 1 / (1 + np.exp(-x)), atol32=2e-5),
     "residual_dense": Case(lambda s: residual_flow((3,)), (3,), atol32=2e-5, atol64=2e-5),
     "residual_conv": Case(lambda s: residual_flow((2, 2, 1), conv=True), (2, 2, 1),
                           atol32=2e-5, atol64=2e-5),
@@ -266,7 +273,7 @@ CASES = {
 NAMES = list(CASES)
 WITH_LOGDET = ["affine", "affine_joint", "glow_step_separate", "scale", "scale_image", "actnorm", "actnorm_image", "invdense",
                "invdense_image", "condactnorm", "flow_nice", "glow_step", "glow_step_checker",
-               "multiscale", "glow_flow", "tarblock", "tarblock_classes", "conditional_flow", "residual_dense", "residual_conv"]
+               "multiscale", "glow_flow", "logit", "tarblock", "tarblock_classes", "conditional_flow", "residual_dense", "residual_conv"]
 # the layer classes of flow_layers, for deserialising configs that nest them (Flow, MultiScale, ResidualFlow)
 CUSTOM_OBJECTS = {n: c for n, c in vars(fl).items() if isinstance(c, type) and issubclass(c, keras.layers.Layer)}
 
@@ -279,7 +286,7 @@ def built(name, seed=0, scale=0.3):
     """(case, layer, x): the layer built on x and its trainable weights perturbed (seeded)."""
     case = CASES[name]
     layer = case.make(seed)
-    x = data(case.shape)
+    x = case.domain(data(case.shape))
     case.apply(layer, x)
     perturb(layer, scale, seed)
     case.settle(layer)
