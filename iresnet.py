@@ -22,8 +22,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from flow_layers import (Actnorm, AffineCouple, Concat, Flow, LipSwish, Logit, Permute, Reshape, ResidualFlow,
-                         SpectralConv2D, SpectralDense, Split, Squeeze, initialize_actnorms, log_det_estimator)
+from flow_layers import (Actnorm, AffineCouple, Concat, Flow, FlowLayer, LipSwish, Logit, MultiScale, Permute, Reshape,
+                         ResidualFlow, SpectralConv2D, SpectralDense, Split, Squeeze, flow_layers_of, initialize_actnorms,
+                         log_det_estimator)
 from flowkit import score as sample_score
 from flowkit.cli import positive
 from flowkit.data import load_mnist
@@ -91,14 +92,16 @@ def residual_net(shape, width, coeff, name, activation="elu"):
 
 
 def build_iresnet(shape=(28, 28, 1), stages=2, blocks=2, width=32, coeff=0.9, logdet="truncated", terms=4,
-                  activation="elu", logit=0.0):
+                  activation="elu", logit=0.0, factor_out=False):
     """(encoder, decoder, flow), both models from the one flow x -> z: [Logit (logit > 0: its α)],
     Actnorm, per stage Squeeze (images only) and `blocks` × (ResidualFlow, Actnorm), flatten; a vector
-    (2-D toys) has one stage."""
-    steps, image, inner = [Actnorm(name="actnorm_in")], len(shape) == 3, tuple(shape)
-    if logit:
-        steps.insert(0, Logit(logit, name="logit_in"))
+    (2-D toys) has one stage. `factor_out`: every stage but the last ends in a MultiScale exit (RealNVP's
+    multi-scale architecture, as Glow's levels): half the channels leave through their conditional
+    prior, the rest go on to the next stage (i-ResNet and Residual Flows on images)."""
+    image, inner = len(shape) == 3, tuple(shape)
+    stage_steps = []
     for s in range(stages if image else 1):
+        steps = []
         if image:
             steps.append(Squeeze(name=f"squeeze_{s}"))
             inner = (inner[0] // 2, inner[1] // 2, 4 * inner[2])
@@ -106,7 +109,18 @@ def build_iresnet(shape=(28, 28, 1), stages=2, blocks=2, width=32, coeff=0.9, lo
             g = residual_net(inner, width, coeff, name=f"g_{s}_{b}", activation=activation)
             steps += [ResidualFlow(g, logdet=logdet, terms=terms, name=f"block_{s}_{b}"),
                       Actnorm(name=f"actnorm_{s}_{b}")]
-    flow = Flow([*steps, Reshape(name="flatten")], name="iresnet")
+        stage_steps.append(steps)
+        if factor_out and image and s < stages - 1:
+            inner = (*inner[:2], inner[2] - inner[2] // 2)  # Split keeps the first ceil(c/2) channels
+    if factor_out and image:
+        rest = Flow([*stage_steps[-1], Reshape(name="flatten")], name=f"stage_{stages - 1}")
+        for s in range(stages - 2, 0, -1):
+            rest = Flow([*stage_steps[s], MultiScale(rest, name=f"exit_{s}")], name=f"stage_{s}")
+        body = [*stage_steps[0], MultiScale(rest, name="exit_0")] if stages > 1 else [*stage_steps[0], Reshape(name="flatten")]
+    else:
+        body = [*(step for steps in stage_steps for step in steps), Reshape(name="flatten")]
+    flow = Flow([*([Logit(logit, name="logit_in")] if logit else []), Actnorm(name="actnorm_in"), *body],
+                name="iresnet")
     x, z = keras.Input(shape, name="x"), keras.Input((math.prod(shape),), name="z")
     encoder = keras.Model(x, flow(x), name="iresnet_encoder")  # first: it builds the flow
     return encoder, keras.Model(z, flow.inverse()(z), name="iresnet_decoder"), flow
@@ -138,17 +152,21 @@ def grow(flow, path, config):
     record = read_config(path) or {}
     if record.get("model") != "iresnet":
         raise UserError(f"--init-from {path}: holds no trained i-ResNet's architecture record")
-    old = {"activation": "elu", "logit": 0.0, **{k: v for k, v in record.items() if k != "model"}}
-    diff = [f"--{k} {old[k]}" for k in ("stages", "width", "activation", "logit") if old[k] != config[k]]
+    old = {"activation": "elu", "logit": 0.0, "factor_out": False, **{k: v for k, v in record.items() if k != "model"}}
+    diff = [(f"--{k.replace('_', '-')}" if old[k] else f"no --{k.replace('_', '-')}") if isinstance(old[k], bool)
+            else f"--{k} {old[k]:g}" if isinstance(old[k], float) else f"--{k} {old[k]}"
+            for k in ("stages", "width", "activation", "logit", "factor_out") if old[k] != config[k]]
     if old["blocks"] > config["blocks"]:
         diff.append(f"--blocks {old['blocks']}")
     if diff:
         raise UserError(f"--init-from {path} was trained with {', '.join(diff)}: it grows only into the same "
-                        f"stages, width, activation and logit with as many blocks per stage or more")
+                        f"stages, width, activation, --logit and --factor-out with as many blocks per stage or more")
     encoder, _, source = build_iresnet(**{**config, **old})
     encoder.load_weights(path)
-    trained = {step.name: step for step in source.steps}
-    for step in flow.steps:
+    trained = {step.name: step for step in flow_layers_of(source) if isinstance(step, FlowLayer)}
+    for step in flow_layers_of(flow):
+        if not isinstance(step, FlowLayer) or isinstance(step, (Flow, MultiScale)):
+            continue
         if step.name in trained:
             for mine, theirs in zip(step.weights, trained[step.name].weights):
                 mine.assign(theirs)
@@ -157,7 +175,8 @@ def grow(flow, path, config):
             last.kernel.assign(last.kernel * 1e-3)
         elif isinstance(step, Actnorm):
             step.initialized.assign(1.0)  # log s = 0, b = 0: the identity
-    return len([s for s in flow.steps if s.name in trained])
+    own = [s for s in flow_layers_of(flow) if isinstance(s, FlowLayer) and not isinstance(s, (Flow, MultiScale))]
+    return len([s for s in own if s.name in trained]), len(own)
 
 
 def compile_flow(model, lr):
@@ -180,8 +199,9 @@ def train(args, strategy):
     print(f"i-ResNet: {encoder.count_params():,} parameters, log-det {model_config(args)['logdet']} "
           f"({args.terms} terms), c = {args.coeff}", flush=True)
     if args.init_from and not args.resume:
-        print(f"--init-from {args.init_from}: {grow(flow, args.init_from, model_config(args))} of "
-              f"{len(flow.steps)} layers trained, the rest start as the identity", flush=True)
+        copied, total = grow(flow, args.init_from, model_config(args))
+        print(f"--init-from {args.init_from}: {copied} of {total} layers trained, the rest start as the identity",
+              flush=True)
     run = Run(encoder, args, strategy, monitor="val_loss")
     initialize_actnorms(encoder, dequantize(k_train[: args.batch_size], 0, BIN))  # after a --resume: kept
     schedule = [WarmupCosine(args.lr, args.epochs * (len(k_train) // args.batch_size), args.warmup)] \
@@ -262,10 +282,16 @@ class EpochGrids(keras.callbacks.Callback):
 # --- experiments --------------------------------------------------------------------------------
 
 def block_inputs(flow, x):
-    """(block, its input) for each ResidualFlow of the flow, on the batch x."""
+    """(block, its input) for each ResidualFlow of the flow, on the batch x (into nested flows and the
+    half that goes on at a MultiScale exit)."""
     for step in flow.steps:
         if isinstance(step, ResidualFlow):
             yield step, x
+        elif isinstance(step, MultiScale):
+            yield from block_inputs(step.inner, step.split(x)[0])
+            return
+        elif isinstance(step, Flow):
+            yield from block_inputs(step, x)
         x = step(x, training=False, return_log_det=True)[0]
 
 
@@ -363,7 +389,8 @@ def experiments(args):
         x = fixed_dequantization(k_test[:args.images], args.seed or 0)
     if args.inverse:
         rows = inverse_report(flow, tf.constant(x))
-        print(f"fixed-point inverse at c = {args.coeff}, tolerance {flow.steps[2].tol:g} (on each coordinate's "
+        tol = next(layer for layer in flow_layers_of(flow) if isinstance(layer, ResidualFlow)).tol
+        print(f"fixed-point inverse at c = {args.coeff}, tolerance {tol:g} (on each coordinate's "
               f"|Δx| / (1 + |x|)), {len(x)} test images:")
         for name, n, err in rows:
             print(f"  {name}: {n} iterations, max |x − x_rec| {err:.2e}")
@@ -385,7 +412,7 @@ def experiments(args):
 def model_config(args):
     return dict(stages=args.stages, blocks=args.blocks, width=args.width, coeff=args.coeff,
                 logdet=args.logdet or "truncated", terms=args.terms, activation=args.activation,
-                logit=args.logit)
+                logit=args.logit, factor_out=args.factor_out)
 
 
 def parse_args(argv=None):
@@ -398,6 +425,9 @@ def parse_args(argv=None):
                   help="of each g: ELU (i-ResNet) or LipSwish (Residual Flows)")
     cli.shape_arg(p, "--logit", 0.0, absent=0.0, type=float, metavar="ALPHA",
                   help="MNIST: the flow starts with RealNVP's logit transform, logit(α + (1 − 2α)x); 0: none")
+    cli.shape_arg(p, "--factor-out", False, absent=False, action="store_true",
+                  help="MNIST: each stage but the last ends in a multi-scale exit (half the channels leave through "
+                       "a conditional prior, as Glow's levels)")
     p.add_argument("--logdet", choices=ResidualFlow.ESTIMATORS, default=None,
                    help="training log-det: truncated series (i-ResNet), roulette (Residual Flows, unbiased) "
                         "or exact (brute-force Jacobian; small dimensions). Default truncated; exact on a toy")

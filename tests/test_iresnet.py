@@ -14,7 +14,7 @@ import tensorflow as tf
 import iresnet
 from flowkit.density import dequantize, prior_nll
 from flowkit.files import UserError, save_weights_atomic
-from flow_layers import LipSwish, ResidualFlow, SpectralConv2D, SpectralDense, banach_iterations, initialize_actnorms
+from flow_layers import LipSwish, Logit, MultiScale, ResidualFlow, SpectralConv2D, SpectralDense, banach_iterations, initialize_actnorms
 from helpers import jacobian_log_det, mnist_npz, perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,6 +275,23 @@ def test_round_trip_and_save_load(digits, tmp_path):
     np.testing.assert_array_equal(decoder2(z).numpy(), decoder(z).numpy())
 
 
+@pytest.mark.parametrize("factor_out", [False, True])
+def test_logit_and_factor_out_log_det_is_the_jacobians(factor_out, float64):
+    """--logit and --factor-out: the flow's per-image log-det (exact block log-dets) equals the brute-force
+    Jacobian's of x -> z, pixels in [0, 1) to z; the decoder inverts it; a factored-out model has its
+    MultiScale exit and still maps 64 pixels to 64 codes."""
+    keras.utils.set_random_seed(0)
+    encoder, decoder, flow = iresnet.build_iresnet((8, 8, 1), stages=2, blocks=1, width=8, logdet="exact",
+                                                   logit=0.01, factor_out=factor_out)
+    perturb(encoder, 0.2)
+    x = np.random.RandomState(0).uniform(0, 1, (2, 8, 8, 1))
+    assert isinstance(flow.steps[0], Logit) and any(isinstance(s, MultiScale) for s in flow.steps) == factor_out
+    z, log_det = flow(tf.constant(x), return_log_det=True)
+    np.testing.assert_allclose(log_det.numpy(), jacobian_log_det(encoder, x), rtol=1e-7, atol=1e-6)
+    assert z.shape == (2, 64) and np.abs(decoder(z).numpy() - x).max() <= 1e-5
+    assert len(list(iresnet.block_inputs(flow, tf.constant(x)))) == 2  # both stages' blocks, nested or not
+
+
 def test_evaluation_estimate_is_close_to_exact(digits, float64):
     """The per-image NLL with roulette (evaluation) against exact log-dets: equal within the s.e."""
     encoder, _, flow, x = tiny_model(digits, stages=1)
@@ -304,9 +321,11 @@ def test_grow_starts_from_the_trained_density(digits, tmp_path):
     encoder, _, flow, x = tiny_model(digits, activation="lipswish")
     path = str(tmp_path / "small.weights.h5")
     save_weights_atomic(encoder, path, {"model": "iresnet", **TINY, "coeff": 0.9, "activation": "lipswish"})
-    config = dict(stages=2, blocks=2, width=8, coeff=0.9, logdet="truncated", terms=4, activation="lipswish")
+    config = dict(stages=2, blocks=2, width=8, coeff=0.9, logdet="truncated", terms=4, activation="lipswish",
+                  logit=0.0, factor_out=False)
     big, _, big_flow = iresnet.build_iresnet(**config)
-    assert iresnet.grow(big_flow, path, config) == 8  # actnorm_in, 2 squeezes, 2 × (block, Actnorm), flatten
+    # actnorm_in, 2 squeezes, 2 × (block, Actnorm), flatten of the 12 layers
+    assert iresnet.grow(big_flow, path, config) == (8, 12)
     assert initialize_actnorms(big, x) == 0
     z, z_big = encoder(x, training=False).numpy(), big(x, training=False).numpy()
     assert 0 < np.abs(z_big - z).max() <= 1e-2 * np.abs(z).max()
@@ -376,6 +395,8 @@ def test_tiny_run(digits, tmp_path):
     (["--init-from", "none.weights.h5"], "--init-from none.weights.h5: no such file"),
     (["--activation", "relu"], "invalid choice"),
     (["--warmup", "0"], "must be positive"),
+    (["--logit", "0.5"], "--logit must lie in [0, 0.5)"),
+    (["--toy", "moons", "--logit", "1e-6"], "--logit transforms pixels"),
 ])
 def test_bad_input_one_line_exit_2(argv, message, tmp_path, capsys):
     out = tmp_path / "out"

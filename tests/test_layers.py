@@ -761,3 +761,65 @@ def test_concat_of_a_single_part_round_trips():
     np.testing.assert_array_equal(keras.Model(inp, out)(x), x)
     (back,) = concat.inverse()(x)
     np.testing.assert_array_equal(back, x)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Transformer's element-wise chains with their gradients written out (flow_layers._fused)
+
+def _autodiff_and_written(fn, ref, inputs, upstream):
+    """(values, gradients) of `fn` (written-out gradient) and of `ref` (plain ops, autodiff) at inputs."""
+    import tensorflow as tf
+
+    out = []
+    for f in (fn, ref):
+        xs = [tf.constant(v) for v in inputs]
+        with tf.GradientTape() as tape:
+            tape.watch(xs)
+            y = f(*xs)
+        out.append((np_(y), [np_(g) for g in tape.gradient(y, xs, output_gradients=tf.constant(upstream))]))
+    return out
+
+
+def test_gelu_layer_norm_and_softmax_gradients_are_autodiffs(float64):
+    """gelu, layer_norm and masked_softmax (one fused program each way on TensorFlow) against the same
+    formulas in plain ops differentiated by autodiff, in float64: equal values and gradients."""
+    rng = np.random.RandomState(0)
+    x, up = rng.normal(size=(6, 8)) * 2, rng.normal(size=(6, 8))
+    (y, [g]), (y_ref, [g_ref]) = _autodiff_and_written(
+        fl.gelu, lambda v: v * 0.5 * (1 + ops.erf(v / np.sqrt(2))), [x], up)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+
+    gamma, beta = rng.normal(size=8), rng.normal(size=8)
+    keras_norm = keras.layers.LayerNormalization(epsilon=1e-6, dtype="float64")
+    keras_norm.build((None, 8))
+    keras_norm.set_weights([gamma, beta])
+    norm = fl.layer_norm(1e-6, "float64")
+    ref = lambda v, g_, b_: ops.layer_normalization(v, g_, b_, epsilon=1e-6)
+    (y, grads), (y_ref, grads_ref) = _autodiff_and_written(norm, ref, [x * 3 + 1, gamma, beta], up)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, np_(keras_norm(x * 3 + 1)), rtol=1e-10, atol=1e-10)  # Keras' layer
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+    scores, mask = rng.normal(size=(2, 3, 5, 5)) * 3, fl.Attention.causal_mask(5)
+    up = rng.normal(size=scores.shape)
+    (p, [g]), (p_ref, [g_ref]) = _autodiff_and_written(
+        lambda s: fl.masked_softmax(s, ops.convert_to_tensor(mask)), lambda s: ops.softmax(s + mask, axis=-1),
+        [scores], up)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-9, atol=1e-12)
+    assert np.all(p[..., 0, 1:] == 0) and np.abs(g).max() > 0.1  # causal; the check is not vacuous
+
+
+def test_fused_chains_keep_16_bit_outputs_and_compute_wide():
+    """Under a 16-bit input the chains return 16 bits, computed in float32: GELU of bfloat16 values
+    equals float32 GELU rounded once."""
+    x = np.random.RandomState(1).normal(size=(4, 16)).astype("float32")
+    xb = ops.cast(x, "bfloat16")
+    y = fl.gelu(xb)
+    assert y.dtype == "bfloat16"
+    wide = np_(fl.gelu(ops.cast(xb, "float32")))
+    np.testing.assert_array_equal(np_(ops.cast(y, "float32")), np_(ops.cast(ops.cast(wide, "bfloat16"), "float32")))
+    norm = fl.layer_norm(1e-6, "bfloat16")(ops.convert_to_tensor(x), ops.ones((16,)), ops.zeros((16,)))
+    assert norm.dtype == "bfloat16"
