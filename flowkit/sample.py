@@ -118,3 +118,50 @@ def row_grid(rows, low=0.0, high=1.0):
     grid = (grid - low) / (high - low) * 255
     grid = np.clip(np.round(grid), 0, 255).astype(np.uint8)
     return grid[..., 0] if grid.ndim == 3 and grid.shape[-1] == 1 else grid
+
+
+class BackgroundPicture(keras.callbacks.Callback):
+    """After each epoch, `draw(models, epoch)` (epoch counted from 1) in a background thread, on copies
+    of the models made once by `make_copies()` (the trained model first, its weights in the same order)
+    and given the epoch's weights, while the next epoch trains. A picture that decodes token by token
+    keeps one core busy with small operations; a training step leaves part of a second core idle; so
+    the two overlap instead of taking turns. `warm_up(models)`, when given, runs in the background from
+    the start of training, so that tracing and compiling the copies' sampling overlaps the first
+    epoch. An error in the background is raised at the next epoch's end, and training ends only when
+    the last picture is written. `synced()`: the copies holding the model's weights now (the final
+    pictures reuse their compiled programs)."""
+
+    def __init__(self, model, make_copies, draw, warm_up=None):
+        super().__init__()
+        self.source, self.make_copies, self.draw, self.warm_up = model, make_copies, draw, warm_up
+        self.copies, self.pending, self.worker = None, None, None
+
+    def _start(self):
+        if self.copies is None:
+            import concurrent.futures
+
+            self.copies = self.make_copies()
+            self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="picture")
+
+    def synced(self):
+        self.wait()
+        self._start()
+        for mine, theirs in zip(self.copies[0].weights, self.source.weights, strict=True):
+            mine.assign(theirs)
+        return self.copies
+
+    def on_train_begin(self, logs=None):
+        if self.warm_up is not None:
+            self._start()
+            self.pending = self.worker.submit(self.warm_up, self.copies)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.pending = self.worker.submit(self.draw, self.synced(), epoch + 1)
+
+    def wait(self):
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def on_train_end(self, logs=None):
+        self.wait()
