@@ -32,7 +32,7 @@ from flowkit.data import eval_batch, folder_arrays, load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, prior_nll
 from flowkit.files import UserError, atomic_write, save_png, write_png
 from flowkit.run import AdamW, Run, WarmupCosine
-from flowkit.sample import BackgroundPicture, cache_speed, compiled, image_grid, parse_temperatures, row_grid, temperature_codes
+from flowkit.sample import cache_speed, compiled, image_grid, parse_temperatures, row_grid, temperature_codes
 
 BIN = 2 / 256      # one pixel level once images are mapped to [−1, 1]
 GRID = 10          # 10×10 sample grids; a conditional grid has one row per class
@@ -139,12 +139,12 @@ def train(args, strategy):
     # Glow's "loss > 0 is a collapse" does not apply: a noisy-data NLL has no such bound
     run = Run(encoder, args, strategy, monitor="val_loss", after_epoch=None)
     cosine = WarmupCosine(args.lr, args.epochs * steps, min(1000, max(1, steps * args.epochs // 10)))
-    grids = run.chief_only(epoch_grid(encoder, args))
     encoder.fit(dataset(k_train, y_train, args, True), validation_data=dataset(k_test, y_test, args, False),
                 epochs=args.epochs, initial_epoch=run.initial_epoch,
-                callbacks=[*bpd, cosine, *grids, *run.callbacks], shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
+                callbacks=[*bpd, cosine, *run.chief_only(EpochGrid(encoder, decoder, args)), *run.callbacks],
+                shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
     if run.end():
-        write_grids(*(grids[0].synced() if grids else (encoder, decoder)), args)  # and the sample score
+        write_grids(encoder, decoder, args)  # and the sample score
     if run.code:
         return run.code
     nll = encoder.evaluate(dataset(k_test, y_test, args, False), verbose=0, return_dict=True)["loss"]
@@ -223,14 +223,17 @@ def grid_inputs(args, n=GRID):
     return z, (np.repeat(np.arange(n) % CLASSES, n).astype(np.int32) if args.conditional else None)
 
 
-def epoch_grid(encoder, args):
-    """After each epoch: the sample grid (denoised when that is on) to OUT/tarflow_epoch_NNN.png, drawn by
-    a copy of the model in the background while the next epoch trains (flowkit.sample.BackgroundPicture)."""
-    def draw(models, epoch):
-        _, x = sample(*models, args, *grid_inputs(args))
-        save_png(os.path.join(args.out, f"tarflow_epoch_{epoch:03d}.png"), image_grid(x, GRID, low=-1, high=1))
-    return BackgroundPicture(encoder, lambda: build_tarflow(**args.config)[:2], draw,
-                             warm_up=lambda models: sample(*models, args, *grid_inputs(args)))
+class EpochGrid(keras.callbacks.Callback):
+    """After each epoch: the sample grid (denoised when that is on) to OUT/tarflow_epoch_NNN.png."""
+
+    def __init__(self, encoder, decoder, args):
+        super().__init__()
+        self.encoder, self.decoder, self.args = encoder, decoder, args
+
+    def on_epoch_end(self, epoch, logs=None):
+        _, x = sample(self.encoder, self.decoder, self.args, *grid_inputs(self.args))
+        save_png(os.path.join(self.args.out, f"tarflow_epoch_{epoch + 1:03d}.png"),
+                 image_grid(x, GRID, low=-1, high=1))
 
 
 def write_grids(encoder, decoder, args):

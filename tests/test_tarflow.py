@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import imageio.v2 as imageio
 import keras
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from helpers import mnist_npz, perturb
 
 import flow_layers as fl
 import tarflow
-from flowkit.sample import image_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(img_size=28, channels=1, patch=7, width=8, blocks=2, layers=1, heads=2)  # 16 tokens of 49
@@ -213,33 +211,6 @@ def test_log_density_per_image_from_numpy(conditional):
 def tiny_args(tmp_path, *more):
     return tarflow.parse_args(["--patch", "7", "--width", "8", "--blocks", "2", "--layers", "1", "--heads", "2",
                                "--weights", str(tmp_path / "t.weights.h5"), "--out", str(tmp_path), *more])
-
-
-def test_epoch_grid_is_drawn_from_the_epochs_weights(tmp_path, digits):
-    """The per-epoch grid, drawn in the background by a copy of the model while the next epoch trains,
-    is the grid of the model's weights at the end of its epoch (not of later ones); the copies'
-    final grids (synced) hold the weights at the end."""
-    args = tiny_args(tmp_path, "--conditional", "--batch-size", "16")
-    encoder, decoder, _ = tarflow.build_tarflow(**args.config)
-    tarflow.compile_tarflow(encoder)
-    k, y = digits[:64, ..., None], np.arange(64, dtype=np.int32) % 10
-    snapshots = []
-
-    class Snapshot(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            snapshots.append([w.numpy() for w in encoder.weights])
-
-    grids = tarflow.epoch_grid(encoder, args)
-    encoder.fit(tarflow.dataset(k, y, args, True), epochs=2, callbacks=[Snapshot(), grids], verbose=0)
-    inputs = tarflow.grid_inputs(args)
-    for epoch, weights in enumerate(snapshots, 1):
-        encoder.set_weights(weights)
-        want = image_grid(tarflow.sample(encoder, decoder, args, *inputs)[1], tarflow.GRID, low=-1, high=1)
-        drawn = imageio.imread(tmp_path / f"tarflow_epoch_{epoch:03d}.png")
-        assert np.array_equal(drawn, want), epoch
-    assert not np.array_equal(snapshots[0][0], snapshots[1][0])  # the epochs' weights differ
-    copy_encoder, _ = grids.synced()
-    assert all(np.array_equal(a.numpy(), b) for a, b in zip(copy_encoder.weights, snapshots[1]))
 
 
 @pytest.mark.parametrize("flags", [[], ["--conditional", "--guidance", "1"]])
