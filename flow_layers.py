@@ -1018,16 +1018,20 @@ def _wide(x):
     return x if x.dtype == "float64" else ops.cast(x, "float32")
 
 
+def _normal_cdf(f):
+    return 0.5 + 0.5 * ops.erf(f * _SQRT_HALF)
+
+
 @_fused
 def _gelu(x):
     f = _wide(x)
-    return ops.cast(f * (0.5 + 0.5 * ops.erf(f * _SQRT_HALF)), x.dtype)
+    return ops.cast(f * _normal_cdf(f), x.dtype)
 
 
 @_fused
 def _gelu_grad(x, upstream):
     f = _wide(x)
-    slope = 0.5 + 0.5 * ops.erf(f * _SQRT_HALF) + f * ops.exp(-0.5 * ops.square(f)) * _INV_SQRT_2PI
+    slope = _normal_cdf(f) + f * ops.exp(-0.5 * ops.square(f)) * _INV_SQRT_2PI
     return ops.cast(ops.cast(upstream, f.dtype) * slope, x.dtype)
 
 
@@ -1054,8 +1058,7 @@ def layer_norm(epsilon, dtype):
 
     @_fused
     def forward(x, gamma, beta):
-        n, rstd = normalized(x)
-        return ops.cast(n * gamma + beta, dtype), rstd
+        return ops.cast(normalized(x)[0] * gamma + beta, dtype)
 
     @_fused
     def backward(x, gamma, upstream):
@@ -1070,7 +1073,7 @@ def layer_norm(epsilon, dtype):
     def norm(x, gamma, beta):
         def grad(*args, upstream=None):
             return backward(x, gamma, args[0] if upstream is None else upstream)
-        return forward(x, gamma, beta)[0], grad
+        return forward(x, gamma, beta), grad
     return norm
 
 
@@ -1083,22 +1086,25 @@ class LayerNorm(keras.layers.LayerNormalization):
         super().__init__(autocast=False, **kwargs)
 
     def call(self, inputs):
-        x = ops.cast(inputs, "float32") if inputs.dtype in ("float16", "bfloat16") else inputs
+        x = _wide(inputs)
         norm = layer_norm(float(self.epsilon), self.compute_dtype)
         return norm(x, ops.cast(self.gamma, x.dtype), ops.cast(self.beta, x.dtype))
 
 
+def _probabilities(scores, mask):
+    wide = _wide(scores)
+    return ops.softmax(wide + ops.cast(mask, wide.dtype), axis=-1)
+
+
 @_fused
 def _softmax(scores, mask):
-    wide = _wide(scores)
-    return ops.cast(ops.softmax(wide + ops.cast(mask, wide.dtype), axis=-1), scores.dtype)
+    return ops.cast(_probabilities(scores, mask), scores.dtype)
 
 
 @_fused
 def _softmax_grad(scores, mask, upstream):
-    wide = _wide(scores)
-    p = ops.softmax(wide + ops.cast(mask, wide.dtype), axis=-1)  # again, in float32: cheaper than keeping it
-    g = ops.cast(upstream, wide.dtype)
+    p = _probabilities(scores, mask)  # again, in float32: cheaper than keeping it
+    g = ops.cast(upstream, p.dtype)
     return ops.cast(p * (g - ops.sum(g * p, axis=-1, keepdims=True)), scores.dtype)
 
 

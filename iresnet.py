@@ -163,10 +163,13 @@ def grow(flow, path, config):
                         f"stages, width, activation, --logit and --factor-out with as many blocks per stage or more")
     encoder, _, source = build_iresnet(**{**config, **old})
     encoder.load_weights(path)
-    trained = {step.name: step for step in flow_layers_of(source) if isinstance(step, FlowLayer)}
-    for step in flow_layers_of(flow):
-        if not isinstance(step, FlowLayer) or isinstance(step, (Flow, MultiScale)):
-            continue
+
+    def steps(f):  # the flow's own layers, nested ones included, not their containers
+        return [s for s in flow_layers_of(f) if isinstance(s, FlowLayer) and not isinstance(s, (Flow, MultiScale))]
+
+    trained = {step.name: step for step in steps(source)}
+    own = steps(flow)
+    for step in own:
         if step.name in trained:
             for mine, theirs in zip(step.weights, trained[step.name].weights):
                 mine.assign(theirs)
@@ -175,7 +178,6 @@ def grow(flow, path, config):
             last.kernel.assign(last.kernel * 1e-3)
         elif isinstance(step, Actnorm):
             step.initialized.assign(1.0)  # log s = 0, b = 0: the identity
-    own = [s for s in flow_layers_of(flow) if isinstance(s, FlowLayer) and not isinstance(s, (Flow, MultiScale))]
     return len([s for s in own if s.name in trained]), len(own)
 
 
