@@ -3,14 +3,14 @@ the flow contract (FlowLayer, its Inverse, the composition Flow), then NICE, Rea
 TarFlow (f-VAEs adds no layer of its own). The articles' models are assembled in their scripts: Glow's
 steps and levels in glow.py, TarFlow's blocks in tarflow.py.
 
-Contract (docs/design.md §2): `forward` is the encoder direction x -> z with its log-determinant per
+Contract (docs/design.md §2): `encode` is the encoder direction x -> z with its log-determinant per
 example; calling the layer adds the batch mean of −log|det| with `add_loss`; `reverse` computes z -> x;
 `inverse()` returns a layer that runs `reverse` on the same variables, and `inverse().inverse()` is the
 layer itself.
-Only `keras.ops` is used, so the layers run on any Keras backend, with three TensorFlow-only
-exceptions, each said in its docstring: `_uniform`'s replica index, `ResidualFlow`'s
-vector-Jacobian products (GradientTape inside `forward`), and `_fused`, which compiles the
-Transformer's element-wise chains with XLA on TensorFlow (elsewhere they run as plain ops).
+Only `keras.ops` is used, so the layers run on every Keras backend (TensorFlow, JAX, PyTorch). What
+Keras does not offer (vector-Jacobian products for `ResidualFlow`, a loop reverse mode goes through,
+a replica's own noise, XLA for the Transformer's element-wise chains) comes from `flowkit.backend`,
+the one module that speaks a backend's own API.
 """
 import contextlib
 import functools
@@ -20,6 +20,8 @@ import re
 import keras
 import numpy as np
 from keras import ops
+
+from flowkit import backend
 
 
 def _constant(value):
@@ -50,33 +52,18 @@ def _flow_dtype(kwargs):
     return kwargs
 
 
-def _uniform(shape, dtype, generator):
-    """U(0,1) from a SeedGenerator; on TensorFlow each replica of a tf.distribute strategy folds its
-    index into the seed, else every replica would draw the same numbers for its share of the batch.
-    Replica 0 (and no strategy) draws exactly what keras.random.uniform would."""
-    if keras.backend.backend() != "tensorflow":
-        return keras.random.uniform(shape, dtype=dtype, seed=generator)
-    import tensorflow as tf  # the one tf.* use in the layers: Keras has no replica id of its own
-
-    seed = generator.next()
-    context = tf.distribute.get_replica_context()
-    if context is not None:
-        seed = seed + tf.cast(tf.stack([context.replica_id_in_sync_group, 0]), seed.dtype)
-    seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), "int32")  # as Keras' TF backend does
-    return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
-
-
 # --- the flow contract: a layer, its inverse, a composition ---------------------------------------
 
 class FlowLayer(keras.layers.Layer):
     """Base of every invertible layer. A subclass defines
 
-    - `forward(inputs, training=None) -> (outputs, log_det)`: the encoder direction x -> z and
+    - `encode(inputs, training=None) -> (outputs, log_det)`: the encoder direction x -> z and
       log|det ∂z/∂x| per example (shape (batch,)), or one scalar shared by every example, or the
       integer 0 for a volume-preserving step;
     - `reverse(outputs) -> inputs`: the inverse map z -> x.
 
-    Calling the layer runs `forward` and adds the batch mean of −log|det| with `add_loss`, so that
+    Calling the layer runs `encode` (the articles' forward pass; `forward` is PyTorch's own method
+    name, which Keras' torch layers route every call through) and adds the batch mean of −log|det| with `add_loss`, so that
     `fit` minimises −log q(x) with the prior as the compiled loss (NICE eq. 06). Called with
     `return_log_det=True` it returns (outputs, log_det per example) instead and adds nothing: a
     `Flow` sums its steps' log-dets that way and adds them once, and a script gets a per-image NLL.
@@ -86,14 +73,14 @@ class FlowLayer(keras.layers.Layer):
     def __init__(self, **kwargs):
         super().__init__(**_flow_dtype(kwargs))
 
-    def forward(self, inputs, training=None):
+    def encode(self, inputs, training=None):
         raise NotImplementedError
 
     def reverse(self, inputs):
         raise NotImplementedError
 
     def call(self, inputs, training=None, return_log_det=False):
-        outputs, log_det = self.forward(inputs, training=training)
+        outputs, log_det = self.encode(inputs, training=training)
         if return_log_det:
             first = keras.tree.flatten(outputs)[0]
             return outputs, ops.zeros(ops.shape(first)[:1], dtype=first.dtype) + log_det
@@ -153,7 +140,7 @@ class Flow(FlowLayer):
     def _feed(self, step, x, condition):
         return x
 
-    def forward(self, inputs, training=None):
+    def encode(self, inputs, training=None):
         x, condition = self._split_condition(inputs)
         total = 0
         for step in self.steps:
@@ -220,7 +207,7 @@ class UniformNoise(keras.layers.Layer):
 
     def call(self, x, training=None):
         if training:
-            return x + self.scale * _uniform(ops.shape(x), x.dtype, self.seed)
+            return x + self.scale * backend.uniform(ops.shape(x), x.dtype, self.seed)
         return x
 
     def get_config(self):
@@ -250,7 +237,7 @@ class Permute(FlowLayer):
         self.idxs = self.add_weight(shape=(d,), dtype="int32", trainable=False,
                                     initializer=_constant(idxs), name="idxs")
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         return ops.take(x, self.idxs, axis=-1), 0
 
     def reverse(self, z):
@@ -284,7 +271,7 @@ class Split(FlowLayer):
         super().__init__(**kwargs)
         self.interleave = interleave
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         d = x.shape[-1]
         return _split(x, [d // 2, d - d // 2], self.interleave), 0
 
@@ -306,7 +293,7 @@ class Concat(FlowLayer):
     def build(self, input_shapes):
         self.sizes = [s[-1] for s in input_shapes]
 
-    def forward(self, parts, training=None):
+    def encode(self, parts, training=None):
         return _concat(parts, self.interleave), 0
 
     def reverse(self, x):
@@ -345,7 +332,7 @@ class AffineCouple(FlowLayer):
             t = out
         return log_s, (-t if self.subtract else t)
 
-    def forward(self, inputs, training=None):
+    def encode(self, inputs, training=None):
         x1, x2 = inputs
         log_s, t = self._scale_shift(x1)
         if log_s is None:
@@ -386,7 +373,7 @@ class Scale(FlowLayer):
         self.log_scale = self.add_weight(shape=(1, input_shape[-1]), initializer="glorot_normal",
                                          name="log_scale")
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         if self.init_mode:
             std = ops.std(x, axis=tuple(range(len(x.shape) - 1)))
             self.log_scale.assign(ops.reshape(-ops.log(std + 1e-6), self.log_scale.shape))
@@ -404,7 +391,7 @@ class Squeeze(FlowLayer):
     Splits and permutations then act on channels while convolutions keep spatial locality. Log-det 0.
     """
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         h, w, c = x.shape[1:]
         x = ops.reshape(x, (-1, h // 2, 2, w // 2, 2, c))
         x = ops.transpose(x, (0, 1, 3, 5, 2, 4))
@@ -436,7 +423,7 @@ class CheckerSplit(FlowLayer):
         h = ops.shape(x)[1]
         return ops.reshape(ops.arange(h) % 2 != self.parity, (1, -1, 1, 1))
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         h, w, c = ops.shape(x)[1:]
         pairs = ops.reshape(x, (-1, h, w // 2, 2, c))
         first, second = pairs[..., 0, :], pairs[..., 1, :]
@@ -457,11 +444,11 @@ class CheckerSplit(FlowLayer):
 class CheckerConcat(CheckerSplit):
     """[x1, x2] -> x: CheckerSplit's inverse as a step of its own (the squares put back). Log-det 0."""
 
-    def forward(self, parts, training=None):
+    def encode(self, parts, training=None):
         return CheckerSplit.reverse(self, parts), 0
 
     def reverse(self, x):
-        return CheckerSplit.forward(self, x)[0]
+        return CheckerSplit.encode(self, x)[0]
 
 
 class Reshape(FlowLayer):
@@ -471,7 +458,7 @@ class Reshape(FlowLayer):
     def build(self, input_shape):
         self.in_shape = tuple(input_shape[1:])
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         return ops.reshape(x, (-1, math.prod(x.shape[1:]))), 0
 
     def reverse(self, z):
@@ -498,7 +485,7 @@ class Actnorm(FlowLayer):
         self.initialized = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                            name="initialized")
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         if self.init_mode:
             axes = tuple(range(len(x.shape) - 1))
             self.bias.assign(-ops.mean(x, axis=axes))
@@ -546,7 +533,7 @@ class InvDense(FlowLayer):
         upper = ops.triu(self.u, 1) + eye * (self.sign_s * ops.exp(self.log_s))
         return ops.matmul(self.p, ops.matmul(lower, upper))
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         return ops.matmul(x, self.kernel()), _pixels(x) * ops.sum(self.log_s)
 
     def reverse(self, z):
@@ -574,7 +561,7 @@ class CondActnorm(FlowLayer):
         h = self.conv(x1)
         return h[..., :self.channels], h[..., self.channels:]
 
-    def forward(self, inputs, training=None):
+    def encode(self, inputs, training=None):
         x2, x1 = inputs
         mean, log_sigma = self._mean_log_scale(x1)
         return (x2 - mean) * ops.exp(-log_sigma), -_per_image_sum(log_sigma)
@@ -599,7 +586,7 @@ class MultiScale(FlowLayer):
         self.split, self.prior = Split(name="split"), CondActnorm(name="cond_actnorm")
         self.flat, self.concat = Reshape(name="flatten"), Concat(name="concat")
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         x1, x2 = self.split(x)
         z2, log_det2 = self.prior([x2, x1], return_log_det=True)
         z1, log_det1 = self.inner(x1, training=training, return_log_det=True)
@@ -670,7 +657,7 @@ class Logit(FlowLayer):
             raise ValueError(f"alpha must lie in (0, 0.5), not {alpha!r}")
         self.alpha = float(alpha)
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         y = self.alpha + (1 - 2 * self.alpha) * x
         log_y, log_1my = ops.log(y), ops.log1p(-y)
         log_det = _per_image_sum(math.log(1 - 2 * self.alpha) - log_y - log_1my)
@@ -837,11 +824,13 @@ class ResidualFlow(FlowLayer):
     The forward call adds −(estimate), batch mean, with add_loss; the estimate is differentiated
     through (the vector-Jacobian products are recorded by the training tape).
 
-    TensorFlow only: the vector-Jacobian products inside `call` use tf.GradientTape (Keras has no
-    backend-neutral autodiff inside a layer), as glow's image loader uses tf.data.
+    The vector-Jacobian products come from `flowkit.backend.vjp` (Keras has no backend-neutral
+    autodiff inside a layer), the roulette's loop from `flowkit.backend.bounded_while` (JAX
+    differentiates only loops of known length: at most `terms + MAX_EXTRA` rounds, the rest skipped).
     """
 
     ESTIMATORS = ("truncated", "roulette", "exact")
+    MAX_EXTRA = 40
 
     def __init__(self, g, logdet="truncated", terms=5, p=0.5, tol=1e-6, max_iter=100, seed=None, **kwargs):
         super().__init__(**kwargs)
@@ -858,35 +847,22 @@ class ResidualFlow(FlowLayer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def forward(self, x, training=None):
-        import tensorflow as tf
+    def encode(self, x, training=None):
+        gx, pullback = backend.vjp(lambda x: ops.cast(self.g(x, training=training), x.dtype), x)
+        return x + gx, self.log_det(pullback, x)
 
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(x)
-            gx = ops.cast(self.g(x, training=training), x.dtype)
-        return x + gx, self.log_det(tape, x, gx)
-
-    def log_det(self, tape, x, gx, logdet=None, terms=None):
-        """Per-example estimate of log det(I + J_g(x)) by `logdet` (default: the layer's), where gx =
-        g(x) was computed under the persistent `tape` watching x."""
-        import tensorflow as tf
-
+    def log_det(self, pullback, x, logdet=None, terms=None):
+        """Per-example estimate of log det(I + J_g(x)) by `logdet` (default: the layer's), where
+        `pullback` (flowkit.backend.vjp of g at x) maps w to wᵀ J_g."""
         logdet, terms = logdet or self.logdet, terms or self.terms
         if logdet == "exact":
             d = math.prod(x.shape[1:])
-            if d <= 16:  # row i of J_g is e_iᵀ J_g: d products, no vectorising (pfor) to trace
-                eye = ops.eye(d, dtype=x.dtype)
-                rows = [ops.reshape(tape.gradient(gx, x, output_gradients=ops.broadcast_to(
-                    ops.reshape(eye[i], x.shape[1:]), ops.shape(gx))), (-1, d)) for i in range(d)]
-                jac = ops.stack(rows, axis=1)
-            else:
-                jac = ops.reshape(tape.batch_jacobian(gx, x), (-1, d, d))
-            return ops.slogdet(jac + ops.eye(d, dtype=x.dtype))[1]
+            return ops.slogdet(pullback.jacobian() + ops.eye(d, dtype=x.dtype))[1]
         v = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=self.noise)
         axes = tuple(range(1, len(x.shape)))
 
         def term(k, w):  # (−1)^{k+1}/k · vᵀ J^k v, with w = vᵀ J^{k−1} advanced by one product
-            w = tape.gradient(gx, x, output_gradients=w)
+            w = pullback(w)
             sign = 1.0 - 2.0 * ops.cast((k + 1) % 2, x.dtype)
             return w, sign / ops.cast(k, x.dtype) * ops.sum(w * v, axis=axes)
 
@@ -905,9 +881,9 @@ class ResidualFlow(FlowLayer):
             survive = ops.power(ops.cast(1 - self.p, x.dtype), ops.cast(ops.maximum(k - terms, 0), x.dtype))
             return k + 1, w, total + t / survive
 
-        _, _, total = tf.while_loop(lambda k, w, total: k <= n, body,
-                                    (tf.constant(1), v, ops.zeros(ops.shape(x)[:1], dtype=x.dtype)))
-        return total
+        # at most MAX_TERMS products: P(N > terms + 40) = (1 − p)^40, 1e-12 at p = 0.5
+        start = (ops.convert_to_tensor(1, "int32"), v, ops.zeros(ops.shape(x)[:1], dtype=x.dtype))
+        return backend.bounded_while(lambda k, w, total: k <= n, body, start, terms + self.MAX_EXTRA)[2]
 
     def fixed_point(self, y, tol=None, max_iter=None):
         """(iterations, x, last change): Banach's iteration x_{k+1} = y − g(x_k), x_0 = y."""
@@ -971,7 +947,7 @@ class Patchify(FlowLayer):
             raise ValueError(f"patch {self.patch} does not divide the image size {h}×{w}")
         self.grid = (h // self.patch, w // self.patch, c)
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         (gh, gw, c), p = self.grid, self.patch
         x = ops.reshape(x, (-1, gh, p, gw, p, c))
         x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
@@ -991,23 +967,14 @@ class Flip(FlowLayer):
     """Reverses the token order (axis 1): TarFlow's permutation, so that consecutive blocks are
     autoregressive in opposite directions. Log-det 0; its own inverse."""
 
-    def forward(self, x, training=None):
+    def encode(self, x, training=None):
         return ops.flip(x, axis=1), 0
 
     def reverse(self, z):
         return ops.flip(z, axis=1)
 
 
-def _fused(fn):
-    """`fn` as one XLA program on TensorFlow (`tf.function(jit_compile=True)`), `fn` itself elsewhere. For
-    the element-wise chains between the Transformer's matmuls (GELU, layer norm, the masked softmax, each
-    with its 16-bit casts): one pass through memory where op by op each step is one, while the matmuls
-    stay with the backend's own kernels (oneDNN on a CPU), which XLA's CPU matmuls do not match."""
-    if keras.backend.backend() != "tensorflow":
-        return fn
-    import tensorflow as tf
-
-    return tf.function(fn, jit_compile=True, autograph=False)
+_fused = backend.fused  # the element-wise chains between the matmuls as one XLA program each
 
 
 _SQRT_HALF, _INV_SQRT_2PI = 1 / math.sqrt(2), 1 / math.sqrt(2 * math.pi)
@@ -1344,7 +1311,7 @@ class TarBlock(FlowLayer):
         kept = ops.split(f, [f.shape[1] - 1], axis=1)[0]  # f[:, :-1], whose gradient is a concat, not a scatter
         return ops.split(ops.concatenate([ops.zeros_like(kept[:, :1]), kept], axis=1), 2, axis=-1)
 
-    def forward(self, inputs, training=None):
+    def encode(self, inputs, training=None):
         x, y = self._unpack(inputs)
         if self.classes and training and self.label_drop > 0:
             drop = keras.random.uniform(ops.shape(y), seed=self.label_seed) < self.label_drop

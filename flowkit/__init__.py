@@ -2,6 +2,7 @@
 
     cli      the command line: common flags and their checks, the start of a run, a script's main
     run      `Run`, the callbacks handed to `encoder.fit`: best weights, the collapse rule, --resume, logs
+    backend  the backends' own APIs (gradients, compiling, loops), the one place that names them
     optim    Adam and AdamW with TensorFlow's fused update
     devices  tf.distribute strategies, the precision choice, which worker writes files
     data     MNIST (offline fallback) and image folders
@@ -11,11 +12,28 @@
     score    the sample score: a small digit classifier's verdict on a model's samples
     curves   epoch logs drawn and tabled
 
-Importing the package imports TensorFlow with its start-up notices kept off stderr.
+On the TensorFlow backend, importing the package imports TensorFlow with its start-up notices kept
+off stderr; on JAX and PyTorch it needs no TensorFlow.
 It never imports an article script or a tool (tests/test_imports.py).
 """
+import json
 import os
 import sys
+
+
+def _keras_backend():
+    """The backend Keras will choose, read as Keras reads it (KERAS_BACKEND, else keras.json, else
+    TensorFlow) without importing Keras: its TensorFlow backend would load TensorFlow loudly."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
 
 
 def _load_tensorflow_quietly():
@@ -42,4 +60,5 @@ def _load_tensorflow_quietly():
         os.close(devnull)
 
 
-_load_tensorflow_quietly()
+if _keras_backend() == "tensorflow":
+    _load_tensorflow_quietly()

@@ -25,18 +25,18 @@ def mnist_npz(path, digits, n_train, n_test):
 
 
 def jacobian_log_det(fn, x):
-    """log|det ∂fn/∂x| per example, from the autodiff Jacobian (tf.GradientTape.batch_jacobian) and
-    np.linalg.slogdet: the brute-force check of every reported log-det (docs/design.md §4). `fn` maps a
-    batch to a batch of the same dimension; a singular Jacobian fails the check."""
-    import tensorflow as tf
+    """log|det ∂fn/∂x| per example, from the autodiff Jacobian (flowkit.backend.vjp, on whichever
+    backend runs) and np.linalg.slogdet: the brute-force check of every reported log-det
+    (docs/design.md §4). `fn` maps a batch to a batch of the same dimension; a singular Jacobian fails
+    the check."""
+    import keras
+    from flowkit import backend
 
-    x = tf.convert_to_tensor(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        z = tf.reshape(fn(x), (x.shape[0], -1))
-    jac = tape.batch_jacobian(z, x).numpy()
+    x = keras.ops.convert_to_tensor(x)
     d = int(np.prod(x.shape[1:]))
-    assert jac.size == x.shape[0] * d * d, "the map must be square"
+    _, pullback = backend.vjp(lambda x: keras.ops.reshape(fn(x), (x.shape[0], -1)), x)
+    assert pullback.y.shape[1] == d, "the map must be square"
+    jac = keras.ops.convert_to_numpy(pullback.jacobian())
     sign, log_det = np.linalg.slogdet(jac.reshape(x.shape[0], d, d))
     assert np.all(sign != 0)
     return log_det

@@ -86,13 +86,13 @@ def test_actnorm_init_normalises_each_channel_and_is_not_redone_after_loading(tm
     assert initialize_actnorms(encoder, x) == 5
     outputs = {}  # each Actnorm's output in one eager pass (they sit inside the flow, not in the model's graph)
     for layer in actnorms:
-        def record(x, training=None, layer=layer, forward=layer.forward):
-            outputs[layer.name] = forward(x, training)
+        def record(x, training=None, layer=layer, encode=layer.encode):
+            outputs[layer.name] = encode(x, training)
             return outputs[layer.name]
-        object.__setattr__(layer, "forward", record)
+        object.__setattr__(layer, "encode", record)
     encoder(x, training=False)
     for layer in actnorms:
-        del layer.__dict__["forward"]
+        del layer.__dict__["encode"]
         out = outputs[layer.name][0].numpy()
         out = out.reshape(-1, out.shape[-1])
         np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-4, err_msg=layer.name)
