@@ -43,6 +43,21 @@ def _per_image_sum(x):
     return ops.sum(x, axis=tuple(range(1, len(x.shape))))
 
 
+def _is_float64(x):
+    return keras.backend.standardize_dtype(x.dtype) == "float64"
+
+
+def _mean(x, axis=None, keepdims=False):
+    """ops.mean in x's own precision: Keras' JAX and PyTorch backends average in float32 whatever the
+    input (their result type of float64 and float32 is float32), which would cost the float64
+    Jacobian checks their precision, so a float64 mean is a sum over the count."""
+    x = ops.convert_to_tensor(x)
+    if not _is_float64(x):
+        return ops.mean(x, axis=axis, keepdims=keepdims)
+    total = ops.sum(x, axis=axis, keepdims=keepdims)
+    return total * ops.cast(ops.size(total), x.dtype) / ops.cast(ops.size(x), x.dtype)
+
+
 def _flow_dtype(kwargs):
     """Flow layers compute in their variables' dtype: float32 under a mixed policy ("mixed_bfloat16",
     "mixed_float16"), floatx otherwise. So the data path x -> z, every log-det, the prior and the
@@ -85,7 +100,7 @@ class FlowLayer(keras.layers.Layer):
             first = keras.tree.flatten(outputs)[0]
             return outputs, ops.zeros(ops.shape(first)[:1], dtype=first.dtype) + log_det
         if not (isinstance(log_det, int) and log_det == 0):
-            self.add_loss(-ops.mean(log_det))
+            self.add_loss(-_mean(log_det))
         return outputs
 
     def inverse(self):
@@ -167,7 +182,9 @@ def children(layer):
     """The layers a layer holds as attributes, alone or in lists (a flow layer's steps and networks, a
     Transformer's layers); none for an Inverse, whose forward layer is a reference, not a part."""
     found = []
-    for name, value in ([] if isinstance(layer, Inverse) else vars(layer).items()):
+    # PyTorch's Module keeps a layer held alone in `_modules`, not in the instance's __dict__
+    held = {**vars(layer), **(getattr(layer, "_modules", None) or {})}
+    for name, value in ([] if isinstance(layer, Inverse) else held.items()):
         if name.startswith("_"):
             continue
         for v in value if isinstance(value, (list, tuple)) else [value]:
@@ -424,9 +441,10 @@ class CheckerSplit(FlowLayer):
         return ops.reshape(ops.arange(h) % 2 != self.parity, (1, -1, 1, 1))
 
     def encode(self, x, training=None):
-        h, w, c = ops.shape(x)[1:]
-        pairs = ops.reshape(x, (-1, h, w // 2, 2, c))
-        first, second = pairs[..., 0, :], pairs[..., 1, :]
+        # strided slices, not a reshape to (h, w/2, 2, c): JAX's shape inference cannot prove that
+        # reshape whole when w is unknown (a size-agnostic network's symbolic input)
+        w = ops.shape(x)[2]
+        first, second = x[:, :, 0:w - 1:2], x[:, :, 1:w:2]
         swap = self._swap(x)
         return [ops.where(swap, second, first), ops.where(swap, first, second)], 0
 
@@ -488,7 +506,7 @@ class Actnorm(FlowLayer):
     def encode(self, x, training=None):
         if self.init_mode:
             axes = tuple(range(len(x.shape) - 1))
-            self.bias.assign(-ops.mean(x, axis=axes))
+            self.bias.assign(-_mean(x, axis=axes))
             self.log_scale.assign(-ops.log(ops.std(x, axis=axes) + 1e-6))
             self.initialized.assign(1.0)
         return (x + self.bias) * ops.exp(self.log_scale), _pixels(x) * ops.sum(self.log_scale)
@@ -982,7 +1000,7 @@ _SQRT_HALF, _INV_SQRT_2PI = 1 / math.sqrt(2), 1 / math.sqrt(2 * math.pi)
 
 def _wide(x):
     """x in at least float32 (float64 stays float64)."""
-    return x if x.dtype == "float64" else ops.cast(x, "float32")
+    return x if _is_float64(x) else ops.cast(x, "float32")
 
 
 def _normal_cdf(f):
@@ -1019,8 +1037,8 @@ def layer_norm(epsilon, dtype):
     g' = g·γ, ∂/∂x = (g' − mean g' − n·mean(g'·n))/√(var + ε), ∂/∂γ = Σ g·n, ∂/∂β = Σ g over the
     other axes; each direction is one fused program (`_fused`)."""
     def normalized(x):
-        centred = x - ops.mean(x, axis=-1, keepdims=True)
-        rstd = ops.rsqrt(ops.mean(ops.square(centred), axis=-1, keepdims=True) + epsilon)
+        centred = x - _mean(x, axis=-1, keepdims=True)
+        rstd = ops.rsqrt(_mean(ops.square(centred), axis=-1, keepdims=True) + epsilon)
         return centred * rstd, rstd
 
     @_fused
@@ -1033,7 +1051,7 @@ def layer_norm(epsilon, dtype):
         g = ops.cast(upstream, x.dtype)
         rows = tuple(range(len(x.shape) - 1))
         g_n = g * gamma
-        g_x = rstd * (g_n - ops.mean(g_n, axis=-1, keepdims=True) - n * ops.mean(g_n * n, axis=-1, keepdims=True))
+        g_x = rstd * (g_n - _mean(g_n, axis=-1, keepdims=True) - n * _mean(g_n * n, axis=-1, keepdims=True))
         return g_x, ops.sum(g * n, axis=rows), ops.sum(g, axis=rows)
 
     @ops.custom_gradient

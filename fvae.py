@@ -33,16 +33,16 @@ from types import SimpleNamespace
 from flowkit import cli
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import layers
 
 import glow  # F is Glow's flow: the article marries the two (the one script another script imports)
 from flow_layers import Concat, Reshape, Scale, Squeeze, initialize_actnorms
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
-from flowkit.data import eval_batch, folder_pixels, load_folder, mnist_pixels
+from flowkit.data import decode_images, eval_batch, folder_source, load_folder, mnist_pixels
 from flowkit.density import BitsPerDim, NormalNLL, bits_per_dim, dequantize, prior_nll
 from flowkit.files import UserError, save_png, write_png
+from flowkit.pipeline import batches, first
 from flowkit.run import Adam, Run
 from flowkit.sample import decode_codes, image_grid, interpolation_codes, row_grid, sample
 
@@ -56,48 +56,41 @@ INIT_STD = 0.1         # σ and σ_x at the start
 # --- data ---------------------------------------------------------------------------------------
 
 def pixels(args):
-    """(train, test, channels): tf.data datasets of integer pixels k (h, w, c), MNIST padded to 32×32
-    or an image folder (glow's loaders in flowkit.data); --limit keeps the first N of each."""
-    AUTO = tf.data.AUTOTUNE
+    """(train, test, channels, n): the integer pixels k (h, w, c) of MNIST padded to 32×32 or of an image
+    folder (glow's loaders in flowkit.data): train a flowkit.pipeline source (a folder's images decoded
+    as they are read on tf.data), test a uint8 array decoded once; --limit keeps the first N of each."""
     if args.data and os.path.isdir(args.data):
         train_paths, test_paths = load_folder(args.data, args.seed)
         if args.limit:
             train_paths, test_paths = train_paths[:args.limit], test_paths[:args.limit]
-        files, load = folder_pixels(train_paths, args.img_size)
-        train = files.shuffle(len(train_paths), seed=args.seed, reshuffle_each_iteration=True).map(load, AUTO)
-        test = folder_pixels(test_paths, args.img_size)[0].map(load, AUTO).cache()
+        train, test = folder_source(train_paths, args.img_size), decode_images(test_paths, args.img_size)
         print(f"{len(train_paths)} training images, {len(test_paths)} held out, from {args.data}")
         return train, test, 3, len(train_paths)
     k_train, k_test = mnist_pixels(args.data)
     if args.limit:
         k_train, k_test = k_train[:args.limit], k_test[:args.limit]
-    train = tf.data.Dataset.from_tensor_slices(k_train).shuffle(len(k_train), seed=args.seed,
-                                                                reshuffle_each_iteration=True)
-    return train, tf.data.Dataset.from_tensor_slices(k_test), 1, len(k_train)
+    return k_train, k_test, 1, len(k_train)
 
 
-def with_noise(batches, latent_dims):
-    """Integer-pixel batches -> ((x, u), dummy target): x = −1 + (k + v)·2/256 with fresh v ~ U(0,1)
-    (the exact bin, docs/design.md §3) and the posterior noise u ~ N(0, I) of the model's second input, both
-    new at every pass (a stateful generator: a seeded tf.random op in a map repeats each epoch)."""
-    noise = tf.random.Generator.from_seed(np.random.randint(2**31))
+def with_noise(latent_dims):
+    """The flowkit.pipeline transform of integer pixels k -> the inputs (x, u): x = −1 + (k + v)·2/256
+    with fresh v ~ U(0,1) (the exact bin, docs/design.md §3) and the posterior noise u ~ N(0, I) of the
+    model's second input, both new at every pass."""
+    def add(k, r):
+        k = r.cast(k, "float32")
+        x = dequantize(k, -1, BIN, r.uniform(r.shape(k)))
+        return x, r.normal([r.shape(k)[0], latent_dims])
 
-    def add(k):
-        k = tf.cast(k, tf.float32)
-        x = dequantize(k, -1, BIN, noise.uniform(tf.shape(k)))
-        u = noise.normal(tf.stack([tf.shape(k)[0], latent_dims]))
-        return (x, u), tf.zeros(tf.shape(k)[:1])
-
-    return batches.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+    return add
 
 
 def datasets(args, latent_dims):
+    """(train, test, n): ((x, u), dummy) batches, train shuffled and endless, of `pixels`' n training images."""
     train, test, _, n = pixels(args)
     if args.batch_size > n and not args.loads_weights:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training images")
-    train = with_noise(train.repeat().batch(args.batch_size, drop_remainder=True), latent_dims)
-    test = with_noise(test.batch(eval_batch(args.batch_size)), latent_dims)
-    return train.prefetch(tf.data.AUTOTUNE), test.prefetch(tf.data.AUTOTUNE), n
+    train = batches(train, args.batch_size, with_noise(latent_dims), shuffle=True, seed=args.seed, repeat=True)
+    return train, batches(test, eval_batch(args.batch_size), with_noise(latent_dims)), n
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -232,7 +225,7 @@ def train(args, strategy):
 def report(fvae, test, args):
     """The last lines: the test ELBO bound (and with --iw K the IW bound) in bits/dim."""
     if args.iw:
-        x = np.concatenate([b[0][0].numpy() for b in test])[:args.iw_images]
+        x = first(test, args.iw_images)[0]
         elbo, iw = iw_bound(fvae.elbo, x, args.iw, args.seed)
         print(f"first {len(x)} test images, K = {args.iw}: ELBO bound {bits_per_dim(elbo, fvae.dims, BIN):.3f}, "
               f"IW bound {bits_per_dim(iw, fvae.dims, BIN):.3f} bits/dim")
@@ -271,9 +264,9 @@ class Samples(keras.callbacks.Callback):
 # --- the article's experiments ------------------------------------------------------------------
 
 def test_images(test, n):
-    """The first n held-out images (fewer if there are fewer) from the integer-pixel dataset `test`,
+    """The first n held-out images (fewer if there are fewer) of the integer pixels `test` (`pixels`'),
     each pixel at its bin's centre, −1 + (k + ½)·2/256: the same pictures at every run."""
-    return np.concatenate([-1 + (b.numpy().astype(np.float32) + 0.5) * BIN for b in test.batch(n).take(1)])
+    return -1 + (np.asarray(test[:n], np.float32) + 0.5) * BIN
 
 
 def reconstruct(fvae, x):

@@ -21,16 +21,16 @@ import sys
 from flowkit import cli
 import keras
 import numpy as np
-import tensorflow as tf
 
 from flow_layers import (Actnorm, AffineCouple, CheckerConcat, CheckerSplit, Concat, Flow, InvDense, MultiScale,
                          Permute, Reshape, Split, Squeeze, UniformNoise, initialize_actnorms)
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.curves import kept
-from flowkit.data import cached_images, eval_batch, load_folder, mnist_pixels
+from flowkit.data import eval_batch, image_source, load_folder, mnist_pixels
 from flowkit.density import BitsPerDim, bits_per_dim, dequantized, prior_nll
 from flowkit.files import UserError, save_png, write_png
+from flowkit.pipeline import batches, first
 from flowkit.run import Adam, Run
 from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
                             temperature_codes)
@@ -48,9 +48,10 @@ COLLAPSE_LR = 1e-5
 
 # --- data ---------------------------------------------------------------------------------------
 
-def train_x(k):
-    """The article's training input k/255·2 − 1 (the model adds U(0,1)/256 while training)."""
-    return tf.cast(k, tf.float32) / 255 * 2 - 1, tf.zeros(tf.shape(k)[:1])  # the loss reads only z
+def train_x(k, r):
+    """The article's training input k/255·2 − 1 (the model adds U(0,1)/256 while training): a
+    flowkit.pipeline transform."""
+    return r.cast(k, "float32") / 255 * 2 - 1
 
 
 def check_batch(args, n):
@@ -60,10 +61,10 @@ def check_batch(args, n):
 
 
 def datasets(args, training=True):
-    """(train, test, channels): tf.data pipelines of (x, dummy y); train repeats forever (None when not
-    `training`), the test images are dequantized over the whole bin with fresh noise each pass
-    (docs/design.md §3). A folder's images are decoded once, before training (flowkit.data.cached_images)."""
-    AUTO, train = tf.data.AUTOTUNE, None
+    """(train, test, channels): pipelines (flowkit.pipeline) of (x, dummy y); train repeats forever (None
+    when not `training`), the test images are dequantized over the whole bin with fresh noise each pass
+    (docs/design.md §3). A folder's images are decoded once, before training (flowkit.data.image_source)."""
+    train = None
     if args.data and os.path.isdir(args.data):
         train_paths, test_paths = load_folder(args.data, args.config.get("split_seed", args.seed))
         check_batch(args, len(train_paths))
@@ -72,23 +73,20 @@ def datasets(args, training=True):
                   f"training: the folder changed, some images may be training ones", file=sys.stderr)
         args.config["held_out"] = len(test_paths)
         cache = os.path.join(os.path.dirname(os.path.abspath(args.weights)), CACHE)
-        test, where = cached_images(test_paths, args.img_size, cache)
+        test, where = image_source(test_paths, args.img_size, cache)
         if training:
-            train, where = cached_images(train_paths, args.img_size, cache, seed=args.seed)
+            train, where = image_source(train_paths, args.img_size, cache)
         print(f"{len(train_paths)} training images, {len(test_paths)} held out, from {args.data}; "
               f"{'training' if training else 'held-out'} images {where}", flush=True)
         channels = 3
     else:
-        k_train, k_test = mnist_pixels(args.data)
-        check_batch(args, len(k_train))
-        train = (tf.data.Dataset.from_tensor_slices(k_train)
-                 .shuffle(len(k_train), seed=args.seed, reshuffle_each_iteration=True).repeat())
-        test = tf.data.Dataset.from_tensor_slices(k_test)
+        train, test = mnist_pixels(args.data)
+        check_batch(args, len(train))
         channels = 1
     if training:
-        train = train.batch(args.batch_size, drop_remainder=True).map(train_x, num_parallel_calls=AUTO).prefetch(AUTO)
-    test = dequantized(test.batch(eval_batch(args.batch_size)), -1, BIN).prefetch(AUTO)
-    return train, test, channels
+        train = batches(train, args.batch_size, train_x, shuffle=True, seed=args.seed, repeat=True)
+    test = dequantized(test, eval_batch(args.batch_size), -1, BIN)
+    return train if training else None, test, channels
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -263,7 +261,7 @@ class Samples(keras.callbacks.Callback):
 def reconstruct(encoder, decoder, test, n=RECONSTRUCT):
     """n held-out images (top row) over decoder(encoder(x)) (bottom row) as one picture, and the
     largest absolute error: every split z is kept in the z vector, so the round trip is exact."""
-    x = next(iter(test.unbatch().batch(n)))[0].numpy()
+    x = first(test, n)
     x_rec = keras.ops.convert_to_numpy(decoder(encoder(x, training=False), training=False))
     pic = np.concatenate([np.concatenate(list(row), axis=1) for row in (x, x_rec)], axis=0)
     return image_grid(pic[None], 1, low=-1, high=1), float(np.max(np.abs(x - x_rec)))
@@ -279,7 +277,7 @@ def interpolation_rows(encoder, decoder, test, pairs, steps=GRID):
     """(images, rows): 2·pairs held-out images and, per pair, the straight line between their codes
     (row 2i) over the great circle (row 2i + 1), `steps` decoded codes each. The code is every level's
     z concatenated (the encoder's output), so the end columns decode back to the images themselves."""
-    x = next(iter(test.unbatch().batch(2 * pairs)))[0].numpy()
+    x = first(test, 2 * pairs)
     if len(x) < 2 * pairs:
         raise UserError(f"--interpolate {pairs}: needs {2 * pairs} held-out images, there are {len(x)}")
     z = keras.ops.convert_to_numpy(encoder(x, training=False))

@@ -20,11 +20,11 @@ import time
 from flowkit import cli
 import keras
 import numpy as np
-import tensorflow as tf
 
 from flow_layers import (Actnorm, AffineCouple, Concat, Flow, FlowLayer, LipSwish, Logit, MultiScale, Permute, Reshape,
                          ResidualFlow, SpectralConv2D, SpectralDense, Split, Squeeze, flow_layers_of, initialize_actnorms,
                          log_det_estimator)
+from flowkit import backend
 from flowkit import score as sample_score
 from flowkit.cli import positive
 from flowkit.data import load_mnist
@@ -49,12 +49,10 @@ def mnist(args):
     return k_train[: args.limit, ..., None], k_test[..., None]
 
 
-def batches(k, batch_size, shuffle_seed=None):
-    """Batches of x = (k + u)/256 with fresh u each pass; whole batches only (one trace)."""
-    ds = tf.data.Dataset.from_tensor_slices(k)
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(k), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return dequantized(ds.batch(batch_size, drop_remainder=shuffle_seed is not None), 0, BIN)
+def batches(k, batch_size, shuffle_seed=None, repeat=False):
+    """Batches of x = (k + u)/256 with fresh u each pass; with a seed shuffled at every pass, whole
+    batches only (one trace); endless with `repeat`."""
+    return dequantized(k, batch_size, 0, BIN, shuffle=shuffle_seed is not None, seed=shuffle_seed, repeat=repeat)
 
 
 def toy_data(name, n, rng):
@@ -238,10 +236,10 @@ def evaluate(flow, k, batch_size=100, logdet="roulette", terms=EVAL_TERMS, draws
     """(mean NLL, estimator s.e., data s.e.) in nats/image over the images k, `draws` log-det estimates
     per image on one dequantization. Estimator s.e.: from the draws' spread of each batch's total (its
     images share a roulette N, batches do not); data s.e.: from the spread over images."""
-    fn = tf.function(lambda x: nll_per_image(flow, x, logdet, terms), autograph=False)
+    fn = backend.function(lambda x: nll_per_image(flow, x, logdet, terms), flow.variables)
     x = fixed_dequantization(k, seed)
     starts = range(0, len(x), batch_size)
-    est = np.stack([np.concatenate([fn(tf.constant(x[i:i + batch_size])).numpy() for i in starts])
+    est = np.stack([np.concatenate([keras.ops.convert_to_numpy(fn(x[i:i + batch_size])) for i in starts])
                     for _ in range(draws)])  # (draws, images)
     totals = np.stack([est[:, i:i + batch_size].sum(axis=1) for i in starts], axis=1)  # (draws, batches)
     estimator_se = math.sqrt(totals.var(axis=0, ddof=1).sum() / draws) / len(x) if draws > 1 else float("nan")
@@ -315,11 +313,11 @@ def bias_table(flow, x, draws, ns=(1, 2, 4, 8, 16)):
         with log_det_estimator(flow, logdet, terms):
             return sum(block(xb, training=False, return_log_det=True)[1] for block, xb in pairs)
 
-    exact = tf.function(lambda: estimate("exact", 1), autograph=False)().numpy()
+    exact = keras.ops.convert_to_numpy(backend.function(lambda: estimate("exact", 1), flow.variables)())
     rows = []
     for kind, n in [("truncated", n) for n in ns] + [("roulette", n) for n in (1, 2, 4)]:
-        fn = tf.function(lambda: estimate(kind, n), autograph=False)
-        err = np.stack([fn().numpy() - exact for _ in range(draws)])  # (draws, images)
+        fn = backend.function(lambda: estimate(kind, n), flow.variables)
+        err = np.stack([keras.ops.convert_to_numpy(fn()) - exact for _ in range(draws)])  # (draws, images)
         # s.e. over draws of the mean over the images (a roulette N is shared by the images of a draw)
         rows.append((kind, n, float(err.mean()), float(err.mean(axis=1).std(ddof=1) / math.sqrt(draws)),
                      float(err.std(axis=0, ddof=1).mean())))
@@ -354,8 +352,8 @@ def toy(args):
 
 def log_density(flow, x, batch=2000):
     """Exact log q(x) of a 2-D flow, each block's log-det by its brute-force Jacobian."""
-    log_q = tf.function(lambda xb: -nll_per_image(flow, xb, "exact", 1), reduce_retracing=True, autograph=False)
-    return np.concatenate([log_q(tf.constant(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+    log_q = backend.function(lambda xb: -nll_per_image(flow, xb, "exact", 1), flow.variables)
+    return np.concatenate([keras.ops.convert_to_numpy(log_q(x[i:i + batch])) for i in range(0, len(x), batch)])
 
 
 def toy_picture(path, data, flows, lim=4.5, n=160):
@@ -390,16 +388,17 @@ def experiments(args):
         _, k_test = mnist(args)
         x = fixed_dequantization(k_test[:args.images], args.seed or 0)
     if args.inverse:
-        rows = inverse_report(flow, tf.constant(x))
+        rows = inverse_report(flow, keras.ops.convert_to_tensor(x))
         tol = next(layer for layer in flow_layers_of(flow) if isinstance(layer, ResidualFlow)).tol
         print(f"fixed-point inverse at c = {args.coeff}, tolerance {tol:g} (on each coordinate's "
               f"|Δx| / (1 + |x|)), {len(x)} test images:")
         for name, n, err in rows:
             print(f"  {name}: {n} iterations, max |x − x_rec| {err:.2e}")
         z = encoder(x, training=False)
-        print(f"whole model: max |x − decoder(encoder(x))| = {np.max(np.abs(decoder(z).numpy() - x)):.2e}")
+        print(f"whole model: max |x − decoder(encoder(x))| = "
+              f"{np.max(np.abs(keras.ops.convert_to_numpy(decoder(z)) - x)):.2e}")
     if args.bias_table:
-        exact, rows = bias_table(flow, tf.constant(x), args.draws)
+        exact, rows = bias_table(flow, keras.ops.convert_to_tensor(x), args.draws)
         print(f"Σ log det(I + J_g) over the blocks, exact (brute-force Jacobian): {exact:.2f} nats/image "
               f"({len(x)} test images, {args.draws} draws)")
         print("| estimator | terms | bias (nats/image) | s.e. of bias | std of one draw |")

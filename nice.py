@@ -16,7 +16,6 @@ import sys
 from flowkit import cli
 import keras
 import numpy as np
-import tensorflow as tf
 from scipy.stats import spearmanr
 
 from flow_layers import AffineCouple, Concat, Flow, Permute, Scale, Split, UniformNoise, initialize_scales
@@ -25,6 +24,7 @@ from flowkit.cli import non_negative, positive
 from flowkit.data import eval_batch, load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_constant, prior_nll
 from flowkit.files import UserError, write_png
+from flowkit.pipeline import batches
 from flowkit.run import Adam, EpochLine, Run
 from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
                             temperature_codes)
@@ -41,18 +41,16 @@ def train_inputs(k):
     return (k.reshape(len(k), -1) / 255).astype(keras.config.floatx())
 
 
-def train_data(k, batch_size, seed=None):
-    """Batches of x = k/255, reshuffled every epoch. Whole batches only: a last, smaller batch would
-    trace the training step a second time (seconds on a CPU); its images come in other epochs."""
-    x = train_inputs(k)
-    return (tf.data.Dataset.from_tensor_slices(x).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-            .batch(batch_size, drop_remainder=True).map(lambda x: (x, tf.zeros(tf.shape(x)[:1])))
-            .prefetch(tf.data.AUTOTUNE))
+def train_data(k, batch_size, seed=None, repeat=False):
+    """Batches of x = k/255, reshuffled every epoch (endless with `repeat`). Whole batches only: a last,
+    smaller batch would trace the training step a second time (seconds on a CPU); its images come in
+    other epochs."""
+    return batches(train_inputs(k), batch_size, shuffle=True, seed=seed, repeat=repeat)
 
 
 def test_data(k, batch_size):
     """Test images dequantized over the whole bin, x = (k + u)/256, fresh u every epoch (docs/design.md §3)."""
-    return dequantized(tf.data.Dataset.from_tensor_slices(k.reshape(len(k), -1)).batch(batch_size), 0, BIN)
+    return dequantized(k.reshape(len(k), -1), batch_size, 0, BIN)
 
 
 # --- the model ----------------------------------------------------------------------------------

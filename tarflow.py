@@ -23,14 +23,15 @@ import sys
 from flowkit import cli
 import keras
 import numpy as np
-import tensorflow as tf
 
 from flow_layers import CausalTransformer, ConditionalFlow, Flip, Flow, Patchify, Reshape, TarBlock, old_tarblock_path
+from flowkit import backend
 from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.data import eval_batch, folder_arrays, load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, prior_nll
 from flowkit.files import UserError, atomic_write, save_png, write_png
+from flowkit.pipeline import NumpyOps, batches
 from flowkit.run import AdamW, Run, WarmupCosine
 from flowkit.sample import cache_speed, compiled, image_grid, parse_temperatures, row_grid, temperature_codes
 
@@ -62,31 +63,27 @@ def load_data(args):
     return k_train[: args.limit], y_train[: args.limit].astype(np.int32), k_test, y_test.astype(np.int32)
 
 
-def noisy(k, noise, sigma, seed=None):
+def noisy(k, noise, sigma, r):
     """The model's data from integer pixels k: k/255·2 − 1 + σ·ε (Gaussian, the paper's) or
-    −1 + (k + u)·2/256 (uniform: the dequantization of docs/design.md §3, which has a bits/dim). A tf function;
-    `seed` a tf.random.Generator (fresh noise at every pass of a dataset)."""
-    k = tf.cast(k, tf.float32)
-    draw = seed.normal if noise == "gaussian" else seed.uniform
-    eps = draw(tf.shape(k))
+    −1 + (k + u)·2/256 (uniform: the dequantization of docs/design.md §3, which has a bits/dim), in
+    floatx. `r` a flowkit.pipeline namespace: a pipeline's (fresh noise at every pass), or
+    flowkit.pipeline.NumpyOps(seed) for NumPy arrays here and now."""
+    k = r.cast(k, "float32")
+    eps = (r.normal if noise == "gaussian" else r.uniform)(r.shape(k))
     x = k / 255 * 2 - 1 + sigma * eps if noise == "gaussian" else dequantize(k, -1, BIN, eps)
-    return tf.cast(x, keras.config.floatx())
+    return r.cast(x, keras.config.floatx())
 
 
-def dataset(k, y, args, shuffle):
+def dataset(k, y, args, shuffle, repeat=False):
     """((x, y) or x, dummy target) batches with fresh noise each epoch; train shuffled, whole batches;
-    held-out ones (not `shuffle`) in validation batches (flowkit.data.eval_batch)."""
-    gen = tf.random.Generator.from_seed(np.random.randint(2**31))  # stateful: new noise every pass
-    ds = tf.data.Dataset.from_tensor_slices((k, y))
-    if shuffle:
-        ds = ds.shuffle(len(k), seed=args.seed, reshuffle_each_iteration=True)
-    ds = ds.batch(args.batch_size, drop_remainder=True) if shuffle else ds.batch(eval_batch(args.batch_size))
+    held-out ones (not `shuffle`) in validation batches (flowkit.data.eval_batch); endless with `repeat`."""
+    def prepare(batch, r):
+        kb, yb = batch
+        x = noisy(kb, args.noise, args.sigma, r)
+        return (x, yb) if args.conditional else x
 
-    def prepare(kb, yb):
-        x = noisy(kb, args.noise, args.sigma, gen)
-        return ((x, yb) if args.conditional else x), tf.zeros(tf.shape(kb)[:1])
-
-    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    size = args.batch_size if shuffle else eval_batch(args.batch_size)
+    return batches((k, y), size, prepare, shuffle=shuffle, seed=args.seed, repeat=repeat)
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -177,16 +174,15 @@ def log_density(encoder, x, y=None):
 
 
 def score(encoder, x, y=None):
-    """∇ₓ log p(x) per image, by autodiff through the flow (TensorFlow's GradientTape), as one graph
-    kept on the encoder (flowkit.sample.compiled: ×3 faster than taped op by op on a CPU)."""
+    """∇ₓ log p(x) per image, by autodiff through the flow (flowkit.backend.grad_of_sum: the images are
+    independent, so the gradient of the batch's sum holds every image's score), as one graph kept on the
+    encoder (flowkit.sample.compiled: ×3 faster than taped op by op on a CPU)."""
     def log_p_gradient(x, y):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            logp = tf.reduce_sum(log_density(encoder, x, y))  # images are independent: one gradient, every score
-        return tape.gradient(logp, x)
+        return backend.grad_of_sum(lambda x, y: log_density(encoder, x, y), x, y)
 
     gradient = compiled(encoder, "score", call=log_p_gradient)
-    return gradient(tf.convert_to_tensor(x), None if y is None else tf.convert_to_tensor(y, tf.int32)).numpy()
+    return keras.ops.convert_to_numpy(gradient(keras.ops.convert_to_tensor(np.asarray(x, keras.config.floatx())),
+                                               None if y is None else np.asarray(y, np.int32)))
 
 
 def denoise(encoder, x, sigma, y=None):
@@ -281,7 +277,7 @@ def guidance_sweep(encoder, decoder, args):
     """For each --guidance-sweep weight w, the score of a 10×10 grid (row i digit i) at w: rows of
     (w, row accuracy, IS, confident); written to OUT/tarflow_guidance_sweep.md and printed."""
     z, labels = grid_inputs(args)
-    tf.get_logger().setLevel("ERROR")  # one traced decoder per weight: TensorFlow's retracing notice is expected
+    backend.quiet_retracing()  # one traced decoder per weight: TensorFlow's retracing notice is expected
     lines = ["| guidance w | row i is digit i | IS | confident |", "|---|---|---|---|"]
     for w in args.guidance_sweep:
         args.guidance = w
@@ -298,13 +294,13 @@ def classify(encoder, args, batch=250):
     p(y)) for each held-out digit x, noised as in training (σ·ε or uniform dequantization, seeded by
     --seed); one encoder call per label on each batch, traced once. Returns (accuracy, number of digits)."""
     _, _, k_test, y_test = load_data(args)
-    x = noisy(k_test, args.noise, args.sigma, tf.random.Generator.from_seed(args.seed or 0)).numpy()
-    log_p_of = tf.function(lambda xb, yb: log_density(encoder, xb, yb), reduce_retracing=True)
+    x = noisy(k_test, args.noise, args.sigma, NumpyOps(args.seed or 0))
+    log_p_of = backend.function(lambda xb, yb: log_density(encoder, xb, yb), encoder.variables)
     log_p = np.empty((len(x), CLASSES))
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
         for y in range(CLASSES):
-            log_p[i:i + batch, y] = log_p_of(xb, np.full(len(xb), y, np.int32)).numpy()
+            log_p[i:i + batch, y] = keras.ops.convert_to_numpy(log_p_of(xb, np.full(len(xb), y, np.int32)))
     return float(np.mean(log_p.argmax(axis=1) == y_test)), len(x)
 
 

@@ -6,6 +6,7 @@
     optim    Adam and AdamW with TensorFlow's fused update
     devices  tf.distribute strategies, the precision choice, which worker writes files
     data     MNIST (offline fallback) and image folders
+    pipeline the batches fit reads: tf.data on TensorFlow, NumPy PyDatasets on JAX and PyTorch
     density  dequantization, the prior term, bits/dim
     sample   temperature codes, batched decoding, slerp, picture grids
     files    UserError, atomic writes, weights files with their architecture record, pictures

@@ -4,14 +4,20 @@ compile an arbitrary function of a model's variables; each of those is here, onc
 (TensorFlow, JAX, PyTorch). Everything else in the project is backend-neutral.
 
     name, describe        which backend runs, on which device (the `backend:` line of a run)
+    device_names          the accelerators' model names (tools.gpu_check's report)
     tensorflow_importable whether TensorFlow can be imported here (tf.data pipelines, tf.distribute)
     vjp                   f(x) with its vector-Jacobian products wᵀ ∂f/∂x (i-ResNet's log-det)
     grad_of_sum           ∇ₓ Σ f(x) (TarFlow's denoising score)
+    gradients             a scalar's gradients to tensors and to Keras variables (tools.measure's profiles)
     function              a function of a model, compiled (tf.function, jax.jit over the variables)
     fused                 an element-wise chain as one XLA program (TensorFlow; elsewhere as it is)
+    float64               64-bit floats on (JAX has them off unless asked: the tests' float64 checks)
     bounded_while         a while loop that reverse-mode autodiff goes through (roulette's N terms)
     uniform               U(0, 1) from a SeedGenerator, one stream per tf.distribute replica
+    deterministic_ops     run-to-run identical kernels where the backend needs asking (TensorFlow)
+    quiet_retracing       no notice when `function` traces again on purpose (TensorFlow's logger)
 """
+import contextlib
 import importlib.util
 import sys
 
@@ -48,6 +54,25 @@ def accelerators():
         import torch
 
         return [f"GPU:{i}" for i in range(torch.cuda.device_count())]
+    return []
+
+
+def device_names():
+    """The model names of the backend's accelerators (e.g. "NVIDIA H100 80GB HBM3"), one per device of
+    `accelerators`; [] on a CPU."""
+    if name() == "tensorflow":
+        import tensorflow as tf
+
+        return [tf.config.experimental.get_device_details(d).get("device_name", d.name)
+                for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
+    if name() == "jax":
+        import jax
+
+        return [d.device_kind for d in jax.devices() if d.platform != "cpu"]
+    if name() == "torch":
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return []
 
 
@@ -110,6 +135,14 @@ class _VJP:
             import jax
 
             rows = jax.vmap(lambda e: self(ops.broadcast_to(ops.reshape(e, shape), ops.shape(self.y))))(eye)
+            return ops.transpose(ops.reshape(rows, (d, -1, d)), (1, 0, 2))
+        if name() == "torch" and d > 16:
+            import torch
+
+            units = ops.broadcast_to(ops.reshape(eye, (d, 1, *shape)), (d, *ops.shape(self.y)))
+            with torch.enable_grad():
+                rows = torch.autograd.grad(self.y, self.x, grad_outputs=units, retain_graph=True,
+                                           create_graph=self._create, is_grads_batched=True)[0]
             return ops.transpose(ops.reshape(rows, (d, -1, d)), (1, 0, 2))
         rows = [ops.reshape(self(ops.broadcast_to(ops.reshape(eye[i], shape), ops.shape(self.y))), (-1, d))
                 for i in range(d)]
@@ -179,6 +212,23 @@ def function(fn, variables=(), xla=False):
     return call
 
 
+@contextlib.contextmanager
+def float64():
+    """Within the `with`, float64 tensors are float64: JAX keeps 64-bit values off by default (its
+    `jax_enable_x64`, which would silently make float64 float32); the other backends always have them."""
+    if name() != "jax":
+        yield
+        return
+    import jax
+
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
 def fused(fn):
     """`fn` as one XLA program on TensorFlow (`tf.function(jit_compile=True)`), `fn` itself elsewhere (JAX
     compiles the whole step with XLA already; PyTorch runs op by op)."""
@@ -227,3 +277,53 @@ def uniform(shape, dtype, generator):
         seed = seed + tf.cast(tf.stack([context.replica_id_in_sync_group, 0]), seed.dtype)
     seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), "int32")  # as Keras' TF backend does
     return tf.random.stateless_uniform(shape, seed=seed, dtype=dtype)
+
+
+def deterministic_ops():
+    """Asks the backend for run-to-run identical kernels: TensorFlow's op determinism (its default
+    kernels may reduce in any order); JAX's CPU and PyTorch's CPU kernels are deterministic already."""
+    if name() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def quiet_retracing():
+    """Silences TensorFlow's notice that tf.functions retrace often, for a caller that compiles one
+    program per setting on purpose (TarFlow's guidance sweep); the other backends give none."""
+    if name() == "tensorflow":
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
+
+
+def gradients(fn, variables=(), inputs=()):
+    """(fn(*inputs), [∂fn/∂x for x in inputs] + [∂fn/∂v for v in variables]): a scalar fn of the tensors
+    `inputs` and of the Keras `variables` it reads. On JAX the variables' values are traced through a
+    StatelessScope (inside `function`, variables not listed read their stored values)."""
+    backend, variables, inputs = name(), list(variables), list(inputs)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            value = fn(*inputs)
+        return value, tape.gradient(value, [*inputs, *variables])
+    if backend == "jax":
+        import jax
+
+        def pure(xs, values):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return fn(*xs)
+
+        value, (gx, gv) = jax.value_and_grad(pure, argnums=(0, 1))(inputs, [v.value for v in variables])
+        return value, [*gx, *gv]
+    if backend == "torch":
+        import torch
+
+        with torch.enable_grad():
+            xs = [ops.convert_to_tensor(x).detach().requires_grad_() for x in inputs]
+            value = fn(*xs)
+            grads = torch.autograd.grad(value, [*xs, *(v.value for v in variables)], allow_unused=True)
+        return value, list(grads)
+    raise NotImplementedError(f"no gradients on the {backend} backend")

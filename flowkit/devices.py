@@ -1,12 +1,14 @@
-"""Scaling out: the tf.distribute strategy of --distribute (and which process is the chief, where
-each process writes), and the precision of --mixed-precision with the bfloat16 default on CPUs that
-have the instructions."""
+"""Scaling out: the strategy of --distribute (tf.distribute on TensorFlow, keras.distribution's
+DataParallel on JAX; and which process is the chief, where each process writes), and the precision of
+--mixed-precision with the bfloat16 default on CPUs that have the instructions."""
+import contextlib
 import json
 import os
 import tempfile
 
 import keras
 
+from flowkit import backend
 from flowkit.files import UserError
 
 DISTRIBUTE = ("none", "mirrored", "multiworker")
@@ -16,8 +18,9 @@ PRECISIONS = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 def add_scale_out_args(parser):
     """--distribute, --devices and --mixed-precision, the same in every script."""
     parser.add_argument("--distribute", choices=DISTRIBUTE, default="none",
-                        help="data-parallel training: mirrored = all local GPUs (or --devices), "
-                             "multiworker = every host named in the TF_CONFIG environment variable; "
+                        help="data-parallel training: mirrored = all local GPUs (or --devices; on JAX "
+                             "keras.distribution.DataParallel), multiworker = every host named in the TF_CONFIG "
+                             "environment variable (TensorFlow only); not on PyTorch; "
                              "--batch-size is the global batch, split over the replicas")
     parser.add_argument("--devices", default=None, metavar="LIST",
                         help="with --distribute mirrored: comma-separated devices, e.g. GPU:0,GPU:1 "
@@ -35,12 +38,26 @@ def add_scale_out_args(parser):
 _strategies = {}  # one per (name, devices) and process: two in one process clash in their collectives
 
 
-def make_strategy(name="none", devices=None):
-    """The tf.distribute strategy for --distribute, the one place every script gets it from. Call it
-    before any other TensorFlow work: MultiWorkerMirroredStrategy must be created at program start.
+class LocalStrategy:
+    """The strategy of a run off TensorFlow: one process, `scope()` does nothing. With a
+    keras.distribution (JAX's --distribute mirrored: DataParallel, set globally by make_strategy)
+    Keras itself replicates the variables and splits fit's batches over its devices."""
 
-    none: TensorFlow's default strategy (one device); mirrored: MirroredStrategy over `devices`
-    (a list or "GPU:0,GPU:1"; default every local GPU, else the CPU); multiworker:
+    def __init__(self, distribution=None):
+        self.distribution = distribution
+        self.num_replicas_in_sync = len(distribution.device_mesh.devices.flatten()) if distribution else 1
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
+def make_strategy(name="none", devices=None):
+    """The strategy for --distribute, the one place every script gets it from. Call it before any
+    other TensorFlow work: MultiWorkerMirroredStrategy must be created at program start.
+
+    none: one device (TensorFlow's default strategy; elsewhere a LocalStrategy); mirrored: all local
+    devices, or `devices` (a list or "GPU:0,GPU:1"), default every local GPU, else the CPU: TensorFlow's
+    MirroredStrategy, JAX's keras.distribution.DataParallel; multiworker (TensorFlow only):
     MultiWorkerMirroredStrategy, the cluster and this process's role read from TF_CONFIG. Build,
     compile and initialise the model inside `strategy.scope()`; fit's batch is the global batch.
     """
@@ -48,18 +65,46 @@ def make_strategy(name="none", devices=None):
         raise UserError(f"--distribute {name}: expected one of {', '.join(DISTRIBUTE)}")
     if devices and name != "mirrored":
         raise UserError("--devices goes with --distribute mirrored")
-    if name != "none" and keras.backend.backend() != "tensorflow":
-        raise UserError(f"--distribute {name} needs the TensorFlow backend (KERAS_BACKEND="
-                        f"{keras.backend.backend()}); on JAX see keras.distribution.DataParallel")
+    if isinstance(devices, str):
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    if backend.name() != "tensorflow":
+        return _local_strategy(name, devices)
     import tensorflow as tf
 
     if name == "none":
         return tf.distribute.get_strategy()
-    if isinstance(devices, str):
-        devices = [d.strip() for d in devices.split(",") if d.strip()]
     key = (name, tuple(devices or ()))
     if key not in _strategies:
         _strategies[key] = _new_strategy(tf, name, devices)
+    return _strategies[key]
+
+
+def _local_strategy(name, devices):
+    """make_strategy off TensorFlow: JAX's DataParallel for mirrored (set as Keras' distribution),
+    a one-line error for what the backend cannot do."""
+    ours = set(_strategies.values())
+    if name == "none":
+        if keras.distribution.distribution() in {s.distribution for s in ours}:
+            keras.distribution.set_distribution(None)  # an earlier --distribute mirrored of this process
+        return LocalStrategy()
+    if backend.name() != "jax":
+        raise UserError(f"--distribute: not available on the {backend.name()} backend (KERAS_BACKEND="
+                        f"{backend.name()}); data-parallel training runs on the tensorflow and jax backends")
+    if name == "multiworker":
+        raise UserError("--distribute multiworker: not available on the jax backend (TF_CONFIG clusters are "
+                        "TensorFlow's); --distribute mirrored splits the batch over this host's devices")
+    key = (name, tuple(devices or ()))
+    if key not in _strategies:
+        known = keras.distribution.list_devices()
+        chosen = known
+        if devices:
+            unknown = [d for d in devices if d.lower() not in known]
+            if unknown:
+                raise UserError(f"--devices: no such device {', '.join(unknown)} "
+                                f"(this machine has {', '.join(d.upper() for d in known)})")
+            chosen = [d.lower() for d in devices]
+        _strategies[key] = LocalStrategy(keras.distribution.DataParallel(devices=chosen))
+    keras.distribution.set_distribution(_strategies[key].distribution)
     return _strategies[key]
 
 
@@ -126,8 +171,7 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
 
 def _gpus(gpus):
     if gpus is None:
-        import tensorflow as tf
-        gpus = tf.config.list_physical_devices("GPU")
+        gpus = [d for d in backend.accelerators() if d.startswith("GPU")]
     return gpus
 
 
@@ -180,7 +224,9 @@ def set_mixed_precision(name=None):
 
 def is_chief(strategy):
     """True unless this process is a worker other than the chief of a multi-worker strategy (the
-    chief: task type "chief", else worker 0, as TensorFlow decides)."""
+    chief: task type "chief", else worker 0, as TensorFlow decides). Off TensorFlow a run is one process."""
+    if backend.name() != "tensorflow":
+        return True
     import tensorflow as tf
 
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):

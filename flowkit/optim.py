@@ -1,5 +1,6 @@
 """The optimizers the scripts train with: Keras' Adam and AdamW with TensorFlow's fused update kernel
-(ResourceApplyAdam), the same numbers in fewer passes through memory. Public Keras API only.
+(ResourceApplyAdam) on the TensorFlow backend, the same numbers in fewer passes through memory; on JAX
+and PyTorch Keras' element-wise update. Public Keras API only.
 
     from flowkit.optim import Adam, AdamW      # also importable from flowkit.run, as before
     model.compile(optimizer=AdamW(2e-3, beta_1=0.9, beta_2=0.95, weight_decay=1e-4, global_clipnorm=1.0), ...)
@@ -48,8 +49,6 @@ class Adam(keras.optimizers.Adam):
         return None
 
     def update_step(self, gradient, variable, learning_rate):
-        import tensorflow as tf
-
         i = self.slot_index[self.slot_keys(variable)[0]]
         m, v, dtype = self.momentums[i], self.velocities[i], variable.dtype
         lr = keras.ops.cast(learning_rate, dtype)
@@ -58,12 +57,8 @@ class Adam(keras.optimizers.Adam):
             self.assign(variable, variable * factor)
         step = keras.ops.cast(self.iterations + 1, dtype)
         beta_1, beta_2 = keras.ops.cast(self.beta_1, dtype), keras.ops.cast(self.beta_2, dtype)
-        if (keras.backend.backend() == "tensorflow" and not tf.distribute.has_strategy()
-                and not isinstance(gradient, tf.IndexedSlices)):
-            tf.raw_ops.ResourceApplyAdam(
-                var=variable.handle, m=m.value.handle, v=v.value.handle, beta1_power=beta_1 ** step,
-                beta2_power=beta_2 ** step, lr=lr, beta1=beta_1, beta2=beta_2,
-                epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
+        if keras.backend.backend() == "tensorflow" and self._fused_update(gradient, variable, m, v, lr, step,
+                                                                           beta_1, beta_2, dtype):
             return
         ops = keras.ops  # Keras Adam's update_step, element by element
         gradient = ops.cast(gradient, dtype)
@@ -71,6 +66,20 @@ class Adam(keras.optimizers.Adam):
         self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
         self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
         self.assign_sub(variable, ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon)))
+
+
+    def _fused_update(self, gradient, variable, m, v, lr, step, beta_1, beta_2, dtype):
+        """TensorFlow's ResourceApplyAdam on one variable; False (nothing done) under a tf.distribute
+        strategy or for sparse gradients, where Keras' element-wise formula runs instead."""
+        import tensorflow as tf
+
+        if tf.distribute.has_strategy() or isinstance(gradient, tf.IndexedSlices):
+            return False
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=m.value.handle, v=v.value.handle, beta1_power=beta_1 ** step,
+            beta2_power=beta_2 ** step, lr=lr, beta1=beta_1, beta2=beta_2,
+            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
+        return True
 
 
 class AdamW(Adam):

@@ -16,6 +16,7 @@ import warnings
 import keras
 import numpy as np
 
+from flowkit import backend
 from flowkit.curves import plot_log
 from flowkit.density import prior_constant
 from flowkit.devices import is_chief, worker_path
@@ -334,9 +335,10 @@ class WarmupCosine(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         lr = self.model.optimizer.learning_rate
-        if self.last is not None and abs(float(lr.numpy()) - self.last) > 1e-12:
-            self.peak = float(lr.numpy())  # set by someone else: keep to it
-        t = int(self.model.optimizer.iterations.numpy())
+        now = float(keras.ops.convert_to_numpy(lr))
+        if self.last is not None and abs(now - self.last) > 1e-12:
+            self.peak = now  # set by someone else: keep to it
+        t = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         scale = (t + 1) / self.warmup if t < self.warmup else \
             0.5 * (1 + np.cos(np.pi * min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))))
         self.last = float(np.float32(self.peak * scale))
@@ -372,8 +374,8 @@ class Run:
         if run.code:
             return run.code
 
-    Make it after compile, outside the strategy's scope (it enters it itself): it prints the precision
-    line, creates the optimizer's slots, and with --resume restores the last completed epoch
+    Make it after compile, outside the strategy's scope (it enters it itself): it prints the backend
+    line (`backend: NAME (DEVICES)`) and the precision line, creates the optimizer's slots, and with --resume restores the last completed epoch
     (weights, optimizer state, learning rate, best figure; `resumed`, `initial_epoch`). `callbacks`
     (after the script's own, which may add to the logs they read): the epoch log beside --weights
     with wall-clock minutes (--minutes stops there), the first step's time, KeepBest on `monitor` with
@@ -389,6 +391,7 @@ class Run:
 
     def __init__(self, model, args, strategy, monitor="val_loss", after_epoch=10, low_lr=1e-5, prints_epochs=False):
         if getattr(args, "precision_why", None):
+            print(backend.describe(), flush=True)
             print(f"precision: {keras.config.dtype_policy().name} ({args.precision_why})", flush=True)
         if getattr(args, "xla", False):
             model.jit_compile = True  # --xla: the train step compiles with XLA (Keras resets its functions)

@@ -5,8 +5,8 @@ import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from flowkit import backend
 from flowkit.files import UserError
 
 
@@ -49,8 +49,9 @@ def temperature_codes(temperatures, n, dims, seed=0):
 
 
 def compiled(model, key=(), jit_compile=False, call=None):
-    """model(inputs, training=False), or `call`, as one TensorFlow graph: a tf.function kept on the
-    model, one per `key`, traced once (input shapes relaxed). A decoder's layers then run as one graph
+    """model(inputs, training=False), or `call`, compiled once (flowkit.backend.function over the model's
+    variables: a tf.function, or on JAX a jitted program that reads the weights as they are at each call,
+    so it follows training): one per `key`, kept on the model. A decoder's layers then run as one graph
     instead of op by op: Glow's 9×9 epoch grid ×9 faster on a CPU. `key` names what the layers read in
     Python when they trace (TarFlow's guidance and key-value cache), so another setting traces anew."""
     cache = model.__dict__.get("compiled_calls")
@@ -58,8 +59,8 @@ def compiled(model, key=(), jit_compile=False, call=None):
         cache = {}
         object.__setattr__(model, "compiled_calls", cache)  # untracked by Keras
     if key not in cache:
-        cache[key] = tf.function(call or (lambda v: model(v, training=False)), reduce_retracing=True,
-                                 jit_compile=jit_compile)
+        cache[key] = backend.function(call or (lambda v: model(v, training=False)), model.variables,
+                                      xla=jit_compile)
     return cache[key]
 
 

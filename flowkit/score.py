@@ -27,8 +27,8 @@ import zipfile
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from flowkit import backend
 from flowkit.data import load_mnist
 from flowkit.files import UserError, atomic_write, save_weights_atomic
 from flowkit.sample import temperature_codes
@@ -83,11 +83,11 @@ def shifted(x, rng, shift=SHIFT):
 
 
 def train(seed=0, path=WEIGHTS, steps=STEPS):
-    """Trains the classifier on load_mnist's training digits (seeded, deterministic as far as TF
-    allows), writes its weights atomically to `path`, returns its held-out accuracy."""
+    """Trains the classifier on load_mnist's training digits (seeded, deterministic as far as the
+    backend allows), writes its weights atomically to `path`, returns its held-out accuracy."""
     global _classifier
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    backend.deterministic_ops()
     (x_train, y_train), (x_test, y_test) = load_mnist(labels=True)
     model = build_classifier()
     epochs = max(1, math.ceil(steps * BATCH / len(x_train)))

@@ -10,11 +10,14 @@ import pytest  # noqa: E402
 def float64():
     """Run a test in float64 (for brute-force Jacobian checks), restoring the settings after.
     set_floatx alone is not enough: once any layer exists Keras caches the global dtype policy."""
+    from flowkit import backend
+
     floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
     try:
-        yield
+        with backend.float64():  # JAX: 64-bit values on
+            yield
     finally:
         keras.config.set_floatx(floatx)
         keras.config.set_dtype_policy(policy)

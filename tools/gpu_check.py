@@ -1,21 +1,30 @@
 """`python -m tools.bench --gpu-check`: each model at its article's configuration for a few dozen
-training steps through `fit`, fed by its script's own tf.data pipeline, in float32 and mixed 16 bits,
-each without and with XLA; per model × variant: img/s from the steady-state wall time (the first
-epoch of the timed fit left out), CPU time per step, the first step's time (compile, tracing, XLA),
-and whether the training loss fell. Made for a GPU (mixed bfloat16 by default: Hopper and Ampere
-have it, and it needs no loss scaling), it runs anywhere; --quick shrinks every model to a tiny size
-(the test suite runs that on the CPU).
+training steps through `fit`, fed by its script's own data pipeline (flowkit.pipeline: tf.data on
+TensorFlow, NumPy batches elsewhere), in float32 and mixed 16 bits, each without and with XLA where
+XLA is a switch; per model × variant: img/s from the steady-state wall time (the first epoch of the
+timed fit left out), CPU time per step and the cores it kept busy (CPU ÷ wall), the first step's time
+(compile, tracing, XLA), and whether the training loss fell. Made for a GPU (mixed bfloat16 by default:
+Hopper and Ampere have it, and it needs no loss scaling), it runs anywhere, on whichever Keras backend
+runs (KERAS_BACKEND=jax needs no TensorFlow installed); --quick shrinks every model to a tiny size (the
+test suite runs that on the CPU).
+
+The variants per backend (`variants_here`): on TensorFlow fp32, fp32_xla, mixed, mixed_xla; on JAX
+every step is jitted (XLA), so fp32 and mixed run with jit_compile=True and an _xla name stands for its
+plain twin; on PyTorch fp32 and mixed run eagerly and the _xla ones are skipped.
 
 The configurations: NICE as the article (batch 128, 4 couplings of 5 × Dense(1000)); Glow as the
 article's 64×64×3 (L3, K10, hidden 512, batch 64); TarFlow as tarflow.py's defaults (patch 4, width
-128, 4 blocks × 4 layers, 4 heads, batch 64); f-VAE and i-ResNet at their scripts' defaults. The
-images are generated (smooth blobs quantised to 8 bits, no download), so the check needs no data.
+128, 4 blocks × 4 layers, 4 heads, batch 64), and again at the size of apple/ml-tarflow's MNIST
+notebook (`tarflow_notebook`: patch 4, width 128, 4 blocks × 4 layers, heads of 64 channels,
+class-conditional, batch 256); f-VAE and i-ResNet at their scripts' defaults. The images are
+generated (smooth blobs quantised to 8 bits, no download), so the check needs no data.
 """
 import time
 
+from flowkit import backend
+from flowkit.pipeline import batches, first
 import keras
 import numpy as np
-import tensorflow as tf
 
 import fvae
 import glow
@@ -23,13 +32,16 @@ import iresnet
 import nice
 import tarflow
 from flowkit.density import dequantize
-from tools.measure import built, recompile
+from tools.measure import built, recompile, variants_here
 
 MODELS = ("nice", "glow", "tarflow", "fvae", "iresnet")
+EXTRA = {"tarflow": ("tarflow_notebook",)}  # further configurations checked with a model, by its script
+SCRIPT = {"tarflow_notebook": "tarflow"}
 ARTICLE = {
     "nice": dict(hidden=1000, hidden_layers=5, couplings=4, batch=128),
     "glow": dict(img=64, channels=3, level=3, depth=10, hidden=512, batch=64),
     "tarflow": dict(img=28, patch=4, width=128, blocks=4, layers=4, heads=4, conditional=False, batch=64),
+    "tarflow_notebook": dict(img=28, patch=4, width=128, blocks=4, layers=4, heads=2, conditional=True, batch=256),
     "fvae": dict(img=32, squeezes=2, blocks=2, width=64, level=2, depth=4, hidden=64, batch=64),
     "iresnet": dict(img=28, stages=2, blocks=2, width=32, coeff=0.9, logdet="truncated", terms=4, batch=64),
 }
@@ -37,6 +49,7 @@ TINY = {  # the learning rates raised so that a handful of steps shows the loss 
     "nice": dict(hidden=32, hidden_layers=1, couplings=2, batch=16),
     "glow": dict(img=8, channels=3, level=2, depth=1, hidden=8, batch=8, lr=1e-3),
     "tarflow": dict(img=8, patch=4, width=8, blocks=1, layers=1, heads=2, conditional=False, batch=8),
+    "tarflow_notebook": dict(img=8, patch=4, width=8, blocks=1, layers=1, heads=2, conditional=True, batch=16),
     "fvae": dict(img=8, squeezes=1, blocks=1, width=8, level=1, depth=1, hidden=8, batch=8),
     "iresnet": dict(img=8, stages=1, blocks=1, width=8, coeff=0.9, logdet="truncated", terms=2, batch=8),
 }
@@ -59,28 +72,25 @@ def pictures(n, side, channels, seed=0):
 
 def pipeline(key, c, seed=0):
     """(model's example batch x for its data-dependent init, the training dataset): the script's own
-    tf.data pipeline over POOL batches of generated images (random labels for a conditional TarFlow),
+    pipeline (flowkit.pipeline) over POOL batches of generated images (random labels for a conditional TarFlow),
     repeated. `c`: a configuration of ARTICLE's or bench's kind."""
     b = c["batch"]
     k = pictures(POOL * b, c.get("img", 28), c.get("channels", 1), seed)
     if key == "nice":
-        return None, nice.train_data(k[..., 0], b, seed=seed).repeat()
+        return None, nice.train_data(k[..., 0], b, seed=seed, repeat=True)
     if key == "glow":
-        data = (tf.data.Dataset.from_tensor_slices(k).shuffle(len(k), seed=seed, reshuffle_each_iteration=True)
-                .repeat().batch(b, drop_remainder=True).map(glow.train_x, num_parallel_calls=tf.data.AUTOTUNE)
-                .prefetch(tf.data.AUTOTUNE))
-        return next(iter(data))[0], data
+        data = batches(k, b, glow.train_x, shuffle=True, seed=seed, repeat=True)
+        return first(data, b), data
     if key == "tarflow":
         args = tarflow.parse_args(["--batch-size", str(b), "--seed", str(seed)] + ["--conditional"] * c["conditional"])
         y = np.random.RandomState(seed).randint(0, tarflow.CLASSES, len(k)).astype("int32")
-        return None, tarflow.dataset(k, y, args, shuffle=True).repeat()
+        return None, tarflow.dataset(k, y, args, shuffle=True, repeat=True)
     if key == "fvae":
         latent = c["img"] ** 2  # E keeps as many dimensions as the image (fvae.build_encoder_net)
-        batches = tf.data.Dataset.from_tensor_slices(k).shuffle(len(k), seed=seed).repeat().batch(b, drop_remainder=True)
-        data = fvae.with_noise(batches, latent).prefetch(tf.data.AUTOTUNE)
-        return next(iter(data))[0], data
+        data = batches(k, b, fvae.with_noise(latent), shuffle=True, seed=seed, repeat=True)
+        return first(data, b), data
     if key == "iresnet":
-        return dequantize(k[:b], 0, iresnet.BIN).astype("float32"), iresnet.batches(k, b, shuffle_seed=seed).repeat()
+        return dequantize(k[:b], 0, iresnet.BIN).astype("float32"), iresnet.batches(k, b, shuffle_seed=seed, repeat=True)
     raise ValueError(f"no such model {key!r}")
 
 
@@ -127,12 +137,14 @@ class EpochClock(keras.callbacks.Callback):
 
 
 def check_model(key, c, variants, steps, epochs):
-    """Every variant (name, precision, jit) of one model: the first step (compile, tracing, XLA, the first
-    batch), then `epochs` epochs of `steps` steps; img/s and CPU per step over all epochs but the first."""
-    x, data = pipeline(key, c)
+    """Every variant (name, precision, jit) of one model (or EXTRA configuration): the first step (compile,
+    tracing, XLA, the first batch), then `epochs` epochs of `steps` steps; img/s, CPU per step and the
+    cores kept busy (CPU ÷ wall) over all epochs but the first."""
+    script = SCRIPT.get(key, key)
+    x, data = pipeline(script, c)
     out = {}
     for name, precision, jit in variants:
-        model = built(lambda: build(key, c, x), precision)
+        model = built(lambda: build(script, c, x), precision)
         start = time.perf_counter()
         recompile(model, jit)
         if "lr" in c:
@@ -144,7 +156,8 @@ def check_model(key, c, variants, steps, epochs):
                            callbacks=[clock]).history["loss"]
         wall, cpu, n = sum(clock.wall[1:]), sum(clock.cpu[1:]), steps * (epochs - 1)
         out[name] = {"mixed_precision": precision or "none", "jit_compile": jit, "img_per_s": c["batch"] * n / wall,
-                     "step_s": wall / n, "cpu_step_s": cpu / n, "first_step_s": first_s, "loss_first_step": first,
+                     "step_s": wall / n, "cpu_step_s": cpu / n, "cores": cpu / wall, "first_step_s": first_s,
+                     "loss_first_step": first,
                      "loss_first_epoch": losses[0], "loss_last_epoch": losses[-1],
                      "loss_fell": bool(losses[-1] < losses[0])}  # epoch means: one batch's loss is noisy
         del model
@@ -152,31 +165,34 @@ def check_model(key, c, variants, steps, epochs):
 
 
 def device():
-    """The device the check ran on, in words."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
+    """The device the check ran on, in words: the backend's accelerators by name, else the CPU."""
+    names = backend.device_names()
+    if not names:
         from flowkit.devices import cpu_model
         return f"no GPU: CPU {cpu_model()}"
-    details = tf.config.experimental.get_device_details(gpus[0])
-    return f"{len(gpus)} GPU(s): {details.get('device_name', gpus[0].name)}"
+    return f"{len(names)} GPU(s): {names[0]}"
 
 
 VARIANTS = ("fp32", "fp32_xla", "mixed", "mixed_xla")
 
 
 def gpu_check(quick=False, models=MODELS, precision="bfloat16", variants=VARIANTS, steps=10, epochs=4):
-    """{device, precision, models: {model: {variant: figures}}}, printing one line per model × variant.
-    `variants`: some of VARIANTS (float32 and `precision`, XLA off and on)."""
+    """{backend, device, precision, models: {model: {variant: figures}}}, printing one line per model ×
+    variant; a model's EXTRA configurations follow it. `variants`: some of VARIANTS (float32 and
+    `precision`, XLA off and on), as this backend runs them (tools.measure.variants_here)."""
     configs = TINY if quick else ARTICLE
-    variants = [(n, None if n.startswith("fp32") else precision, n.endswith("_xla")) for n in VARIANTS if n in variants]
-    r = {"device": device(), "precision": precision, "steps_per_epoch": steps, "epochs": epochs, "models": {}}
-    print(f"gpu-check on {r['device']}; mixed = --mixed-precision {precision}; {epochs} epochs of {steps} steps "
-          f"after the first step, img/s over the last {epochs - 1}; loss: the first epoch's mean -> the last's", flush=True)
-    for key in models:
+    variants = variants_here(variants, [(n, None if n.startswith("fp32") else precision, n.endswith("_xla"))
+                                        for n in VARIANTS])
+    r = {"backend": backend.name(), "device": device(), "precision": precision, "steps_per_epoch": steps,
+         "epochs": epochs, "models": {}}
+    print(f"gpu-check on {r['device']}, {backend.describe()}; mixed = --mixed-precision {precision}; {epochs} epochs "
+          f"of {steps} steps after the first step, img/s over the last {epochs - 1}; loss: the first epoch's mean -> "
+          f"the last's", flush=True)
+    for key in (k for m in models for k in (m, *EXTRA.get(m, ()))):
         r["models"][key] = check_model(key, configs[key], variants, steps, epochs)
         for name, v in r["models"][key].items():
-            print(f"{key:8} {name:9} {v['img_per_s']:9.1f} img/s, {1e3 * v['step_s']:8.1f} ms/step "
-                  f"({1e3 * v['cpu_step_s']:.1f} ms CPU), first step {v['first_step_s']:6.1f} s, loss "
+            print(f"{key:16} {name:9} {v['img_per_s']:9.1f} img/s, {1e3 * v['step_s']:8.1f} ms/step "
+                  f"({1e3 * v['cpu_step_s']:.1f} ms CPU, {v['cores']:.2f} cores), first step {v['first_step_s']:6.1f} s, loss "
                   f"{v['loss_first_epoch']:.4g} -> {v['loss_last_epoch']:.4g} ({'fell' if v['loss_fell'] else 'DID NOT FALL'})",
                   flush=True)
     return r

@@ -1,18 +1,19 @@
 """The measurements of tools/bench.py: matmul peaks (2048² and at a model's own shapes), FLOPs counted from
 a model's layer shapes, training speed of precision/XLA variants interleaved round by round, the
-script's own default variant, and where a NICE step goes (--profile). tools/bench.py holds the models and
-the report; docs/running.md#performance says how to read the figures."""
+script's own default variant, and where a NICE or TarFlow step goes (--profile), on whichever Keras backend runs
+(gradients and compiled functions through flowkit.backend). tools/bench.py holds the models and the report;
+docs/running.md#performance says how to read the figures."""
 import math
 import os
 import resource
 import statistics
 import time
 
+from flowkit import backend
+from flowkit.devices import choose_precision, choose_xla, set_mixed_precision
 import keras
 import numpy as np
-import tensorflow as tf
 
-from flowkit.devices import choose_precision, choose_xla, set_mixed_precision
 from flow_layers import (Attention, InvDense, ResidualFlow, SpectralConv2D, SpectralDense, TarBlock, flow_layers_of,
                          gelu)
 from flowkit.run import Adam, build_optimizer
@@ -21,6 +22,24 @@ from flowkit.run import Adam, build_optimizer
 VARIANTS = [("fp32", None, False), ("fp32_xla", None, True), ("bf16", "bfloat16", False),
             ("bf16_xla", "bfloat16", True)]
 BASE = "fp32"  # every ratio is against plain float32 in the same run
+
+
+def xla_is_a_choice():
+    """Whether XLA is a switch of the training step here: on TensorFlow (tf.function with or without
+    jit_compile); JAX compiles every step with XLA (jax.jit; Keras without it runs the step op by op), and
+    PyTorch has no XLA (its jit_compile is torch.compile, another thing)."""
+    return backend.name() == "tensorflow"
+
+
+def variants_here(names, variants=VARIANTS):
+    """The `variants` (name, precision, jit) named in `names` as this backend runs them: TensorFlow's as
+    they are; on JAX the plain ones jitted (jit_compile=True), the name of an _xla variant standing for
+    its plain twin, the same program; on PyTorch the plain ones eager, the _xla ones left out."""
+    if xla_is_a_choice():
+        return [v for v in variants if v[0] in names]
+    jit = backend.name() == "jax"
+    wanted = {n.removesuffix("_xla") for n in names if jit or not n.endswith("_xla")}
+    return [(n, precision, jit) for n, precision, xla in variants if not xla and n in wanted]
 KERNELS = (keras.layers.Dense, keras.layers.Conv2D, InvDense, SpectralDense, SpectralConv2D)
 
 
@@ -156,7 +175,7 @@ def default_variants(make, bf16_default, amx_xla=False):
     `choose_xla` adds it or its compile resolves it under that precision (`model.jit_compile` after
     make(), which compiles as the script)."""
     def name(precision):
-        xla = choose_xla(None, amx_xla, precision)[0] or built(make, precision).jit_compile is True
+        xla = xla_is_a_choice() and (choose_xla(None, amx_xla, precision)[0] or built(make, precision).jit_compile is True)
         return ("bf16" if precision else "fp32") + ("_xla" if xla else "")
     precision = choose_precision(None, bf16_default, amx_xla=amx_xla)[0]
     fp32 = name(None)
@@ -190,11 +209,12 @@ class StepClock(keras.callbacks.Callback):
 
 def bench_training(make, dataset, batch, steps, repeats, variants, flops_per_image, peaks):
     """Every variant (a fresh model of the same seed under its policy, XLA on or off) fed by `dataset`,
-    the script's own tf.data pipeline: first-step latency, then `repeats` rounds (after one warm-up
+    the script's own data pipeline: first-step latency, then `repeats` rounds (after one warm-up
     round) in which the variants run `fit` for 1 + `steps` steps each, back to back. A step's time is
     what the user waits for in a long run: the wall time from the end of fit's first step to the end of
     its last, over `steps` (fit's start and the iterator's first batch left out); CPU time beside it, and
-    the thread-seconds its threads waited for a core (`run_delay`: other processes' share on a busy machine).
+    the thread-seconds its threads waited for a core (`run_delay`: other processes' share on a busy machine),
+    and `cores`, the cores the step kept busy (CPU time ÷ wall time, the median over rounds).
     Seconds per step: the median over rounds. Ratios against fp32 are paired: the median over rounds of
     the two times within a round, with their spread (min, max), so that load from other processes, which
     drifts over seconds, largely cancels. `peaks`: GFLOP/s of "none" (float32) and "bfloat16", and
@@ -225,6 +245,7 @@ def bench_training(make, dataset, batch, steps, repeats, variants, flops_per_ima
         flops = 3 * flops_per_image * batch / step / 1e9
         results[name].update(step_s=step, best_step_s=min(secs), rounds_step_s=secs,
                              cpu_step_s=statistics.median(cpu[name]), waiting_step_s=statistics.median(waits[name]),
+                         cores=statistics.median(c / w for c, w in zip(cpu[name], secs)),
                              img_per_s=batch / step, gflops=flops,
                              utilisation=flops / peaks["none"], utilisation_bf16_peak=flops / peaks["bfloat16"],
                              utilisation_own_peak=flops / peaks[own],
@@ -252,28 +273,54 @@ def summarise(out, default, fp32_default):
 
 # --- where a NICE step goes ------------------------------------------------------------------
 
-def profile_nice(repeats=15):
-    """Seconds (median of `repeats` calls) of separate tf.functions over the article's NICE at batch
-    128, without and with XLA: forward, forward + backward, Keras' Adam update and flowkit.run.Adam's
-    fused one over all weights, a whole step with each, and the non-matmul layers alone (permutations,
-    interleaved splits and concats, the scale layer)."""
-    import nice
+def median_call_s(fn, repeats):
+    """Median seconds of `repeats` calls of fn() after one warm-up call (tracing, compiling), each until
+    its first output is on the host."""
+    def call():
+        keras.ops.convert_to_numpy(keras.tree.flatten(fn())[0])
+    call()
+    return statistics.median(timed(call) for _ in range(repeats))
+
+
+def fit_loss(model, inputs):
+    """The loss `fit` minimises on one batch, on every backend: the prior term of the model's output plus
+    the layers' add_loss terms (the flows' −log|det|), through Keras' stateless_call with the variables'
+    current values, which collects those terms where JAX's compiled functions (a stateless scope) drop them."""
     from flowkit.density import prior_nll
+
+    z, _, losses = model.stateless_call([v.value for v in model.trainable_variables],
+                                        [v.value for v in model.non_trainable_variables], inputs,
+                                        training=True, return_losses=True)
+    return keras.ops.mean(prior_nll(None, z)) + sum(losses)
+
+
+def compile_modes():
+    """(jit, key) of the profiles' compiled functions: TensorFlow without and with XLA; JAX's jit (XLA);
+    PyTorch as it runs (eager)."""
+    if xla_is_a_choice():
+        return (False, "plain"), (True, "xla")
+    return ((True, "xla"),) if backend.name() == "jax" else ((False, "plain"),)
+
+
+def profile_nice(repeats=15):
+    """Seconds (median of `repeats` calls) of separate compiled functions (flowkit.backend.function) over
+    the article's NICE at batch 128, each way `compile_modes` gives (on TensorFlow without and with XLA):
+    forward, forward + backward, Keras' Adam update and flowkit.run.Adam's fused one over all weights, a
+    whole step with each, and the non-matmul layers alone (permutations, interleaved splits and concats,
+    the scale layer)."""
+    import nice
     from flow_layers import AffineCouple
 
     keras.utils.set_random_seed(0)
     encoder, _, flow = nice.build_nice()
-    x = tf.constant((np.random.RandomState(0).randint(0, 256, (128, nice.DIM)) / 255).astype("float32"))
+    x = keras.ops.convert_to_tensor((np.random.RandomState(0).randint(0, 256, (128, nice.DIM)) / 255).astype("float32"))
     weights = encoder.trainable_variables
 
     def loss():
-        z = encoder(x, training=True)
-        return tf.reduce_mean(prior_nll(None, z)) + tf.add_n(encoder.losses)
+        return fit_loss(encoder, x)
 
     def grads():
-        with tf.GradientTape() as tape:
-            value = loss()
-        return tape.gradient(value, weights)
+        return backend.gradients(loss, weights)[1]
 
     def layout():
         h = x
@@ -281,32 +328,29 @@ def profile_nice(repeats=15):
             h = h if isinstance(layer, AffineCouple) else layer(h)
         return h
 
-    def median_s(fn):
-        keras.ops.convert_to_numpy(tf.nest.flatten(fn())[0])
-        return statistics.median(timed(lambda: keras.ops.convert_to_numpy(tf.nest.flatten(fn())[0]))
-                                 for _ in range(repeats))
-
     out = {}
-    for jit in (False, True):
-        g = tf.function(grads, jit_compile=jit)()
-        r = {"forward_s": median_s(tf.function(loss, jit_compile=jit)),
-             "forward_backward_s": median_s(tf.function(grads, jit_compile=jit)),
-             "layout_ops_s": median_s(tf.function(layout, jit_compile=jit))}
+    for jit, key in compile_modes():
+        compiled = lambda fn, *more: backend.function(fn, [*encoder.variables, *more], xla=jit)
+        g = compiled(grads)()
+        r = {"forward_s": median_call_s(compiled(loss), repeats),
+             "forward_backward_s": median_call_s(compiled(grads), repeats),
+             "layout_ops_s": median_call_s(compiled(layout), repeats)}
         for name, cls in (("keras_adam", keras.optimizers.Adam), ("fused_adam", Adam)):
             opt = cls(1e-3)
             opt.build(weights)
-            r[f"{name}_update_s"] = median_s(tf.function(lambda: (opt.apply(g, weights), opt.iterations)[1],
-                                                         jit_compile=jit))
-            r[f"step_{name}_s"] = median_s(tf.function(lambda: (opt.apply(grads(), weights), opt.iterations)[1],
-                                                       jit_compile=jit))
-        out["xla" if jit else "plain"] = r
+            update = compiled(lambda g: (opt.apply(g, weights), opt.iterations.value)[1], *opt.variables)
+            r[f"{name}_update_s"] = median_call_s(lambda: update(g), repeats)
+            r[f"step_{name}_s"] = median_call_s(compiled(lambda: (opt.apply(grads(), weights), opt.iterations.value)[1],
+                                                         *opt.variables), repeats)
+        out[key] = r
     return out
 
 
 # --- where a TarFlow step goes ----------------------------------------------------------------
 
 def profile_tarflow(cfg, repeats=15, precision=None):
-    """Seconds (median of `repeats` calls) of separate tf.functions over TarFlow's CPU recipe `cfg` (tools/bench.py's
+    """Seconds (median of `repeats` calls) of separate compiled functions (flowkit.backend.function) over
+    TarFlow's CPU recipe `cfg` (tools/bench.py's
     FULL["tarflow"]) under `precision` (None: float32): a whole training step (forward, backward, the
     fused AdamW update), forward + backward alone, the update alone; each part of the Transformer over
     all blocks and layers, forward + backward at the recipe's shapes: the layer norms, the QKV and output
@@ -314,7 +358,6 @@ def profile_tarflow(cfg, repeats=15, precision=None):
     and one batch of tarflow.dataset (noise drawn in the pipeline). "rest" is forward + backward less the
     parts: embeddings, the shift, exp(−a), the log-det and loss, and the layout ops around the heads."""
     import tarflow
-    from flowkit.density import prior_nll
 
     set_mixed_precision(precision)
     try:
@@ -326,48 +369,45 @@ def profile_tarflow(cfg, repeats=15, precision=None):
     finally:
         set_mixed_precision(None)
     b, rng = cfg["batch"], np.random.RandomState(0)
-    x = tf.constant(rng.uniform(-1, 1, (b, cfg["img"], cfg["img"], 1)).astype("float32"))
-    y = tf.constant(rng.randint(0, tarflow.CLASSES, b).astype("int32"))
+    x = keras.ops.convert_to_tensor(rng.uniform(-1, 1, (b, cfg["img"], cfg["img"], 1)).astype("float32"))
+    y = keras.ops.convert_to_tensor(rng.randint(0, tarflow.CLASSES, b).astype("int32"))
     weights, opt = encoder.trainable_variables, encoder.optimizer
     blocks = tarflow.tar_blocks(encoder)
     nets = [block.network for block in blocks]
     t, w, heads = nets[0].tokens, nets[0].width, nets[0].heads
     h, wide = (b * t, w), (b * t, 4 * w)  # the shapes of the residual stream and of the MLP's inside
+    compiled = lambda fn: backend.function(fn, [*encoder.variables, *opt.variables])
 
     def grads():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(prior_nll(None, encoder([x, y], training=True))) + tf.add_n(encoder.losses)
-        return tape.gradient(loss, weights)
+        return backend.gradients(lambda: fit_loss(encoder, [x, y]), weights)[1]
 
     def parts(fn, shapes, layers):
         """forward + backward of fn(attention, mlp, *inputs) for every Transformer layer of every block, on
         inputs of `shapes` drawn anew for each (equal inputs would let grappler compute a weightless part
         once), gradients to the inputs and the weights of layers(attention, mlp)."""
         pairs = [(a, m) for net in nets for a, m in zip(net.attentions, net.mlps)]
-        draws = [[tf.constant(rng.standard_normal(s).astype("float32")) for s in shapes] for _ in pairs]
+        draws = [[keras.ops.convert_to_tensor(rng.standard_normal(s).astype("float32")) for s in shapes] for _ in pairs]
+
+        def total(a, m):
+            return lambda *inputs: sum(keras.ops.sum(keras.ops.cast(o, "float32"))
+                                       for o in keras.tree.flatten(fn(a, m, *inputs)))
 
         def run():
             out = []
             for (a, m), inputs in zip(pairs, draws):
                 variables = [v for l in layers(a, m) for v in l.trainable_variables]
-                with tf.GradientTape() as tape:
-                    tape.watch(inputs)
-                    value = tf.add_n([tf.reduce_sum(tf.cast(o, "float32")) for o in tf.nest.flatten(fn(a, m, *inputs))])
-                out += tape.gradient(value, [*inputs, *variables])
+                out += backend.gradients(total(a, m), variables, inputs)[1]
             return out
-        return tf.function(run)
+        return compiled(run)
 
-    def median_s(fn):
-        keras.ops.convert_to_numpy(tf.nest.flatten(fn())[0])
-        return statistics.median(timed(lambda: keras.ops.convert_to_numpy(tf.nest.flatten(fn())[0]))
-                                 for _ in range(repeats))
-
-    g = tf.function(grads)()
+    median_s = lambda fn: median_call_s(fn, repeats)
+    g = compiled(grads)()
+    update = compiled(lambda g: (opt.apply(g, weights), opt.iterations.value)[1])
     mask, qkv = Attention.causal_mask(t), [(b, heads, t, w // heads)] * 3
-    to_16 = lambda v: tf.cast(v, nets[0].attentions[0].qkv.compute_dtype)  # q, k, v as the qkv Dense returns them
-    r = {"step_s": median_s(tf.function(lambda: (opt.apply(grads(), weights), opt.iterations)[1])),
-         "forward_backward_s": median_s(tf.function(grads)),
-         "adamw_update_s": median_s(tf.function(lambda: (opt.apply(g, weights), opt.iterations)[1]))}
+    to_16 = lambda v: keras.ops.cast(v, nets[0].attentions[0].qkv.compute_dtype)  # q, k, v as the qkv Dense returns them
+    r = {"step_s": median_s(compiled(lambda: (opt.apply(grads(), weights), opt.iterations.value)[1])),
+         "forward_backward_s": median_s(compiled(grads)),
+         "adamw_update_s": median_s(lambda: update(g))}
     r["parts_s"] = {
         "layer norms": median_s(parts(lambda a, m, v: m.norm(a.norm(v)), [h], lambda a, m: [a.norm, m.norm])),
         "QKV and output projections": median_s(parts(lambda a, m, v: (a.qkv(v), a.out(v)), [h],
