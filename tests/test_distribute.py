@@ -11,6 +11,7 @@ own numbers (flow_layers._uniform), which cannot equal one device's draw over th
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -65,9 +66,10 @@ class _Losses:
         return Record()
 
 
-def train_tiny(strategy):
-    """Trains a tiny NICE and a tiny Glow (1×1 convs, affine couplings, Actnorm init) for 8 steps
-    under `strategy`; returns {name: (per-step losses, weights, seconds per step after the first)}.
+def train_tiny(strategy, names=("nice", "glow")):
+    """Trains a tiny NICE and a tiny Glow (1×1 convs, affine couplings, Actnorm init), or those of
+    `names`, for 8 steps under `strategy`; returns {name: (per-step losses, weights, seconds per step
+    after the first)}.
 
     With plain SGD rather than the scripts' Adam: Adam divides by √v, so it would hide a gradient of
     the wrong scale (say, log-dets counted once per replica), and it magnifies rounding in the
@@ -81,7 +83,7 @@ def train_tiny(strategy):
 
     nice_x, glow_x = _data()
     out = {}
-    for name in ("nice", "glow"):
+    for name in names:
         keras.utils.set_random_seed(0)
         with strategy.scope():
             if name == "nice":
@@ -166,11 +168,12 @@ def compare(out, *script_args):
     _script("glow", script_args, "mirrored")
 
 
-def _script(name, args, distribute):
+def _script(name, args, distribute, devices=None):
     """Runs nice.py or glow.py's main in this process (its strategy follows the one made above)."""
     import importlib
 
-    devices = ["--devices", "CPU:0,CPU:1"] if distribute == "mirrored" else []
+    if devices is None:
+        devices = ["--devices", "CPU:0,CPU:1"] if distribute == "mirrored" else []
     code = importlib.import_module(name).main([*args, "--distribute", distribute, *devices])
     assert code == 0, f"{name}.py exited with {code}"
 
@@ -183,6 +186,27 @@ def worker(out, *script_args):
     assert strategy.num_replicas_in_sync == 2
     _save(out, train_tiny(strategy), chief=is_chief(strategy))
     _script("glow", script_args, "multiworker")
+
+
+def jax_compare(out, *script_args):
+    """KERAS_BACKEND=jax on 2 host CPU devices (XLA_FLAGS): the tiny NICE on one device, then under
+    --distribute mirrored, keras.distribution.DataParallel over both (its variables replicated on
+    each); then nice.py itself with --distribute mirrored."""
+    import jax
+    import keras
+
+    from flowkit.devices import make_strategy
+
+    assert keras.backend.backend() == "jax" and len(jax.devices()) == 2
+    single = train_tiny(make_strategy("none"), names=("nice",))
+    strategy = make_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == 2
+    parallel = train_tiny(strategy, names=("nice",))
+    probe = keras.Variable(np.zeros(3, "float32"))  # made under the distribution: a copy on each device
+    _save(out + ".jax_single.npz", single)
+    _save(out + ".jax_parallel.npz", parallel, replicas=len(probe.value.sharding.device_set),
+          distribution=type(keras.distribution.distribution()).__name__)
+    _script("nice", script_args, "mirrored", devices=["--devices", "CPU:0,CPU:1"])
 
 
 # --- the tests --------------------------------------------------------------------------------
@@ -309,6 +333,47 @@ def test_only_the_chief_writes_under_multiworker(runs):
     assert not other.exists()  # worker 1 saved into a temporary folder of its own, removed at exit
 
 
+# --- JAX: keras.distribution.DataParallel; PyTorch: none ------------------------------------------
+
+def _nice_args(folder):
+    """A tiny nice.py run on 96 real digits, batch 16 (8 per device), writing into `folder`."""
+    args = _glow_args(folder)
+    data = args[args.index("--data") + 1]
+    return ["--data", data, "--hidden", "16", "--hidden-layers", "1", "--couplings", "2", "--batch-size", "16",
+            "--epochs", "1", "--weights", str(folder / "nice.weights.h5"), "--out", str(folder / "out")]
+
+
+def test_jax_data_parallel_on_two_devices_trains_like_one_device(tmp_path):
+    """--distribute mirrored on JAX: DataParallel over 2 host CPU devices gives one device's losses and
+    weights (the tiny NICE, noise off, SGD), and nice.py trains under it and writes its files."""
+    base, folder = str(tmp_path / "run"), tmp_path / "nice"
+    env = _env(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    output = _wait(_run(["jax", base, *_nice_args(folder)], env))
+    single, parallel = _load(base + ".jax_single.npz"), _load(base + ".jax_parallel.npz")
+    assert str(parallel["distribution"]) == "DataParallel" and int(parallel["replicas"]) == 2
+    assert len(single["nice_loss"]) == len(parallel["nice_loss"]) == EPOCHS * N // GLOBAL_BATCH
+    loss = float(np.max(np.abs(single["nice_loss"] - parallel["nice_loss"])))
+    weight = max(float(np.max(np.abs(single[k] - parallel[k]))) for k in single if k.startswith("nice_w"))
+    print(f"nice: jax single vs DataParallel (2 host CPUs): max loss diff {loss:.2e}, max weight diff {weight:.2e}")
+    assert loss <= LOSS_TOL * np.max(np.abs(single["nice_loss"])) and weight <= WEIGHT_TOL
+    assert single["nice_loss"][N // GLOBAL_BATCH] < single["nice_loss"][0]  # it did train
+    assert "backend: jax (CPU)" in output and re.search(r"test bits/dim: \d+\.\d{3}", output)
+    assert (folder / "nice.weights.h5").is_file() and (folder / "out" / "nice_samples.png").is_file()
+
+
+def test_torch_has_no_distribute(tmp_path):
+    """--distribute on PyTorch: one line, exit 2, before any data is read or file written."""
+    folder = tmp_path / "nice"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "nice.py"), *_nice_args(folder), "--distribute",
+                          "mirrored"], env=_env(KERAS_BACKEND="torch"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [
+        "error: --distribute: not available on the torch backend (KERAS_BACKEND=torch); data-parallel training "
+        "runs on the tensorflow and jax backends"]
+    assert not folder.exists()
+
+
 # --- mixed precision (in this process) ----------------------------------------------------------
 
 def _tiny(name):
@@ -400,4 +465,4 @@ if __name__ == "__main__":
         import importlib
 
         sys.exit(importlib.import_module(out).main(rest))
-    {"compare": compare, "worker": worker}[mode](out, *rest)
+    {"compare": compare, "worker": worker, "jax": jax_compare}[mode](out, *rest)

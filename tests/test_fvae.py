@@ -21,6 +21,7 @@ from helpers import jacobian_log_det, mnist_npz, perturb, reported_log_det
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(squeezes=1, blocks=1, width=8, level=2, depth=1, hidden=8)
+np_ = keras.ops.convert_to_numpy
 
 
 def small_digits(digits, n, size=8):
@@ -69,12 +70,12 @@ def test_keras_loss_equals_an_independent_monte_carlo_elbo(digits, float64):
 
     # the ELBO term by term, from the parts and the flow's autodiff Jacobian
     d, big_d = f.latent_dims, x[0].size
-    log_scales = [f.model.get_layer(name).log_scale.numpy()[0] for name in ("posterior_scale", "pixel_scale")]
+    log_scales = [np_(f.model.get_layer(name).log_scale)[0] for name in ("posterior_scale", "pixel_scale")]
     sigma, sigma_x = np.exp(log_scales[0]), np.exp(-log_scales[1])  # the Scales multiply u by σ, r by 1/σ_x
-    z = f.encoder_net(x, training=False).numpy() + (sigma * u).reshape(-1, 4, 4, 4)
-    eps = f.flow(z).numpy()
+    z = np_(f.encoder_net(x, training=False)) + (sigma * u).reshape(-1, 4, 4, 4)
+    eps = np_(f.flow(z))
     log_det = jacobian_log_det(f.flow, z)
-    mean_x = f.generator(z, training=False).numpy().reshape(5, -1)
+    mean_x = np_(f.generator(z, training=False)).reshape(5, -1)
     log_2pi = math.log(2 * math.pi)
     rec = (0.5 * np.sum(((x.reshape(5, -1) - mean_x) / sigma_x) ** 2, 1) + np.sum(np.log(sigma_x))
            + 0.5 * big_d * log_2pi)

@@ -10,8 +10,8 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from flowkit import backend
 from flowkit.devices import make_strategy
 from flowkit.files import atomic_write, read_config
 from flowkit.run import Backup, Interrupt, KeepBest, Run
@@ -25,11 +25,25 @@ def _model(lr=1e-2):
     return m
 
 
+class _Batches(keras.utils.PyDataset):
+    """Batches of 8 (x, x), in order: what fit reads on every backend."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+
+    def __len__(self):
+        return len(self.x) // 8
+
+    def __getitem__(self, i):
+        return self.x[8 * i:8 * i + 8], self.x[8 * i:8 * i + 8]
+
+
 def _data(n_batches=6, poison=()):
     x = np.random.RandomState(0).randn(n_batches * 8, 4).astype("float32")
     for b in poison:
         x[b * 8] = np.nan  # one poisoned example makes the whole batch's loss NaN
-    return tf.data.Dataset.from_tensor_slices((x, x)).batch(8)
+    return _Batches(x)
 
 
 def _finite(model):
@@ -188,7 +202,9 @@ def test_run_around_fit_keeps_the_best_weights_the_log_and_backups(tmp_path, cap
     _fit(m, run)
     assert run.end() is True and run.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("precision: float32 (a test)\n")
+    # the backend and its devices, then the precision: the run's first two lines
+    assert out.startswith(f"backend: {keras.backend.backend()} (")
+    assert out.splitlines()[:2] == [backend.describe(), "precision: float32 (a test)"]
     lines = [line for line in out.splitlines() if line.startswith("first step: ")]
     assert len(lines) == 1 and lines[0].endswith(" s (tracing included)")  # once per fit, not per epoch
     assert read_config(str(tmp_path / "t.weights.h5")) == {"model": "tiny", "width": 8}

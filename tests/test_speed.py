@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from flowkit import backend
 from flowkit import cli as flow_cli
 from flowkit import devices as flow_devices
 import glow
@@ -128,8 +129,12 @@ def test_training_prints_the_precision_once_and_none_forces_float32(monkeypatch,
                           "--out", str(tmp_path / "out")]) == 0
     finally:
         set_mixed_precision(None)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("precision")]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("precision")]
     assert lines == ["precision: float32 (--mixed-precision none)"]
+    start = out.index(lines[0])  # the backend line just before it, once
+    assert out[start - 1] == backend.describe() and out[start - 1].startswith(f"backend: {keras.backend.backend()} (")
+    assert sum(line.startswith("backend: ") for line in out) == 1
 
 
 def run_adam(cls, steps=5, **kwargs):

@@ -324,7 +324,7 @@ def profile_nice(repeats=15):
 
     def layout():
         h = x
-        for layer in flow:
+        for layer in flow.steps:
             h = h if isinstance(layer, AffineCouple) else layer(h)
         return h
 
