@@ -13,10 +13,11 @@
     score    the sample score: a small digit classifier's verdict on a model's samples
     curves   epoch logs drawn and tabled
 
-On the TensorFlow backend, importing the package imports TensorFlow with its start-up notices kept
-off stderr; on JAX and PyTorch it needs no TensorFlow.
+Importing the package imports TensorFlow, where it is installed, with its start-up notices kept off
+stderr (on JAX and PyTorch too: Keras' set_random_seed imports it); JAX and PyTorch need no TensorFlow.
 It never imports an article script or a tool (tests/test_imports.py).
 """
+import importlib.util
 import json
 import os
 import sys
@@ -61,5 +62,13 @@ def _load_tensorflow_quietly():
         os.close(devnull)
 
 
-if _keras_backend() == "tensorflow":
+def _tensorflow_installed():
+    try:
+        return sys.modules.get("tensorflow", True) is not None and importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# On JAX and PyTorch too where TensorFlow is installed: Keras' set_random_seed imports it to seed it
+if _keras_backend() == "tensorflow" or _tensorflow_installed():
     _load_tensorflow_quietly()

@@ -122,6 +122,9 @@ def test_backends_flag_defaults_to_the_installed_ones(capsys):
 
     import tools.bench as bench
 
+    import tools.measure as measure
+
+    assert bench.VARIANT_NAMES == tuple(n for n, _, _ in measure.VARIANTS)  # --variants' default, without Keras
     installed = [b for b in ("tensorflow", "jax", "torch") if importlib.util.find_spec(b)]
     assert bench.parse_args([]).backends == installed and "tensorflow" in installed
     assert bench.parse_args(["--backends", "tensorflow"]).backends == ["tensorflow"]

@@ -245,8 +245,10 @@ CASES = {
                               formula=by_formula()),
     "multiscale": Case(lambda s: fl.MultiScale(fl.Flow([fl.Actnorm(), fl.Reshape()])), (2, 2, 4),
                        formula=by_formula()),
+    # two levels, their weights moved by 0.2 in the variable-sharing check: float32 rounding reaches
+    # 1.5e-5 there on JAX's CPU kernels
     "glow_flow": Case(lambda s: glow.glow_flow(1, level=2, depth=1, hidden=4, coupling="affine"), (4, 4, 1),
-                      formula=by_formula()),
+                      formula=by_formula(), atol32=3e-5),
     # TarFlow: tokens, their order reversed, a causal-Transformer autoregressive block (unconditional
     # and class-conditional)
     "patchify": Case(lambda s: fl.Patchify(2), (4, 2, 1), formula=zero, stateful=False),
@@ -347,19 +349,15 @@ def test_inverse_shares_the_forward_variables(name):
     np.testing.assert_allclose(np_(case.unapply(inv, np_(case.apply(layer, x)))), x, atol=case.atol32)
 
 
-def autodiff_logdet(fn, x):
-    """Batch mean of log|det ∂fn/∂x| (helpers.jacobian_log_det)."""
-    return float(np.mean(jacobian_log_det(fn, x)))
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_reported_logdet_equals_autodiff_jacobian(name, float64):
     case, layer, x = built(name, scale=0.3)
-    expected = autodiff_logdet(lambda t: case.apply(layer, t), x)
+    per_example = jacobian_log_det(lambda t: case.apply(layer, t), x)
+    expected = float(np.mean(per_example))
     case.apply(layer, x)
     assert reported_logdet(layer) == pytest.approx(expected, rel=1e-9, abs=1e-9)
-    if name in WITH_LOGDET:  # the perturbation made the check meaningful
-        assert abs(expected) > 0.05
+    if name in WITH_LOGDET:  # the perturbation made the check meaningful (the mean's signs may cancel)
+        assert np.abs(per_example).max() > 0.05
 
 
 class PerExample:
@@ -385,8 +383,8 @@ def test_return_log_det_is_the_jacobian_per_example_and_adds_no_loss(name, float
     log_det = np_(per_example.log_det)
     assert log_det.shape == (B,) and log_det.dtype == np.float64
     np.testing.assert_allclose(log_det, expected, rtol=1e-9, atol=1e-9)
-    if name in WITH_LOGDET:
-        assert np.all(np.abs(expected) > 0.05)
+    if name in WITH_LOGDET:  # every example's check is meaningful (the initial weights vary by backend)
+        assert np.all(np.abs(expected) > 0.01) and np.abs(expected).max() > 0.05
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].formula is not None])
@@ -797,10 +795,17 @@ def test_gelu_layer_norm_and_softmax_gradients_are_autodiffs(float64):
     keras_norm.build((None, 8))
     keras_norm.set_weights([gamma, beta])
     norm = fl.layer_norm(1e-6, "float64")
-    ref = lambda v, g_, b_: ops.layer_normalization(v, g_, b_, epsilon=1e-6)
+
+    def ref(v, g_, b_):  # sums over counts: Keras' own means are float32 inside on JAX and PyTorch
+        centred = v - ops.sum(v, axis=-1, keepdims=True) / 8
+        return centred / ops.sqrt(ops.sum(centred * centred, axis=-1, keepdims=True) / 8 + 1e-6) * g_ + b_
+
     (y, grads), (y_ref, grads_ref) = _autodiff_and_written(norm, ref, [x * 3 + 1, gamma, beta], up)
     np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(y, np_(keras_norm(x * 3 + 1)), rtol=1e-10, atol=1e-10)  # Keras' layer
+    # Keras' layer and op, the same function (to their float32 insides on JAX and PyTorch)
+    tol = 1e-10 if keras.backend.backend() == "tensorflow" else 1e-6
+    np.testing.assert_allclose(y, np_(keras_norm(x * 3 + 1)), rtol=tol, atol=tol)
+    np.testing.assert_allclose(y, np_(ops.layer_normalization(x * 3 + 1, gamma, beta, epsilon=1e-6)), rtol=tol, atol=tol)
     for a, b in zip(grads, grads_ref):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
