@@ -58,6 +58,14 @@ def _mean(x, axis=None, keepdims=False):
     return total * ops.cast(ops.size(total), x.dtype) / ops.cast(ops.size(x), x.dtype)
 
 
+def _matmul(a, b):
+    """ops.matmul, but float64 stays float64: Keras' PyTorch backend multiplies float64 matrices in
+    float32 (its result type again), so float64 goes through an einsum."""
+    if _is_float64(a):
+        return ops.einsum("...ij,...jk->...ik", a, b)
+    return ops.matmul(a, b)
+
+
 def _flow_dtype(kwargs):
     """Flow layers compute in their variables' dtype: float32 under a mixed policy ("mixed_bfloat16",
     "mixed_float16"), floatx otherwise. So the data path x -> z, every log-det, the prior and the
@@ -214,7 +222,7 @@ class UniformNoise(keras.layers.Layer):
 
     NICE uses scale = -0.01 (x/255 − 0.01·U), Glow scale = 1/256. Not a flow step: the decoder
     replay skips it. Float32 under a mixed policy: in bfloat16 a noise of 1/256 on values near 1
-    would round away. Under a distribution strategy each replica draws its own noise (`_uniform`).
+    would round away. Under a distribution strategy each replica draws its own noise (`flowkit.backend.uniform`).
     """
 
     def __init__(self, scale, **kwargs):
@@ -549,13 +557,13 @@ class InvDense(FlowLayer):
         eye = ops.eye(self.l.shape[0], dtype=self.l.dtype)
         lower = ops.tril(self.l, -1) + eye
         upper = ops.triu(self.u, 1) + eye * (self.sign_s * ops.exp(self.log_s))
-        return ops.matmul(self.p, ops.matmul(lower, upper))
+        return _matmul(self.p, _matmul(lower, upper))
 
     def encode(self, x, training=None):
-        return ops.matmul(x, self.kernel()), _pixels(x) * ops.sum(self.log_s)
+        return _matmul(x, self.kernel()), _pixels(x) * ops.sum(self.log_s)
 
     def reverse(self, z):
-        return ops.matmul(z, ops.inv(self.kernel()))
+        return _matmul(z, ops.inv(self.kernel()))
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
@@ -710,7 +718,8 @@ class _SpectralNorm(keras.layers.Layer):
         return self._norm(ops.cast(self.kernel, self.variable_dtype))
 
     def normalized_kernel(self):
-        scale = ops.maximum(ops.cast(1.0, self.variable_dtype), self.sigma() / self.coeff)
+        ratio = self.sigma() / self.coeff
+        scale = ops.where(ratio > 1, ratio, ops.ones_like(ratio))  # not ops.maximum: float32 inside on PyTorch
         return self.kernel / ops.cast(scale, self.kernel.dtype)
 
     def call(self, x):
@@ -753,7 +762,7 @@ class SpectralDense(_SpectralNorm):
         return _largest_singular_value(kernel)
 
     def _apply(self, x, kernel):
-        return ops.matmul(x, kernel)
+        return _matmul(x, kernel)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
@@ -899,7 +908,7 @@ class ResidualFlow(FlowLayer):
             survive = ops.power(ops.cast(1 - self.p, x.dtype), ops.cast(ops.maximum(k - terms, 0), x.dtype))
             return k + 1, w, total + t / survive
 
-        # at most MAX_TERMS products: P(N > terms + 40) = (1 − p)^40, 1e-12 at p = 0.5
+        # at most terms + MAX_EXTRA products: P(N > terms + 40) = (1 − p)^40, 1e-12 at p = 0.5
         start = (ops.convert_to_tensor(1, "int32"), v, ops.zeros(ops.shape(x)[:1], dtype=x.dtype))
         return backend.bounded_while(lambda k, w, total: k <= n, body, start, terms + self.MAX_EXTRA)[2]
 
@@ -1170,8 +1179,8 @@ class Attention(keras.layers.Layer):
 
     def attend(self, q, k, v, mask):
         """softmax(q·kᵀ + mask)·v per head, q (B, heads, t, d) already scaled; the softmax in float32."""
-        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
-        return ops.matmul(ops.cast(masked_softmax(scores, ops.cast(mask, self.dtype)), v.dtype), v)
+        scores = _matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+        return _matmul(ops.cast(masked_softmax(scores, ops.cast(mask, self.dtype)), v.dtype), v)
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads}

@@ -12,7 +12,8 @@ import warnings
 import keras
 
 from flowkit.data import image_data
-from flowkit.devices import add_scale_out_args, choose_precision, choose_xla, make_strategy, set_mixed_precision
+from flowkit.devices import (add_scale_out_args, choose_precision, choose_xla, compiles_with_xla, make_strategy,
+                             set_mixed_precision)
 from flowkit.files import UserError, check_readable, read_config, renamed_weights
 from flowkit.run import check_run, run_folder, run_record
 from flowkit.score import SAMPLES
@@ -220,7 +221,7 @@ def start(args):
     strategy = make_strategy(args.distribute, args.devices)
     # the bfloat16 default is for training; sampling and the experiments keep float32 unless asked
     bf16_default = getattr(args, "bf16_default", False) and not args.loads_weights
-    amx_xla = getattr(args, "amx_xla", False) and not args.loads_weights
+    amx_xla = getattr(args, "amx_xla", False) and not args.loads_weights and compiles_with_xla()
     args.mixed_precision, args.precision_why = choose_precision(args.mixed_precision, bf16_default, amx_xla=amx_xla)
     args.xla, xla_why = choose_xla(getattr(args, "xla", None), amx_xla, args.mixed_precision, args.distribute)
     args.precision_why += f"; {xla_why}" if xla_why else ""

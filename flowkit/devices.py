@@ -175,6 +175,13 @@ def _gpus(gpus):
     return gpus
 
 
+def compiles_with_xla():
+    """Whether the backend's compiled training step is an XLA program: TensorFlow's with jit_compile,
+    JAX's always. PyTorch's jit_compile is torch.compile, which the AMX measurements behind `amx_xla`
+    (choose_precision, choose_xla) did not cover: there a model keeps the plain bfloat16 default."""
+    return backend.name() in ("tensorflow", "jax")
+
+
 def choose_precision(flag, bf16_default, cpu_bf16=None, gpus=None, amx_xla=False):
     """(precision for `set_mixed_precision`, why) from --mixed-precision: an explicit value wins ("none"
     is float32); unset, a model whose default is bfloat16 gets it on a CPU-only machine whose CPU has

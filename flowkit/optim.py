@@ -9,6 +9,8 @@ import re
 
 import keras
 
+from flowkit import backend
+
 class Adam(keras.optimizers.Adam):
     """Keras' Adam with TensorFlow's fused update kernel (ResourceApplyAdam) for each variable: the
     same formula (m, v, bias-corrected step, ε outside the square root) in one pass over the variable,
@@ -30,7 +32,7 @@ class Adam(keras.optimizers.Adam):
     def slot_keys(variable):
         """Keys under which update_step finds a variable's slots: on TensorFlow it is handed the
         tf.Variable (each replica's copy under a strategy), elsewhere the keras.Variable itself."""
-        if keras.backend.backend() != "tensorflow":
+        if backend.name() != "tensorflow":
             return [id(variable)]
         import tensorflow as tf
 
@@ -57,8 +59,8 @@ class Adam(keras.optimizers.Adam):
             self.assign(variable, variable * factor)
         step = keras.ops.cast(self.iterations + 1, dtype)
         beta_1, beta_2 = keras.ops.cast(self.beta_1, dtype), keras.ops.cast(self.beta_2, dtype)
-        if keras.backend.backend() == "tensorflow" and self._fused_update(gradient, variable, m, v, lr, step,
-                                                                           beta_1, beta_2, dtype):
+        if backend.name() == "tensorflow" and self._fused_update(gradient, variable, m, v, lr, step,
+                                                                 beta_1, beta_2, dtype):
             return
         ops = keras.ops  # Keras Adam's update_step, element by element
         gradient = ops.cast(gradient, dtype)
