@@ -210,9 +210,12 @@ def choose_xla(flag, amx_xla, precision, distribute="none", cpu_bf16=None, gpus=
     XLA compiles a float32 step of a model with `amx_xla` on one device of a CPU with AMX-BF16 (measured
     on an Intel Xeon: TarFlow's float32 step ×1.41 less CPU with XLA, its bfloat16 one ×1.07 faster than
     float32 without), and nothing else: on AMD Zen 4 (AVX512-BF16, no AMX) XLA slowed every model's
-    default path (docs/running.md), and on a GPU Keras compiles with XLA anyway."""
+    default path (docs/running.md), and on a GPU Keras compiles with XLA anyway. Only on TensorFlow: JAX
+compiles every step with XLA, and PyTorch's jit_compile is torch.compile (minutes of compiling)."""
     if flag is not None:
         return bool(flag), None
+    if backend.name() != "tensorflow":  # the rule was measured on TensorFlow; on torch jit_compile is torch.compile
+        return False, None
     if not amx_xla or precision is not None or distribute != "none" or _gpus(gpus):
         return False, None
     if "AMX-BF16" in (cpu_bfloat16() if cpu_bf16 is None else cpu_bf16):
