@@ -48,18 +48,41 @@ def temperature_codes(temperatures, n, dims, seed=0):
     return np.stack([t * eps for t in temperatures]).astype(keras.config.floatx())
 
 
+def variables_read(model):
+    """Every variable a call of `model` reads: its own `variables`, and those of the layers its layers
+    hold as plain attributes that Keras does not track — a flow layer's `inverse()` runs its forward
+    layer through such a reference, so a decoder's own `variables` is empty."""
+    found, seen, visited, todo = [], set(), set(), [model]
+    while todo:
+        layer = todo.pop()
+        if id(layer) in visited:
+            continue
+        visited.add(id(layer))
+        for v in layer.variables:
+            if id(v) not in seen:
+                seen.add(id(v))
+                found.append(v)
+        # PyTorch's Module keeps a sub-layer held alone in `_modules`, not in the instance's __dict__
+        held = [*vars(layer).values(), *(getattr(layer, "_modules", None) or {}).values()]
+        for value in held:
+            todo += [v for v in (value if isinstance(value, (list, tuple)) else [value])
+                     if isinstance(v, keras.layers.Layer)]
+    return found
+
+
 def compiled(model, key=(), jit_compile=False, call=None):
-    """model(inputs, training=False), or `call`, compiled once (flowkit.backend.function over the model's
-    variables: a tf.function, or on JAX a jitted program that reads the weights as they are at each call,
-    so it follows training): one per `key`, kept on the model. A decoder's layers then run as one graph
-    instead of op by op: Glow's 9×9 epoch grid ×9 faster on a CPU. `key` names what the layers read in
-    Python when they trace (TarFlow's guidance and key-value cache), so another setting traces anew."""
+    """model(inputs, training=False), or `call`, compiled once (flowkit.backend.function over the
+    variables the model reads, `variables_read`: a tf.function, or on JAX a jitted program that reads the
+    weights as they are at each call, so it follows training and loaded weights): one per `key`, kept on
+    the model. A decoder's layers then run as one graph instead of op by op: Glow's 9×9 epoch grid ×9
+    faster on a CPU. `key` names what the layers read in Python when they trace (TarFlow's guidance and
+    key-value cache), so another setting traces anew."""
     cache = model.__dict__.get("compiled_calls")
     if cache is None:
         cache = {}
         object.__setattr__(model, "compiled_calls", cache)  # untracked by Keras
     if key not in cache:
-        cache[key] = backend.function(call or (lambda v: model(v, training=False)), model.variables,
+        cache[key] = backend.function(call or (lambda v: model(v, training=False)), variables_read(model),
                                       xla=jit_compile)
     return cache[key]
 

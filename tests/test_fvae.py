@@ -53,7 +53,7 @@ def test_normal_nll_passes_x_and_adds_the_gaussian_term(sign):
 def test_flow_log_det_equals_brute_force_jacobian(digits, float64):
     x = small_digits(digits, 4)  # latent 4×4×4: d = 64
     f = tiny_fvae(x)
-    z = f.encoder_net(x) + np.random.RandomState(1).standard_normal((4, 4, 4, 4)) * 0.5
+    z = np_(f.encoder_net(x)) + np.random.RandomState(1).standard_normal((4, 4, 4, 4)) * 0.5
     f.flow(z)
     reported = reported_log_det(f.flow)
     brute = jacobian_log_det(f.flow, z)

@@ -45,7 +45,7 @@ def small_digits(n, size=16):
 def nll(encoder, x):
     """−log q(x) in nats per image, eagerly: prior term + the layers' −log|det| (add_loss)."""
     z = encoder(x, training=False)
-    return float(np.mean(glow.prior_nll(None, z)) + sum(float(l) for l in encoder.losses))
+    return float(np.mean(np_(glow.prior_nll(None, z))) + sum(float(np_(l)) for l in encoder.losses))
 
 
 

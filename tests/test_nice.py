@@ -124,6 +124,21 @@ def test_short_training_on_real_digits_lowers_the_loss(digits):
     assert samples.shape == (9, 28, 28) and samples.min() >= 0 and samples.max() <= 1
 
 
+def test_compiled_decoder_follows_the_weights():
+    """decode_codes' compiled decoder (flowkit.sample.compiled) reads the weights as they are at each call,
+    not as they were when it was first traced — a decoder's variables are the encoder's, reached through
+    its inverse layers — so per-epoch grids follow training and a reload (on JAX: one jitted program)."""
+    keras.utils.set_random_seed(4)
+    encoder, decoder, _ = nice.build_nice(hidden=16, hidden_layers=1, couplings=2)
+    z = np.random.RandomState(0).standard_normal((3, 784)).astype("float32")
+    before = decode_codes(decoder, z)
+    np.testing.assert_allclose(before, np_(decoder(z)), atol=1e-5)
+    perturb(encoder, 0.5)
+    after = decode_codes(decoder, z)
+    assert np.abs(after - before).max() > 1e-2  # the weights moved: so did the images
+    np.testing.assert_allclose(after, np_(decoder(z)), rtol=1e-5, atol=1e-5)  # XLA's float32 rounding
+
+
 def test_random_permutation_survives_save_and_load(tmp_path, digits):
     path = str(tmp_path / "perm.weights.h5")
     np.random.seed(10)
