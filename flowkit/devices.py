@@ -211,7 +211,7 @@ def choose_xla(flag, amx_xla, precision, distribute="none", cpu_bf16=None, gpus=
     on an Intel Xeon: TarFlow's float32 step ×1.41 less CPU with XLA, its bfloat16 one ×1.07 faster than
     float32 without), and nothing else: on AMD Zen 4 (AVX512-BF16, no AMX) XLA slowed every model's
     default path (docs/running.md), and on a GPU Keras compiles with XLA anyway. Only on TensorFlow: JAX
-compiles every step with XLA, and PyTorch's jit_compile is torch.compile (minutes of compiling)."""
+    compiles every step with XLA, and PyTorch's jit_compile is torch.compile (minutes of compiling)."""
     if flag is not None:
         return bool(flag), None
     if backend.name() != "tensorflow":  # the rule was measured on TensorFlow; on torch jit_compile is torch.compile

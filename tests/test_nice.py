@@ -99,8 +99,8 @@ def test_evaluation_data_are_fresh_noise_inside_each_bin(digits):
     keras.utils.set_random_seed(5)  # as --seed does: a global TF seed must not freeze the noise
     k = flat(digits[:40])
     ds = nice.test_data(k, batch_size=16)
-    a = np.concatenate([x.numpy() for x, _ in ds])
-    b = np.concatenate([x.numpy() for x, _ in ds])
+    a = np.concatenate([np_(x) for x, _ in ds])
+    b = np.concatenate([np_(x) for x, _ in ds])
     assert a.shape == k.shape
     assert np.array_equal(np.floor(a.astype(np.float64) * 256), k)  # x ∈ [k/256, (k+1)/256)
     assert not np.array_equal(a, b)  # another epoch, other noise
