@@ -62,13 +62,17 @@ def _load_tensorflow_quietly():
         os.close(devnull)
 
 
-def _tensorflow_installed():
+def tensorflow_importable():
+    """True when `import tensorflow` would succeed (a path entry may block it, as the tests do); here,
+    not in flowkit.backend, because it must be known before Keras is imported."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"] is not None
     try:
-        return sys.modules.get("tensorflow", True) is not None and importlib.util.find_spec("tensorflow") is not None
+        return importlib.util.find_spec("tensorflow") is not None
     except (ImportError, ValueError):
         return False
 
 
 # On JAX and PyTorch too where TensorFlow is installed: Keras' set_random_seed imports it to seed it
-if _keras_backend() == "tensorflow" or _tensorflow_installed():
+if _keras_backend() == "tensorflow" or tensorflow_importable():
     _load_tensorflow_quietly()

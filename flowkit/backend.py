@@ -18,25 +18,15 @@ compile an arbitrary function of a model's variables; each of those is here, onc
     quiet_retracing       no notice when `function` traces again on purpose (TensorFlow's logger)
 """
 import contextlib
-import importlib.util
-import sys
 
 import keras
 from keras import ops
 
+from flowkit import tensorflow_importable  # noqa: F401  (known before Keras loads: flowkit/__init__)
+
 
 def name():
     return keras.backend.backend()
-
-
-def tensorflow_importable():
-    """True when `import tensorflow` would succeed (a path entry may block it, as the tests do)."""
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"] is not None
-    try:
-        return importlib.util.find_spec("tensorflow") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def accelerators():
