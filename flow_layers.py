@@ -1,7 +1,8 @@
 """Invertible layers of the "细水长 Flow" articles on Keras 3, one per equation, in the articles' order:
-the flow contract (FlowLayer, its Inverse, the composition Flow), then NICE, RealNVP and Glow, i-ResNet,
-TarFlow (f-VAEs adds no layer of its own). The articles' models are assembled in their scripts: Glow's
-steps and levels in glow.py, TarFlow's blocks in tarflow.py.
+the flow contract (FlowLayer, its Inverse, the compositions Flow and ConditionalFlow), then NICE,
+RealNVP and Glow, i-ResNet (with Residual Flows), TarFlow (f-VAEs adds no layer of its own). The
+articles' models and their networks are assembled in their scripts: Glow's steps, levels and coupling
+network in glow.py, TarFlow's blocks and causal Transformer in tarflow.py.
 
 Contract (docs/design.md §2): `encode` is the encoder direction x -> z with its log-determinant per
 example; calling the layer adds the batch mean of −log|det| with `add_loss`; `reverse` computes z -> x;
@@ -9,19 +10,18 @@ example; calling the layer adds the batch mean of −log|det| with `add_loss`; `
 layer itself.
 Only `keras.ops` is used, so the layers run on every Keras backend (TensorFlow, JAX, PyTorch). What
 Keras does not offer (vector-Jacobian products for `ResidualFlow`, a loop reverse mode goes through,
-a replica's own noise, XLA for the Transformer's element-wise chains) comes from `flowkit.backend`,
-the one module that speaks a backend's own API.
+a replica's own noise) comes from `flowkit.backend`, the one module that speaks a backend's own API;
+the float64-exact mean and matmul from `flowkit.kernels`.
 """
 import contextlib
-import functools
+import inspect
 import math
-import re
 
 import keras
 import numpy as np
 from keras import ops
 
-from flowkit import backend
+from flowkit import backend, kernels
 
 
 def _constant(value):
@@ -43,30 +43,7 @@ def _per_image_sum(x):
     return ops.sum(x, axis=tuple(range(1, len(x.shape))))
 
 
-def _is_float64(x):
-    return keras.backend.standardize_dtype(x.dtype) == "float64"
-
-
-def _mean(x, axis=None, keepdims=False):
-    """ops.mean in x's own precision: Keras' JAX and PyTorch backends average in float32 whatever the
-    input (their result type of float64 and float32 is float32), which would cost the float64
-    Jacobian checks their precision, so a float64 mean is a sum over the count."""
-    x = ops.convert_to_tensor(x)
-    if not _is_float64(x):
-        return ops.mean(x, axis=axis, keepdims=keepdims)
-    total = ops.sum(x, axis=axis, keepdims=keepdims)
-    return total * ops.cast(ops.size(total), x.dtype) / ops.cast(ops.size(x), x.dtype)
-
-
-def _matmul(a, b):
-    """ops.matmul, but float64 stays float64: Keras' PyTorch backend multiplies float64 matrices in
-    float32 (its result type again), so float64 goes through an einsum."""
-    if _is_float64(a):
-        return ops.einsum("...ij,...jk->...ik", a, b)
-    return ops.matmul(a, b)
-
-
-def _flow_dtype(kwargs):
+def flow_dtype(kwargs):
     """Flow layers compute in their variables' dtype: float32 under a mixed policy ("mixed_bfloat16",
     "mixed_float16"), floatx otherwise. So the data path x -> z, every log-det, the prior and the
     inverse stay in float32, and only the coupling networks (where the FLOPs are) run in 16 bits; a
@@ -78,7 +55,8 @@ def _flow_dtype(kwargs):
 # --- the flow contract: a layer, its inverse, a composition ---------------------------------------
 
 class FlowLayer(keras.layers.Layer):
-    """Base of every invertible layer. A subclass defines
+    """Base of every invertible layer z = f(x), whose log-det enters log q(x) = −(D/2)·log 2π − ½‖f(x)‖²
+    + log|det ∂f/∂x| (NICE eq. 06). A subclass defines
 
     - `encode(inputs, training=None) -> (outputs, log_det)`: the encoder direction x -> z and
       log|det ∂z/∂x| per example (shape (batch,)), or one scalar shared by every example, or the
@@ -86,15 +64,15 @@ class FlowLayer(keras.layers.Layer):
     - `reverse(outputs) -> inputs`: the inverse map z -> x.
 
     Calling the layer runs `encode` (the articles' forward pass; `forward` is PyTorch's own method
-    name, which Keras' torch layers route every call through) and adds the batch mean of −log|det| with `add_loss`, so that
-    `fit` minimises −log q(x) with the prior as the compiled loss (NICE eq. 06). Called with
+    name, which Keras' torch layers route every call through) and adds the batch mean of −log|det|
+    with `add_loss`, so that `fit` minimises −log q(x) with the prior as the compiled loss. Called with
     `return_log_det=True` it returns (outputs, log_det per example) instead and adds nothing: a
     `Flow` sums its steps' log-dets that way and adds them once, and a script gets a per-image NLL.
     `inverse()` is a layer running `reverse` on the same variables (docs/design.md §2).
     """
 
     def __init__(self, **kwargs):
-        super().__init__(**_flow_dtype(kwargs))
+        super().__init__(**flow_dtype(kwargs))
 
     def encode(self, inputs, training=None):
         raise NotImplementedError
@@ -108,7 +86,7 @@ class FlowLayer(keras.layers.Layer):
             first = keras.tree.flatten(outputs)[0]
             return outputs, ops.zeros(ops.shape(first)[:1], dtype=first.dtype) + log_det
         if not (isinstance(log_det, int) and log_det == 0):
-            self.add_loss(-_mean(log_det))
+            self.add_loss(-kernels.mean(log_det))
         return outputs
 
     def inverse(self):
@@ -116,19 +94,22 @@ class FlowLayer(keras.layers.Layer):
 
 
 class Inverse(keras.layers.Layer):
-    """z -> x of a flow layer, reading the forward layer's variables (never a copy).
+    """x = f⁻¹(z), the decoder direction of a flow layer (NICE eq. 03: x = g(z) ⇔ z = f(x)), reading
+    the forward layer's variables (never a copy).
 
     The forward layer is kept as an untracked reference: tracking it would make Keras treat it as a
     sub-layer whose losses are cleared when the inverse runs (docs/design.md §7).
     """
 
     def __init__(self, flow, **kwargs):
-        super().__init__(**_flow_dtype(kwargs))
+        super().__init__(**flow_dtype(kwargs))
         object.__setattr__(self, "flow", flow)
         self.built = True  # its state is the forward layer's: nothing to build
 
-    def call(self, inputs):
-        return self.flow.reverse(inputs)
+    def call(self, inputs, **options):
+        """The forward layer's `reverse(inputs, **options)`: options of the inverse call (TarBlock's
+        `guidance` and `use_cache`) pass through, e.g. `flow.inverse()(z, guidance=3.0)`."""
+        return self.flow.reverse(inputs, **options)
 
     def inverse(self):
         return self.flow
@@ -171,10 +152,15 @@ class Flow(FlowLayer):
             total = total + log_det
         return x, total
 
-    def reverse(self, inputs):
+    def reverse(self, inputs, **options):
+        """The steps' inverses in reverse order; `options` (TarBlock's `guidance`, `use_cache`) go to each
+        step whose `reverse` takes them, by name (a nested Flow takes them all)."""
         z, condition = self._split_condition(inputs)
         for step in reversed(self.steps):
-            z = step.inverse()(self._feed(step, z, condition))
+            takes = inspect.signature(step.reverse).parameters
+            given = options if any(p.kind == p.VAR_KEYWORD for p in takes.values()) else \
+                {name: value for name, value in options.items() if name in takes}
+            z = step.inverse()(self._feed(step, z, condition), **given)
         return z
 
     def get_config(self):
@@ -184,6 +170,18 @@ class Flow(FlowLayer):
     def from_config(cls, config):
         config["steps"] = [keras.saving.deserialize_keras_object(s) for s in config["steps"]]
         return cls(**config)
+
+
+class ConditionalFlow(Flow):
+    """z = f_n(… f_1(x; y) …; y), a Flow on [x, y], y one integer label per example (class-conditional
+    TarFlow): every step with `classes` (a conditional TarBlock) gets [x, y], the others x alone; the
+    output is z. Its inverse takes [z, y] and hands y to the same steps."""
+
+    def _split_condition(self, inputs):
+        return inputs[0], inputs[1]
+
+    def _feed(self, step, x, y):
+        return [x, y] if getattr(step, "classes", 0) else x
 
 
 def children(layer):
@@ -226,7 +224,7 @@ class UniformNoise(keras.layers.Layer):
     """
 
     def __init__(self, scale, **kwargs):
-        super().__init__(**_flow_dtype(kwargs))
+        super().__init__(**flow_dtype(kwargs))
         self.scale = float(scale)
         self.seed = keras.random.SeedGenerator()
 
@@ -240,7 +238,8 @@ class UniformNoise(keras.layers.Layer):
 
 
 class Permute(FlowLayer):
-    """Permutation of the last axis: NICE's Shuffle (reverse) or RealNVP's random shuffle.
+    """z_i = x_π(i) on the last axis: NICE's Shuffle (π the reversal, "交错前进") or RealNVP's random
+    shuffle.
 
     Log-det 0. The indices live in a non-trainable weight so a saved model reloads the same flow.
     """
@@ -289,8 +288,9 @@ def _concat(parts, interleave):
 
 
 class Split(FlowLayer):
-    """x -> [x1, x2] along the last axis: halves (RealNVP/Glow channels) or, with interleave=True,
-    even and odd indices (NICE's SplitVector, "交错"). Log-det 0; the inverse is the concatenation."""
+    """x -> [x1, x2], the partition of NICE eq. 07, along the last axis: halves (RealNVP/Glow channels)
+    or, with interleave=True, even and odd indices (NICE's SplitVector, "交错"). Log-det 0; the inverse
+    is the concatenation."""
 
     def __init__(self, interleave=False, **kwargs):
         super().__init__(**kwargs)
@@ -308,8 +308,8 @@ class Split(FlowLayer):
 
 
 class Concat(FlowLayer):
-    """[x1, x2, ...] -> x along the last axis (the articles' Concat / ConcatVector); inverse splits
-    back into the sizes seen when built. Log-det 0."""
+    """[x1, x2, ...] -> x = (x1, x2, ...) along the last axis (the articles' Concat / ConcatVector); the
+    inverse splits back into the sizes seen when built. Log-det 0."""
 
     def __init__(self, interleave=False, **kwargs):
         super().__init__(**kwargs)
@@ -408,7 +408,56 @@ class Scale(FlowLayer):
         return z * ops.exp(-self.log_scale)
 
 
+def initialize_scales(model, x, training=True):
+    """Data-dependent init of NICE's Scale layers (Glow's ActNorm init without the bias, see
+    `initialize_actnorms`): one eager pass over the batch x sets each s = −log std. In training mode by
+    default, so the article's input noise is in the statistics: without it an always-black pixel has
+    std 0 and s would be huge. Returns how many were set."""
+    return _init_pass(model, x, [l for l in flow_layers_of(model) if isinstance(l, Scale)], training)
+
+
+def _init_pass(model, x, todo, training):
+    """One eager call of `model` on x with the layers `todo` in their init mode; returns how many."""
+    if not todo:
+        return 0
+    for layer in todo:
+        layer.init_mode = True
+    try:
+        model(x, training=training)
+    finally:
+        for layer in todo:
+            layer.init_mode = False
+    return len(todo)
+
+
 # --- RealNVP and Glow ("RealNVP 与 Glow · 流模型的传承与升华") ----------------------------------------------
+
+class Logit(FlowLayer):
+    """z = logit(y), y = α + (1 − 2α)·x, for x in [0, 1] (RealNVP's logit transform, Dinh et al. 2017
+    §4.1; α = 1e-6 on MNIST in MAF and Residual Flows); log-det Σ [log(1 − 2α) − log y − log(1 − y)].
+
+    The dequantised background, x in [0, 1/256), becomes a spread of several units instead of a sliver:
+    a Lipschitz-bounded residual block, which can squeeze a dimension by at most a fixed factor, need
+    not squeeze it that hard. The inverse is x = (σ(z) − α)/(1 − 2α)."""
+
+    def __init__(self, alpha=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < alpha < 0.5:
+            raise ValueError(f"alpha must lie in (0, 0.5), not {alpha!r}")
+        self.alpha = float(alpha)
+
+    def encode(self, x, training=None):
+        y = self.alpha + (1 - 2 * self.alpha) * x
+        log_y, log_1my = ops.log(y), ops.log1p(-y)
+        log_det = _per_image_sum(math.log(1 - 2 * self.alpha) - log_y - log_1my)
+        return log_y - log_1my, log_det
+
+    def reverse(self, z):
+        return (ops.sigmoid(z) - self.alpha) / (1 - 2 * self.alpha)
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha}
+
 
 class Squeeze(FlowLayer):
     """(h, w, c) -> (h/2, w/2, 4c): each 2×2 patch becomes channels (RealNVP, "引入卷积").
@@ -478,8 +527,8 @@ class CheckerConcat(CheckerSplit):
 
 
 class Reshape(FlowLayer):
-    """Flatten each example to a vector (the Glow script's Reshape); the inverse restores the shape
-    seen when built. Log-det 0."""
+    """z = vec(x): each example flattened to a vector (the Glow script's Reshape); the inverse restores
+    the shape seen when built. Log-det 0."""
 
     def build(self, input_shape):
         self.in_shape = tuple(input_shape[1:])
@@ -492,8 +541,8 @@ class Reshape(FlowLayer):
 
 
 class Actnorm(FlowLayer):
-    """z = (x + b) ⊗ exp(log s), per channel (Glow's ActNorm, the scale layer generalised);
-    log-det H·W·Σ log s.
+    """z = (x + b) ⊗ exp(log s), per channel: Glow's ActNorm z' = (z − μ)/σ (article "ActNorm"), NICE's
+    scale layer generalised; log-det H·W·Σ log s.
 
     Glow initialises b and log s from the first batch so that each channel's output has mean 0 and
     variance 1 (the article notes the original code skipped this; we do it, see `initialize_actnorms`).
@@ -514,7 +563,7 @@ class Actnorm(FlowLayer):
     def encode(self, x, training=None):
         if self.init_mode:
             axes = tuple(range(len(x.shape) - 1))
-            self.bias.assign(-_mean(x, axis=axes))
+            self.bias.assign(-kernels.mean(x, axis=axes))
             self.log_scale.assign(-ops.log(ops.std(x, axis=axes) + 1e-6))
             self.initialized.assign(1.0)
         return (x + self.bias) * ops.exp(self.log_scale), _pixels(x) * ops.sum(self.log_scale)
@@ -557,13 +606,13 @@ class InvDense(FlowLayer):
         eye = ops.eye(self.l.shape[0], dtype=self.l.dtype)
         lower = ops.tril(self.l, -1) + eye
         upper = ops.triu(self.u, 1) + eye * (self.sign_s * ops.exp(self.log_s))
-        return _matmul(self.p, _matmul(lower, upper))
+        return kernels.matmul(self.p, kernels.matmul(lower, upper))
 
     def encode(self, x, training=None):
-        return _matmul(x, self.kernel()), _pixels(x) * ops.sum(self.log_s)
+        return kernels.matmul(x, self.kernel()), _pixels(x) * ops.sum(self.log_s)
 
     def reverse(self, z):
-        return _matmul(z, ops.inv(self.kernel()))
+        return kernels.matmul(z, ops.inv(self.kernel()))
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
@@ -633,8 +682,6 @@ class MultiScale(FlowLayer):
         return cls(**config)
 
 
-# data-dependent initialisation (Glow's ActNorm; NICE's scale layer with --scale-init data)
-
 def initialize_actnorms(model, x):
     """Glow's data-dependent init: one eager forward pass over the batch x, in which each Actnorm not
     yet initialised sets itself from the data it receives (upstream ones already normalised).
@@ -647,54 +694,7 @@ def initialize_actnorms(model, x):
     return _init_pass(model, x, todo, training=False)
 
 
-def initialize_scales(model, x, training=True):
-    """The same data-dependent init for NICE's Scale layers: one eager pass over the batch x sets each
-    s = −log std. In training mode by default, so the article's input noise is in the statistics:
-    without it an always-black pixel has std 0 and s would be huge. Returns how many were set."""
-    return _init_pass(model, x, [l for l in flow_layers_of(model) if isinstance(l, Scale)], training)
-
-
-def _init_pass(model, x, todo, training):
-    if not todo:
-        return 0
-    for layer in todo:
-        layer.init_mode = True
-    try:
-        model(x, training=training)
-    finally:
-        for layer in todo:
-            layer.init_mode = False
-    return len(todo)
-
-
 # --- invertible ResNet and Residual Flows (Behrmann et al. 2019; Chen et al. 2019) ----------------
-
-class Logit(FlowLayer):
-    """z = logit(y), y = α + (1 − 2α)·x, for x in [0, 1] (RealNVP's logit transform, Dinh et al. 2017
-    §4.1; α = 1e-6 on MNIST in MAF and Residual Flows); log-det Σ [log(1 − 2α) − log y − log(1 − y)].
-
-    The dequantised background, x in [0, 1/256), becomes a spread of several units instead of a sliver:
-    a Lipschitz-bounded residual block, which can squeeze a dimension by at most a fixed factor, need
-    not squeeze it that hard. The inverse is x = (σ(z) − α)/(1 − 2α)."""
-
-    def __init__(self, alpha=1e-6, **kwargs):
-        super().__init__(**kwargs)
-        if not 0 < alpha < 0.5:
-            raise ValueError(f"alpha must lie in (0, 0.5), not {alpha!r}")
-        self.alpha = float(alpha)
-
-    def encode(self, x, training=None):
-        y = self.alpha + (1 - 2 * self.alpha) * x
-        log_y, log_1my = ops.log(y), ops.log1p(-y)
-        log_det = _per_image_sum(math.log(1 - 2 * self.alpha) - log_y - log_1my)
-        return log_y - log_1my, log_det
-
-    def reverse(self, z):
-        return (ops.sigmoid(z) - self.alpha) / (1 - 2 * self.alpha)
-
-    def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha}
-
 
 class _SpectralNorm(keras.layers.Layer):
     """Shared part of the spectrally normalised layers: the kernel is used as W / max(1, σ/c)
@@ -762,7 +762,7 @@ class SpectralDense(_SpectralNorm):
         return _largest_singular_value(kernel)
 
     def _apply(self, x, kernel):
-        return _matmul(x, kernel)
+        return kernels.matmul(x, kernel)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
@@ -772,8 +772,9 @@ class SpectralDense(_SpectralNorm):
 
 
 class SpectralConv2D(_SpectralNorm):
-    """Convolution (stride 1, "same" zero padding, odd kernel size k) whose norm *as an operator on its
-    (H, W, C_in) input* is ≤ c; the layer needs H and W when built.
+    """y = K ∗ x + b with max_ω ‖K̂(ω)‖₂ ≤ c (soft spectral normalisation, i-ResNet §3): a convolution
+    (stride 1, "same" zero padding, odd kernel size k) whose norm *as an operator on its (H, W, C_in)
+    input* is ≤ c; the layer needs H and W when built.
 
     The kernel reshaped to a matrix is not that operator. The zero-padded convolution on H×W is a
     corner of the circular one on an (H + k//2)×(W + k//2) grid (no tap wraps onto the image), which
@@ -832,6 +833,39 @@ def banach_iterations(lipschitz, first_step, tol):
     return max(0, math.ceil(math.log(tol * (1 - lipschitz) / first_step) / math.log(lipschitz)))
 
 
+def _series_term(pullback, v, k, w):
+    """(w·J, (−1)^{k+1}/k · vᵀ J^k v) from w = vᵀ J^{k−1}: the k-th term of log det(I + J) = Σ_{k≥1}
+    (−1)^{k+1} tr(J^k)/k by Hutchinson's estimator tr(J^k) ≈ vᵀ J^k v, per example."""
+    w = pullback(w)
+    sign = 1.0 - 2.0 * ops.cast((k + 1) % 2, v.dtype)
+    return w, sign / ops.cast(k, v.dtype) * ops.sum(w * v, axis=tuple(range(1, len(v.shape))))
+
+
+def _truncated_series(pullback, v, terms):
+    """Σ_{k=1}^{terms} (−1)^{k+1} vᵀ J^k v / k: i-ResNet's log-det estimate (eq. 6), biased."""
+    total, w = 0.0, v
+    for k in range(1, terms + 1):
+        w, t = _series_term(pullback, v, k, w)
+        total = total + t
+    return total
+
+
+def _roulette_series(pullback, v, terms, p, u, max_extra):
+    """Σ_{k=1}^{N} (−1)^{k+1} vᵀ J^k v / (k·P(N ≥ k)), N = terms + G, P(G ≥ j) = (1 − p)^j: Residual Flows'
+    Russian roulette (Chen et al. 2019, eq. 6), unbiased; G = ⌊log u / log(1 − p)⌋ from u in (0, 1], drawn
+    once per batch. At most terms + max_extra products (P(N > terms + 40) = (1 − p)^40, 1e-12 at p = 0.5):
+    flowkit.backend.bounded_while, as JAX differentiates only loops of known length."""
+    n = terms + ops.cast(ops.floor(ops.log(u) / math.log(1 - p)), "int32")
+
+    def body(k, w, total):
+        w, t = _series_term(pullback, v, k, w)
+        survive = ops.power(ops.cast(1 - p, v.dtype), ops.cast(ops.maximum(k - terms, 0), v.dtype))
+        return k + 1, w, total + t / survive
+
+    start = (ops.convert_to_tensor(1, "int32"), v, ops.zeros(ops.shape(v)[:1], dtype=v.dtype))
+    return backend.bounded_while(lambda k, w, total: k <= n, body, start, terms + max_extra)[2]
+
+
 class ResidualFlow(FlowLayer):
     """y = x + g(x), invertible when Lip(g) < 1 (i-ResNet, Behrmann et al. 2019, eq. 1–2); g is a
     Keras model whose linear maps are spectrally normalised (SpectralDense / SpectralConv2D) and
@@ -841,19 +875,12 @@ class ResidualFlow(FlowLayer):
     Algorithm 1), until every coordinate's change |Δx| / (1 + |x|) falls below `tol` (absolute near 0,
     relative for large values, which float32 cannot resolve to 1e-6 absolutely) or after `max_iter`.
 
-    The log-det is the power series (i-ResNet eq. 6)
-        log det(I + J_g) = Σ_{k≥1} (−1)^{k+1} tr(J_g^k) / k,
-    each trace by Hutchinson's vᵀ J^k v, v ~ N(0, I), through k vector-Jacobian products:
-      - "truncated": the first `terms` terms (i-ResNet; biased);
-      - "roulette": Residual Flows' Russian roulette (Chen et al. 2019, eq. 6): N = terms + G,
-        G ~ Geometric(p), term k re-weighted by 1/P(N ≥ k) — unbiased;
-      - "exact": log|det(I + J_g)| of the brute-force Jacobian (small dimensions; tests, 2-D toys).
-    The forward call adds −(estimate), batch mean, with add_loss; the estimate is differentiated
-    through (the vector-Jacobian products are recorded by the training tape).
-
-    The vector-Jacobian products come from `flowkit.backend.vjp` (Keras has no backend-neutral
-    autodiff inside a layer), the roulette's loop from `flowkit.backend.bounded_while` (JAX
-    differentiates only loops of known length: at most `terms + MAX_EXTRA` rounds, the rest skipped).
+    The log-det is the power series log det(I + J_g) = Σ_{k≥1} (−1)^{k+1} tr(J_g^k) / k (i-ResNet eq. 6),
+    each trace by Hutchinson's vᵀ J^k v, v ~ N(0, I), through k vector-Jacobian products
+    (`flowkit.backend.vjp`): "truncated", the first `terms` terms (i-ResNet; biased); "roulette",
+    Residual Flows' Russian roulette (unbiased); "exact", log|det(I + J_g)| of the brute-force Jacobian
+    (small dimensions; tests, 2-D toys). The forward call adds −(estimate), batch mean, with add_loss;
+    the estimate is differentiated through (the training tape records the products).
     """
 
     ESTIMATORS = ("truncated", "roulette", "exact")
@@ -886,31 +913,10 @@ class ResidualFlow(FlowLayer):
             d = math.prod(x.shape[1:])
             return ops.slogdet(pullback.jacobian() + ops.eye(d, dtype=x.dtype))[1]
         v = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=self.noise)
-        axes = tuple(range(1, len(x.shape)))
-
-        def term(k, w):  # (−1)^{k+1}/k · vᵀ J^k v, with w = vᵀ J^{k−1} advanced by one product
-            w = pullback(w)
-            sign = 1.0 - 2.0 * ops.cast((k + 1) % 2, x.dtype)
-            return w, sign / ops.cast(k, x.dtype) * ops.sum(w * v, axis=axes)
-
         if logdet == "truncated":
-            total, w = 0.0, v
-            for k in range(1, terms + 1):
-                w, t = term(k, w)
-                total = total + t
-            return total
-        # roulette: N = terms + G with P(G ≥ j) = (1 − p)^j, drawn once per batch
+            return _truncated_series(pullback, v, terms)
         u = 1 - keras.random.uniform((), dtype=x.dtype, seed=self.noise)  # in (0, 1]: log u is finite
-        n = terms + ops.cast(ops.floor(ops.log(u) / math.log(1 - self.p)), "int32")
-
-        def body(k, w, total):
-            w, t = term(k, w)
-            survive = ops.power(ops.cast(1 - self.p, x.dtype), ops.cast(ops.maximum(k - terms, 0), x.dtype))
-            return k + 1, w, total + t / survive
-
-        # at most terms + MAX_EXTRA products: P(N > terms + 40) = (1 − p)^40, 1e-12 at p = 0.5
-        start = (ops.convert_to_tensor(1, "int32"), v, ops.zeros(ops.shape(x)[:1], dtype=x.dtype))
-        return backend.bounded_while(lambda k, w, total: k <= n, body, start, terms + self.MAX_EXTRA)[2]
+        return _roulette_series(pullback, v, terms, self.p, u, self.MAX_EXTRA)
 
     def fixed_point(self, y, tol=None, max_iter=None):
         """(iterations, x, last change): Banach's iteration x_{k+1} = y − g(x_k), x_0 = y."""
@@ -960,7 +966,7 @@ def log_det_estimator(model, logdet, terms):
 # "TarFlow: 流模型满血归来?"): patches as tokens, causal-Transformer affine autoregressive blocks ---
 
 class Patchify(FlowLayer):
-    """(h, w, c) -> (T, p²c): the image cut into non-overlapping p×p patches, row by row, each patch
+    """(h, w, c) -> (T, p²c), T = hw/p²: the image cut into non-overlapping p×p patches, row by row, each patch
     flattened (TarFlow's tokens; MNIST with p = 4: 49 tokens of 16). Log-det 0; the inverse puts
     the patches back."""
 
@@ -991,8 +997,8 @@ class Patchify(FlowLayer):
 
 
 class Flip(FlowLayer):
-    """Reverses the token order (axis 1): TarFlow's permutation, so that consecutive blocks are
-    autoregressive in opposite directions. Log-det 0; its own inverse."""
+    """z_t = x_{T−1−t}, the token order reversed (axis 1): TarFlow's permutation, so that consecutive
+    blocks are autoregressive in opposite directions. Log-det 0; its own inverse."""
 
     def encode(self, x, training=None):
         return ops.flip(x, axis=1), 0
@@ -1001,299 +1007,9 @@ class Flip(FlowLayer):
         return ops.flip(z, axis=1)
 
 
-_fused = backend.fused  # the element-wise chains between the matmuls as one XLA program each
-
-
-_SQRT_HALF, _INV_SQRT_2PI = 1 / math.sqrt(2), 1 / math.sqrt(2 * math.pi)
-
-
-def _wide(x):
-    """x in at least float32 (float64 stays float64)."""
-    return x if _is_float64(x) else ops.cast(x, "float32")
-
-
-def _normal_cdf(f):
-    return 0.5 + 0.5 * ops.erf(f * _SQRT_HALF)
-
-
-@_fused
-def _gelu(x):
-    f = _wide(x)
-    return ops.cast(f * _normal_cdf(f), x.dtype)
-
-
-@_fused
-def _gelu_grad(x, upstream):
-    f = _wide(x)
-    slope = _normal_cdf(f) + f * ops.exp(-0.5 * ops.square(f)) * _INV_SQRT_2PI
-    return ops.cast(ops.cast(upstream, f.dtype) * slope, x.dtype)
-
-
-@ops.custom_gradient
-def gelu(x):
-    """GELU(x) = x·Φ(x), Φ(x) = 0.5·(1 + erf(x/√2)) (Hendrycks & Gimpel 2016), exact, computed in float32
-    (or float64) and returned in x's dtype (16-bit element-wise ops are slow on a CPU). Its derivative Φ(x) + x·φ(x),
-    φ the normal density, is written out; each direction is one fused program (`_fused`)."""
-    def grad(*args, upstream=None):
-        return _gelu_grad(x, args[0] if upstream is None else upstream)
-    return _gelu(x), grad
-
-
-@functools.lru_cache(maxsize=None)
-def layer_norm(epsilon, dtype):
-    """The function (x, γ, β) -> n·γ + β in `dtype`, n = (x − mean)/√(var + ε) over the last axis (Ba et
-    al. 2016), computed in x's dtype (float32: the residual stream). Its gradient is written out: with
-    g' = g·γ, ∂/∂x = (g' − mean g' − n·mean(g'·n))/√(var + ε), ∂/∂γ = Σ g·n, ∂/∂β = Σ g over the
-    other axes; each direction is one fused program (`_fused`)."""
-    def normalized(x):
-        centred = x - _mean(x, axis=-1, keepdims=True)
-        rstd = ops.rsqrt(_mean(ops.square(centred), axis=-1, keepdims=True) + epsilon)
-        return centred * rstd, rstd
-
-    @_fused
-    def forward(x, gamma, beta):
-        return ops.cast(normalized(x)[0] * gamma + beta, dtype)
-
-    @_fused
-    def backward(x, gamma, upstream):
-        n, rstd = normalized(x)
-        g = ops.cast(upstream, x.dtype)
-        rows = tuple(range(len(x.shape) - 1))
-        g_n = g * gamma
-        g_x = rstd * (g_n - _mean(g_n, axis=-1, keepdims=True) - n * _mean(g_n * n, axis=-1, keepdims=True))
-        return g_x, ops.sum(g * n, axis=rows), ops.sum(g, axis=rows)
-
-    @ops.custom_gradient
-    def norm(x, gamma, beta):
-        def grad(*args, upstream=None):
-            return backward(x, gamma, args[0] if upstream is None else upstream)
-        return forward(x, gamma, beta), grad
-    return norm
-
-
-class LayerNorm(keras.layers.LayerNormalization):
-    """Keras' LayerNormalization (the same weights and names) over the last axis through `layer_norm`: it
-    takes its input as it comes (the float32 residual stream, not rounded to 16 bits first) and
-    returns the result in the layer's compute dtype."""
-
-    def __init__(self, **kwargs):
-        super().__init__(autocast=False, **kwargs)
-
-    def call(self, inputs):
-        x = _wide(inputs)
-        norm = layer_norm(float(self.epsilon), self.compute_dtype)
-        return norm(x, ops.cast(self.gamma, x.dtype), ops.cast(self.beta, x.dtype))
-
-
-def _probabilities(scores, mask):
-    wide = _wide(scores)
-    return ops.softmax(wide + ops.cast(mask, wide.dtype), axis=-1)
-
-
-@_fused
-def _softmax(scores, mask):
-    return ops.cast(_probabilities(scores, mask), scores.dtype)
-
-
-@_fused
-def _softmax_grad(scores, mask, upstream):
-    p = _probabilities(scores, mask)  # again, in float32: cheaper than keeping it
-    g = ops.cast(upstream, p.dtype)
-    return ops.cast(p * (g - ops.sum(g * p, axis=-1, keepdims=True)), scores.dtype)
-
-
-@ops.custom_gradient
-def masked_softmax(scores, mask):
-    """softmax(scores + mask) over the last axis, computed in float32 (or float64), returned in the scores' dtype; its
-    gradient p ⊙ (g − Σ g·p) written out; each direction one fused program (`_fused`). The mask is a
-    constant: no gradient."""
-    def grad(*args, upstream=None):
-        return _softmax_grad(scores, mask, args[0] if upstream is None else upstream), None
-    return _softmax(scores, mask), grad
-
-
-def _dense(units, inputs, dtype, name, **kwargs):
-    """A Dense(units) built on `inputs` features, in the dtype policy `dtype`."""
-    layer = keras.layers.Dense(units, dtype=dtype, name=name, **kwargs)
-    layer.build((None, inputs))
-    return layer
-
-
-def _layer_norm(width, dtype, name):
-    layer = LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
-    layer.build((None, width))
-    return layer
-
-
-class Attention(keras.layers.Layer):
-    """The causal multi-head self-attention of a pre-norm Transformer layer, on h (B·t, width) with t
-    tokens an example: LayerNorm, one Dense to q, k, v, softmax(q·kᵀ/√d + causal mask)·v per head
-    (d = width/heads), the output Dense. Its layers compute in the global policy (16 bits under a mixed
-    one), the softmax in float32. Written with keras.ops, not keras' MultiHeadAttention, for the
-    key-value cache of `cached`."""
-
-    def __init__(self, width, heads, **kwargs):
-        super().__init__(**_flow_dtype(kwargs))
-        self.width, self.heads = int(width), int(heads)
-
-    def build(self, input_shape=None):
-        policy, width = keras.config.dtype_policy(), self.width
-        self.norm = _layer_norm(width, policy, "norm")
-        self.qkv = _dense(3 * width, width, policy, "qkv")
-        self.out = _dense(width, width, policy, "out")
-
-    def _heads(self, h, t):
-        """(B·t, width) -> (B, heads, t, d)."""
-        return ops.transpose(ops.reshape(h, (-1, t, self.heads, self.width // self.heads)), (0, 2, 1, 3))
-
-    def _qkv(self, h, t):
-        q, k, v = ops.split(self.qkv(self.norm(h)), 3, axis=-1)
-        # 1/√d folded into q: one multiply of (t, d), not of every (t, t) score
-        return self._heads(q * (1 / math.sqrt(self.width // self.heads)), t), self._heads(k, t), self._heads(v, t)
-
-    def _out(self, heads):
-        """(B, heads, t, d) -> the output Dense of (B·t, width)."""
-        return self.out(ops.reshape(ops.transpose(heads, (0, 2, 1, 3)), (-1, self.width)))
-
-    def call(self, h, tokens):
-        """All `tokens` at once, each attending to itself and the tokens before it."""
-        q, k, v = self._qkv(h, tokens)
-        return self._out(self.attend(q, k, v, self.causal_mask(tokens)))
-
-    def cached(self, h, keys, values, position):
-        """One token an example, h (B, width), at `position` (a tensor), against fixed-size key and value
-        buffers (B, heads, T, d) that hold the tokens before it and zeros from `position` on: its key and
-        value are written at `position` and it attends to the positions up to it (fixed shapes, so a
-        token loop compiles once). Returns (output, keys, values)."""
-        q, k, v = self._qkv(h, 1)
-        tokens = keys.shape[2]
-        here = ops.one_hot(position, tokens, dtype=k.dtype)[None, None, :, None]
-        keys, values = keys + here * k, values + here * v
-        mask = ops.where(ops.arange(tokens, dtype="int32") <= ops.cast(position, "int32"), 0, -1e9)[None]
-        return self._out(self.attend(q, keys, values, mask)), keys, values
-
-    @staticmethod
-    def causal_mask(t):
-        """(t, t): −1e9 above the diagonal, 0 elsewhere, a constant added to the scores (token i sees j ≤ i)."""
-        return np.triu(np.full((t, t), -1e9), 1)
-
-    def attend(self, q, k, v, mask):
-        """softmax(q·kᵀ + mask)·v per head, q (B, heads, t, d) already scaled; the softmax in float32."""
-        scores = _matmul(q, ops.transpose(k, (0, 1, 3, 2)))
-        return _matmul(ops.cast(masked_softmax(scores, ops.cast(mask, self.dtype)), v.dtype), v)
-
-    def get_config(self):
-        return {**super().get_config(), "width": self.width, "heads": self.heads}
-
-
-class MLP(keras.layers.Layer):
-    """The MLP of a pre-norm Transformer layer, on h (B·t, width): LayerNorm, Dense(4·width), GELU (in
-    float32), Dense(width); the layers in the global policy."""
-
-    def __init__(self, width, **kwargs):
-        super().__init__(**_flow_dtype(kwargs))
-        self.width = int(width)
-
-    def build(self, input_shape=None):
-        policy, width = keras.config.dtype_policy(), self.width
-        self.norm = _layer_norm(width, policy, "norm")
-        self.dense_in = _dense(4 * width, width, policy, "dense_in")
-        self.dense_out = _dense(width, 4 * width, policy, "dense_out")
-
-    def call(self, h):
-        return self.dense_out(gelu(self.dense_in(self.norm(h))))
-
-    def get_config(self):
-        return {**super().get_config(), "width": self.width}
-
-
-class CausalTransformer(keras.layers.Layer):
-    """TarFlow's network f on tokens x (B, T, D): output t, (a_t, μ_t) side by side (B, T, 2D), depends on
-    x_≤t only (TarBlock shifts it by one token). Dense(width) + a learned position embedding (+ a class
-    embedding of labels y when `classes` > 0, row `classes` being "no class"), then `layers` pre-norm
-    layers h += Attention(h); h += MLP(h), a final LayerNorm and a zero-initialised Dense(2D), so that a
-    block starts as the identity.
-
-    Precision: the layers' insides compute in the global policy (16 bits under a mixed one); the way in,
-    the residual stream and the way out stay in float32 (the layer's own dtype): a 16-bit μ would be off
-    by half a pixel level, 2⁻⁸ of values near 1. `step` runs one token against a key-value cache.
-    """
-
-    def __init__(self, width=128, layers=4, heads=4, classes=0, seed=None, **kwargs):
-        super().__init__(**_flow_dtype(kwargs))
-        if width % heads:
-            raise ValueError(f"CausalTransformer width {width} is not a multiple of heads {heads}")
-        self.width, self.depth, self.heads = int(width), int(layers), int(heads)
-        self.classes, self.seed = int(classes), seed
-
-    def build(self, input_shape):
-        self.tokens, self.dims = input_shape[1], input_shape[2]
-        width, exact = self.width, self.dtype_policy
-        small = keras.initializers.RandomNormal(stddev=0.01, seed=self.seed)
-        self.proj_in = _dense(width, self.dims, exact, "proj_in")
-        self.position = self.add_weight(shape=(self.tokens, width), initializer=small, name="position")
-        if self.classes:
-            self.class_embedding = self.add_weight(shape=(self.classes + 1, width), initializer=small,
-                                                   name="class_embedding")
-        self.attentions = [Attention(width, self.heads, name=f"attention_{i}") for i in range(self.depth)]
-        self.mlps = [MLP(width, name=f"mlp_{i}") for i in range(self.depth)]
-        for layer in (*self.attentions, *self.mlps):
-            layer.build((None, width))
-        self.out_norm = _layer_norm(width, exact, "out_norm")
-        self.proj_out = _dense(2 * self.dims, width, exact, "proj_out", kernel_initializer="zeros")
-
-    def _embed(self, x, y, start):
-        """Dense(width) of tokens x (B, t, D) at positions start.. + position (+ class) embedding, as
-        (B·t, width): the Dense layers then run one plain matmul each. `start` may be a tensor when
-        t = 1 (the cached token loop)."""
-        t = x.shape[1]
-        position = ops.take(self.position, start, axis=0)[None] if t == 1 else self.position[start:start + t]
-        h = ops.reshape(self.proj_in(x), (-1, t, self.width)) + position  # the residual stream: float32
-        if self.classes:
-            h = h + ops.take(self.class_embedding, y, axis=0)[:, None, :]
-        return ops.reshape(h, (-1, self.width))
-
-    @staticmethod
-    def _residual(h, attended, mlp):
-        """The rest of a pre-norm layer: h + the attention's output, then + the MLP's, in float32."""
-        h = h + ops.cast(attended, h.dtype)
-        return h + ops.cast(mlp(h), h.dtype)
-
-    def _outputs(self, h, t):
-        """(a, μ) side by side, (B, t, 2D), from the hidden states (B·t, width): float32."""
-        return ops.reshape(self.proj_out(self.out_norm(h)), (-1, t, 2 * self.dims))
-
-    def call(self, x, y=None):
-        t = x.shape[1]
-        h = self._embed(x, y, 0)
-        for attention, mlp in zip(self.attentions, self.mlps):
-            h = self._residual(h, attention(h, tokens=t), mlp)
-        return self._outputs(h, t)
-
-    def empty_cache(self, batch):
-        """Zero key and value buffers (batch, heads, T, width/heads) of every layer, in its 16-bit dtype."""
-        shape = (batch, self.heads, self.tokens, self.width // self.heads)
-        empty = ops.zeros(shape, dtype=self.attentions[0].qkv.compute_dtype)
-        return [(empty, empty)] * self.depth
-
-    def step(self, x, y, position, cache):
-        """The output (B, 2D) of token `position` (a tensor), x (B, 1, D), computed against the key-value
-        cache of the tokens before it, and the cache with this token's keys and values added."""
-        h, kept = self._embed(x, y, position), []
-        for attention, mlp, (keys, values) in zip(self.attentions, self.mlps, cache):
-            attended, keys, values = attention.cached(h, keys, values, position)
-            h = self._residual(h, attended, mlp)
-            kept.append((keys, values))
-        return self._outputs(h, 1)[:, 0], kept
-
-    def get_config(self):
-        return {**super().get_config(), "width": self.width, "layers": self.depth, "heads": self.heads,
-                "classes": self.classes, "seed": self.seed}
-
-
 class TarBlock(FlowLayer):
     """One TarFlow block on tokens x (T, D): z_t = (x_t − μ_t) ⊗ exp(−a_t), (a_t, μ_t) = f(x_<t)
-    (Zhai et al. 2024, the TarFlow block), log-det −Σ_t Σ a_t. f is the `network` passed in (a
+    (Zhai et al. 2024, the TarFlow block), log-det −Σ_t Σ a_t. f is the `network` passed in (tarflow.py's
     CausalTransformer, as a coupling takes its networks): its outputs are shifted right by one token,
     with zeros for the first, so token t's parameters see only x_<t.
 
@@ -1304,16 +1020,16 @@ class TarBlock(FlowLayer):
     sequence. Class-conditional when the network has `classes`: inputs [x, y] with integer labels y;
     while training a label is replaced by the "no class" index `classes` with probability
     `label_drop`; `reverse` with `guidance` w ≠ 0 uses (1 + w)·f(x, y) − w·f(x, no class)
-    (classifier-free guidance). `use_cache` and `guidance` are plain attributes read when `reverse`
-    runs (a compiled decoder reads them when it traces, so tarflow.decode keeps one compiled decoder
-    per setting).
+    (classifier-free guidance). `guidance` and `use_cache` are arguments of the inverse call
+    (`block.inverse()(z, guidance=w, use_cache=False)`, or a Flow's inverse, which hands them on), plain
+    Python values read when `reverse` runs: a compiled decoder reads them when it traces, so it keeps one
+    compiled decoder per setting (tarflow.decode).
     """
 
     def __init__(self, network, label_drop=0.1, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.network = network
         self.label_drop, self.seed = float(label_drop), seed
-        self.use_cache, self.guidance = True, 0.0
         self.label_seed = keras.random.SeedGenerator(seed)
 
     @property
@@ -1346,23 +1062,25 @@ class TarBlock(FlowLayer):
         a, mu = self.params(x, y)
         return (x - mu) * ops.exp(-a), -_per_image_sum(a)
 
-    def _guided(self, y):
+    def _guided(self, y, guidance):
         """Labels for one pass of f: y, or [y, no class] stacked on the batch when guidance is on."""
-        if not self.classes or not self.guidance:
+        if not self.classes or not guidance:
             return y
         return ops.concatenate([y, ops.full_like(y, self.classes)], axis=0)
 
-    def _mix(self, p):
+    def _mix(self, p, guidance):
         """Classifier-free guidance on per-token parameters of a doubled batch: (1 + w)·cond − w·uncond."""
-        if not self.classes or not self.guidance:
+        if not self.classes or not guidance:
             return p
         cond, uncond = ops.split(p, 2, axis=0)
-        return cond + self.guidance * (cond - uncond)
+        return cond + guidance * (cond - uncond)
 
-    def reverse(self, inputs):
+    def reverse(self, inputs, guidance=0.0, use_cache=True):
+        """x from z (conditional: from [z, y]) token by token, at classifier-free guidance weight
+        `guidance` (a number; 0: none), with or without the key-value cache (`use_cache`)."""
         z, y = self._unpack(inputs)
-        y = self._guided(y)
-        guided = y is not None and bool(self.guidance)
+        y = self._guided(y, guidance)
+        guided = y is not None and bool(guidance)
         double = (lambda t: ops.concatenate([t, t], axis=0)) if guided else (lambda t: t)
 
         def put(x, t, x_t):  # x with token t set (it was zero): no slicing, so any backend compiles it
@@ -1375,10 +1093,10 @@ class TarBlock(FlowLayer):
             else:  # only the newest token x_{t−1} goes through f, against the cached keys and values
                 out, cache = self.network.step(double(ops.take(x, t - 1, axis=1)[:, None]), y, t - 1, cache)
                 a, mu = ops.split(out, 2, axis=-1)
-            return put(x, t, ops.take(z, t, axis=1) * ops.exp(self._mix(a)) + self._mix(mu)), cache
+            return put(x, t, ops.take(z, t, axis=1) * ops.exp(self._mix(a, guidance)) + self._mix(mu, guidance)), cache
 
         x = put(ops.zeros_like(z), 0, z[:, 0])  # token 0 has a = μ = 0
-        cache = self.network.empty_cache(ops.shape(z)[0] * (2 if guided else 1)) if self.use_cache else []
+        cache = self.network.empty_cache(ops.shape(z)[0] * (2 if guided else 1)) if use_cache else []
         return ops.fori_loop(1, self.tokens, step, (x, cache))[0]
 
     def get_config(self):
@@ -1389,35 +1107,3 @@ class TarBlock(FlowLayer):
     def from_config(cls, config):
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         return cls(**config)
-
-
-_OLD_TARBLOCK = {"attention_norms": ("attentions/attention", "norm"), "qkv": ("attentions/attention", "qkv"),
-                 "attention_out": ("attentions/attention", "out"), "mlp_norms": ("mlps/mlp", "norm"),
-                 "mlp_in": ("mlps/mlp", "dense_in"), "mlp_out": ("mlps/mlp", "dense_out")}
-
-
-def old_tarblock_path(path):
-    """A variable's path in a .weights.h5 file written before TarBlock took its Transformer as a network
-    (lists such as `tar_block/qkv/dense_1/vars/0`), as it is now (`tar_block/network/attentions/
-    attention_1/qkv/vars/0`); any other path unchanged."""
-    found = re.fullmatch(r"(.*/tar_block(?:_\d+)?)/(\w+)/(.*)", path)
-    if not found or found[2] == "network":
-        return path
-    block, attr, rest = found.groups()
-    if attr in _OLD_TARBLOCK:
-        item = re.fullmatch(r"[a-z_]+?(_\d+)?/(vars/.*)", rest)
-        where, leaf = _OLD_TARBLOCK[attr]
-        return f"{block}/network/{where}{item[1] or ''}/{leaf}/{item[2]}"
-    return f"{block}/network/{attr}/{rest}"  # its own variables (vars/) and proj_in, out_norm, proj_out
-
-
-class ConditionalFlow(Flow):
-    """A Flow on [x, y], y one integer label per example (class-conditional TarFlow): every step with
-    `classes` (a conditional TarBlock) gets [x, y], the others x alone; the output is z. Its inverse
-    takes [z, y] and hands y to the same steps."""
-
-    def _split_condition(self, inputs):
-        return inputs[0], inputs[1]
-
-    def _feed(self, step, x, y):
-        return [x, y] if getattr(step, "classes", 0) else x

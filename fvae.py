@@ -41,10 +41,11 @@ from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.data import decode_images, eval_batch, folder_source, load_folder, mnist_pixels
 from flowkit.density import BitsPerDim, NormalNLL, bits_per_dim, dequantize, prior_nll
-from flowkit.files import UserError, save_png, write_png
+from flowkit.files import UserError, write_png
 from flowkit.pipeline import batches, first
-from flowkit.run import Adam, Run
-from flowkit.sample import decode_codes, image_grid, interpolation_codes, row_grid, sample
+from flowkit.optim import Adam
+from flowkit.run import Run
+from flowkit.sample import EpochGrid, decode_codes, image_grid, interpolation_codes, row_grid, sample
 
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
 GRID = 9               # 9×9 sample grids
@@ -87,8 +88,7 @@ def with_noise(latent_dims):
 def datasets(args, latent_dims):
     """(train, test, n): ((x, u), dummy) batches, train shuffled and endless, of `pixels`' n training images."""
     train, test, _, n = pixels(args)
-    if args.batch_size > n and not args.loads_weights:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training images")
+    cli.check_batch_size(args, n)
     train = batches(train, args.batch_size, with_noise(latent_dims), shuffle=True, seed=args.seed, repeat=True)
     return train, batches(test, eval_batch(args.batch_size), with_noise(latent_dims)), n
 
@@ -205,19 +205,19 @@ def train(args, strategy):
     steps = args.steps_per_epoch or max(1, n // args.batch_size)
     print(f"f-VAE: {cli.describe(args.config)}, {fvae.model.count_params():,} parameters, D = {fvae.dims}, "
           f"latent d = {fvae.latent_dims}")
-    run = Run(fvae.model, args, strategy, monitor="val_loss")
+    run = Run(fvae.model, cli.run_settings(args), strategy, monitor="val_loss")  # no collapse rule: Glow's alone
     with strategy.scope():  # after a --resume the Actnorms' `initialized` flag came back: none is redone
         print(f"initialised {initialize_actnorms(fvae.model, next(iter(train_data))[0])} Actnorm layers "
               f"from the first batch", flush=True)
     fvae.model.fit(train_data, validation_data=test, epochs=args.epochs, initial_epoch=run.initial_epoch,
                    steps_per_epoch=steps,
                    callbacks=[BitsPerDim(fvae.dims, BIN, key="loss"), BitsPerDim(fvae.dims, BIN, key="val_loss"),
-                              *run.chief_only(Samples(fvae.sampler, args.out, args.seed)), *run.callbacks],
+                              *run.chief_only(*epoch_grids(fvae.sampler, args.out, args.seed)), *run.callbacks],
                    shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
-    if run.end():
-        sample_score.report(write_samples(fvae.sampler, args, "fvae_samples")[0], args)
-    if run.code:
-        return run.code
+    code = run.end(pictures=lambda: sample_score.report(write_samples(fvae.sampler, args, "fvae_samples")[0],
+                                                        data=args.data))
+    if code:
+        return code
     report(fvae, test, args)
     return 0
 
@@ -248,17 +248,11 @@ def write_samples(sampler, args, stem, temperatures=TEMPERATURES):
     return paths
 
 
-class Samples(keras.callbacks.Callback):
-    """After each epoch: 9×9 grids at T = 1.0 and 0.8 to out/fvae_epoch_NNN_T1.png, ..._T0.8.png."""
-
-    def __init__(self, sampler, out, seed):
-        super().__init__()
-        self.sampler, self.out, self.seed = sampler, out, seed
-
-    def on_epoch_end(self, epoch, logs=None):
-        for t in TEMPERATURES:
-            save_png(os.path.join(self.out, f"fvae_epoch_{epoch + 1:03d}_T{t:g}.png"),
-                     sample_grid(self.sampler, t, self.seed))
+def epoch_grids(sampler, out, seed):
+    """The per-epoch pictures (flowkit.sample.EpochGrid callbacks): 9×9 grids at T = 1.0 and 0.8 to
+    OUT/fvae_epoch_NNN_T1.png, ..._T0.8.png."""
+    return [EpochGrid(lambda t=t: sample_grid(sampler, t, seed),
+                      os.path.join(out, f"fvae_epoch_{{epoch:03d}}_T{t:g}.png")) for t in TEMPERATURES]
 
 
 # --- the article's experiments ------------------------------------------------------------------
@@ -293,8 +287,9 @@ def experiments(args):
     if args.sample_only:
         write_samples(fvae.sampler, args, "fvae_samples", (args.std,) if args.std_given else TEMPERATURES)
     if args.score:  # at --std, else T = 1 (the README's grid)
-        sample_score.score_samples(args, "fvae", lambda z, _: (decode_codes(fvae.sampler, z) + 1) / 2,
-                                   fvae.sampler.input_shape[-1], args.std if args.std_given else TEMPERATURES[0])
+        sample_score.score_samples("fvae", lambda z, _: (decode_codes(fvae.sampler, z) + 1) / 2,
+                                   fvae.sampler.input_shape[-1], args.std if args.std_given else TEMPERATURES[0],
+                                   n=args.score, seed=args.seed, out=args.out, data=args.data)
     if args.reconstruct:
         x, x_rec = reconstruct(fvae, test_images(pixels_test, RECONSTRUCT))
         path = os.path.join(args.out, "fvae_reconstruct.png")

@@ -29,11 +29,12 @@ from flowkit.cli import non_negative, positive
 from flowkit.curves import kept
 from flowkit.data import eval_batch, image_source, load_folder, mnist_pixels
 from flowkit.density import BitsPerDim, bits_per_dim, dequantized, prior_nll
-from flowkit.files import UserError, save_png, write_png
+from flowkit.files import UserError, write_png
 from flowkit.pipeline import batches, first
-from flowkit.run import Adam, Run
-from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
-                            temperature_codes)
+from flowkit.optim import Adam
+from flowkit.run import Run
+from flowkit.sample import (EpochGrid, decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid,
+                            sample, temperature_codes)
 
 BIN = 2 / 256          # bin width of one pixel level once images are mapped to [−1, 1]
 GRID = 9               # the article's 9×9 sample grid
@@ -54,12 +55,6 @@ def train_x(k, r):
     return r.cast(k, "float32") / 255 * 2 - 1
 
 
-def check_batch(args, n):
-    """Training only: a batch larger than the data would fill itself with copies (the stream repeats)."""
-    if not args.loads_weights and args.batch_size > n:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training images")
-
-
 def datasets(args, training=True):
     """(train, test, channels): pipelines (flowkit.pipeline) of (x, dummy y); train repeats forever (None
     when not `training`), the test images are dequantized over the whole bin with fresh noise each pass
@@ -67,7 +62,7 @@ def datasets(args, training=True):
     train = None
     if args.data and os.path.isdir(args.data):
         train_paths, test_paths = load_folder(args.data, args.config.get("split_seed", args.seed))
-        check_batch(args, len(train_paths))
+        cli.check_batch_size(args, len(train_paths))
         if args.config.get("held_out", len(test_paths)) != len(test_paths):
             print(f"warning: {args.data} now holds out {len(test_paths)} images, {args.config['held_out']} at "
                   f"training: the folder changed, some images may be training ones", file=sys.stderr)
@@ -81,7 +76,7 @@ def datasets(args, training=True):
         channels = 3
     else:
         train, test = mnist_pixels(args.data)
-        check_batch(args, len(train))
+        cli.check_batch_size(args, len(train))
         channels = 1
     if training:
         train = batches(train, args.batch_size, train_x, shuffle=True, seed=args.seed, repeat=True)
@@ -205,9 +200,10 @@ def train(args, strategy):
     print(f"Glow: {cli.describe(args.config)}, {encoder.count_params():,} parameters, D = {dims}")
     # the article's `Evaluate`: the best weights by training loss and its collapse rule, applied by flowkit.run's
     # KeepBest (which also takes a NaN loss for a collapse, at any epoch); a held-out loss (--monitor val_loss)
-    # has no sign to watch: only a NaN is a collapse then
+    # has no sign to watch: only a NaN is a collapse then. A resumed run keeps the rule it started with
     collapse_after = COLLAPSE_AFTER_EPOCH if args.monitor == "loss" else None
-    run = Run(encoder, args, strategy, monitor=args.monitor, after_epoch=collapse_after, low_lr=COLLAPSE_LR)
+    run = Run(encoder, cli.run_settings(args), strategy, monitor=args.monitor, collapse_after=collapse_after,
+              low_lr=COLLAPSE_LR)
     with strategy.scope():  # one eager pass over the global batch: every replica gets its statistics
         # after a --resume the Actnorms' `initialized` flag came back: none is initialised again
         print(f"initialised {initialize_actnorms(encoder, next(iter(train_data))[0])} Actnorm layers "
@@ -215,12 +211,13 @@ def train(args, strategy):
     encoder.fit(train_data, validation_data=test, epochs=args.epochs, initial_epoch=run.initial_epoch,
                 steps_per_epoch=args.steps_per_epoch,
                 callbacks=[BitsPerDim(dims, BIN, key="val_loss"),
-                           *run.chief_only(Samples(decoder, args.out, args.std, args.seed)), *run.callbacks],
+                           *run.chief_only(EpochGrid(lambda: sample_grid(decoder, args.std, args.seed),
+                                                     os.path.join(args.out, "glow_epoch_{epoch:03d}.png"))),
+                           *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
-    if run.end():
-        sample_score.report(write_grid(decoder, args), args)
-    if run.code:
-        return run.code
+    code = run.end(pictures=lambda: sample_score.report(write_grid(decoder, args), data=args.data))
+    if code:
+        return code
     nll = encoder.evaluate(test, verbose=0, return_dict=True)["loss"]
     print(kept(run.log, run.keep_best.best_epoch, args.monitor))
     print(f"best weights in {args.weights}, samples in {os.path.join(args.out, 'glow_samples.png')}")
@@ -242,18 +239,6 @@ def sample_grid(decoder, std, seed=0, n=GRID):
 
 def write_grid(decoder, args):
     return write_png(os.path.join(args.out, "glow_samples.png"), sample_grid(decoder, args.std, args.seed))
-
-
-class Samples(keras.callbacks.Callback):
-    """After each epoch: a 9×9 grid at --std to out/glow_epoch_NNN.png."""
-
-    def __init__(self, decoder, out, std, seed):
-        super().__init__()
-        self.decoder, self.out, self.std, self.seed = decoder, out, std, seed
-
-    def on_epoch_end(self, epoch, logs=None):
-        save_png(os.path.join(self.out, f"glow_epoch_{epoch + 1:03d}.png"),
-                 sample_grid(self.decoder, self.std, self.seed))
 
 
 # --- the article's experiments ------------------------------------------------------------------
@@ -295,8 +280,8 @@ def experiments(args):
     if args.sample_only:
         write_grid(decoder, args)
     if args.score:
-        sample_score.score_samples(args, "glow", lambda z, _: (decode_codes(decoder, z) + 1) / 2,
-                                   decoder.input.shape[-1], args.std)
+        sample_score.score_samples("glow", lambda z, _: (decode_codes(decoder, z) + 1) / 2, decoder.input.shape[-1],
+                                   args.std, n=args.score, seed=args.seed, out=args.out, data=args.data)
     if args.reconstruct:
         pic, err = reconstruct(encoder, decoder, test)
         path = os.path.join(args.out, "glow_reconstruct.png")

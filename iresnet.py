@@ -29,9 +29,10 @@ from flowkit import score as sample_score
 from flowkit.cli import positive
 from flowkit.data import load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_nll
-from flowkit.files import UserError, atomic_write, read_config, save_png, write_png
-from flowkit.run import Adam, Run, WarmupCosine
-from flowkit.sample import decode_codes, image_grid, sample
+from flowkit.files import UserError, atomic_write, read_config, write_png
+from flowkit.optim import Adam
+from flowkit.run import Run, WarmupCosine
+from flowkit.sample import EpochGrid, decode_codes, image_grid, sample
 
 DIM = 28 * 28
 BIN = 1 / 256      # x = (k + u)/256, u ~ U(0,1), for training and test (docs/design.md §3)
@@ -190,8 +191,7 @@ def train(args, strategy):
         return toy(args)
     cli.check_training(args)
     k_train, k_test = mnist(args)
-    if args.batch_size > len(k_train):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(k_train)} training images")
+    cli.check_batch_size(args, len(k_train))
     print(f"{len(k_train)} training images, {len(k_test)} test images", flush=True)
     with strategy.scope():
         encoder, decoder, flow = build_iresnet(**model_config(args))
@@ -202,19 +202,20 @@ def train(args, strategy):
         copied, total = grow(flow, args.init_from, model_config(args))
         print(f"--init-from {args.init_from}: {copied} of {total} layers trained, the rest start as the identity",
               flush=True)
-    run = Run(encoder, args, strategy, monitor="val_loss")
+    run = Run(encoder, cli.run_settings(args), strategy, monitor="val_loss")  # no collapse rule: Glow's alone
     initialize_actnorms(encoder, dequantize(k_train[: args.batch_size], 0, BIN))  # after a --resume: kept
     schedule = [WarmupCosine(args.lr, args.epochs * (len(k_train) // args.batch_size), args.warmup)] \
         if args.warmup else []
-    grids = run.chief_only(EpochGrids(decoder, args)) if args.epoch_grids else []
+    grids = run.chief_only(EpochGrid(lambda: sample_grid(decoder, args.std, args.seed or 0),
+                                     os.path.join(args.out, "iresnet_epoch_{epoch:03d}.png"))) \
+        if args.epoch_grids else []  # for tools.curves --grids
     encoder.fit(batches(k_train, args.batch_size, args.seed or 0),
                 validation_data=batches(k_test[: args.eval_images], args.batch_size), epochs=args.epochs,
                 initial_epoch=run.initial_epoch, callbacks=[*schedule, BitsPerDim(DIM, BIN), *grids, *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
-    if run.end():
-        sample_score.report(write_grid(decoder, args), args)
-    if run.code:
-        return run.code
+    code = run.end(pictures=lambda: sample_score.report(write_grid(decoder, args), data=args.data))
+    if code:
+        return code
     return report_bpd(flow, k_test[: args.eval_images], args)
 
 
@@ -260,23 +261,14 @@ def report_bpd(flow, k_test, args):
 
 # --- sampling -----------------------------------------------------------------------------------
 
-def write_grid(decoder, args, name="iresnet_samples.png", say=True):
-    """A 10×10 grid of decoder(std·ε): each block inverted by its fixed-point iteration."""
-    path = os.path.join(args.out, name)
-    x = sample(decoder, GRID * GRID, args.std, args.seed or 0)
-    (write_png if say else save_png)(path, image_grid(np.clip(x[..., 0], 0, 1), GRID))
-    return path
+def sample_grid(decoder, std, seed=0):
+    """A 10×10 grid of decoder(std·ε) as a uint8 picture: each block inverted by its fixed-point iteration."""
+    return image_grid(np.clip(sample(decoder, GRID * GRID, std, seed)[..., 0], 0, 1), GRID)
 
 
-class EpochGrids(keras.callbacks.Callback):
-    """--epoch-grids: after each epoch the grid at --std to OUT/iresnet_epoch_NNN.png (tools.curves --grids)."""
-
-    def __init__(self, decoder, args):
-        super().__init__()
-        self.decoder, self.args = decoder, args
-
-    def on_epoch_end(self, epoch, logs=None):
-        write_grid(self.decoder, self.args, f"iresnet_epoch_{epoch + 1:03d}.png", say=False)
+def write_grid(decoder, args):
+    """OUT/iresnet_samples.png: the grid at --std; returns its path."""
+    return write_png(os.path.join(args.out, "iresnet_samples.png"), sample_grid(decoder, args.std, args.seed or 0))
 
 
 # --- experiments --------------------------------------------------------------------------------
@@ -383,7 +375,8 @@ def experiments(args):
     if args.sample_only:
         write_grid(decoder, args)
     if args.score:
-        sample_score.score_samples(args, "iresnet", lambda z, _: decode_codes(decoder, z), DIM, args.std)
+        sample_score.score_samples("iresnet", lambda z, _: decode_codes(decoder, z), DIM, args.std, n=args.score,
+                                   seed=args.seed, out=args.out, data=args.data)
     if args.inverse or args.bias_table:
         _, k_test = mnist(args)
         x = fixed_dequantization(k_test[:args.images], args.seed or 0)

@@ -25,7 +25,8 @@ from flowkit.data import eval_batch, load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, dequantized, prior_constant, prior_nll
 from flowkit.files import UserError, write_png
 from flowkit.pipeline import batches
-from flowkit.run import Adam, EpochLine, Run
+from flowkit.optim import Adam
+from flowkit.run import EpochLine, Run
 from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, row_grid, sample,
                             temperature_codes)
 
@@ -99,15 +100,15 @@ def train(args, strategy):
     cli.check_training(args)
     k_train, k_test = load_mnist(args.data)
     k_train = k_train[: args.limit]
-    if args.batch_size > len(k_train):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(k_train)} training images")
+    cli.check_batch_size(args, len(k_train))
     print(f"{len(k_train)} training images, {len(k_test)} test images", flush=True)
     with strategy.scope():  # variables mirrored on every replica, the optimizer's too
         encoder, decoder, _ = build_nice(args.hidden, args.hidden_layers, args.couplings)
         compile_nice(encoder, args.lr)
     print(f"{encoder.count_params():,} parameters", flush=True)
     data = train_data(k_train, args.batch_size, args.seed)
-    run = Run(encoder, args, strategy, monitor="val_loss", prints_epochs=True)
+    # the article's checkpoint on val_loss; Glow's collapse rule is Glow's (a non-finite loss still reloads)
+    run = Run(encoder, cli.run_settings(args), strategy, monitor="val_loss", prints_epochs=True)
     if args.scale_init == "data" and not run.resumed:  # after a --resume s came back with the weights
         with strategy.scope():
             initialize_scales(encoder, next(iter(data))[0])
@@ -116,10 +117,9 @@ def train(args, strategy):
     encoder.fit(data, validation_data=test_data(k_test, eval_batch(args.batch_size)), epochs=args.epochs,
                 initial_epoch=run.initial_epoch, callbacks=[BitsPerDim(DIM, BIN), EpochLine(DIM), *run.callbacks],
                 shuffle=False, verbose=run.verbose)  # the dataset shuffles itself
-    if run.end():
-        sample_score.report(write_grid(decoder, args), args)
-    if run.code:
-        return run.code
+    code = run.end(pictures=lambda: sample_score.report(write_grid(decoder, args), data=args.data))
+    if code:
+        return code
     const = prior_constant(DIM)
     article = objective(encoder, train_inputs(k_train), args.batch_size)
     print(f"best weights, training objective on x/255 − 0.01·U: {article:.1f} nats/image, "
@@ -210,7 +210,8 @@ def experiments(args):
     if args.sample_only:
         write_grid(decoder, args)
     if args.score:
-        sample_score.score_samples(args, "nice", lambda z, _: images(decode_codes(decoder, z)), DIM, args.std)
+        sample_score.score_samples("nice", lambda z, _: images(decode_codes(decoder, z)), DIM, args.std, n=args.score,
+                                   seed=args.seed, out=args.out, data=args.data)
     pictures = {}
     if args.temperatures:
         pictures["nice_temperatures.png"] = temperature_rows(decoder, args.temperatures, args.seed or 0)

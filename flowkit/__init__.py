@@ -3,6 +3,7 @@
     cli      the command line: common flags and their checks, the start of a run, a script's main
     run      `Run`, the callbacks handed to `encoder.fit`: best weights, the collapse rule, --resume, logs
     backend  the backends' own APIs (gradients, compiling, loops), the one place that names them
+    kernels  TarFlow's fused element-wise kernels (GELU, layer norm, softmax) with written-out gradients
     optim    Adam and AdamW with TensorFlow's fused update
     devices  tf.distribute strategies, the precision choice, which worker writes files
     data     MNIST (offline fallback) and image folders

@@ -15,7 +15,7 @@ from flowkit.data import image_data
 from flowkit.devices import (add_scale_out_args, choose_precision, choose_xla, compiles_with_xla, make_strategy,
                              set_mixed_precision)
 from flowkit.files import UserError, check_readable, read_config, renamed_weights
-from flowkit.run import check_run, run_folder, run_record
+from flowkit.run import RunSettings, check_run, run_folder, run_record
 from flowkit.score import SAMPLES
 
 
@@ -153,10 +153,11 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
     a run on an image folder records it (FOLDER_RECORD: its absolute path and the split's seed; the
     script adds the held-out count), and a run that reads data without --data reads that folder."""
     args = parser.parse_args(argv)
+    flags = vars(args)  # by dest
     args.model = model
     args.shape_flags = list(getattr(parser, "shape_defaults", {}))
     modes = ["sample_only", "score", *uses_weights]
-    args.loads_weights = any(getattr(args, m) for m in modes)
+    args.loads_weights = any(flags[m] for m in modes)
     named = ", ".join("--" + m.replace("_", "-") for m in modes)
     if not args.weights.endswith(".weights.h5"):
         parser.error(f"--weights {args.weights}: the file name must end in .weights.h5 (Keras 3)")
@@ -181,7 +182,7 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
         record = None
     if record is not None and record.get("model", model) != model:
         raise UserError(f"{source} holds a {record['model']} model, not a {model} one")
-    given = {d: getattr(args, d) for d in args.shape_flags}
+    given = {d: flags[d] for d in args.shape_flags}
     if record is not None:  # a record from before a flag existed holds that flag's `absent` shape
         record = {**{d: v for d, v in getattr(parser, "shape_absent", {}).items() if d in given}, **record}
         diff = [f"{_say(d, record[d])} (this run: {_say(d, v)})" for d, v in given.items()
@@ -195,7 +196,7 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
         setattr(args, d, v)
         args.config[d] = v
     if images is not None:
-        reads = not args.loads_weights or any(getattr(args, d) for d in reads_data)
+        reads = not args.loads_weights or any(flags[d] for d in reads_data)
         if records_folder and args.data is None and reads and (record or {}).get("data"):
             args.data = recorded_folder(record, source)
         args.img_size, channels = image_data(args.data, args.img_size, reads, *images)
@@ -217,19 +218,27 @@ def parse(parser, argv=None, *, model, uses_weights=(), images=None, reads_data=
 
 def start(args):
     """The start of every run: the strategy (before any other TensorFlow work), the precision
-    policy, the seed, and a writable --out. Returns the strategy."""
+    policy (with the script's bf16_default and amx_xla, which add_run_args keeps in the parser's
+    defaults) and XLA, the seed, and a writable --out. Returns the strategy."""
     strategy = make_strategy(args.distribute, args.devices)
     # the bfloat16 default is for training; sampling and the experiments keep float32 unless asked
-    bf16_default = getattr(args, "bf16_default", False) and not args.loads_weights
-    amx_xla = getattr(args, "amx_xla", False) and not args.loads_weights and compiles_with_xla()
+    bf16_default = args.bf16_default and not args.loads_weights
+    amx_xla = args.amx_xla and not args.loads_weights and compiles_with_xla()
     args.mixed_precision, args.precision_why = choose_precision(args.mixed_precision, bf16_default, amx_xla=amx_xla)
-    args.xla, xla_why = choose_xla(getattr(args, "xla", None), amx_xla, args.mixed_precision, args.distribute)
+    args.xla, xla_why = choose_xla(args.xla, amx_xla, args.mixed_precision, args.distribute)
     args.precision_why += f"; {xla_why}" if xla_why else ""
     set_mixed_precision(args.mixed_precision)
     if args.seed is not None:
         keras.utils.set_random_seed(args.seed)
     check_writable(args.out, f"--out {args.out}")
     return strategy
+
+
+def run_settings(args):
+    """The flags of a training run, as `parse` and `start` filled them, for flowkit.run.Run."""
+    return RunSettings(weights=args.weights, record={"model": args.model, **args.config}, epochs=args.epochs,
+                       resume=args.resume, max_collapses=args.max_collapses, minutes=args.minutes, plot=args.plot,
+                       xla=args.xla, precision_why=args.precision_why)
 
 
 def check_training(args):
@@ -250,8 +259,16 @@ def check_training(args):
     check_writable(os.path.dirname(args.weights), f"--weights {args.weights}")
 
 
+def check_batch_size(args, n):
+    """Once the data are read: a training batch larger than the `n` training images would fill itself
+    with copies (the streams repeat). Modes that load weights do not train: no check."""
+    if not args.loads_weights and args.batch_size > n:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training images")
+
+
 def load_weights(model, args, rename=None):
-    """--weights into `model`, built from args.config; a file that does not fit is one line. `rename`
+    """--weights into `model`, built from args.config, for the modes that load a trained model (a run
+    reloads its own best weights in flowkit.run); a file that does not fit is one line. `rename`
     maps a variable's path in a file an earlier version wrote to its path now (files.renamed_weights)."""
     try:
         with warnings.catch_warnings(), renamed_weights(args.weights, rename) as path:

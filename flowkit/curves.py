@@ -55,12 +55,13 @@ def kept(log, epoch, monitor, key="val_bpd"):
 def grid_scores(folder, log):
     """[(minutes, inception score, epoch)] of the per-epoch sample grids a run wrote to `folder`
     (NAME_epoch_NNN.png; f-VAE's first temperature, NAME_epoch_NNN_T1.png), each at the minutes its
-    epoch ended in the epoch log, scored with flowkit.score's digit classifier (a conditional TarFlow's
+    epoch ended in the epoch log, scored with flowkit.measures' digit classifier (a conditional TarFlow's
     grids are drawn at its --guidance)."""
     import re
 
     import imageio.v2 as imageio
 
+    from flowkit import measures
     from flowkit import score as flow_score
 
     minutes = epoch_column(log, "minutes")
@@ -72,7 +73,7 @@ def grid_scores(folder, log):
         if match and int(match.group(1)) in minutes:
             tiles, _ = flow_score.grid_tiles(imageio.imread(os.path.join(folder, name)))
             epoch = int(match.group(1))
-            scores.append((minutes[epoch], flow_score.score(tiles)["inception"], epoch))
+            scores.append((minutes[epoch], measures.score(tiles)["inception"], epoch))
     if not scores:
         raise UserError(f"--grids {folder}: no NAME_epoch_NNN.png grid of an epoch in {log}")
     return sorted(scores)

@@ -3,6 +3,7 @@ PNG pictures. TensorFlow is not used here (h5py and imageio only); importing flo
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -112,6 +113,27 @@ def renamed_weights(path, rename=None):
             if "optimizer" in f:
                 del f["optimizer"]
         yield copy
+
+
+# TarFlow's blocks before TarBlock took its Transformer as a network: {list attribute: (its layer now, leaf)}
+_OLD_TARBLOCK = {"attention_norms": ("attentions/attention", "norm"), "qkv": ("attentions/attention", "qkv"),
+                 "attention_out": ("attentions/attention", "out"), "mlp_norms": ("mlps/mlp", "norm"),
+                 "mlp_in": ("mlps/mlp", "dense_in"), "mlp_out": ("mlps/mlp", "dense_out")}
+
+
+def old_tarblock_path(path):
+    """A variable's path in a .weights.h5 file written before TarBlock took its Transformer as a network
+    (lists such as `tar_block/qkv/dense_1/vars/0`), as it is now (`tar_block/network/attentions/
+    attention_1/qkv/vars/0`); any other path unchanged. A `rename` for `renamed_weights`."""
+    found = re.fullmatch(r"(.*/tar_block(?:_\d+)?)/(\w+)/(.*)", path)
+    if not found or found[2] == "network":
+        return path
+    block, attr, rest = found.groups()
+    if attr in _OLD_TARBLOCK:
+        item = re.fullmatch(r"[a-z_]+?(_\d+)?/(vars/.*)", rest)
+        where, leaf = _OLD_TARBLOCK[attr]
+        return f"{block}/network/{where}{item[1] or ''}/{leaf}/{item[2]}"
+    return f"{block}/network/{attr}/{rest}"  # its own variables (vars/) and proj_in, out_norm, proj_out
 
 
 def save_png(path, image):

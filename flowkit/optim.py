@@ -2,7 +2,7 @@
 (ResourceApplyAdam) on the TensorFlow backend, the same numbers in fewer passes through memory; on JAX
 and PyTorch Keras' element-wise update. Public Keras API only.
 
-    from flowkit.optim import Adam, AdamW      # also importable from flowkit.run, as before
+    from flowkit.optim import Adam, AdamW
     model.compile(optimizer=AdamW(2e-3, beta_1=0.9, beta_2=0.95, weight_decay=1e-4, global_clipnorm=1.0), ...)
 """
 import re
@@ -25,7 +25,7 @@ class Adam(keras.optimizers.Adam):
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False, **kwargs):
         if amsgrad:
-            raise ValueError("flowkit.run.Adam has no amsgrad (use keras.optimizers.Adam)")
+            raise ValueError("flowkit.optim.Adam has no amsgrad (use keras.optimizers.Adam)")
         super().__init__(learning_rate, beta_1, beta_2, epsilon, amsgrad=False, **kwargs)
 
     @staticmethod

@@ -1,8 +1,10 @@
 """What a long training run needs around `fit`, as callbacks and one object, `Run`, that a script hands
-to fit: the best weights (with the architecture record) and the collapse rule, Ctrl-C, per-epoch
+to fit: the best weights (with the architecture record) and a script's collapse rule, Ctrl-C, per-epoch
 backups and --resume, the CSV epoch log with wall-clock minutes (--minutes, --plot), the optimizer.
+`RunSettings` is what a run takes from the command line (flowkit.cli.run_settings builds it).
 """
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -23,26 +25,27 @@ from flowkit.devices import is_chief, worker_path
 from flowkit.files import UserError, atomic_write, read_config, save_weights_atomic
 
 
-def load_weights(model, path):
-    """model.load_weights(path). A weights-only file (`Run.end` writes one) leaves the optimizer's state
-    as it is, which Keras announces with a warning for every such load: expected here, so not shown."""
+def _reload(model, path):
+    """model.load_weights(path) of the run's own best weights. A weights-only file (`Run.end` writes one)
+    leaves the optimizer's state as it is, which Keras announces with a warning for every such load:
+    expected here, so not shown. (A user's --weights: flowkit.cli.load_weights.)"""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model.load_weights(path)
 
 
 class KeepBest(keras.callbacks.Callback):
-    """Keeps the best weights by `monitor` (written atomically) and, as the Glow article's script does,
-    treats a loss that turns positive after `after_epoch` as a collapse (None: never, for a loss that
-    may be positive): reload the best weights and set the learning rate to `low_lr`. A loss that is
-    not finite is a collapse at any time (the original's `loss > 0` never fires on NaN): checked after
-    every batch too, so training never goes on from garbage; the reload also restores the optimizer's
-    moments, which a NaN gradient poisons (Keras' .weights.h5 holds the optimizer state). After
-    `max_collapses` non-finite losses training stops and `gave_up` is set; the best weights stay on
-    disk.
+    """Keeps the best weights by `monitor` (written atomically). A collapse reloads the best weights and
+    sets the learning rate to `low_lr`. With `after_epoch` it applies the Glow article's collapse rule:
+    a loss that turns positive after that epoch is a collapse (None, the default: no such rule, for a
+    loss that may be positive). A loss that is not finite is a collapse at any time, with or without
+    the rule (the original's `loss > 0` never fires on NaN): checked after every batch too, so
+    training never goes on from garbage; the reload also restores the optimizer's moments, which a NaN
+    gradient poisons (Keras' .weights.h5 holds the optimizer state). After `max_collapses` non-finite
+    losses training stops and `gave_up` is set; the best weights stay on disk.
     """
 
-    def __init__(self, path, monitor="loss", after_epoch=10, low_lr=1e-5, max_collapses=5, verbose=1,
+    def __init__(self, path, monitor="loss", after_epoch=None, low_lr=1e-5, max_collapses=5, verbose=1,
                  config=None):
         super().__init__()
         self.path, self.monitor, self.after_epoch, self.config = path, monitor, after_epoch, config
@@ -67,7 +70,7 @@ class KeepBest(keras.callbacks.Callback):
     def _collapse(self, where, value):
         self.collapses += 1
         if os.path.exists(self.path):
-            load_weights(self.model, self.path)
+            _reload(self.model, self.path)
             source = self.path
         else:  # nothing saved yet: back to the weights training started from
             self.model.set_weights(self._start)
@@ -133,9 +136,10 @@ class Interrupt(keras.callbacks.Callback):
 class Backup(keras.callbacks.Callback):
     """What `--resume` needs, in `folder`, after every completed epoch: the weights with the optimizer
     state and learning rate (a Keras .weights.h5 holds all three) as epoch-NNNN.weights.h5, then
-    state.json naming that file with the epoch count and KeepBest's record. Each file is written
-    atomically and state.json last, so a kill at any instant leaves a consistent pair; Keras'
-    BackupAndRestore writes its files in place. An epoch cut short by Ctrl-C is not recorded.
+    state.json naming that file with the epoch count and KeepBest's record (its collapse rule too,
+    which a resumed run keeps). Each file is written atomically and state.json last, so a kill at any
+    instant leaves a consistent pair; Keras' BackupAndRestore writes its files in place. An epoch cut
+    short by Ctrl-C is not recorded.
     """
 
     STATE = "state.json"
@@ -167,7 +171,7 @@ class Backup(keras.callbacks.Callback):
         state = {"epoch": epoch + 1, "weights": name}
         if self.keep_best is not None:
             state.update(best=self.keep_best.best, collapses=self.keep_best.collapses,
-                         best_epoch=self.keep_best.best_epoch)
+                         best_epoch=self.keep_best.best_epoch, collapse_after=self.keep_best.after_epoch)
         atomic_write(os.path.join(self.folder, self.STATE),
                      lambda tmp: open(tmp, "w").write(json.dumps(state, indent=1)))
         for old in os.listdir(self.folder):
@@ -175,8 +179,9 @@ class Backup(keras.callbacks.Callback):
                 os.remove(os.path.join(self.folder, old))
 
     def restore(self):
-        """Loads the last completed epoch's weights, optimizer state and best record; returns the
-        number of epochs already done (fit's initial_epoch), 0 when there is nothing to resume."""
+        """Loads the last completed epoch's weights, optimizer state and best record, with the collapse
+        rule the run started with (a state written before the rule was recorded: the one asked now);
+        returns the number of epochs already done (fit's initial_epoch), 0 when there is nothing to resume."""
         state = self.read_state(self.folder)
         if state is None:
             return 0
@@ -187,6 +192,7 @@ class Backup(keras.callbacks.Callback):
             self.keep_best.best = state.get("best", math.inf)
             self.keep_best.collapses = state.get("collapses", 0)
             self.keep_best.best_epoch = state.get("best_epoch")
+            self.keep_best.after_epoch = state.get("collapse_after", self.keep_best.after_epoch)
         return int(state["epoch"])
 
 
@@ -345,12 +351,7 @@ class WarmupCosine(keras.callbacks.Callback):
         lr.assign(self.last)
 
 
-# --- speed: the optimizer's update in one pass -------------------------------------------------------
-
-# Adam and AdamW with the fused update live in flowkit.optim (public Keras API only); imported here,
-# where the scripts have always found them
-from flowkit.optim import Adam, AdamW  # noqa: E402,F401
-
+# --- speed: the optimizer's slots before fit ---------------------------------------------------------
 
 def build_optimizer(model):
     """Creates the optimizer's slots (Adam's m and v) eagerly, before `fit`. Left to fit, they are
@@ -362,90 +363,104 @@ def build_optimizer(model):
 
 # --- the run: what a script hands to fit -----------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a training run takes from the command line (flowkit.cli.run_settings builds it from the flags):
+    `weights` (--weights: the best weights; the run folder, backups and epoch log beside them), `record`
+    (the architecture record, {"model": NAME, **config}), `epochs` (the total, with --resume), `resume`,
+    `max_collapses`, `minutes` (--minutes), `plot` (--plot), `xla` (compile the step with XLA) and
+    `precision_why` (flowkit.cli.start's reason for the precision; None: no backend and precision lines)."""
+    weights: str
+    record: dict
+    epochs: int
+    resume: bool = False
+    max_collapses: int = 5
+    minutes: float | None = None
+    plot: bool = False
+    xla: bool = False
+    precision_why: str | None = None
+
+
 class Run:
     """A training run around the script's own `model.fit`:
 
-        run = Run(encoder, args, strategy, monitor="val_loss")
+        run = Run(encoder, cli.run_settings(args), strategy, monitor="val_loss")
         encoder.fit(data, validation_data=test, epochs=args.epochs, initial_epoch=run.initial_epoch,
                     callbacks=[BitsPerDim(...), *run.chief_only(Samples(...)), *run.callbacks],
                     verbose=run.verbose)
-        if run.end():
-            write_grid(decoder, args)
-        if run.code:
-            return run.code
+        code = run.end(pictures=lambda: write_grid(decoder, args))
+        if code:
+            return code
 
     Make it after compile, outside the strategy's scope (it enters it itself): it prints the backend
-    line (`backend: NAME (DEVICES)`) and the precision line, creates the optimizer's slots, and with --resume restores the last completed epoch
-    (weights, optimizer state, learning rate, best figure; `resumed`, `initial_epoch`). `callbacks`
-    (after the script's own, which may add to the logs they read): the epoch log beside --weights
-    with wall-clock minutes (--minutes stops there), the first step's time, KeepBest on `monitor` with
-    the collapse rule after `after_epoch` (None: only non-finite losses; a collapse reloads the best
-    weights and sets the learning rate to `low_lr`) into --weights, the backups for --resume, Ctrl-C.
-    Only the chief writes the user's files; the other workers write temporary copies. `verbose` for
-    fit: Keras' progress bar on a terminal, else one line per epoch, none when the script
-    `prints_epochs` itself.
-
-    `args`: model, config (the architecture record), weights, epochs, resume, max_collapses, and
-    optionally minutes, plot, precision_why, as flowkit.cli.parse and start fill them.
+    line (`backend: NAME (DEVICES)`) and the precision line, creates the optimizer's slots, and with
+    --resume restores the last completed epoch (weights, optimizer state, learning rate, best figure,
+    collapse rule; `resumed`, `initial_epoch`). `callbacks` (after the script's own, which may add to
+    the logs they read): the epoch log beside --weights with wall-clock minutes (--minutes stops
+    there), the first step's time, KeepBest on `monitor` into --weights, the backups for --resume,
+    Ctrl-C. A non-finite loss always reloads the best weights and sets the learning rate to `low_lr`;
+    `collapse_after` adds Glow's rule, a positive loss after that epoch is a collapse too (None, the
+    default: no such rule; a resumed run keeps the rule it started with). Only the chief writes the
+    user's files; the other workers write temporary copies. `verbose` for fit: Keras' progress bar on
+    a terminal, else one line per epoch, none when the script `prints_epochs` itself.
     """
 
-    def __init__(self, model, args, strategy, monitor="val_loss", after_epoch=10, low_lr=1e-5, prints_epochs=False):
-        if getattr(args, "precision_why", None):
+    def __init__(self, model, settings, strategy, *, monitor="val_loss", collapse_after=None, low_lr=1e-5,
+                 prints_epochs=False):
+        if settings.precision_why:
             print(backend.describe(), flush=True)
-            print(f"precision: {keras.config.dtype_policy().name} ({args.precision_why})", flush=True)
-        if getattr(args, "xla", False):
+            print(f"precision: {keras.config.dtype_policy().name} ({settings.precision_why})", flush=True)
+        if settings.xla:
             model.jit_compile = True  # --xla: the train step compiles with XLA (Keras resets its functions)
-        self.model, self.weights, self.max_collapses = model, args.weights, args.max_collapses
-        self.plot, self.chief, self.resumed = getattr(args, "plot", False), is_chief(strategy), bool(args.resume)
-        record = {"model": args.model, **args.config}
-        self.path = worker_path(args.weights, strategy)  # the chief writes args.weights, other workers a copy
-        self.keep_best = KeepBest(self.path, monitor=monitor, after_epoch=after_epoch, low_lr=low_lr,
-                                  max_collapses=args.max_collapses, config=record)
+        self.model, self.settings, self.weights = model, settings, settings.weights
+        self.chief, self.resumed = is_chief(strategy), settings.resume
+        self.path = worker_path(settings.weights, strategy)  # the chief writes --weights, other workers a copy
+        self.keep_best = KeepBest(self.path, monitor=monitor, after_epoch=collapse_after, low_lr=low_lr,
+                                  max_collapses=settings.max_collapses, config=settings.record)
         self.interrupt = Interrupt()
         with strategy.scope():  # a resumed run builds the optimizer's variables
             build_optimizer(model)
-            self.backup, self.initial_epoch = open_run(model, self.path, args.resume, self.keep_best,
-                                                       self.interrupt, record)
+            self.backup, self.initial_epoch = open_run(model, self.path, settings.resume, self.keep_best,
+                                                       self.interrupt, settings.record)
         if self.resumed:
             lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-            print(f"resuming {run_folder(args.weights)}/ after epoch {self.initial_epoch} of {args.epochs} "
+            print(f"resuming {run_folder(settings.weights)}/ after epoch {self.initial_epoch} of {settings.epochs} "
                   f"(learning rate {lr:.3g}, best {monitor} {self.keep_best.best:.1f})", flush=True)
-        self.log = worker_path(log_path(args.weights), strategy)
+        self.log = worker_path(log_path(settings.weights), strategy)
         os.makedirs(os.path.dirname(os.path.abspath(self.log)), exist_ok=True)  # CSVLogger opens it at once
-        progress = Progress(Progress.minutes_so_far(self.log) if self.resumed else 0.0,
-                            getattr(args, "minutes", None))
+        progress = Progress(Progress.minutes_so_far(self.log) if self.resumed else 0.0, settings.minutes)
         self.callbacks = [progress, FirstStep(), keras.callbacks.CSVLogger(self.log, append=self.resumed),
                           self.keep_best, self.backup, self.interrupt]
         self.verbose = 1 if sys.stdout.isatty() else 0 if prints_epochs else 2
-        self.code = None
 
     def chief_only(self, *callbacks):
         """The callbacks on the chief, none on the other workers (per-epoch pictures)."""
         return list(callbacks) if self.chief else []
 
-    def end(self):
-        """After fit: sets `code` (0; 3 when the loss stayed non-finite, --max-collapses; 130 after
-        Ctrl-C) and says so; reloads the best weights, as the articles' checkpoints; with --plot draws
-        the epoch log. Returns whether this process should write the final pictures: the chief,
-        unless training gave up."""
+    def end(self, pictures=None):
+        """After fit: reloads the best weights, as the articles' checkpoints; with --plot draws the epoch
+        log; then `pictures()` (the script's final pictures) on the chief, unless training gave up.
+        Returns the exit code, having said why when it is not 0: 3 when the loss stayed non-finite
+        (--max-collapses), 130 after Ctrl-C (the pictures are written all the same)."""
         if self.keep_best.gave_up:
             print(f"error: training stopped after {self.keep_best.collapses} non-finite batch losses "
-                  f"(--max-collapses {self.max_collapses}); the best weights stay in {self.weights}",
+                  f"(--max-collapses {self.settings.max_collapses}); the best weights stay in {self.weights}",
                   file=sys.stderr, flush=True)
-            self.code = 3
-            return False
+            return 3
         if os.path.isfile(self.path):
-            load_weights(self.model, self.path)
+            _reload(self.model, self.path)
             if self.chief:  # the optimizer's state stays in the backups for --resume; the weights file is the model
                 save_weights_atomic(self.model, self.path, self.keep_best.config, optimizer=False)
-        if self.plot and self.chief and os.path.isfile(self.log):
+        if self.settings.plot and self.chief and os.path.isfile(self.log):
             print(f"wrote {plot_log(self.log)} (the epoch log {self.log} against minutes)", flush=True)
-        self.code = 0
+        code = 0
         if self.interrupt.interrupted:
             state = Backup.read_state(run_folder(self.weights)) or {}
             print(f"interrupted: best weights in {self.weights}; continue with --resume (last completed "
                   f"epoch: {state.get('epoch', 0)})" if os.path.isfile(self.weights) else
                   "interrupted before any epoch ended: no weights kept, the pictures are from the current ones",
                   flush=True)
-            self.code = 130
-        return self.chief
+            code = 130
+        if pictures is not None and self.chief:
+            pictures()
+        return code

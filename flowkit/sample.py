@@ -1,32 +1,12 @@
 """Sampling and pictures: codes at a temperature, batched decoding, the straight line and the great
-circle between two codes, image grids."""
+circle between two codes, image grids, the grid a training run draws after each epoch."""
 import math
-import time
 
 import keras
 import numpy as np
 
 from flowkit import backend
-from flowkit.files import UserError
-
-
-def cache_speed(decode, blocks, n):
-    """({use_cache: (images per second, seconds of the first call, which traces and runs)}, largest
-    difference between the two ways' images) of decode() -> n images, with the `blocks`' key-value
-    caches on and off (TarFlow's token-by-token inverse); the caches end on."""
-    rates, outs = {}, {}
-    for cache in (True, False):
-        for block in blocks:
-            block.use_cache = cache
-        start = time.perf_counter()
-        decode()  # traces, then runs
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        outs[cache] = decode()
-        rates[cache] = (n / (time.perf_counter() - start), first)
-    for block in blocks:
-        block.use_cache = True
-    return rates, float(np.max(np.abs(outs[True] - outs[False])))
+from flowkit.files import UserError, save_png
 
 
 def parse_temperatures(text, flag="--temperatures"):
@@ -142,3 +122,17 @@ def row_grid(rows, low=0.0, high=1.0):
     grid = (grid - low) / (high - low) * 255
     grid = np.clip(np.round(grid), 0, 255).astype(np.uint8)
     return grid[..., 0] if grid.ndim == 3 and grid.shape[-1] == 1 else grid
+
+
+class EpochGrid(keras.callbacks.Callback):
+    """After every `every`-th epoch: the picture `draw()` returns (a uint8 grid, e.g. image_grid's) to
+    `path_pattern`.format(epoch=N), N counted from 1 (`"OUT/nice_epoch_{epoch:03d}.png"`), quietly: the
+    per-epoch samples of every script's training run (tools.curves --grids scores them)."""
+
+    def __init__(self, draw, path_pattern, every=1):
+        super().__init__()
+        self.draw, self.path_pattern, self.every = draw, path_pattern, int(every)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0:
+            save_png(self.path_pattern.format(epoch=epoch + 1), self.draw())

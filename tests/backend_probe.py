@@ -21,6 +21,7 @@ import tarflow  # noqa: E402
 from flow_layers import log_det_estimator  # noqa: E402
 from flowkit import cli  # noqa: E402
 from flowkit.density import prior_nll  # noqa: E402
+from flowkit.files import old_tarblock_path  # noqa: E402
 from helpers import mnist_digits  # noqa: E402
 
 N = 3  # images and codes per model
@@ -66,7 +67,7 @@ def probe_glow(args):
 
 def probe_tarflow(args):
     encoder, decoder, _ = tarflow.build_tarflow(**args.config)
-    cli.load_weights(encoder, args, rename=tarflow.old_tarblock_path)
+    cli.load_weights(encoder, args, rename=old_tarblock_path)
     x = digits(28, -1, 2 / 256)
     y = np.arange(N, dtype="int32")
     inputs = [x, y] if args.conditional else x

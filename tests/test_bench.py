@@ -221,6 +221,26 @@ def test_tarflow_profile_times_every_part(precision):
     assert math.isclose(r["rest_s"], r["forward_backward_s"] - sum(r["parts_s"].values()))
 
 
+def test_tarflow_cache_times_sampling_with_and_without_it(capsys):
+    """`bench.py --tarflow-cache N --quick` (tarflow.py's former --speed): one line with both ways' rates
+    and tracing times, and the two ways decode the same images; run on KERAS_BACKEND's backend alone."""
+    import re
+
+    import tools.bench as bench
+
+    assert bench.main(["--tarflow-cache", "3", "--quick"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    found = re.fullmatch(r"sampling 3 images \(--img-size 8, --patch 4, .*\), compiled: ([\d.]+) img/s with the "
+                         r"key-value cache, ([\d.]+) img/s without \(×[\d.]+\); first calls \(tracing\) [\d.]+ s "
+                         r"and [\d.]+ s; largest difference between the two ([\d.e+-]+)", line)
+    assert found, line
+    assert positive(float(found[1])) and positive(float(found[2])) and float(found[3]) < 1e-4
+    for bad in (["--tarflow-cache", "2", "--backends", "tensorflow"], ["--tarflow-cache", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(bad)
+        assert e.value.code == 2
+
+
 _GPU_CHECK_WITHOUT_TENSORFLOW = """
 import sys
 sys.modules["tensorflow"] = None  # as if TensorFlow were not installed

@@ -12,8 +12,8 @@ import glow
 import nice
 from flowkit.files import UserError
 from flow_layers import initialize_actnorms
-from flowkit.sample import (decode_codes, image_grid, interpolation_codes, parse_temperatures, sample, slerp,
-                         temperature_codes)
+from flowkit.sample import (EpochGrid, decode_codes, image_grid, interpolation_codes, parse_temperatures, sample,
+                            slerp, temperature_codes)
 from helpers import jacobian_log_det, mnist_npz, perturb, reported_log_det
 
 NICE_SMALL = ["--hidden", "16", "--hidden-layers", "1", "--couplings", "2"]
@@ -65,6 +65,27 @@ def test_decode_codes_batches_like_one_call():
     np.testing.assert_allclose(decode_codes(decoder, z, batch=3), whole, rtol=1e-6)
     s = sample(decoder, 6, std=0.0)
     assert s.shape == (6, 3) and np.allclose(s, s[0])  # T = 0: every sample is decoder(0)
+
+
+def test_epoch_grid_writes_what_draw_returns_every_nth_epoch(tmp_path):
+    """flowkit.sample.EpochGrid in a real fit: after epochs 2 and 4 of 4 (every=2) the picture draw()
+    returns then, at the pattern's path with the epoch counted from 1; nothing after epochs 1 and 3."""
+    inp = keras.Input((4,))
+    decoder = keras.Model(inp, keras.layers.Dense(4)(inp))
+    decoder.compile("sgd", "mse")
+    drawn = []
+
+    def draw():
+        drawn.append(image_grid(sample(decoder, 4, std=1.0).reshape(4, 2, 2), 2, low=-3, high=3))
+        return drawn[-1]
+
+    grid = EpochGrid(draw, str(tmp_path / "toy_epoch_{epoch:03d}.png"), every=2)
+    x = np.random.RandomState(0).standard_normal((8, 4)).astype("float32")
+    decoder.fit(x, 2 * x, epochs=4, batch_size=4, callbacks=[grid], verbose=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy_epoch_002.png", "toy_epoch_004.png"]
+    assert len(drawn) == 2 and not np.array_equal(drawn[0], drawn[1])  # drawn anew: the weights moved
+    for picture, epoch in zip(drawn, (2, 4)):
+        assert np.array_equal(imageio.imread(tmp_path / f"toy_epoch_{epoch:03d}.png"), picture)
 
 
 def test_temperature_codes_share_directions_and_zero_is_the_mode():

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"nice", "glow", "fvae", "iresnet", "tarflow"}
-LONGEST = 120  # lines of one class or function
+LONGEST = 100  # lines of one class or function
 
 
 def project_modules():
@@ -89,10 +89,11 @@ def test_no_import_circle():
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_imports_point_one_way(name):
-    """flowkit imports nothing above it, flow_layers only flowkit.backend (the backends' own APIs); a
-    script imports flowkit and flow_layers, f-VAE Glow's model too; only the tools import the scripts."""
+    """flowkit imports nothing above it, flow_layers only flowkit.backend (the backends' own APIs) and
+    flowkit.kernels (the float64-exact mean and matmul); a script imports flowkit and flow_layers, f-VAE
+    Glow's model too; only the tools import the scripts."""
     if name == "flow_layers":
-        assert GRAPH[name] <= {"flowkit", "flowkit.backend"}, GRAPH[name]
+        assert GRAPH[name] <= {"flowkit", "flowkit.backend", "flowkit.kernels"}, GRAPH[name]
         return
     allowed = {"flowkit": {"flowkit"},
                "script": {"flowkit", "flow_layers"} | ({"script"} if name == "fvae" else set()),
@@ -134,7 +135,7 @@ def definitions():
                 yield os.path.relpath(path, ROOT), node
 
 
-def test_no_class_or_function_is_longer_than_120_lines():
+def test_no_class_or_function_is_longer_than_100_lines():
     long = [f"{path}: {node.name} ({node.end_lineno - node.lineno + 1} lines)" for path, node in definitions()
             if node.end_lineno - node.lineno + 1 > LONGEST]
     assert long == []

@@ -21,6 +21,8 @@ from keras import ops
 
 import flow_layers as fl
 import glow
+import tarflow
+from flowkit import kernels
 from helpers import jacobian_log_det, perturb
 
 B = 3  # batch size of every test input
@@ -253,11 +255,12 @@ CASES = {
     # and class-conditional)
     "patchify": Case(lambda s: fl.Patchify(2), (4, 2, 1), formula=zero, stateful=False),
     "flip": Case(lambda s: fl.Flip(), (4, 3), formula=zero, stateful=False),
-    "tarblock": Case(lambda s: fl.TarBlock(fl.CausalTransformer(8, 1, 2, seed=s), seed=s), (4, 3), formula=by_formula()),
-    "tarblock_classes": Case(lambda s: fl.TarBlock(fl.CausalTransformer(8, 1, 2, 3, seed=s), seed=s), (4, 3),
+    "tarblock": Case(lambda s: fl.TarBlock(tarflow.CausalTransformer(8, 1, 2, seed=s), seed=s), (4, 3),
+                     formula=by_formula()),
+    "tarblock_classes": Case(lambda s: fl.TarBlock(tarflow.CausalTransformer(8, 1, 2, 3, seed=s), seed=s), (4, 3),
                              apply=lambda L, x: L([x, labels(x)]), unapply=lambda Li, z: Li([z, labels(z)]),
                              formula=by_formula(lambda x: [x, labels(x)])),
-    "conditional_flow": Case(lambda s: fl.ConditionalFlow([fl.TarBlock(fl.CausalTransformer(8, 1, 2, 3, seed=s),
+    "conditional_flow": Case(lambda s: fl.ConditionalFlow([fl.TarBlock(tarflow.CausalTransformer(8, 1, 2, 3, seed=s),
                                                                        seed=s), fl.Flip()]), (4, 3),
                              apply=lambda L, x: L([x, labels(x)]),
                              unapply=lambda Li, z: Li([z, labels(z[:, ::-1])]), formula=None),
@@ -276,8 +279,10 @@ NAMES = list(CASES)
 WITH_LOGDET = ["affine", "affine_joint", "glow_step_separate", "scale", "scale_image", "actnorm", "actnorm_image", "invdense",
                "invdense_image", "condactnorm", "flow_nice", "glow_step", "glow_step_checker",
                "multiscale", "glow_flow", "logit", "tarblock", "tarblock_classes", "conditional_flow", "residual_dense", "residual_conv"]
-# the layer classes of flow_layers, for deserialising configs that nest them (Flow, MultiScale, ResidualFlow)
-CUSTOM_OBJECTS = {n: c for n, c in vars(fl).items() if isinstance(c, type) and issubclass(c, keras.layers.Layer)}
+# the layer classes of flow_layers and TarFlow's network, for deserialising configs that nest them (Flow,
+# MultiScale, ResidualFlow, TarBlock)
+CUSTOM_OBJECTS = {n: c for module in (fl, tarflow) for n, c in vars(module).items()
+                  if isinstance(c, type) and issubclass(c, keras.layers.Layer)}
 
 
 def data(shape, seed=0):
@@ -762,7 +767,7 @@ def test_concat_of_a_single_part_round_trips():
 
 
 # --------------------------------------------------------------------------------------------------
-# The Transformer's element-wise chains with their gradients written out (flow_layers._fused)
+# The Transformer's element-wise chains with their gradients written out (flowkit.kernels)
 
 def _autodiff_and_written(fn, ref, inputs, upstream):
     """(values, gradients) of `fn` (written-out gradient) and of `ref` (plain ops, autodiff) at inputs:
@@ -786,7 +791,7 @@ def test_gelu_layer_norm_and_softmax_gradients_are_autodiffs(float64):
     rng = np.random.RandomState(0)
     x, up = rng.normal(size=(6, 8)) * 2, rng.normal(size=(6, 8))
     (y, [g]), (y_ref, [g_ref]) = _autodiff_and_written(
-        fl.gelu, lambda v: v * 0.5 * (1 + ops.erf(v / np.sqrt(2))), [x], up)
+        kernels.gelu, lambda v: v * 0.5 * (1 + ops.erf(v / np.sqrt(2))), [x], up)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12)
 
@@ -794,7 +799,7 @@ def test_gelu_layer_norm_and_softmax_gradients_are_autodiffs(float64):
     keras_norm = keras.layers.LayerNormalization(epsilon=1e-6, dtype="float64")
     keras_norm.build((None, 8))
     keras_norm.set_weights([gamma, beta])
-    norm = fl.layer_norm(1e-6, "float64")
+    norm = kernels.layer_norm(1e-6, "float64")
 
     def ref(v, g_, b_):  # sums over counts: Keras' own means are float32 inside on JAX and PyTorch
         centred = v - ops.sum(v, axis=-1, keepdims=True) / 8
@@ -809,10 +814,10 @@ def test_gelu_layer_norm_and_softmax_gradients_are_autodiffs(float64):
     for a, b in zip(grads, grads_ref):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
-    scores, mask = rng.normal(size=(2, 3, 5, 5)) * 3, ops.convert_to_tensor(fl.Attention.causal_mask(5))
+    scores, mask = rng.normal(size=(2, 3, 5, 5)) * 3, ops.convert_to_tensor(tarflow.Attention.causal_mask(5))
     up = rng.normal(size=scores.shape)
     (p, [g]), (p_ref, [g_ref]) = _autodiff_and_written(
-        lambda s: fl.masked_softmax(s, mask), lambda s: ops.softmax(s + mask, axis=-1), [scores], up)
+        lambda s: kernels.masked_softmax(s, mask), lambda s: ops.softmax(s + mask, axis=-1), [scores], up)
     np.testing.assert_allclose(p, p_ref, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(g, g_ref, rtol=1e-9, atol=1e-12)
     assert np.all(p[..., 0, 1:] == 0) and np.abs(g).max() > 0.1  # causal; the check is not vacuous
@@ -823,9 +828,9 @@ def test_fused_chains_keep_16_bit_outputs_and_compute_wide():
     equals float32 GELU rounded once."""
     x = np.random.RandomState(1).normal(size=(4, 16)).astype("float32")
     xb = ops.cast(x, "bfloat16")
-    y = fl.gelu(xb)
+    y = kernels.gelu(xb)
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
-    wide = np_(fl.gelu(ops.cast(xb, "float32")))
+    wide = np_(kernels.gelu(ops.cast(xb, "float32")))
     np.testing.assert_array_equal(np_(ops.cast(y, "float32")), np_(ops.cast(ops.cast(wide, "bfloat16"), "float32")))
-    norm = fl.layer_norm(1e-6, "bfloat16")(ops.convert_to_tensor(x), ops.ones((16,)), ops.zeros((16,)))
+    norm = kernels.layer_norm(1e-6, "bfloat16")(ops.convert_to_tensor(x), ops.ones((16,)), ops.zeros((16,)))
     assert keras.backend.standardize_dtype(norm.dtype) == "bfloat16"

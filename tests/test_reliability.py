@@ -1,6 +1,5 @@
 """flowkit.run's training guards on a small real model: NaN batches, Ctrl-C, backups for --resume, and the
 Run a script hands to fit."""
-import argparse
 import csv
 import math
 import os
@@ -14,7 +13,7 @@ import pytest
 from flowkit import backend
 from flowkit.devices import make_strategy
 from flowkit.files import atomic_write, read_config
-from flowkit.run import Backup, Interrupt, KeepBest, Run
+from flowkit.run import Backup, Interrupt, KeepBest, Run, RunSettings
 
 
 def _model(lr=1e-2):
@@ -184,10 +183,10 @@ def test_backup_state_points_at_a_complete_file_when_a_write_is_torn(tmp_path):
 # --- Run: what a script hands to fit ------------------------------------------------------------
 
 def _run_args(tmp_path, **more):
-    """What flow_cli.parse gives a training run, for the tiny model."""
-    args = dict(model="tiny", config={"width": 8}, weights=str(tmp_path / "t.weights.h5"), epochs=2,
-                resume=False, max_collapses=2)
-    return argparse.Namespace(**{**args, **more})
+    """What flow_cli.run_settings gives a training run, for the tiny model."""
+    args = dict(record={"model": "tiny", "width": 8}, weights=str(tmp_path / "t.weights.h5"), epochs=2,
+                max_collapses=2)
+    return RunSettings(**{**args, **more})
 
 
 def _fit(m, run, data=None, epochs=2):
@@ -200,7 +199,8 @@ def test_run_around_fit_keeps_the_best_weights_the_log_and_backups(tmp_path, cap
     run = Run(m, _run_args(tmp_path, precision_why="a test"), make_strategy())
     assert run.initial_epoch == 0 and not run.resumed and m.optimizer.built  # the slots exist before fit
     _fit(m, run)
-    assert run.end() is True and run.code == 0
+    pictures = []
+    assert run.end(pictures=lambda: pictures.append("grid")) == 0 and pictures == ["grid"]
     out = capsys.readouterr().out
     # the backend and its devices, then the precision: the run's first two lines
     assert out.startswith(f"backend: {keras.backend.backend()} (")
@@ -224,14 +224,15 @@ def test_run_resumes_after_the_last_epoch(tmp_path, capsys):
     assert run2.resumed and run2.initial_epoch == 2 and int(m2.optimizer.iterations.numpy()) == 12
     assert f"resuming {tmp_path / 't.run'}/ after epoch 2 of 3" in capsys.readouterr().out
     history = _fit(m2, run2, epochs=3)
-    assert len(history.history["loss"]) == 1 and run2.end() and run2.code == 0
+    assert len(history.history["loss"]) == 1 and run2.end() == 0
 
 
 def test_run_gives_up_with_code_3_and_no_pictures(tmp_path, capsys):
     m = _model()
     run = Run(m, _run_args(tmp_path), make_strategy())
     _fit(m, run, _data(n_batches=4, poison=range(4)))
-    assert run.end() is False and run.code == 3
+    pictures = []
+    assert run.end(pictures=lambda: pictures.append("grid")) == 3 and pictures == []
     assert capsys.readouterr().err.strip() == (f"error: training stopped after 2 non-finite batch losses "
                                                f"(--max-collapses 2); the best weights stay in {run.weights}")
 
@@ -240,8 +241,11 @@ def test_run_after_ctrl_c_reloads_the_best_weights_with_code_130(tmp_path, capsy
     m = _model()
     run = Run(m, _run_args(tmp_path, epochs=3), make_strategy())
     m.fit(_data(), epochs=3, callbacks=[_CtrlC(), *run.callbacks], shuffle=False, verbose=0)  # in epoch 1
-    assert run.end() is True and run.code == 130  # the pictures are still written, from the current weights
-    assert "interrupted before any epoch ended" in capsys.readouterr().out
+    pictures = []
+    assert run.end(pictures=lambda: pictures.append(print("grid"))) == 130
+    assert pictures  # the pictures are still written, from the current weights, after the line that says so
+    assert capsys.readouterr().out.endswith("interrupted before any epoch ended: no weights kept, the pictures "
+                                            "are from the current ones\ngrid\n")
 
 
 def test_run_verbose_and_chief_only(tmp_path, monkeypatch):
@@ -251,3 +255,71 @@ def test_run_verbose_and_chief_only(tmp_path, monkeypatch):
     assert Run(_model(), _run_args(tmp_path), make_strategy(), prints_epochs=True).verbose == 0
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert Run(_model(), _run_args(tmp_path), make_strategy(), prints_epochs=True).verbose == 1  # the bar
+
+
+# --- the collapse rule: Glow's alone, and a resumed run keeps the one it started with ---------------
+
+def test_run_has_no_collapse_rule_unless_asked_and_a_resumed_run_keeps_its_own(tmp_path):
+    m = _model()
+    best = Run(m, _run_args(tmp_path), make_strategy()).keep_best
+    assert best.after_epoch is None
+    best.set_model(m)
+    best.on_train_begin()
+    best.on_epoch_end(0, {"val_loss": -5.0})
+    best.on_epoch_end(11, {"val_loss": 3.0})  # positive after epoch 10: without the rule, just a worse epoch
+    assert best.collapses == 0 and best.best == -5.0
+    m = _model()
+    run = Run(m, _run_args(tmp_path, weights=str(tmp_path / "g.weights.h5")), make_strategy(), collapse_after=10)
+    _fit(m, run)
+    assert run.end() == 0 and Backup.read_state(str(tmp_path / "g.run"))["collapse_after"] == 10
+    resumed = Run(_model(), _run_args(tmp_path, weights=str(tmp_path / "g.weights.h5"), resume=True, epochs=3),
+                  make_strategy())  # asks for no rule: the run's own record wins
+    assert resumed.keep_best.after_epoch == 10
+
+
+@pytest.fixture
+def built_runs(monkeypatch):
+    """Every flowkit.run.Run that nice.py and glow.py build, to look at after their main returns."""
+    import glow
+    import nice
+
+    runs = []
+
+    class Kept(Run):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            runs.append(self)
+
+    for script in (nice, glow):
+        monkeypatch.setattr(script, "Run", Kept)
+    return runs
+
+
+def test_nice_trains_without_the_collapse_rule(tmp_path, digits, built_runs):
+    import nice
+    from helpers import mnist_npz
+
+    npz = mnist_npz(tmp_path / "mnist.npz", digits, 100, 50)
+    assert nice.main(["--data", npz, "--epochs", "1", "--batch-size", "50", "--hidden", "8", "--hidden-layers", "1",
+                      "--couplings", "2", "--weights", str(tmp_path / "n.weights.h5"), "--out", str(tmp_path)]) == 0
+    (run,) = built_runs
+    assert run.keep_best.monitor == "val_loss" and run.keep_best.after_epoch is None  # the article's checkpoint
+    assert Backup.read_state(str(tmp_path / "n.run"))["collapse_after"] is None
+
+
+def test_glow_trains_with_its_collapse_rule_and_keeps_it_on_resume(tmp_path, digits, built_runs, monkeypatch):
+    import glow
+    from helpers import mnist_npz
+
+    npz = mnist_npz(tmp_path / "mnist.npz", digits, 100, 50)
+    argv = ["--data", npz, "--level", "1", "--depth", "1", "--hidden", "4", "--batch-size", "8",
+            "--steps-per-epoch", "2", "--weights", str(tmp_path / "g.weights.h5"), "--out", str(tmp_path)]
+    assert glow.main([*argv, "--epochs", "1"]) == 0
+    assert built_runs[0].keep_best.monitor == "loss"
+    assert built_runs[0].keep_best.after_epoch == glow.COLLAPSE_AFTER_EPOCH == 10
+    assert built_runs[0].keep_best.low_lr == glow.COLLAPSE_LR
+    monkeypatch.setattr(glow, "COLLAPSE_AFTER_EPOCH", 30)  # were the script's rule to change mid-run
+    assert glow.main([*argv, "--epochs", "2", "--resume"]) == 0
+    assert built_runs[1].resumed and built_runs[1].keep_best.after_epoch == 10  # the run's own rule
+    state = Backup.read_state(str(tmp_path / "g.run"))
+    assert state["epoch"] == 2 and state["collapse_after"] == 10

@@ -12,7 +12,8 @@ from flowkit import devices as flow_devices
 import glow
 import nice
 from flowkit.devices import choose_precision, choose_xla, cpu_bfloat16, make_strategy, set_mixed_precision
-from flowkit.run import Adam, AdamW, Run
+from flowkit.optim import Adam, AdamW
+from flowkit.run import Run
 
 
 def fake_cpuinfo(tmp_path, flags):
@@ -83,9 +84,11 @@ def test_tarflow_chooses_precision_and_xla_from_the_cpu(monkeypatch, tmp_path, c
         got = keras.config.dtype_policy().name
     finally:
         set_mixed_precision(None)
-    if not tf.config.list_physical_devices("GPU"):
-        assert (got, args.xla) == (policy, xla)
-        assert ("XLA on" in args.precision_why) == (xla and "--no-xla" not in flags)
+    if tf.config.list_physical_devices("GPU"):  # on a GPU: 16 bits only when asked, XLA left to Keras
+        policy, xla = ("mixed_bfloat16" if "--mixed-precision" in flags else "float32"), False
+        assert "--mixed-precision" in flags or "on a GPU 16 bits is opt-in" in args.precision_why
+    assert (got, args.xla) == (policy, xla)
+    assert ("XLA on" in args.precision_why) == (xla and "--no-xla" not in flags)
 
 
 @pytest.mark.parametrize("script", [nice, glow])
@@ -158,7 +161,7 @@ def assert_same(ours, theirs):
 
 
 def test_fused_adam_updates_exactly_as_keras_adam():
-    """flow_run.Adam swaps Keras' element-wise update for TensorFlow's fused kernel; the numbers (weights,
+    """flowkit.optim.Adam swaps Keras' element-wise update for TensorFlow's fused kernel; the numbers (weights,
     first and second moments after 5 steps) are Keras' to float32 rounding, and its variables are
     Keras Adam's, in the same order (a weights file of one loads into the other)."""
     ours, theirs = run_adam(Adam), run_adam(keras.optimizers.Adam)
@@ -176,7 +179,7 @@ def test_fused_adam_updates_exactly_as_keras_adam():
 
 
 def test_fused_adamw_updates_as_keras_adamw():
-    """flow_run.AdamW (TarFlow's settings: β₂ 0.95, a large decay to make it count, the gradient clipped
+    """flowkit.optim.AdamW (TarFlow's settings: β₂ 0.95, a large decay to make it count, the gradient clipped
     to global norm 1) gives Keras AdamW's weights and moments after 5 steps, to float32 rounding; a
     variable excluded by name is not decayed, as in Keras; with use_ema the weights' averages match too;
     and the decay does act (without it the weights differ)."""
@@ -225,11 +228,12 @@ def test_fused_adam_is_keras_adam_under_a_strategy():
 def test_xla_flag_compiles_the_training_step(flags, jit, tmp_path):
     """--xla (every script's run flag) sets jit_compile on the model Run trains; without it Keras'
     "auto" leaves a CPU-only run without XLA (bench.py measured it slower here)."""
-    args = nice.parse_args([*flags, "--weights", str(tmp_path / "n.weights.h5"), "--hidden", "8",
-                            "--hidden-layers", "1", "--couplings", "2", "--mixed-precision", "none"])
+    args = nice.parse_args([*flags, "--weights", str(tmp_path / "n.weights.h5"), "--hidden", "8", "--out",
+                            str(tmp_path / "out"), "--hidden-layers", "1", "--couplings", "2", "--mixed-precision", "none"])
+    strategy = flow_cli.start(args)
     encoder, _, _ = nice.build_nice(hidden=8, hidden_layers=1, couplings=2)
     nice.compile_nice(encoder)
-    Run(encoder, args, tf.distribute.get_strategy())
+    Run(encoder, flow_cli.run_settings(args), strategy)
     if not tf.config.list_physical_devices("GPU"):
         assert encoder.jit_compile is jit
     x = nice.train_inputs(np.random.RandomState(0).randint(0, 256, (8, 28, 28)))

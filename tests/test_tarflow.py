@@ -30,7 +30,7 @@ def np_(x):
 
 def block(classes=0, tokens=4, dims=3, seed=0):
     """A built, perturbed TarBlock (its zero-initialised output layer made non-zero) and an input."""
-    layer = fl.TarBlock(fl.CausalTransformer(width=8, layers=2, heads=2, classes=classes))
+    layer = fl.TarBlock(tarflow.CausalTransformer(width=8, layers=2, heads=2, classes=classes))
     x = np.random.RandomState(seed).standard_normal((2, tokens, dims)).astype(keras.config.floatx())
     y = np.array([1, 2], np.int32)
     layer([x, y] if classes else x)
@@ -49,7 +49,7 @@ def test_block_logdet_equals_the_brute_force_jacobian(classes, float64):
 
 
 def test_block_starts_as_the_identity():
-    layer = fl.TarBlock(fl.CausalTransformer(width=8, layers=1, heads=2))
+    layer = fl.TarBlock(tarflow.CausalTransformer(width=8, layers=1, heads=2))
     x = np.random.standard_normal((2, 5, 3)).astype("float32")
     assert np.array_equal(np_(layer(x)), x) and float(np_(layer.losses[-1])) == 0
 
@@ -59,9 +59,8 @@ def test_block_starts_as_the_identity():
 def test_block_inverse_shares_variables_and_inverts(cache, classes):
     layer, x, y = block(classes, tokens=6)
     inverse = layer.inverse()
-    layer.use_cache = cache
     z = layer([x, y] if classes else x)
-    assert np.max(np.abs(np_(inverse([z, y] if classes else z)) - x)) < 1e-5
+    assert np.max(np.abs(np_(inverse([z, y] if classes else z, use_cache=cache)) - x)) < 1e-5
     assert inverse.inverse() is layer and not inverse.trainable_weights  # reads the forward variables
 
 
@@ -82,15 +81,15 @@ def test_guidance_mixes_conditional_and_unconditional_parameters():
     layer, x, y = block(classes=3, tokens=4)
     z = layer([x, y])
     none = np.full_like(y, 3)
-    layer.guidance = 0.0
-    x_cond = np_(layer.reverse([z, y]))
-    x_none = np_(layer.reverse([z, none]))
-    layer.guidance = 1.5
-    x_guided = np_(layer.reverse([z, y]))
+    inverse = layer.inverse()  # the call's options reach `reverse` through Keras' __call__
+    x_cond = np_(inverse([z, y]))  # guidance 0 by default
+    x_none = np_(inverse([z, none], guidance=0.0))
+    x_guided = np_(inverse([z, y], guidance=1.5))
     assert np.allclose(x_cond, x, atol=1e-5)
     assert np.max(np.abs(x_guided - x_cond)) > 1e-3 and np.max(np.abs(x_none - x_cond)) > 1e-3
-    layer.use_cache = False  # the same mixture without the cache
-    assert np.allclose(np_(layer.reverse([z, y])), x_guided, atol=1e-5)
+    assert np.array_equal(np_(inverse([z, y])), x_cond)  # nothing of the guided call stayed behind
+    # the same mixture without the cache
+    assert np.allclose(np_(layer.reverse([z, y], guidance=1.5, use_cache=False)), x_guided, atol=1e-5)
     # token 1 is (1 + w)·cond − w·uncond of affine maps of the same z_1
     a_c, mu_c = (np_(p)[:, 1] for p in layer.params(x_cond, y))
     a_u, mu_u = (np_(p)[:, 1] for p in layer.params(x_cond, none))
@@ -132,29 +131,30 @@ def test_block_order_alternates_identity_reversed():
 
 @pytest.mark.parametrize("conditional", [False, True])
 def test_model_round_trip(conditional):
-    encoder, decoder, _ = tarflow.build_tarflow(**TINY, conditional=conditional)
+    """decoder(encoder(x)) = x, and the flow's inverse called with `use_cache` (which the Flow hands to its
+    TarBlocks alone: Patchify, Flip and Reshape take no options) the same either way."""
+    encoder, decoder, flow = tarflow.build_tarflow(**TINY, conditional=conditional)
     perturb(encoder, 0.05)
     x = np.random.uniform(-1, 1, (3, 28, 28, 1)).astype("float32")
     y = np.array([0, 4, 9], np.int32)
     z = np_(encoder([x, y] if conditional else x))
+    assert np.max(np.abs(np_(decoder([z, y] if conditional else z)) - x)) <= 1e-4
     for cache in (True, False):
-        for b in tarflow.tar_blocks(decoder):
-            b.use_cache = cache
-        x_rec = np_(decoder([z, y] if conditional else z))
+        x_rec = np_(flow.inverse()([z, y] if conditional else z, use_cache=cache))
         assert np.max(np.abs(x_rec - x)) <= 1e-4
     assert np.max(np.abs(z - x.reshape(3, -1))) > 1e-2  # perturbed: not the identity
 
 
 def test_score_equals_finite_differences(float64):
-    encoder, _, _ = tarflow.build_tarflow(**{**TINY, "patch": 14, "blocks": 2})
+    encoder, _, flow = tarflow.build_tarflow(**{**TINY, "patch": 14, "blocks": 2})
     perturb(encoder, 0.05)
     x = np.random.RandomState(1).uniform(-1, 1, (1, 28, 28, 1))
-    g = tarflow.score(encoder, x)
+    g = tarflow.score(flow, x)
     h = 1e-5
     for idx in [(0, 0, 0, 0), (0, 13, 20, 0), (0, 27, 27, 0), (0, 14, 3, 0)]:
         e = np.zeros_like(x)
         e[idx] = h
-        fd = (np_(tarflow.log_density(encoder, x + e))[0] - np_(tarflow.log_density(encoder, x - e))[0]) / (2 * h)
+        fd = (np_(tarflow.log_density(flow, x + e))[0] - np_(tarflow.log_density(flow, x - e))[0]) / (2 * h)
         assert np.isclose(g[idx], fd, rtol=1e-5, atol=1e-7), (idx, g[idx], fd)
     assert np.max(np.abs(g)) > 1e-2
 
@@ -162,19 +162,34 @@ def test_score_equals_finite_differences(float64):
 @pytest.mark.parametrize("conditional", [False, True])
 def test_compiled_sampling_is_the_layers_own(conditional):
     """sample() decodes through one XLA program and denoises through one traced graph: the same images
-    as the decoder's layers called eagerly and the gradient taken op by op."""
-    encoder, decoder, _ = tarflow.build_tarflow(**TINY, conditional=conditional)
+    as the flow's inverse called eagerly with the same guidance and the gradient taken op by op."""
+    encoder, _, flow = tarflow.build_tarflow(**TINY, conditional=conditional)
     perturb(encoder, 0.05)
     z = np.random.RandomState(3).standard_normal((4, 28 * 28)).astype("float32")
     y = np.array([0, 3, 7, 9], np.int32) if conditional else None
-    for b in tarflow.tar_blocks(decoder):
-        b.guidance = 1.0 if conditional else 0.0
+    w = 1.0 if conditional else 0.0
     inputs = [z, y] if conditional else z
-    x = tarflow.decode(decoder, inputs)
-    assert np.allclose(x, np_(decoder(inputs, training=False)), atol=1e-5)
-    eager = np_(backend.grad_of_sum(lambda x, y: tarflow.log_density(encoder, x, y),
+    x = tarflow.decode(flow, z, y, guidance=w)
+    assert np.allclose(x, np_(flow.inverse()(inputs, guidance=w)), atol=1e-5)
+    eager = np_(backend.grad_of_sum(lambda x, y: tarflow.log_density(flow, x, y),
                                     keras.ops.convert_to_tensor(x), y))  # op by op, not compiled
-    assert np.allclose(tarflow.score(encoder, x, y), eager, rtol=1e-4, atol=1e-5) and np.max(np.abs(eager)) > 1e-3
+    assert np.allclose(tarflow.score(flow, x, y), eager, rtol=1e-4, atol=1e-5) and np.max(np.abs(eager)) > 1e-3
+    noisy, clean = tarflow.sample(flow, z, y, guidance=w, denoise_sigma=0.1, batch=3)  # two batches
+    assert np.allclose(noisy, x, atol=1e-5) and np.allclose(clean, x + 0.01 * eager, rtol=1e-4, atol=1e-5)
+
+
+def test_guidance_is_an_argument_of_each_sampling_call():
+    """Guided, then unguided: each call decodes at its own weight (one compiled graph per weight, none
+    steered by what an earlier call set); unguided equals the decoder model's own call."""
+    encoder, decoder, flow = tarflow.build_tarflow(**TINY, conditional=True)
+    perturb(encoder, 0.05)
+    z = np.random.RandomState(4).standard_normal((3, 28 * 28)).astype("float32")
+    y = np.array([1, 5, 8], np.int32)
+    plain = tarflow.sample(flow, z, y)[1]
+    guided = tarflow.sample(flow, z, y, guidance=2.0)[1]
+    assert np.max(np.abs(guided - plain)) > 1e-3
+    assert np.array_equal(tarflow.sample(flow, z, y, guidance=0.0)[1], plain)
+    assert np.allclose(plain, np_(decoder([z, y], training=False)), atol=1e-5)
 
 
 def test_validation_batches_are_eval_batch_sized(tmp_path):
@@ -189,13 +204,13 @@ def test_validation_batches_are_eval_batch_sized(tmp_path):
 def test_log_density_per_image_from_numpy(conditional):
     """Numpy images (and labels): one log p(x) per image, the same alone as in a batch; the batch
     mean is minus the encoder's training loss (the prior term plus the flow's add_loss)."""
-    encoder, _, _ = tarflow.build_tarflow(**TINY, conditional=conditional)
+    encoder, _, flow = tarflow.build_tarflow(**TINY, conditional=conditional)
     perturb(encoder, 0.05)
     x = np.random.RandomState(2).uniform(-1, 1, (3, 28, 28, 1)).astype("float32")
     y = np.array([0, 4, 9], np.int32) if conditional else None
-    logp = np_(tarflow.log_density(encoder, x, y))
+    logp = np_(tarflow.log_density(flow, x, y))
     assert logp.shape == (3,) and np.ptp(logp) > 1e-2  # per image, not a batch mean
-    alone = [np_(tarflow.log_density(encoder, x[i:i + 1], None if y is None else y[i:i + 1]))[0] for i in range(3)]
+    alone = [np_(tarflow.log_density(flow, x[i:i + 1], None if y is None else y[i:i + 1]))[0] for i in range(3)]
     assert np.allclose(logp, alone, rtol=1e-5)
     z = encoder(x if y is None else [x, y], training=False)
     nll = np.mean(np_(tarflow.prior_nll(None, z))) + sum(float(np_(loss)) for loss in encoder.losses)
@@ -210,25 +225,26 @@ def tiny_args(tmp_path, *more):
 @pytest.mark.parametrize("flags", [[], ["--conditional", "--guidance", "1"]])
 def test_save_load_gives_identical_samples(tmp_path, flags):
     args = tiny_args(tmp_path, *flags)
-    encoder, decoder, _ = tarflow.build_tarflow(**args.config)
+    encoder, _, flow = tarflow.build_tarflow(**args.config)
     perturb(encoder, 0.05)
     encoder.save_weights(args.weights)
-    z, labels = tarflow.grid_inputs(args, n=3)
-    before = tarflow.sample(encoder, decoder, args, z, labels)
+    z, labels = tarflow.grid_inputs(args.std, args.dims, args.seed, args.conditional, n=3)
+    before = tarflow.sample(flow, z, labels, **tarflow.steering(args))
     keras.utils.set_random_seed(5)
-    encoder2, decoder2, _ = tarflow.build_tarflow(**args.config)
+    encoder2, _, flow2 = tarflow.build_tarflow(**args.config)
     encoder2.load_weights(args.weights)
-    after = tarflow.sample(encoder2, decoder2, args, *tarflow.grid_inputs(args, n=3))
+    after = tarflow.sample(flow2, *tarflow.grid_inputs(args.std, args.dims, args.seed, args.conditional, n=3),
+                           **tarflow.steering(args))
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
     assert np.max(np.abs(before[1] - before[0])) > 1e-4  # denoising did something
 
 
-def old_layout(encoder):
-    """{path: variable} of a TarFlow encoder's blocks as files written before TarBlock took its Transformer
+def old_layout(flow):
+    """{path: variable} of a TarFlow flow's blocks as files written before TarBlock took its Transformer
     as a network held them: each block's variables by kind, one list per kind (qkv/dense_1 is layer 1's
     qkv Dense), the position embedding among the block's own variables."""
     paths = {}
-    for b, block in enumerate(tarflow.tar_blocks(encoder)):
+    for b, block in enumerate(step for step in flow.steps if isinstance(step, fl.TarBlock)):
         net, at = block.network, "layers/flow/steps/tar_block" + (f"_{b}" if b else "")
         paths[f"{at}/vars/0"] = net.position
         for name in ("proj_in", "out_norm", "proj_out"):
@@ -243,18 +259,18 @@ def old_layout(encoder):
 
 def test_weights_of_the_old_layout_load(tmp_path, capsys):
     """A file written before the Transformer became TarBlock's network loads: its variables are moved to
-    their present paths (flow_layers.old_tarblock_path) in a temporary copy; the model is the same."""
+    their present paths (flowkit.files.old_tarblock_path) in a temporary copy; the model is the same."""
     import h5py
     from flowkit import cli
-    from flowkit.files import UserError
+    from flowkit.files import UserError, old_tarblock_path
 
-    assert fl.old_tarblock_path("layers/conditional_flow/steps/tar_block_2/qkv/dense_1/vars/0") == \
+    assert old_tarblock_path("layers/conditional_flow/steps/tar_block_2/qkv/dense_1/vars/0") == \
         "layers/conditional_flow/steps/tar_block_2/network/attentions/attention_1/qkv/vars/0"
-    assert fl.old_tarblock_path("layers/flow/steps/tar_block/vars/1") == "layers/flow/steps/tar_block/network/vars/1"
+    assert old_tarblock_path("layers/flow/steps/tar_block/vars/1") == "layers/flow/steps/tar_block/network/vars/1"
     args = tiny_args(tmp_path, "--layers", "2")
-    encoder, _, _ = tarflow.build_tarflow(**args.config)
+    encoder, _, flow = tarflow.build_tarflow(**args.config)
     perturb(encoder, 0.05)
-    old = old_layout(encoder)
+    old = old_layout(flow)
     assert len(old) == len(encoder.weights)  # every variable has its old path
     with h5py.File(args.weights, "w") as f:
         for path, w in old.items():
@@ -263,7 +279,7 @@ def test_weights_of_the_old_layout_load(tmp_path, capsys):
     fresh, _, _ = tarflow.build_tarflow(**args.config)
     with pytest.raises(UserError):  # as it is, the file does not fit
         cli.load_weights(fresh, args)
-    cli.load_weights(fresh, args, rename=fl.old_tarblock_path)
+    cli.load_weights(fresh, args, rename=old_tarblock_path)
     assert np.array_equal(np_(fresh(x)), np_(encoder(x)))
     with h5py.File(args.weights, "r") as f:  # the file is left as it was
         kinds = ["vars", "proj_in", "out_norm", "proj_out", "attention_norms", "qkv", "attention_out", "mlp_norms",

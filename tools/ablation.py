@@ -25,7 +25,7 @@ from flowkit.cli import positive
 from flowkit.density import BitsPerDim
 from flowkit.devices import make_strategy
 from flowkit.files import UserError, save_png
-from flowkit.run import Run
+from flowkit.run import Run, RunSettings
 
 # permute/coupling/mask: Glow's Fig. 3 grid (3 mixings × 2 couplings) and RealNVP's checkerboard row
 CONFIGS = ["reverse/additive/channel", "random/additive/channel", "conv/additive/channel",
@@ -72,7 +72,8 @@ def parse_args(argv=None):
 
 def train_one(config, args):
     """Trains one configuration from the common seed with a flowkit.run.Run (best weights by test loss and
-    the epoch log NAME.csv in --logs, the collapse rule, Ctrl-C); returns its row of figures."""
+    the epoch log NAME.csv in --logs, a non-finite loss reloaded, Ctrl-C; no collapse rule: that is glow.py's
+    with its training-loss monitor); returns its row of figures."""
     permute, coupling, mask = config.split("/")
     keras.utils.set_random_seed(args.seed)  # same weights init stream, same data order for every row
     data_argv = ["--batch-size", str(args.batch_size), "--seed", str(args.seed), "--level", str(args.level)]
@@ -83,18 +84,17 @@ def train_one(config, args):
     glow.compile_glow(encoder, args.lr)
     dims = args.img_size ** 2 * channels
     name = os.path.join(args.logs, config.replace("/", "_"))
-    run_args = argparse.Namespace(model="glow", config=shape, weights=name + ".weights.h5", epochs=args.epochs,
-                                  resume=False, max_collapses=5)
+    settings = RunSettings(weights=name + ".weights.h5", record={"model": "glow", **shape}, epochs=args.epochs)
     start = time.perf_counter()
-    run = Run(encoder, run_args, make_strategy(), monitor="val_loss")
+    run = Run(encoder, settings, make_strategy(), monitor="val_loss")
     initialize_actnorms(encoder, next(iter(train))[0])
     history = encoder.fit(train, validation_data=test, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                           callbacks=[BitsPerDim(dims, glow.BIN, key="loss"), BitsPerDim(dims, glow.BIN),
                                      *run.callbacks],
                           shuffle=False, verbose=0)  # one line per configuration, below
-    run.end()
-    if run.code:
-        raise SystemExit(run.code)
+    code = run.end()
+    if code:
+        raise SystemExit(code)
     seconds = time.perf_counter() - start
     train_bpd, test_bpd = history.history["bpd"], history.history["val_bpd"]
     best = int(np.nanargmin(test_bpd))

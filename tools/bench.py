@@ -5,6 +5,7 @@
     python -m tools.bench --models tarflow,fvae --quality-steps 0 0   # a subset of the five models
     python -m tools.bench --quick          # a tiny version of every measurement (the test suite runs it)
     python -m tools.bench --backends tensorflow,jax --models nice --quick   # two backends side by side
+    python -m tools.bench --tarflow-cache 32   # TarFlow's sampling with and without the key-value cache
 
 Every installed Keras backend of tensorflow, jax and torch (--backends): the bench runs itself once per
 backend, one after another, each in its own process with KERAS_BACKEND set (their output passes through),
@@ -15,7 +16,7 @@ backend that is KERAS_BACKEND's it runs in this process (its JSON: that backend'
 The variants per backend (tools.measure.variants_here): TensorFlow all four; JAX compiles every step with
 XLA (jax.jit: Keras without it would run the step op by op), so fp32 and bf16 are jitted and an _xla name
 stands for its plain twin, the same program; PyTorch has no XLA: fp32 and bf16 run eagerly, the _xla ones
-are skipped. --gpu-check, --profile and --peers run on KERAS_BACKEND's backend alone.
+are skipped. --gpu-check, --profile, --tarflow-cache and --peers run on KERAS_BACKEND's backend alone.
 
 What it measures, each with warm-up excluded and the median of --repeats timed runs (the measuring
 code is tools/measure.py; this file holds the models and the report):
@@ -468,6 +469,10 @@ def parse_args(argv):
                         "minutes on a GPU; with --quick tiny sizes)")
     p.add_argument("--gpu-precision", choices=("bfloat16", "float16"), default="bfloat16",
                    help="--gpu-check's mixed precision")
+    p.add_argument("--tarflow-cache", type=int, default=0, metavar="N",
+                   help="only TarFlow's sampling speed: N images decoded (tarflow.decode, compiled) with and without "
+                        "the key-value cache, by an untrained model of tarflow.py's default shape (--quick: a tiny "
+                        "one); the speed does not depend on the weights")
     p.add_argument("--peers", action="store_true",
                    help="only run ../shared/peers/compare.sh (the PyTorch code a reader could pick instead, timed "
                         "beside our scripts) when it is there, and print its table")
@@ -483,8 +488,10 @@ def parse_args(argv):
     if args.skip_glow:
         args.models = [m for m in args.models if m != "glow"]
     args.default_variants = args.variants == p.get_default("variants")
-    if args.backends is not None and (args.gpu_check or args.profile or args.peers):
-        p.error("--backends: --gpu-check, --profile and --peers run on KERAS_BACKEND's backend alone")
+    if args.tarflow_cache < 0:
+        p.error(f"--tarflow-cache {args.tarflow_cache}: give a number of images ≥ 1")
+    if args.backends is not None and (args.gpu_check or args.profile or args.peers or args.tarflow_cache):
+        p.error("--backends: --gpu-check, --profile, --tarflow-cache and --peers run on KERAS_BACKEND's backend alone")
     given = args.backends is not None
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()] if given else installed_backends()
     if not args.backends:
@@ -615,6 +622,50 @@ def profile_here(args, command):
     return 0
 
 
+def cache_speed(decode, n):
+    """({use_cache: (images per second, seconds of the first call, which traces and runs)}, largest
+    difference between the two ways' images) of decode(use_cache) -> n images: TarFlow's token-by-token
+    inverse with its key-value cache on and off."""
+    rates, outs = {}, {}
+    for cache in (True, False):
+        start = time.perf_counter()
+        decode(cache)  # traces, then runs
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        outs[cache] = decode(cache)
+        rates[cache] = (n / (time.perf_counter() - start), first)
+    return rates, float(np.max(np.abs(outs[True] - outs[False])))
+
+
+def tarflow_cache_here(args):
+    """--tarflow-cache N: the line `sampling N images (SHAPE), compiled: ... img/s with the key-value cache,
+    ... without (×R); first calls (tracing) ...; largest difference between the two ...`, for an untrained
+    unconditional TarFlow of tarflow.py's default shape (--quick: patch 4, width 8, one block of one layer
+    on 8×8 images), codes N(0, I) seeded 0. Its initial weights are moved by N(0, 0.02²): the initial
+    blocks are the identity, whose images agree with or without a working cache."""
+    import keras
+
+    import tarflow
+    from flowkit.cli import describe
+    from flowkit.sample import temperature_codes
+
+    n = args.tarflow_cache
+    shape = dict(img_size=8, patch=4, width=8, blocks=1, layers=1, heads=2) if args.quick else \
+        dict(img_size=28, patch=4, width=128, blocks=4, layers=4, heads=4)  # tarflow.py's defaults
+    keras.utils.set_random_seed(0)
+    _, _, flow = tarflow.build_tarflow(channels=1, **shape)
+    rng = np.random.RandomState(0)
+    for v in flow.trainable_variables:
+        v.assign(keras.ops.convert_to_numpy(v) + rng.normal(0, 0.02, v.shape).astype(v.dtype))
+    z = temperature_codes([1.0], n, shape["img_size"] ** 2, 0)[0]
+    rates, diff = cache_speed(lambda cache: tarflow.decode(flow, z, use_cache=cache), n)
+    (cached, trace_c), (plain, trace_p) = rates[True], rates[False]
+    print(f"sampling {n} images ({describe({**shape, 'channels': 1})}), compiled: {cached:.2f} img/s with the "
+          f"key-value cache, {plain:.2f} img/s without (×{cached / plain:.1f}); first calls (tracing) "
+          f"{trace_c:.1f} s and {trace_p:.1f} s; largest difference between the two {diff:.1e}", flush=True)
+    return 0
+
+
 def bench_here(args, command):
     """The bench on this process's backend: matmul peaks, every model's variants, the quality runs, the
     table; the JSON written to --json, its "rows" each naming the backend."""
@@ -675,7 +726,8 @@ def main(argv=None):
     command = " ".join(["python", "-m", "tools.bench", *argv])
     if args.peers:
         return peers(repeats=args.repeats or 1)
-    if not (args.gpu_check or args.profile) and args.backends != [os.environ.get("KERAS_BACKEND")]:
+    alone = args.gpu_check or args.profile or args.tarflow_cache  # on KERAS_BACKEND's backend
+    if not alone and args.backends != [os.environ.get("KERAS_BACKEND")]:
         return side_by_side(args, argv, command)
     import flowkit  # noqa: F401  (first: TensorFlow, where it is the backend, starts quietly)
 
@@ -683,6 +735,8 @@ def main(argv=None):
         return gpu_check_here(args, command)
     if args.profile:
         return profile_here(args, command)
+    if args.tarflow_cache:
+        return tarflow_cache_here(args)
     return bench_here(args, command)
 
 

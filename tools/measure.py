@@ -14,9 +14,10 @@ from flowkit.devices import choose_precision, choose_xla, set_mixed_precision
 import keras
 import numpy as np
 
-from flow_layers import (Attention, InvDense, ResidualFlow, SpectralConv2D, SpectralDense, TarBlock, flow_layers_of,
-                         gelu)
-from flowkit.run import Adam, build_optimizer
+from flow_layers import InvDense, ResidualFlow, SpectralConv2D, SpectralDense, TarBlock, flow_layers_of
+from flowkit.kernels import gelu
+from flowkit.optim import Adam
+from flowkit.run import build_optimizer
 
 # (name, --mixed-precision, jit_compile): float32 and mixed bfloat16, each without and with XLA
 VARIANTS = [("fp32", None, False), ("fp32_xla", None, True), ("bf16", "bfloat16", False),
@@ -305,7 +306,7 @@ def compile_modes():
 def profile_nice(repeats=15):
     """Seconds (median of `repeats` calls) of separate compiled functions (flowkit.backend.function) over
     the article's NICE at batch 128, each way `compile_modes` gives (on TensorFlow without and with XLA):
-    forward, forward + backward, Keras' Adam update and flowkit.run.Adam's fused one over all weights, a
+    forward, forward + backward, Keras' Adam update and flowkit.optim.Adam's fused one over all weights, a
     whole step with each, and the non-matmul layers alone (permutations, interleaved splits and concats,
     the scale layer)."""
     import nice
@@ -363,7 +364,7 @@ def profile_tarflow(cfg, repeats=15, precision=None):
     try:
         keras.utils.set_random_seed(0)
         shape = {k: cfg[k] for k in ("patch", "width", "blocks", "layers", "heads", "conditional")}
-        encoder, _, _ = tarflow.build_tarflow(img_size=cfg["img"], channels=1, **shape)
+        encoder, _, flow = tarflow.build_tarflow(img_size=cfg["img"], channels=1, **shape)
         tarflow.compile_tarflow(encoder)
         build_optimizer(encoder)
     finally:
@@ -372,7 +373,7 @@ def profile_tarflow(cfg, repeats=15, precision=None):
     x = keras.ops.convert_to_tensor(rng.uniform(-1, 1, (b, cfg["img"], cfg["img"], 1)).astype("float32"))
     y = keras.ops.convert_to_tensor(rng.randint(0, tarflow.CLASSES, b).astype("int32"))
     weights, opt = encoder.trainable_variables, encoder.optimizer
-    blocks = tarflow.tar_blocks(encoder)
+    blocks = [step for step in flow.steps if isinstance(step, TarBlock)]
     nets = [block.network for block in blocks]
     t, w, heads = nets[0].tokens, nets[0].width, nets[0].heads
     h, wide = (b * t, w), (b * t, 4 * w)  # the shapes of the residual stream and of the MLP's inside
@@ -403,7 +404,7 @@ def profile_tarflow(cfg, repeats=15, precision=None):
     median_s = lambda fn: median_call_s(fn, repeats)
     g = compiled(grads)()
     update = compiled(lambda g: (opt.apply(g, weights), opt.iterations.value)[1])
-    mask, qkv = Attention.causal_mask(t), [(b, heads, t, w // heads)] * 3
+    mask, qkv = tarflow.Attention.causal_mask(t), [(b, heads, t, w // heads)] * 3
     to_16 = lambda v: keras.ops.cast(v, nets[0].attentions[0].qkv.compute_dtype)  # q, k, v as the qkv Dense returns them
     r = {"step_s": median_s(compiled(lambda: (opt.apply(grads(), weights), opt.iterations.value)[1])),
          "forward_backward_s": median_s(compiled(grads)),
