@@ -33,7 +33,7 @@ from flowkit import score as sample_score
 from flowkit.cli import non_negative, positive
 from flowkit.data import eval_batch, folder_arrays, load_mnist
 from flowkit.density import BitsPerDim, bits_per_dim, dequantize, prior_nll
-from flowkit.files import UserError, atomic_write, old_tarblock_path, save_png, write_png
+from flowkit.files import UserError, atomic_write, old_tarblock_path, write_png
 from flowkit.kernels import gelu, layer_norm, masked_softmax, matmul, wide
 from flowkit.pipeline import NumpyOps, batches
 from flowkit.optim import AdamW

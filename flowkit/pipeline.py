@@ -126,7 +126,9 @@ def _tf_batches(source, batch_size, transform, shuffle, seed, repeat):
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=shuffle)
-    return ds.map(lambda *b: _prepare(take(*b), transform, r), num_parallel_calls=auto).prefetch(auto)
+    # one map call at a time: the calls share one noise generator, and parallel calls would take its
+    # numbers in a varying order, so a --seed run (and a picture of held-out images) would not repeat
+    return ds.map(lambda *b: _prepare(take(*b), transform, r)).prefetch(auto)
 
 
 def elements(source, shuffle=False, seed=None, repeat=False):

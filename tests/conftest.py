@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import flowkit  # noqa: E402,F401  first: TensorFlow loads with its start-up notices off stderr (xdist's workers show them)
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
@@ -37,3 +38,17 @@ def plain_policy_after():
     instructions, flowkit.devices.choose_precision): every test starts from the plain float policy."""
     yield
     keras.config.set_dtype_policy(keras.config.floatx())
+
+
+# The files that take longest (tests/ in one process on 2 cores: the README's commands, every backend, the
+# benchmark, the distributed runs), started first: with `-n 2 --dist loadfile` (pytest.ini) each file runs
+# whole on one worker, and a long file started last would leave the other worker idle at the end.
+LONGEST_FIRST = ["test_readme.py", "test_backends.py", "test_bench.py", "test_distribute.py", "test_layers.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a file, and of the other files, stays

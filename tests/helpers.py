@@ -1,6 +1,23 @@
 """Helpers the test files share (pytest puts tests/ on the path: `from helpers import ...`)."""
 import numpy as np
 
+# Every committed picture with its README command: (script, flags after --weights weights/SCRIPT.weights.h5,
+# the pictures they write). tests/test_committed.py runs each and compares the pictures with samples/;
+# tests/test_readme.py leaves these commands to it.
+COMMITTED = [
+    ("nice", ["--sample-only"], ["nice_samples.png"]),
+    ("nice", ["--temperatures", "0,0.25,0.5,0.75,1"], ["nice_temperatures.png"]),
+    ("nice", ["--interpolate", "4", "--walk"], ["nice_interpolate.png", "nice_walk.png"]),
+    ("glow", ["--sample-only"], ["glow_samples.png"]),
+    ("glow", ["--temperatures", "0,0.25,0.5,0.7,0.9,1", "--interpolate", "4"],
+     ["glow_temperatures.png", "glow_interpolate.png"]),
+    ("fvae", ["--sample-only", "--reconstruct", "--interpolate", "2"],
+     ["fvae_samples_T1.png", "fvae_samples_T0.8.png", "fvae_reconstruct.png", "fvae_interpolate.png"]),
+    ("iresnet", ["--sample-only"], ["iresnet_samples.png"]),
+    ("tarflow", ["--sample-only", "--temperatures", "0.5,0.7,0.9,1"],
+     ["tarflow_guided.png", "tarflow_denoise.png", "tarflow_temperatures.png"]),
+]
+
 
 def perturb(model, scale=0.05, seed=0):
     """Nudge every trainable weight (seeded), so the zero-initialised parts (coupling nets' last

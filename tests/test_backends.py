@@ -48,7 +48,7 @@ def test_the_project_imports_without_tensorflow_on_jax(tmp_path):
 
 
 def layer_table(backend, tmp, block_tensorflow):
-    out = run(backend, ["-m", "pytest", "tests/test_layers.py", "-p", "no:cacheprovider", "-x"], tmp,
+    out = run(backend, ["-m", "pytest", "tests/test_layers.py", "-p", "no:cacheprovider", "-x", "-n", "0"], tmp,
               block_tensorflow=block_tensorflow)
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

@@ -16,24 +16,10 @@ import glow
 import iresnet
 import nice
 import tarflow
+from helpers import COMMITTED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"nice": nice, "glow": glow, "fvae": fvae, "iresnet": iresnet, "tarflow": tarflow}
-
-# (script, flags after --weights weights/SCRIPT.weights.h5, the pictures they write)
-COMMITTED = [
-    ("nice", ["--sample-only"], ["nice_samples.png"]),
-    ("nice", ["--temperatures", "0,0.25,0.5,0.75,1", "--interpolate", "4", "--walk"],
-     ["nice_temperatures.png", "nice_interpolate.png", "nice_walk.png"]),
-    ("glow", ["--sample-only"], ["glow_samples.png"]),
-    ("glow", ["--temperatures", "0,0.25,0.5,0.7,0.9,1", "--interpolate", "4"],
-     ["glow_temperatures.png", "glow_interpolate.png"]),
-    ("fvae", ["--sample-only", "--reconstruct", "--interpolate", "2"],
-     ["fvae_samples_T1.png", "fvae_samples_T0.8.png", "fvae_reconstruct.png", "fvae_interpolate.png"]),
-    ("iresnet", ["--sample-only"], ["iresnet_samples.png"]),
-    ("tarflow", ["--sample-only", "--temperatures", "0.5,0.7,0.9,1"],
-     ["tarflow_guided.png", "tarflow_denoise.png", "tarflow_temperatures.png"]),
-]
 
 
 def tracked_pictures():

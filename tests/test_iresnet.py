@@ -380,8 +380,8 @@ def test_toy_density_integrates_to_one(float64):
 
 # --- the command line ---------------------------------------------------------------------------
 
-@pytest.mark.slow  # three subprocess runs, ~1.5 min: see pytest.ini
-def test_tiny_run(digits, tmp_path):
+@pytest.mark.slow  # a subprocess run, then two in-process: ~1 min, see pytest.ini
+def test_tiny_run(digits, tmp_path, capsys):
     npz = mnist_npz(tmp_path / "mnist.npz", digits, 64, 32)
     run = subprocess.run([sys.executable, "iresnet.py", "--data", npz, "--epochs", "1", "--batch-size", "32",
                           "--width", "8", "--blocks", "1", "--terms", "2", "--eval-images", "32",
@@ -395,18 +395,15 @@ def test_tiny_run(digits, tmp_path):
     assert os.path.getsize(tmp_path / "out" / "iresnet_epoch_001.png") > 0
     assert "estimator s.e." in run.stdout
     # the activation comes back from the weights' record: LipSwish's β would not load into ELU blocks
-    inv = subprocess.run([sys.executable, "iresnet.py", "--data", npz, "--inverse", "--images", "4",
-                          "--weights", str(tmp_path / "i.weights.h5")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
-    assert inv.returncode == 0, inv.stderr[-3000:]
-    errors = [float(e) for e in re.findall(r"max \|x − x_rec\| ([0-9.e+-]+)", inv.stdout)]
+    # in-process from here (the command line is the run's above)
+    capsys.readouterr()
+    assert iresnet.main(["--data", npz, "--inverse", "--images", "4", "--weights", str(tmp_path / "i.weights.h5")]) == 0
+    errors = [float(e) for e in re.findall(r"max \|x − x_rec\| ([0-9.e+-]+)", capsys.readouterr().out)]
     assert len(errors) == 2 and max(errors) <= 1e-4
-    toy = subprocess.run([sys.executable, "iresnet.py", "--toy", "8gaussians", "--limit", "256", "--epochs", "1",
-                          "--toy-blocks", "2", "--width", "8", "--out", str(tmp_path / "toy")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert toy.returncode == 0, toy.stderr[-3000:]
+    assert iresnet.main(["--toy", "8gaussians", "--limit", "256", "--epochs", "1", "--toy-blocks", "2", "--width", "8",
+                         "--out", str(tmp_path / "toy")]) == 0
     assert re.fullmatch(r"test NLL \(nats\): i-ResNet \d+\.\d{3}, coupling flow \d+\.\d{3}",
-                        toy.stdout.strip().splitlines()[-1])
+                        capsys.readouterr().out.strip().splitlines()[-1])
     assert os.path.getsize(tmp_path / "toy" / "iresnet_toy_8gaussians.png") > 0
 
 

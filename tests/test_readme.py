@@ -14,7 +14,9 @@ How a command is shrunk (`shrink`):
 - a command that only loads weights (`--sample-only`, `--temperatures`, `--interpolate`, `--walk`,
   `--reconstruct`) gets nothing else: its architecture comes from the weights file's record; one
   without `--data` whose weights were trained on a folder gets no `--data` at all: the record names the
-  folder (glow.py);
+  folder (glow.py); the counts it names (`--images`, `--draws`, `--iw`, `--iw-images`) get small ones;
+- a command that draws a committed picture from committed weights with the flags tests/test_committed.py
+  runs it with (in-process, comparing each picture pixel by pixel) is not run again here (COMMITTED);
 - a `--resume` command gets `--epochs 2` (one more than the shrunk run it continues) and its script's
   data-size flags, no shape flags (the run's record holds them);
 - any other command trains, and gets its script's TRAIN flags: one epoch, a few steps, a tiny model.
@@ -32,7 +34,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import mnist_npz
+from helpers import COMMITTED, mnist_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -67,6 +69,9 @@ RESUME = {"nice.py": ["--epochs", "2", "--limit", "256", "--batch-size", "32"],
           "iresnet.py": ["--epochs", "2", "--limit", "128", "--batch-size", "32"]}
 LOADS_WEIGHTS = {"--sample-only", "--temperatures", "--interpolate", "--walk", "--reconstruct", "--inverse",
                  "--bias-table", "--guidance-sweep"}
+# a command that only loads weights keeps its flags, but those of these it names get a small value appended:
+# the same code path on a few images (iresnet.py --inverse/--bias-table, fvae.py --iw on the committed weights)
+LOADS_SIZES = {"--images": "4", "--draws": "4", "--iw": "4", "--iw-images": "8"}
 FOLDER = ["--img-size", "16", "--batch-size", "8"]  # after TRAIN: a tiny image folder of 20: 12 to train, 8 held out
 
 
@@ -115,6 +120,17 @@ def weights_of(argv):
     return values[-1] if values else None
 
 
+def run_by_test_committed(argv):
+    """Whether tests/test_committed.py runs this command: the script, on weights/SCRIPT.weights.h5, with
+    the flags of one of its COMMITTED entries (in-process; it compares every picture with samples/)."""
+    script, rest = script_of(argv), list(argv[2:])
+    if not script.endswith(".py") or weights_of(rest) != f"weights/{script[:-3]}.weights.h5":
+        return False
+    at = rest.index("--weights")
+    del rest[at:at + 2]
+    return any(name == script[:-3] and flags == rest for name, flags, _ in COMMITTED)
+
+
 def shrink(argv, npz, folder, resumed=0, on_folder=False):
     """The command with the small flags appended (see the module's docstring); `resumed`: how many
     --resume commands of the same run came before this one (each continues by one more epoch);
@@ -125,7 +141,8 @@ def shrink(argv, npz, folder, resumed=0, on_folder=False):
     data = own_data(argv)
     extra = ["--data", folder if data and not data.endswith(".npz") else npz]
     if LOADS_WEIGHTS.intersection(argv):
-        return argv + ([] if on_folder and not data else extra)
+        sizes = [a for flag, value in LOADS_SIZES.items() if flag in argv for a in (flag, value)]
+        return argv + ([] if on_folder and not data else extra) + sizes
     extra += RESUME[script] if "--resume" in argv else TRAIN[script]
     if "--resume" in argv and resumed:
         extra += ["--epochs", str(int(RESUME[script][RESUME[script].index("--epochs") + 1]) + resumed)]
@@ -169,6 +186,8 @@ def test_shrink_appends_the_small_flags():
     assert shrink(["python", "-m", "tools.curves", "a.csv"], "m.npz", "f") == ["python", "-m", "tools.curves", "a.csv"]
     assert shrink(["python", "glow.py", "--reconstruct"], "m.npz", "f", on_folder=True) == \
         ["python", "glow.py", "--reconstruct"]
+    assert shrink(["python", "iresnet.py", "--inverse", "--images", "64"], "m.npz", "f") == \
+        ["python", "iresnet.py", "--inverse", "--images", "64", "--data", "m.npz", "--images", "4"]
 
 
 def github_anchor(heading):
@@ -246,7 +265,10 @@ def test_readme_commands_run_in_order(tmp_path, digits):
     env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
            "PYTHONPATH": ROOT}  # the tools run as `python -m tools.NAME` from the run's own folder
     commands, chains, resumes, on_folder = readme_commands(), {}, {}, set()
+    committed = [argv for argv in commands if run_by_test_committed(argv)]
     for argv in commands:
+        if argv in committed:  # test_committed.py runs it and checks its pictures
+            continue
         script = script_of(argv)
         chain = "after" if script in AFTER_CHAINS else script if SIDE_BY_SIDE else "all"
         run = (script, weights_of(argv))
@@ -262,4 +284,4 @@ def test_readme_commands_run_in_order(tmp_path, digits):
     print("\n".join(line for log, _ in results for line in log))
     failures = [failure for _, failure in results if failure]
     assert not failures, "\n\n".join(failures)
-    assert sum(len(log) for log, _ in results) == len(commands) >= 8
+    assert sum(len(log) for log, _ in results) + len(committed) == len(commands) >= 8
