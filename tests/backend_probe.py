@@ -22,6 +22,7 @@ from flow_layers import log_det_estimator  # noqa: E402
 from flowkit import cli  # noqa: E402
 from flowkit.density import prior_nll  # noqa: E402
 from flowkit.files import old_tarblock_path  # noqa: E402
+from flowkit.sample import compiled  # noqa: E402  (one graph per decoder: on JAX not op by op)
 from helpers import mnist_digits  # noqa: E402
 
 N = 3  # images and codes per model
@@ -54,7 +55,7 @@ def probe_nice(args):
     cli.load_weights(encoder, args)
     x = digits(28, 0, 1 / 256).reshape(N, -1)
     z = encoder(x, training=False)
-    return {"x": numpy(decoder(codes(nice.DIM), training=False)), "z": numpy(z), "nll": mean_nll(encoder, x, z)}
+    return {"x": numpy(compiled(decoder)(codes(nice.DIM))), "z": numpy(z), "nll": mean_nll(encoder, x, z)}
 
 
 def probe_glow(args):
@@ -62,7 +63,7 @@ def probe_glow(args):
     cli.load_weights(encoder, args)
     x = digits(32, -1, 2 / 256)
     z = encoder(x, training=False)
-    return {"x": numpy(decoder(codes(z.shape[-1]), training=False)), "z": numpy(z), "nll": mean_nll(encoder, x, z)}
+    return {"x": numpy(compiled(decoder)(codes(z.shape[-1]))), "z": numpy(z), "nll": mean_nll(encoder, x, z)}
 
 
 def probe_tarflow(args):
@@ -73,7 +74,7 @@ def probe_tarflow(args):
     inputs = [x, y] if args.conditional else x
     z = encoder(inputs, training=False)
     c = codes(z.shape[-1])
-    return {"x": numpy(decoder([c, y] if args.conditional else c, training=False)), "z": numpy(z),
+    return {"x": numpy(compiled(decoder)([c, y] if args.conditional else c)), "z": numpy(z),
             "nll": mean_nll(encoder, inputs, z)}
 
 
@@ -84,7 +85,7 @@ def probe_iresnet(args):
     with log_det_estimator(flow, "exact", 1):  # the estimators draw backend-specific noise; the Jacobian does not
         z, log_det = flow(x, training=False, return_log_det=True)
     nll = float(np.mean(numpy(prior_nll(None, z) - log_det)))
-    return {"x": numpy(decoder(codes(z.shape[-1]), training=False)), "z": numpy(z), "nll": nll}
+    return {"x": numpy(compiled(decoder)(codes(z.shape[-1]))), "z": numpy(z), "nll": nll}
 
 
 def probe_fvae(args):
@@ -92,7 +93,7 @@ def probe_fvae(args):
     cli.load_weights(model.model, args)
     x = digits(32, -1, 2 / 256)
     eps = model.flow(model.encoder_net(x, training=False), training=False)
-    return {"x": numpy(model.sampler(codes(model.latent_dims), training=False)), "z": numpy(eps)}
+    return {"x": numpy(compiled(model.sampler)(codes(model.latent_dims))), "z": numpy(eps)}
 
 
 PROBES = {"nice": probe_nice, "glow": probe_glow, "fvae": probe_fvae, "iresnet": probe_iresnet,

@@ -43,7 +43,8 @@ def plain_policy_after():
 # The files that take longest (tests/ in one process on 2 cores: the README's commands, every backend, the
 # benchmark, the distributed runs), started first: with `-n 2 --dist loadfile` (pytest.ini) each file runs
 # whole on one worker, and a long file started last would leave the other worker idle at the end.
-LONGEST_FIRST = ["test_readme.py", "test_backends.py", "test_bench.py", "test_distribute.py", "test_layers.py"]
+LONGEST_FIRST = ["test_readme.py", "test_backends.py", "test_backend_layers.py", "test_bench.py", "test_distribute.py",
+                 "test_layers.py"]
 
 
 def pytest_collection_modifyitems(items):

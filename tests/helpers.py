@@ -1,5 +1,11 @@
 """Helpers the test files share (pytest puts tests/ on the path: `from helpers import ...`)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every committed picture with its README command: (script, flags after --weights weights/SCRIPT.weights.h5,
 # the pictures they write). tests/test_committed.py runs each and compares the pictures with samples/;
@@ -62,3 +68,21 @@ def jacobian_log_det(fn, x):
 def reported_log_det(model):
     """log|det| a model reported in its last call: minus the sum of its add_loss terms."""
     return -sum(float(loss) for loss in model.losses)
+
+
+def no_tensorflow(folder):
+    """A path entry whose sitecustomize makes `import tensorflow` fail, as on a machine without it."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write('import sys\nsys.modules["tensorflow"] = None  # import tensorflow -> ImportError\n')
+    return str(folder)
+
+
+def run_on_backend(backend, args, tmp, block_tensorflow=False, timeout=1500):
+    """`python *args` in the repository's root under KERAS_BACKEND=backend (TensorFlow unimportable with
+    `block_tensorflow`), as subprocess.run(..., capture_output=True, text=True)."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT}
+    if block_tensorflow:
+        env["PYTHONPATH"] = os.pathsep.join([no_tensorflow(os.path.join(tmp, "no_tf")), ROOT])
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)

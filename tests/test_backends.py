@@ -1,35 +1,17 @@
-"""Every Keras backend: the layer table (round trips, log-dets against the brute-force Jacobian in
-float64) on JAX with TensorFlow made unimportable, and on PyTorch where torch is installed; the
-committed weights of all five models giving the same decoder outputs and log-likelihoods on each
-backend (tests/backend_probe.py run once per backend). Each backend runs in a subprocess: Keras picks
-its backend once per process."""
+"""Every Keras backend: the project imports on JAX with TensorFlow made unimportable; the committed
+weights of all five models give the same decoder outputs and log-likelihoods on each backend
+(tests/backend_probe.py run once per backend). Each backend runs in a subprocess: Keras picks its
+backend once per process. The layer table on each backend: tests/test_backend_layers.py."""
 import importlib.util
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_on_backend as run
+
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_JAX = importlib.util.find_spec("jax") is not None
-
-
-def no_tensorflow(folder):
-    """A path entry whose sitecustomize makes `import tensorflow` fail, as on a machine without it."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
-        f.write('import sys\nsys.modules["tensorflow"] = None  # import tensorflow -> ImportError\n')
-    return str(folder)
-
-
-def run(backend, args, tmp, block_tensorflow=False, timeout=1500):
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT}
-    if block_tensorflow:
-        env["PYTHONPATH"] = os.pathsep.join([no_tensorflow(os.path.join(tmp, "no_tf")), ROOT])
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_the_blocker_blocks_tensorflow(tmp_path):
@@ -45,27 +27,6 @@ def test_the_project_imports_without_tensorflow_on_jax(tmp_path):
     out = run("jax", ["-c", code], str(tmp_path), block_tensorflow=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "backend: jax (CPU) False"
-
-
-def layer_table(backend, tmp, block_tensorflow):
-    out = run(backend, ["-m", "pytest", "tests/test_layers.py", "-p", "no:cacheprovider", "-x", "-n", "0"], tmp,
-              block_tensorflow=block_tensorflow)
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
-    return int(summary.split(" passed")[0].split()[-1])
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_JAX, reason="jax is not installed (requirements.txt installs it)")
-def test_layer_table_on_jax_without_tensorflow(tmp_path):
-    assert layer_table("jax", str(tmp_path), block_tensorflow=True) > 300
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed (CI keeps without it: a multi-GB install)")
-def test_layer_table_on_torch(tmp_path):
-    assert layer_table("torch", str(tmp_path), block_tensorflow=False) > 300
 
 
 BACKENDS = ["tensorflow"] + (["jax"] if HAS_JAX else []) + (["torch"] if HAS_TORCH else [])

@@ -1,12 +1,12 @@
 """Likelihood against time: the epoch logs NAME.csv, `flowkit.curves.read_curve`, the table, and
 `python -m tools.curves A.csv B.csv` writing one PNG."""
 import os
-import subprocess
 import sys
 
 import imageio.v2 as imageio
 import pytest
 
+import forkrun
 from flowkit import curves as flow_curves
 from tools import curves as curves_tool
 
@@ -54,9 +54,8 @@ def test_plot_two_runs_from_the_command_line(tmp_path):
     a = write_log(tmp_path / "glorot.csv", [(i, 0, i + 1.0, 10 * i, 9 - i / 2, 0) for i in range(4)])
     b = write_log(tmp_path / "data.csv", [(i, 0, i + 0.5, 10 * i, 7 - i / 2, 0) for i in range(4)])
     png = tmp_path / "both.png"
-    proc = subprocess.run([sys.executable, "-m", "tools.curves", a, b,
-                           "--labels", "glorot s,data s", "--ymax", "8", "--png", str(png)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = forkrun.run([sys.executable, "-m", "tools.curves", a, b,
+                        "--labels", "glorot s,data s", "--ymax", "8", "--png", str(png)], cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| minutes | glorot s | data s |" in proc.stdout
     assert "| 4 | 7.500 | 5.500 |" in proc.stdout

@@ -256,3 +256,31 @@ def test_ablation_runs_end_to_end_with_one_row_per_configuration(tmp_path, npz):
         assert len(lines) == 1 + 2  # header + one line per epoch
     assert imageio.imread(out / "ablation.png").ndim == 3
     assert ablation.main(["--configs", "reverse/additive/diagonal"]) == 2
+
+
+def test_fvae_vs_glow_sends_ctrl_c_again_when_the_first_is_lost(tmp_path):
+    """tools.fvae_vs_glow stops each run with SIGINT at its budget; one that arrives while TensorFlow is
+    still importing is lost, so it sends another until the script says it is stopping."""
+    import subprocess
+    import sys
+    import time
+
+    from tools.fvae_vs_glow import stop
+
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a SIGINT lost during an import\n"
+             "print('started', flush=True)\n"
+             "time.sleep(1.5)\n"
+             "def handle(*_):\n"
+             "    print('interrupted: stopping after this step', flush=True)\n"
+             "    sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, handle)\n"
+             "time.sleep(60)\n")
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", child], stdout=out, stderr=subprocess.STDOUT)
+        while "started" not in log.read_text():
+            assert proc.poll() is None
+            time.sleep(0.05)
+        stop(proc, str(log), patience=0.5)
+    assert proc.returncode == 130 and "interrupted: stopping" in log.read_text()

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 
+import forkrun
 import fvae
 from flowkit.density import NormalNLL
 from flow_layers import initialize_actnorms
@@ -159,8 +160,7 @@ def test_short_training_lowers_the_loss(digits):
 
 def run_script(*args, cwd):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "fvae.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return forkrun.run([sys.executable, os.path.join(ROOT, "fvae.py"), *args], cwd=cwd, env=env, timeout=600)
 
 
 FAST = ["--squeezes", "2", "--blocks", "1", "--width", "8", "--level", "1", "--depth", "1", "--hidden", "8",

