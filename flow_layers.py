@@ -723,10 +723,30 @@ class _SpectralNorm(keras.layers.Layer):
         return self.kernel / ops.cast(scale, self.kernel.dtype)
 
     def call(self, x):
-        return self._apply(x, self.normalized_kernel()) + self.bias
+        kernel = self.__dict__.get("held_kernel")  # see _held_kernels
+        return self._apply(x, self.normalized_kernel() if kernel is None else kernel) + self.bias
 
     def get_config(self):
         return {**super().get_config(), "coeff": self.coeff}
+
+
+@contextlib.contextmanager
+def _held_kernels(model):
+    """Within the `with`, each spectrally normalised layer of `model` uses the kernel W / max(1, σ/c)
+    computed on entering (the weights do not change meanwhile): the SVDs once, not at every call. A
+    fixed-point inverse's iterations then cost a few convolutions each (eagerly, the SVDs were most of
+    its time), and a log-det's vector-Jacobian products go back through g alone, not through the SVDs
+    to weights they do not ask for (most of a traced estimator's graph). The same numbers: the same
+    tensor, computed as the layer's call computes it, and a training step's gradient still reaches the
+    weights through it. Not under a mixed policy: there the call reads its kernel autocast to 16 bits."""
+    layers = [l for l in flow_layers_of(model) if isinstance(l, _SpectralNorm) and l.compute_dtype == l.variable_dtype]
+    for layer in layers:
+        object.__setattr__(layer, "held_kernel", layer.normalized_kernel())  # a plain tensor, untracked
+    try:
+        yield
+    finally:
+        for layer in layers:
+            object.__setattr__(layer, "held_kernel", None)
 
 
 def _largest_singular_value(matrices):
@@ -825,6 +845,13 @@ class SpectralConv2D(_SpectralNorm):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size}
 
 
+try:  # Keras' own test for its shape-inference pass (compute_output_spec); no public name in Keras 3.15
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope as _inferring_shapes
+except ImportError:  # another Keras: that pass runs a ResidualFlow in full, only slower
+    def _inferring_shapes():
+        return False
+
+
 def banach_iterations(lipschitz, first_step, tol):
     """Fixed-point iterations after which ‖x_k − x*‖ ≤ tol by Banach's bound
     ‖x_k − x*‖ ≤ L^k / (1 − L) · ‖x_1 − x_0‖ (first_step = ‖x_1 − x_0‖ = ‖g(y)‖)."""
@@ -902,8 +929,13 @@ class ResidualFlow(FlowLayer):
         return input_shape
 
     def encode(self, x, training=None):
-        gx, pullback = backend.vjp(lambda x: ops.cast(self.g(x, training=training), x.dtype), x)
-        return x + gx, self.log_det(pullback, x)
+        if _inferring_shapes():
+            # building a functional model: only y's shape counts (x's), the values and the added loss are
+            # thrown away; g's variables exist (build), and the power series' graph took seconds per block
+            return x, 0
+        with _held_kernels(self.g):
+            gx, pullback = backend.vjp(lambda x: ops.cast(self.g(x, training=training), x.dtype), x)
+            return x + gx, self.log_det(pullback, x)
 
     def log_det(self, pullback, x, logdet=None, terms=None):
         """Per-example estimate of log det(I + J_g(x)) by `logdet` (default: the layer's), where
@@ -928,9 +960,12 @@ class ResidualFlow(FlowLayer):
             return i + 1, x_new, ops.max(ops.abs(x_new - x) / (1 + ops.abs(x_new)))
 
         start = (ops.convert_to_tensor(0, "int32"), y, ops.convert_to_tensor(np.inf, y.dtype))
-        return ops.while_loop(lambda i, x, change: ops.logical_and(i < max_iter, change > tol), body, start)
+        with _held_kernels(self.g):
+            return ops.while_loop(lambda i, x, change: ops.logical_and(i < max_iter, change > tol), body, start)
 
     def reverse(self, y):
+        if _inferring_shapes():  # a decoder's build: x has y's shape, no need for the loop's graph
+            return y
         return self.fixed_point(y)[1]
 
     def get_config(self):

@@ -91,8 +91,9 @@ def train_tiny(strategy, names=("nice", "glow")):
                 x, y = nice_x, nice_x
             else:
                 # two coupling networks: at this rate their first epoch lowers the first batch's loss (the
-                # check below that it trained); Glow's one network f barely moves it in 4 SGD steps
-                model, _ = glow.build_glow(8, 1, level=2, depth=2, hidden=8, permute="conv",
+                # check below that it trained); Glow's one network f barely moves it in 4 SGD steps. One
+                # step per level (two levels: the multi-scale exit too), each a trace under every strategy
+                model, _ = glow.build_glow(8, 1, level=2, depth=1, hidden=8, permute="conv",
                                            coupling="affine", affine_net="separate")
                 x, y = glow_x, np.zeros(N, "float32")
             model.compile(optimizer=keras.optimizers.SGD(LR), loss=(nice if name == "nice" else glow).prior_nll)
@@ -260,7 +261,7 @@ def _glow_args(folder):
     if not data.exists():
         x = mnist_data()[0][:96].reshape(-1, 28, 28).astype(np.uint8)
         np.savez(data, x_train=x[:64], y_train=np.zeros(64, np.uint8), x_test=x[64:], y_test=np.zeros(32, np.uint8))
-    return ["--data", str(data), "--level", "2", "--depth", "1", "--hidden", "8", "--batch-size", "16",
+    return ["--data", str(data), "--level", "1", "--depth", "1", "--hidden", "8", "--batch-size", "16",
             "--steps-per-epoch", "2", "--epochs", "2", "--weights", str(folder / "glow.weights.h5"),
             "--out", str(folder / "out")]
 
@@ -387,7 +388,7 @@ def _tiny(name):
 
     keras.utils.set_random_seed(0)
     if name == "tarflow":
-        model, decoder, _ = tarflow.build_tarflow(img_size=8, channels=1, patch=2, width=16, blocks=2, layers=1, heads=2)
+        model, decoder, _ = tarflow.build_tarflow(img_size=8, channels=1, patch=2, width=16, blocks=1, layers=1, heads=2)
         tarflow.compile_tarflow(model)
         x = np.random.RandomState(0).uniform(-1, 1, (16, 8, 8, 1)).astype("float32")
         return model, decoder, x, tarflow.prior_nll
@@ -396,7 +397,7 @@ def _tiny(name):
         nice.compile_nice(model)
         x = nice.train_inputs(np.random.RandomState(0).randint(0, 256, (16, 28, 28)))
         return model, decoder, x, nice.prior_nll
-    model, decoder = glow.build_glow(8, 1, level=2, depth=2, hidden=16, permute="conv", coupling="affine")
+    model, decoder = glow.build_glow(8, 1, level=2, depth=1, hidden=16, permute="conv", coupling="affine")
     glow.compile_glow(model)
     x = np.random.RandomState(0).uniform(-1, 1, (16, 8, 8, 1)).astype("float32")
     return model, decoder, x, glow.prior_nll

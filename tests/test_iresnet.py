@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+import forkrun
 import iresnet
 from flowkit import backend
 from flowkit.density import dequantize, prior_nll
@@ -274,6 +275,51 @@ def test_training_differentiates_through_the_roulette_estimate():
         assert np.all(np.isfinite(np_(w))) and np.abs(np_(w) - old).max() > 1e-6
 
 
+def test_held_kernels_give_the_same_numbers():
+    """The fixed-point loop and the log-det's products hold each spectral layer's normalised kernel (its
+    SVDs once per call of the block, not at every step): bit for bit what g gives computing them at every
+    call, and the gradient through the log-det to the kernels is the un-held one's."""
+    g = conv_g((4, 4, 2), seed=1)
+    block = ResidualFlow(g, logdet="exact")
+    x = tensor(np.random.RandomState(4).randn(4, 4, 4, 2).astype("float32"))
+    y, log_det = block(x, return_log_det=True)
+    n, x_k, change = 0, y, np.inf
+    while n < block.max_iter and change > block.tol:  # Banach's iteration by hand, g as it is called anywhere
+        x_new = y - g(x_k)
+        n, x_k, change = n + 1, x_new, float(keras.ops.max(keras.ops.abs(x_new - x_k) / (1 + keras.ops.abs(x_new))))
+    iterations, x_rec, _ = block.fixed_point(y)
+    assert int(iterations) == n > 3
+    assert np.array_equal(np_(x_rec), np_(x_k))
+
+    def unheld(x):
+        return keras.ops.slogdet(backend.vjp(g, x)[1].jacobian() + keras.ops.eye(32))[1]
+
+    assert np.array_equal(np_(log_det), np_(unheld(x)))
+    kernels = [w for w in g.trainable_weights if len(w.shape) == 4]
+    _, held_grads = backend.gradients(lambda x: keras.ops.mean(block(x, return_log_det=True)[1]), kernels, [x])
+    _, want = backend.gradients(lambda x: keras.ops.mean(unheld(x)), kernels, [x])
+    for got, expected in zip(held_grads[1:], want[1:]):
+        assert np.abs(np_(expected)).max() > 1e-3
+        np.testing.assert_allclose(np_(got), np_(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_building_the_model_computes_no_log_det_and_no_inverse(monkeypatch):
+    """A functional model's build only infers shapes: the blocks skip their power series and fixed-point
+    loops there (seconds each), and the built encoder still adds every block's −log-det when called."""
+    calls = []
+    for method in ("log_det", "fixed_point"):
+        original = getattr(ResidualFlow, method)
+        monkeypatch.setattr(ResidualFlow, method,
+                            lambda self, *a, _f=original, _m=method, **k: calls.append(_m) or _f(self, *a, **k))
+    keras.utils.set_random_seed(0)
+    encoder, decoder, _ = iresnet.build_iresnet(**TINY)
+    assert calls == [] and encoder.output.shape == (None, 784) and decoder.output.shape == (None, 28, 28, 1)
+    x = np.random.RandomState(0).uniform(size=(2, 28, 28, 1)).astype("float32")
+    encoder(x)
+    assert calls == ["log_det"] * 2 and len(encoder.losses) == 1 and float(encoder.losses[0]) != 0
+    assert np_(decoder(encoder(x))).shape == (2, 28, 28, 1) and calls[-2:] == ["fixed_point"] * 2
+
+
 # --- the whole model ----------------------------------------------------------------------------
 
 def tiny_model(digits, **kwargs):
@@ -383,11 +429,11 @@ def test_toy_density_integrates_to_one(float64):
 @pytest.mark.slow  # a subprocess run, then two in-process: ~1 min, see pytest.ini
 def test_tiny_run(digits, tmp_path, capsys):
     npz = mnist_npz(tmp_path / "mnist.npz", digits, 64, 32)
-    run = subprocess.run([sys.executable, "iresnet.py", "--data", npz, "--epochs", "1", "--batch-size", "32",
+    run = forkrun.run([sys.executable, "iresnet.py", "--data", npz, "--epochs", "1", "--batch-size", "32",
                           "--width", "8", "--blocks", "1", "--terms", "2", "--eval-images", "32",
                           "--eval-draws", "2", "--activation", "lipswish", "--warmup", "1", "--epoch-grids",
                           "--weights", str(tmp_path / "i.weights.h5"),
-                          "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--out", str(tmp_path / "out")], cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     last = run.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"test bits/dim: \d+\.\d{3}", last), last

@@ -93,13 +93,13 @@ FULL = {
 QUICK = {
     "matmul": [(256, 256, 256), (16, 64, 64)],
     "nice": dict(batch=16, hidden=32, hidden_layers=1, couplings=2, steps=2, grid=3),
-    "glow": dict(img=8, channels=3, level=2, depth=1, hidden=8, batch=4, steps=1, grid=3),
+    "glow": dict(img=8, channels=3, level=1, depth=1, hidden=8, batch=4, steps=1, grid=3),
     "glow_64": None,
     "tarflow": dict(img=8, patch=4, width=8, blocks=1, layers=1, heads=2, conditional=True, batch=4, steps=1),
     "fvae": dict(img=8, squeezes=1, blocks=1, width=8, level=1, depth=1, hidden=8, batch=4, steps=1, grid=3),
     "iresnet": dict(img=8, stages=1, blocks=1, width=8, coeff=0.9, logdet="truncated", terms=2, batch=4, steps=1),
     "repeats": 1,
-    "min_s": 0.02,
+    "min_s": 0.005,
 }
 SHAPE = {"batch", "steps", "grid", "img"}  # config entries that are not build_* keywords
 
