@@ -74,7 +74,10 @@ def _serve(conn, root, preload):
         importlib.import_module(name)
     conn.send("ready")
     while True:
-        request = conn.recv()
+        try:
+            request = conn.recv()
+        except EOFError:  # the test process is gone
+            return
         if request is None:
             return
         pid = os.fork()
