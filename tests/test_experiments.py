@@ -284,3 +284,32 @@ def test_fvae_vs_glow_sends_ctrl_c_again_when_the_first_is_lost(tmp_path):
             time.sleep(0.05)
         stop(proc, str(log), patience=0.5)
     assert proc.returncode == 130 and "interrupted: stopping" in log.read_text()
+
+
+def test_epoch_parts_times_steps_validation_and_each_callback(tmp_path, digits):
+    """`python -m tools.epoch_parts nice.py ...`: the run as a user runs it, and one line per epoch with
+    its steps (ms a step, cores), its validation and each epoch-end callback by name."""
+    import os
+    import re
+    import sys
+
+    import forkrun
+    from helpers import ROOT
+
+    npz = mnist_npz(tmp_path / "m.npz", digits, 128, 64)
+    run = forkrun.run([sys.executable, "-m", "tools.epoch_parts", "nice.py", "--data", npz, "--epochs", "2",
+                       "--limit", "128", "--batch-size", "16", "--hidden", "16", "--hidden-layers", "1",
+                       "--couplings", "2", "--weights", str(tmp_path / "n.weights.h5"), "--out",
+                       str(tmp_path / "out")], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if re.match(r"epoch \d: steps", line)]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"], run.stdout[-2000:]
+    for line in lines:
+        found = re.search(r"steps 3\.\.8 ([\d.]+) s \((\d+) ms a step, ([\d.]+) cores\); validation ([\d.]+) s; "
+                          r"(.*)$", line)
+        assert found and float(found[1]) > 0 and 0 < float(found[3]) < 64, line
+        assert re.search(r"KeepBest \d+\.\d\d s", found[5]) and "EpochLine" in found[5], line
+    assert re.search(r"test bits/dim: \d+\.\d{3}", run.stdout)  # the script ran to its end
+    bad = forkrun.run([sys.executable, "-m", "tools.epoch_parts", "other.py"], cwd=tmp_path,
+                      env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: python -m tools.epoch_parts SCRIPT")
