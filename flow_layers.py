@@ -708,6 +708,8 @@ class _SpectralNorm(keras.layers.Layer):
     stage, ~2 % on its 7×7 one). It is computed from the kernel at each call, in the variable dtype,
     and differentiated through."""
 
+    held_kernel = None  # within _held_kernels: the normalised kernel, computed once for a block's call
+
     def __init__(self, coeff=0.9, **kwargs):
         super().__init__(**kwargs)
         if not 0 < coeff:
@@ -723,8 +725,8 @@ class _SpectralNorm(keras.layers.Layer):
         return self.kernel / ops.cast(scale, self.kernel.dtype)
 
     def call(self, x):
-        kernel = self.__dict__.get("held_kernel")  # see _held_kernels
-        return self._apply(x, self.normalized_kernel() if kernel is None else kernel) + self.bias
+        kernel = self.normalized_kernel() if self.held_kernel is None else self.held_kernel
+        return self._apply(x, kernel) + self.bias
 
     def get_config(self):
         return {**super().get_config(), "coeff": self.coeff}

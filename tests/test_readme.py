@@ -27,7 +27,6 @@ map from the articles to the code cites, and every link to a heading, exists.
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 
@@ -240,17 +239,13 @@ def run_chain(commands, cwd, env):
     scripts once (tests/forkrun.py); returns (log lines, the first failure's report or None)."""
     log = []
     with ForkRunner() as runner:
-        return _run_each(runner, commands, cwd, env, log)
-
-
-def _run_each(runner, commands, cwd, env, log):
-    for argv, cmd in commands:
-        start = time.perf_counter()
-        proc = runner.run(python_argv(cmd), cwd=cwd, env=env, timeout=600)
-        log.append(f"{time.perf_counter() - start:5.1f} s  {shlex.join(cmd)}")
-        if proc.returncode != 0:
-            return log, (f"README command {shlex.join(argv)}\nrun as {shlex.join(cmd)}\nexit {proc.returncode}\n"
-                         f"{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}")
+        for argv, cmd in commands:
+            start = time.perf_counter()
+            proc = runner.run(python_argv(cmd), cwd=cwd, env=env, timeout=600)
+            log.append(f"{time.perf_counter() - start:5.1f} s  {shlex.join(cmd)}")
+            if proc.returncode != 0:
+                return log, (f"README command {shlex.join(argv)}\nrun as {shlex.join(cmd)}\nexit "
+                             f"{proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}")
     return log, None
 
 
